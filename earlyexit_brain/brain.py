@@ -1,0 +1,178 @@
+"""SpeechBrain ``Brain`` subclasses for early-exit ASR.
+
+:class:`EarlyExitCTCBrain` trains an encoder with one CTC head per exit using
+the multi-exit objective ``L = sum_k w_k * CTC_k`` (default ``w_k = 1``, the
+paper's plain sum) and evaluates every exit in the same pass: WER and CER per
+exit on validation and test, per-exit alignment files at test time.
+"""
+
+import logging
+import os
+import time
+from typing import Dict, List, Optional
+
+import speechbrain as sb
+import torch
+from speechbrain.decoders import ctc_greedy_decode
+from speechbrain.utils.checkpoints import mark_as_loader, mark_as_saver, register_checkpoint_hooks
+
+logger = logging.getLogger(__name__)
+
+
+@register_checkpoint_hooks
+class TrainClock:
+    """Training wall-clock seconds, saved in checkpoints so resumed runs add up."""
+
+    def __init__(self):
+        self.seconds = 0.0
+
+    @mark_as_saver
+    def _save(self, path):
+        with open(path, "w") as fout:
+            fout.write(repr(float(self.seconds)))
+
+    @mark_as_loader
+    def _load(self, path, end_of_epoch=False):
+        with open(path) as fin:
+            self.seconds = float(fin.read())
+
+
+class EarlyExitCTCBrain(sb.Brain):
+    """Multi-exit CTC training and per-exit evaluation.
+
+    Expected ``modules``: ``encoder`` (an early-exit encoder whose forward
+    returns one hidden state per exit), ``ctc_heads`` (one log-softmax head
+    per exit) and ``normalize`` (feature normalisation). Expected hparams:
+    ``compute_features``, ``ctc_cost``, ``blank_index``, ``exit_loss_weights``
+    (None or one weight per exit), optional ``augmentation`` and
+    ``noam_annealing`` / ``lr_annealing``.
+
+    After :meth:`evaluate` on a test set, ``self.test_results[set_name]`` holds
+    ``[{"exit": k, "wer": ..., "cer": ..., "n": ...}, ...]``.
+    """
+
+    def on_fit_start(self):
+        """Remember the exit weights and the tokenizer before training starts."""
+        super().on_fit_start()
+        self._fit_started = time.time()
+
+    # ------------------------------------------------------------------ helpers
+    @property
+    def num_exits(self) -> int:
+        """Number of exits of the encoder."""
+        encoder = self.modules.encoder
+        encoder = getattr(encoder, "module", encoder)  # DDP
+        return len(encoder.exit_layers)
+
+    def exit_weights(self) -> List[float]:
+        """Per-exit loss weights (the plain sum when the YAML gives none)."""
+        weights = getattr(self.hparams, "exit_loss_weights", None)
+        if weights is None:
+            return [1.0] * self.num_exits
+        return [float(w) for w in weights]
+
+    # ---------------------------------------------------------------- forward
+    def compute_forward(self, batch, stage):
+        """Features -> encoder -> every exit's CTC log-probabilities."""
+        batch = batch.to(self.device)
+        wavs, wav_lens = batch.sig
+        feats = self.hparams.compute_features(wavs)
+        feats = self.modules.normalize(feats, wav_lens)
+        augment = getattr(self.hparams, "augmentation", None)
+        if stage == sb.Stage.TRAIN and augment is not None:
+            feats = augment(feats)
+        hiddens = self.modules.encoder(feats, wav_lens)
+        log_probs = self.modules.ctc_heads(hiddens)
+        return log_probs, wav_lens
+
+    def compute_objectives(self, predictions, batch, stage):
+        """Weighted sum of per-exit CTC losses; per-exit WER/CER outside training."""
+        log_probs, wav_lens = predictions
+        tokens, token_lens = batch.tokens
+        losses = [self.hparams.ctc_cost(lp, tokens, wav_lens, token_lens) for lp in log_probs]
+        loss = sum(w * l for w, l in zip(self.exit_weights(), losses))
+        for k, l in enumerate(losses):
+            self._exit_loss_sum[k] += float(l.detach())
+        self._exit_loss_count += 1
+        if stage != sb.Stage.TRAIN:
+            blank = self.hparams.blank_index
+            targets = [w.split(" ") for w in batch.wrd]
+            for k, lp in enumerate(log_probs):
+                hyp_ids = ctc_greedy_decode(lp, wav_lens, blank_id=blank)
+                words = [self.tokenizer.sp.decode_ids(h).split(" ") for h in hyp_ids]
+                self.wer_metrics[k].append(batch.id, words, targets)
+                self.cer_metrics[k].append(batch.id, words, targets)
+        return loss
+
+    def on_fit_batch_end(self, batch, outputs, loss, should_step):
+        """Step the per-update learning-rate schedule."""
+        if should_step and getattr(self.hparams, "noam_annealing", None) is not None:
+            self.hparams.noam_annealing(self.optimizer)
+
+    # ---------------------------------------------------------------- stages
+    def on_stage_start(self, stage, epoch=None):
+        """Reset per-exit metric trackers."""
+        self._exit_loss_sum = [0.0] * self.num_exits
+        self._exit_loss_count = 0
+        self._stage_started = time.time()
+        if stage != sb.Stage.TRAIN:
+            self.wer_metrics = [self.hparams.error_rate_computer() for _ in range(self.num_exits)]
+            self.cer_metrics = [self.hparams.cer_computer() for _ in range(self.num_exits)]
+
+    def _exit_stats(self, stage_loss) -> Dict[str, float]:
+        stats = {"loss": float(stage_loss)}
+        n = max(1, self._exit_loss_count)
+        for k, total in enumerate(self._exit_loss_sum):
+            stats[f"loss_exit{k + 1}"] = round(total / n, 4)
+        return stats
+
+    def on_stage_end(self, stage, stage_loss, epoch=None):
+        """Log per-exit metrics; keep the best checkpoint on the last exit's WER."""
+        stats = self._exit_stats(stage_loss)
+        if stage == sb.Stage.TRAIN:
+            self.train_stats = stats
+            clock = getattr(self.hparams, "train_clock", None)
+            if clock is not None:
+                clock.seconds += time.time() - self._stage_started
+            return
+        for k in range(self.num_exits):
+            stats[f"WER_exit{k + 1}"] = round(float(self.wer_metrics[k].summarize("error_rate")), 3)
+            stats[f"CER_exit{k + 1}"] = round(float(self.cer_metrics[k].summarize("error_rate")), 3)
+        stats["WER"] = stats[f"WER_exit{self.num_exits}"]
+        stats["CER"] = stats[f"CER_exit{self.num_exits}"]
+        if stage == sb.Stage.VALID:
+            lr = self.optimizer.param_groups[0]["lr"]
+            self.hparams.train_logger.log_stats(
+                stats_meta={"epoch": epoch, "lr": float(lr)},
+                train_stats=getattr(self, "train_stats", None),
+                valid_stats=stats,
+            )
+            self.checkpointer.save_and_keep_only(
+                meta={k: float(v) for k, v in stats.items()},
+                min_keys=[self.hparams.checkpoint_key],
+                num_to_keep=self.hparams.checkpoints_to_keep,
+            )
+        elif stage == sb.Stage.TEST:
+            name = getattr(self, "test_set_name", "test")
+            self.hparams.train_logger.log_stats(
+                stats_meta={"Epoch loaded": self.hparams.epoch_counter.current, "set": name},
+                test_stats=stats,
+            )
+            results = []
+            for k in range(self.num_exits):
+                n = len(self.wer_metrics[k].scores)
+                results.append({"exit": k + 1, "wer": stats[f"WER_exit{k + 1}"],
+                                "cer": stats[f"CER_exit{k + 1}"], "n": n})
+                path = os.path.join(self.hparams.output_folder, f"wer_{name}_exit{k + 1}.txt")
+                with open(path, "w") as fout:
+                    self.wer_metrics[k].write_stats(fout)
+            if not hasattr(self, "test_results"):
+                self.test_results = {}
+            self.test_results[name] = results
+
+    def evaluate_set(self, name: str, dataset, loader_kwargs: Optional[Dict] = None,
+                     min_key: Optional[str] = None):
+        """Evaluate every exit on one named test set; returns its per-exit results."""
+        self.test_set_name = name
+        self.evaluate(dataset, min_key=min_key, test_loader_kwargs=loader_kwargs or {})
+        return self.test_results[name]

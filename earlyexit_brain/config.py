@@ -1,0 +1,178 @@
+"""Early validation of recipe hyperparameters.
+
+``load_hyperpyyaml`` instantiates models while it reads a file, so a wrong
+value would surface as an obscure error deep inside a constructor. Recipes
+therefore call :func:`check_hparams_file` first: it resolves references and
+command-line overrides *without instantiating anything* and checks every key
+the recipes read (type, range, exits against depth, weights against exits,
+folders) so a mistake is reported in one message naming the key and the
+accepted values, before any expensive work.
+"""
+
+import os
+from typing import Any, Callable, Dict, List, Optional, Tuple
+
+import yaml
+from hyperpyyaml import resolve_references
+
+from earlyexit_brain.models.conformer import resolve_exit_layers
+
+
+class ConfigError(ValueError):
+    """A hyperparameter has a wrong type or value; the message names the key."""
+
+
+class _Tagged(str):
+    """Placeholder for a ``!new:``/``!name:``/``!apply:`` node (not instantiated)."""
+
+
+class _RawLoader(yaml.SafeLoader):
+    pass
+
+
+def _tagged(loader, tag_suffix, node):
+    return _Tagged(tag_suffix)
+
+
+_RawLoader.add_multi_constructor("!", _tagged)
+_RawLoader.add_multi_constructor("tag:", _tagged)
+
+
+def read_raw_hparams(path: str, overrides: Any = None) -> Dict[str, Any]:
+    """Plain values of an HyperPyYAML file after references and overrides.
+
+    Objects (``!new:`` ...) are left as placeholders; nothing is built.
+
+    Raises
+    ------
+    ConfigError
+        When the file is missing, or an override names a key that the file
+        does not have.
+    """
+    if not os.path.isfile(path):
+        raise ConfigError(f"hyperparameter file not found: {path}")
+    with open(path) as fin:
+        try:
+            resolved = resolve_references(fin, overrides or {}, overrides_must_match=True)
+        except KeyError as err:
+            raise ConfigError(f"{path}: {err.args[0]} (unknown key in the overrides)") from None
+    return yaml.load(resolved, Loader=_RawLoader) or {}
+
+
+def _is_int(v):
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_num(v):
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+# key -> (predicate, accepted values in words)
+_RULES: Dict[str, Tuple[Callable[[Any], bool], str]] = {
+    "seed": (_is_int, "an integer"),
+    "number_of_epochs": (lambda v: _is_int(v) and v >= 1, "an integer >= 1"),
+    "batch_size": (lambda v: _is_int(v) and v >= 1, "an integer >= 1"),
+    "num_layers": (lambda v: _is_int(v) and v >= 1, "an integer >= 1"),
+    "d_model": (lambda v: _is_int(v) and v >= 1, "an integer >= 1"),
+    "nhead": (lambda v: _is_int(v) and v >= 1, "an integer >= 1"),
+    "d_ffn": (lambda v: _is_int(v) and v >= 1, "an integer >= 1"),
+    "kernel_size": (lambda v: _is_int(v) and v >= 1 and v % 2 == 1, "an odd integer >= 1"),
+    "n_mels": (lambda v: _is_int(v) and v >= 1, "an integer >= 1"),
+    "output_neurons": (lambda v: _is_int(v) and v >= 2, "an integer >= 2"),
+    "blank_index": (lambda v: _is_int(v) and v >= 0, "an integer >= 0"),
+    "lr": (lambda v: _is_num(v) and v > 0, "a number > 0"),
+    "weight_decay": (lambda v: _is_num(v) and v >= 0, "a number >= 0"),
+    "dropout": (lambda v: _is_num(v) and 0 <= v < 1, "a number in [0, 1)"),
+    "warmup_steps": (lambda v: _is_int(v) and v >= 1, "an integer >= 1"),
+    "max_grad_norm": (lambda v: _is_num(v) and v > 0, "a number > 0"),
+    "num_workers": (lambda v: _is_int(v) and v >= 0, "an integer >= 0"),
+    "checkpoints_to_keep": (lambda v: _is_int(v) and v >= 1, "an integer >= 1"),
+    "token_type": (lambda v: v in ("char", "bpe", "unigram"), "'char', 'bpe' or 'unigram'"),
+    "sorting": (lambda v: v in ("ascending", "descending", "random"),
+                "'ascending', 'descending' or 'random'"),
+    "dynamic_batching": (lambda v: isinstance(v, bool), "true or false"),
+    "max_batch_length_train": (lambda v: _is_num(v) and v > 0, "a number of seconds > 0"),
+    "max_batch_length_eval": (lambda v: _is_num(v) and v > 0, "a number of seconds > 0"),
+    "max_duration": (lambda v: _is_num(v) and v > 0, "a number of seconds > 0"),
+    "data_folder": (lambda v: isinstance(v, str) and v.strip() != "", "a folder path"),
+    "output_folder": (lambda v: isinstance(v, str) and v.strip() != "", "a folder path"),
+    "test_sets": (lambda v: isinstance(v, list) and len(v) > 0
+                  and all(isinstance(s, str) for s in v), "a non-empty list of set names"),
+}
+
+
+def check_hparams(raw: Dict[str, Any], source: str = "hparams") -> Dict[str, Any]:
+    """Validate plain hyperparameter values; returns derived facts.
+
+    Returns
+    -------
+    dict
+        ``{"exit_layers": [...]}`` the resolved exit layers.
+
+    Raises
+    ------
+    ConfigError
+        Naming the first offending key and its accepted values.
+    """
+    for key, (ok, accepted) in _RULES.items():
+        if key in raw and not isinstance(raw[key], _Tagged) and not ok(raw[key]):
+            raise ConfigError(f"{source}: key '{key}' must be {accepted}, got {raw[key]!r}")
+    if "d_model" in raw and "nhead" in raw and raw["d_model"] % raw["nhead"]:
+        raise ConfigError(
+            f"{source}: key 'nhead' must divide d_model={raw['d_model']}, got {raw['nhead']}"
+        )
+    derived: Dict[str, Any] = {}
+    if "exit_layers" in raw:
+        depth = raw.get("num_layers")
+        if not _is_int(depth):
+            raise ConfigError(f"{source}: key 'num_layers' is needed to check 'exit_layers'")
+        try:
+            derived["exit_layers"] = resolve_exit_layers(raw["exit_layers"], depth)
+        except ValueError as err:
+            raise ConfigError(f"{source}: key {err}") from None
+        weights = raw.get("exit_loss_weights")
+        if weights is not None:
+            n = len(derived["exit_layers"])
+            if (not isinstance(weights, list) or len(weights) != n
+                    or not all(_is_num(w) and w >= 0 for w in weights) or sum(weights) <= 0):
+                raise ConfigError(
+                    f"{source}: key 'exit_loss_weights' must be null (plain sum) or a list of "
+                    f"{n} non-negative numbers, one per exit {derived['exit_layers']}, "
+                    f"not all zero; got {weights!r}"
+                )
+    data_folder = raw.get("data_folder")
+    if isinstance(data_folder, str):
+        must_exist = raw.get("data_folder_must_exist", False)
+        if os.path.exists(data_folder) and not os.path.isdir(data_folder):
+            raise ConfigError(f"{source}: key 'data_folder' is not a folder: {data_folder}")
+        if must_exist and not os.path.isdir(data_folder):
+            raise ConfigError(f"{source}: key 'data_folder' does not exist: {data_folder}")
+        if not must_exist:
+            parent = _existing_parent(data_folder)
+            if not os.access(parent, os.W_OK):
+                raise ConfigError(
+                    f"{source}: key 'data_folder' cannot be created (no write access to "
+                    f"{parent}): {data_folder}"
+                )
+    return derived
+
+
+def _existing_parent(path: str) -> str:
+    path = os.path.abspath(path)
+    while not os.path.exists(path):
+        path = os.path.dirname(path)
+    return path
+
+
+def check_hparams_file(path: str, overrides: Optional[Any] = None) -> Dict[str, Any]:
+    """Read ``path`` with ``overrides`` (no instantiation) and validate it."""
+    raw = read_raw_hparams(path, overrides)
+    check_hparams(raw, source=os.path.basename(path))
+    return raw
+
+
+def require_keys(hparams: Dict[str, Any], keys: List[str], source: str) -> None:
+    """Raise :class:`ConfigError` naming the first key missing from ``hparams``."""
+    for key in keys:
+        if key not in hparams:
+            raise ConfigError(f"{source}: required key '{key}' is missing")

@@ -1,0 +1,136 @@
+"""Data pipelines shared by the recipes: manifests -> SpeechBrain datasets.
+
+Any corpus preparation that writes SpeechBrain CSV manifests with columns
+``ID,duration,wav,spk_id,wrd`` works here, so recipes cannot tell corpora apart.
+"""
+
+import logging
+from typing import Dict, List, Tuple
+
+import speechbrain as sb
+import torch
+from speechbrain.dataio.dataset import DynamicItemDataset
+from speechbrain.dataio.sampler import DynamicBatchSampler
+
+logger = logging.getLogger(__name__)
+
+
+def ctc_required_frames(tokens: List[int]) -> int:
+    """Minimum CTC input length for ``tokens``: one frame per token plus one
+    blank between every pair of identical neighbours."""
+    repeats = sum(1 for a, b in zip(tokens, tokens[1:]) if a == b)
+    return len(tokens) + repeats
+
+
+def encoder_frames(duration: float, sample_rate: int, hop_length_ms: float, encoder) -> int:
+    """Encoder output frames for an utterance of ``duration`` seconds."""
+    n_samples = int(round(duration * sample_rate))
+    feat_frames = n_samples // int(round(sample_rate * hop_length_ms / 1000.0)) + 1
+    return encoder.output_frames(feat_frames)
+
+
+def _load(csv_path: str, data_folder: str) -> DynamicItemDataset:
+    try:
+        return DynamicItemDataset.from_csv(csv_path=csv_path, replacements={"data_root": data_folder})
+    except FileNotFoundError:
+        raise FileNotFoundError(f"manifest not found: {csv_path}") from None
+    except KeyError as err:
+        raise ValueError(
+            f"manifest {csv_path} lacks a column {err}; expected ID,duration,wav,spk_id,wrd"
+        ) from None
+
+
+def dataio_prepare(hparams: Dict, tokenizer, encoder) -> Tuple[DynamicItemDataset, DynamicItemDataset, Dict, Dict]:
+    """Build train/valid/test datasets with audio and token pipelines.
+
+    Training utterances whose token sequence cannot fit the encoder's frames
+    under CTC, or longer than ``max_duration``, are filtered out and counted in
+    the log. Validation and test sets are never filtered: an utterance that
+    cannot be aligned counts as errors rather than disappearing.
+
+    Returns
+    -------
+    train, valid, tests, loader_kwargs
+        ``tests`` maps each name in ``test_sets`` to its dataset;
+        ``loader_kwargs`` has ``train``/``valid``/``test`` DataLoader options.
+    """
+    data_folder = hparams["data_folder"]
+    train = _load(hparams["train_csv"], data_folder)
+    valid = _load(hparams["valid_csv"], data_folder)
+    tests = {name: _load(hparams["test_csv"][name], data_folder) for name in hparams["test_sets"]}
+    datasets = [train, valid] + list(tests.values())
+
+    @sb.utils.data_pipeline.takes("wav")
+    @sb.utils.data_pipeline.provides("sig")
+    def audio_pipeline(wav):
+        return sb.dataio.dataio.read_audio(wav)
+
+    @sb.utils.data_pipeline.takes("wrd")
+    @sb.utils.data_pipeline.provides("tokens_list", "tokens")
+    def text_pipeline(wrd):
+        tokens_list = tokenizer.sp.encode_as_ids(wrd)
+        yield tokens_list
+        yield torch.LongTensor(tokens_list)
+
+    sample_rate = hparams["sample_rate"]
+    hop = hparams["hop_length"]
+
+    @sb.utils.data_pipeline.takes("duration", "tokens_list")
+    @sb.utils.data_pipeline.provides("ctc_fits")
+    def fit_pipeline(duration, tokens_list):
+        return ctc_required_frames(tokens_list) <= encoder_frames(duration, sample_rate, hop, encoder)
+
+    sb.dataio.dataset.add_dynamic_item(datasets, audio_pipeline)
+    sb.dataio.dataset.add_dynamic_item(datasets, text_pipeline)
+    sb.dataio.dataset.add_dynamic_item(datasets, fit_pipeline)
+
+    n_before = len(train)
+    train = train.filtered_sorted(key_max_value={"duration": hparams["max_duration"]})
+    n_long = n_before - len(train)
+    n_mid = len(train)
+    train = train.filtered_sorted(key_test={"ctc_fits": lambda fits: bool(fits)})
+    n_unfit = n_mid - len(train)
+    logger.info(
+        "Training manifest %s: %d utterances, %d dropped as longer than max_duration=%s s, "
+        "%d dropped because their tokens cannot fit the encoder frames under CTC",
+        hparams["train_csv"], n_before, n_long, hparams["max_duration"], n_unfit,
+    )
+    if len(train) == 0:
+        raise ValueError(f"no usable training utterance left in {hparams['train_csv']}")
+    for name, ds in [("valid", valid)] + list(tests.items()):
+        with ds.output_keys_as(["ctc_fits"]):
+            bad = sum(1 for item in ds if not item["ctc_fits"])
+        if bad:
+            logger.warning("%s: %d utterances cannot be aligned under CTC (kept; they count "
+                           "as errors)", name, bad)
+
+    valid = valid.filtered_sorted(sort_key="duration")
+    tests = {name: ds.filtered_sorted(sort_key="duration") for name, ds in tests.items()}
+    sb.dataio.dataset.set_output_keys([train, valid] + list(tests.values()),
+                                      ["id", "sig", "wrd", "tokens"])
+
+    num_workers = hparams.get("num_workers", 0)
+    loader = {
+        "valid": {"batch_size": hparams["eval_batch_size"], "num_workers": num_workers},
+        "test": {"batch_size": hparams["eval_batch_size"], "num_workers": num_workers},
+    }
+    if hparams.get("dynamic_batching", False):
+        sampler = DynamicBatchSampler(
+            train,
+            max_batch_length=hparams["max_batch_length_train"],
+            num_buckets=hparams.get("num_buckets", 20),
+            length_func=lambda x: float(x["duration"]),
+            shuffle=True,
+            batch_ordering="random",
+            seed=hparams["seed"],
+        )
+        loader["train"] = {"batch_sampler": sampler, "num_workers": num_workers}
+    else:
+        sorting = hparams.get("sorting", "random")
+        if sorting == "ascending":
+            train = train.filtered_sorted(sort_key="duration")
+        elif sorting == "descending":
+            train = train.filtered_sorted(sort_key="duration", reverse=True)
+        loader["train"] = {"batch_size": hparams["batch_size"], "num_workers": num_workers,
+                           "shuffle": sorting == "random"}
+    return train, valid, tests, loader

@@ -1,0 +1,326 @@
+"""Early-exit Conformer encoder built from SpeechBrain's own layers.
+
+The encoder is SpeechBrain's convolutional front end followed by a stack of
+:class:`speechbrain.lobes.models.transformer.Conformer.ConformerEncoderLayer`.
+After each layer listed in ``exit_layers`` the hidden state is layer-normalised
+(one LayerNorm per exit, the counterpart of the Conformer's final norm) and
+handed to that exit's head. At inference, :meth:`EarlyExitConformerEncoder.iter_exits`
+runs the stack layer by layer and yields each exit as soon as it exists, so a
+caller that stops consuming the generator never computes the layers above.
+"""
+
+from typing import Iterator, List, Optional, Sequence, Tuple, Union
+
+import torch
+from speechbrain.lobes.models.convolution import ConvolutionFrontEnd
+from speechbrain.lobes.models.transformer.Conformer import ConformerEncoderLayer
+from speechbrain.lobes.models.transformer.TransformerASR import make_transformer_src_tgt_masks
+from speechbrain.nnet.activations import Swish
+from speechbrain.nnet.attention import RelPosEncXL
+from speechbrain.nnet.normalization import LayerNorm
+from torch import nn
+
+
+def resolve_exit_layers(exit_layers: Union[Sequence[int], int, str], num_layers: int) -> List[int]:
+    """Turn an exit specification into a sorted list of 1-based layer numbers.
+
+    Arguments
+    ---------
+    exit_layers : list of int, int or str
+        Either an explicit list such as ``[2, 4, 6]``, an int ``k`` meaning
+        "every k layers", or the string ``"every_k"`` (e.g. ``"every_2"``).
+    num_layers : int
+        Depth of the encoder.
+
+    Returns
+    -------
+    list of int
+        The 1-based layers after which an exit sits, ascending.
+
+    Raises
+    ------
+    ValueError
+        Naming the ``exit_layers`` key when the list is empty, unsorted,
+        duplicated or outside ``1..num_layers``.
+
+    Example
+    -------
+    >>> resolve_exit_layers("every_2", 6)
+    [2, 4, 6]
+    >>> resolve_exit_layers([3, 6], 6)
+    [3, 6]
+    """
+    if isinstance(exit_layers, str):
+        if not exit_layers.startswith("every_") or not exit_layers[6:].isdigit():
+            raise ValueError(
+                f"exit_layers: expected a list of layer numbers, an int k or 'every_k', "
+                f"got {exit_layers!r}"
+            )
+        exit_layers = int(exit_layers[6:])
+    if isinstance(exit_layers, bool):
+        raise ValueError(f"exit_layers: expected a list of ints, got {exit_layers!r}")
+    if isinstance(exit_layers, int):
+        step = exit_layers
+        if step < 1 or step > num_layers:
+            raise ValueError(
+                f"exit_layers: 'every {step}' must be between 1 and num_layers={num_layers}"
+            )
+        layers = list(range(step, num_layers + 1, step))
+        if layers[-1] != num_layers:
+            layers.append(num_layers)
+        return layers
+    layers = list(exit_layers)
+    if not layers:
+        raise ValueError("exit_layers: the list of exits is empty")
+    for layer in layers:
+        if isinstance(layer, bool) or not isinstance(layer, int):
+            raise ValueError(f"exit_layers: {layer!r} is not an integer layer number ({layers})")
+        if layer < 1 or layer > num_layers:
+            raise ValueError(
+                f"exit_layers: layer {layer} is out of range; accepted values are "
+                f"1..num_layers={num_layers} ({layers})"
+            )
+    if len(set(layers)) != len(layers):
+        raise ValueError(f"exit_layers: duplicated layers in {layers}")
+    if layers != sorted(layers):
+        raise ValueError(f"exit_layers: layers must be in ascending order, got {layers}")
+    return layers
+
+
+class EarlyExitConformerEncoder(nn.Module):
+    """Conformer encoder with an exit after selected layers.
+
+    Arguments
+    ---------
+    input_size : int
+        Number of input features per frame (e.g. 80 filterbanks).
+    num_layers : int
+        Number of Conformer layers.
+    d_model : int
+        Model dimension.
+    nhead : int
+        Attention heads.
+    d_ffn : int
+        Feed-forward hidden size.
+    exit_layers : list of int, int or str
+        Where the exits sit (see :func:`resolve_exit_layers`).
+    kernel_size : int
+        Depthwise convolution kernel of the Conformer convolution module.
+    dropout : float
+        Dropout inside the layers and after the input projection.
+    attention_type : str
+        ``"RelPosMHAXL"`` (SpeechBrain's Conformer default) or ``"regularMHA"``.
+    frontend_channels : list of int
+        Output channels of the convolutional front end blocks; its strides
+        (``frontend_strides``) give the time subsampling (default 4x).
+    frontend_strides : list of int
+        Stride of each front-end block.
+    causal : bool
+        Causal convolutions/attention.
+
+    Example
+    -------
+    >>> enc = EarlyExitConformerEncoder(80, num_layers=4, d_model=64, nhead=4,
+    ...                                 d_ffn=128, exit_layers=[2, 4])
+    >>> feats = torch.randn(3, 101, 80)
+    >>> hiddens = enc(feats, torch.tensor([1.0, 0.8, 0.5]))
+    >>> [h.shape for h in hiddens]
+    [torch.Size([3, 26, 64]), torch.Size([3, 26, 64])]
+    """
+
+    def __init__(
+        self,
+        input_size: int,
+        num_layers: int,
+        d_model: int,
+        nhead: int,
+        d_ffn: int,
+        exit_layers: Union[Sequence[int], int, str] = 2,
+        kernel_size: int = 31,
+        dropout: float = 0.1,
+        attention_type: str = "RelPosMHAXL",
+        frontend_channels: Sequence[int] = (64, 32),
+        frontend_strides: Sequence[int] = (2, 2),
+        causal: bool = False,
+    ):
+        super().__init__()
+        if attention_type not in ("RelPosMHAXL", "regularMHA"):
+            raise ValueError(
+                f"attention_type: accepted values are 'RelPosMHAXL' and 'regularMHA', "
+                f"got {attention_type!r}"
+            )
+        if d_model % nhead != 0:
+            raise ValueError(f"nhead: d_model={d_model} must be divisible by nhead={nhead}")
+        if len(frontend_channels) != len(frontend_strides):
+            raise ValueError("frontend_channels and frontend_strides must have the same length")
+        self.num_layers = num_layers
+        self.d_model = d_model
+        self.exit_layers = resolve_exit_layers(exit_layers, num_layers)
+        self.attention_type = attention_type
+        self.causal = causal
+        n_blocks = len(frontend_channels)
+        self.frontend = ConvolutionFrontEnd(
+            input_shape=[None, None, input_size],
+            num_blocks=n_blocks,
+            num_layers_per_block=1,
+            out_channels=list(frontend_channels),
+            kernel_sizes=[3] * n_blocks,
+            strides=list(frontend_strides),
+            residuals=[False] * n_blocks,
+        )
+        freq_out = input_size
+        for stride in frontend_strides:
+            freq_out = (freq_out + stride - 1) // stride
+        self.frontend_strides = [int(s) for s in frontend_strides]
+        self.input_projection = nn.Sequential(
+            nn.Linear(frontend_channels[-1] * freq_out, d_model), nn.Dropout(dropout)
+        )
+        self.positional_encoding = RelPosEncXL(d_model) if attention_type == "RelPosMHAXL" else None
+        self.layers = nn.ModuleList(
+            [
+                ConformerEncoderLayer(
+                    d_model=d_model,
+                    d_ffn=d_ffn,
+                    nhead=nhead,
+                    kernel_size=kernel_size,
+                    activation=Swish,
+                    dropout=dropout,
+                    causal=causal,
+                    attention_type=attention_type,
+                )
+                for _ in range(num_layers)
+            ]
+        )
+        self.exit_norms = nn.ModuleList([LayerNorm(d_model, eps=1e-6) for _ in self.exit_layers])
+
+    @property
+    def num_exits(self) -> int:
+        """Number of exits."""
+        return len(self.exit_layers)
+
+    def output_frames(self, input_frames: int) -> int:
+        """Number of encoder frames produced for ``input_frames`` feature frames."""
+        frames = input_frames
+        for stride in self.frontend_strides:
+            frames = (frames + stride - 1) // stride  # "same" padding
+        return frames
+
+    def embed(self, feats: torch.Tensor, lengths: Optional[torch.Tensor]):
+        """Front end: features ``(B, T, F)`` -> ``(B, T', d_model)`` plus masks.
+
+        Returns
+        -------
+        x : torch.Tensor
+            ``(B, T', d_model)``
+        key_padding_mask : torch.Tensor or None
+            ``(B, T')``, True on padded frames.
+        src_mask : torch.Tensor or None
+            Attention mask (causal models only).
+        pos_embs : torch.Tensor or None
+            Relative positional embeddings for ``RelPosMHAXL``.
+        """
+        x = self.frontend(feats)
+        if x.dim() == 4:
+            b, t, c1, c2 = x.shape
+            x = x.reshape(b, t, c1 * c2)
+        key_padding_mask, _, src_mask, _ = make_transformer_src_tgt_masks(
+            x, None, lengths, causal=self.causal
+        )
+        x = self.input_projection(x)
+        pos_embs = self.positional_encoding(x) if self.positional_encoding is not None else None
+        return x, key_padding_mask, src_mask, pos_embs
+
+    def iter_exits(
+        self, feats: torch.Tensor, lengths: Optional[torch.Tensor] = None, max_exit: Optional[int] = None
+    ) -> Iterator[Tuple[int, torch.Tensor]]:
+        """Run layer by layer, yielding ``(exit_index, hidden)`` as each exit is reached.
+
+        ``exit_index`` is 0-based; ``hidden`` is ``(B, T', d_model)`` after the
+        exit's LayerNorm. The generator stops after ``max_exit`` (0-based,
+        default: the last exit); layers above the last consumed exit are never
+        run, because nothing is computed until the caller asks for the next exit.
+        """
+        last = self.num_exits - 1 if max_exit is None else max_exit
+        if not 0 <= last < self.num_exits:
+            raise ValueError(f"exit index {max_exit} out of range 0..{self.num_exits - 1}")
+        x, key_padding_mask, src_mask, pos_embs = self.embed(feats, lengths)
+        exit_idx = 0
+        for layer_number, layer in enumerate(self.layers, start=1):
+            x, _ = layer(x, src_mask=src_mask, src_key_padding_mask=key_padding_mask,
+                         pos_embs=pos_embs)
+            if layer_number == self.exit_layers[exit_idx]:
+                yield exit_idx, self.exit_norms[exit_idx](x)
+                if exit_idx == last:
+                    return
+                exit_idx += 1
+
+    def forward(
+        self, feats: torch.Tensor, lengths: Optional[torch.Tensor] = None, max_exit: Optional[int] = None
+    ) -> List[torch.Tensor]:
+        """Hidden states at every exit up to ``max_exit`` (default: all).
+
+        Arguments
+        ---------
+        feats : torch.Tensor
+            ``(B, T, F)`` normalised features.
+        lengths : torch.Tensor
+            ``(B,)`` relative lengths in ``[0, 1]`` (SpeechBrain convention);
+            they are unchanged by subsampling.
+        max_exit : int, optional
+            0-based index of the last exit to compute.
+
+        Returns
+        -------
+        list of torch.Tensor
+            One ``(B, T', d_model)`` tensor per exit.
+        """
+        return [h for _, h in self.iter_exits(feats, lengths, max_exit)]
+
+    def params_to_exit(self, exit_index: int) -> int:
+        """Encoder parameters used when stopping at ``exit_index`` (0-based)."""
+        shared = sum(p.numel() for m in (self.frontend, self.input_projection) for p in m.parameters())
+        if self.positional_encoding is not None:
+            shared += sum(p.numel() for p in self.positional_encoding.parameters())
+        layers = self.layers[: self.exit_layers[exit_index]]
+        shared += sum(p.numel() for p in layers.parameters())
+        shared += sum(p.numel() for p in self.exit_norms[exit_index].parameters())
+        return shared
+
+
+class CTCExitHeads(nn.Module):
+    """One CTC output layer per exit: ``Linear(d_model -> vocab)`` + log-softmax.
+
+    Example
+    -------
+    >>> heads = CTCExitHeads(d_model=8, vocab_size=5, num_exits=2)
+    >>> out = heads([torch.randn(2, 3, 8), torch.randn(2, 3, 8)])
+    >>> [o.shape for o in out]
+    [torch.Size([2, 3, 5]), torch.Size([2, 3, 5])]
+    """
+
+    def __init__(self, d_model: int, vocab_size: int, num_exits: int):
+        super().__init__()
+        self.heads = nn.ModuleList([nn.Linear(d_model, vocab_size) for _ in range(num_exits)])
+
+    def forward_exit(self, exit_index: int, hidden: torch.Tensor) -> torch.Tensor:
+        """Log-probabilities ``(B, T, V)`` of one exit."""
+        return torch.log_softmax(self.heads[exit_index](hidden), dim=-1)
+
+    def forward(self, hiddens: Sequence[torch.Tensor]) -> List[torch.Tensor]:
+        """Log-probabilities for each exit's hidden state."""
+        return [self.forward_exit(i, h) for i, h in enumerate(hiddens)]
+
+    def params_of_exit(self, exit_index: int) -> int:
+        """Parameters of one exit's head."""
+        return sum(p.numel() for p in self.heads[exit_index].parameters())
+
+
+def count_exits(exit_layers: Union[Sequence[int], int, str], num_layers: int) -> int:
+    """Number of exits for an exit specification (for YAML wiring).
+
+    Example
+    -------
+    >>> count_exits("every_2", 12)
+    6
+    """
+    return len(resolve_exit_layers(exit_layers, num_layers))
