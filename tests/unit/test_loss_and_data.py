@@ -1,0 +1,100 @@
+"""Multi-exit objective and CTC-fit filtering of manifests."""
+
+import csv
+import logging
+
+import pytest
+import torch
+from speechbrain.nnet.losses import ctc_loss
+
+from earlyexit_brain.brain import multi_exit_loss
+from earlyexit_brain.dataio import ctc_required_frames, dataio_prepare, encoder_frames
+from earlyexit_brain.models.conformer import CTCExitHeads, EarlyExitConformerEncoder
+
+
+def per_exit_ctc(seed=0):
+    torch.manual_seed(seed)
+    enc = EarlyExitConformerEncoder(20, 3, 16, 2, 32, [1, 2, 3], kernel_size=3)
+    heads = CTCExitHeads(16, 6, 3)
+    feats = torch.randn(2, 60, 20)
+    lens = torch.tensor([1.0, 0.8])
+    tokens = torch.tensor([[1, 2, 3, 4], [2, 2, 5, 0]])
+    token_lens = torch.tensor([1.0, 0.75])
+    log_probs = heads(enc(feats, lens))
+    return [ctc_loss(lp, tokens, lens, token_lens, blank_index=0) for lp in log_probs], heads
+
+
+def test_plain_sum_is_the_default_objective():
+    losses, _ = per_exit_ctc()
+    total = multi_exit_loss(losses, [1.0, 1.0, 1.0])
+    assert torch.allclose(total, losses[0] + losses[1] + losses[2])
+
+
+def test_weights_scale_each_exit_and_zero_weight_cuts_its_gradient():
+    losses, heads = per_exit_ctc()
+    total = multi_exit_loss(losses, [0.0, 2.0, 0.5])
+    assert torch.allclose(total, 2.0 * losses[1] + 0.5 * losses[2])
+    total.backward()
+    assert heads.heads[0].weight.grad is None or heads.heads[0].weight.grad.abs().sum() == 0
+    assert heads.heads[1].weight.grad.abs().sum() > 0
+
+
+def test_weight_count_must_match_exits():
+    losses, _ = per_exit_ctc()
+    with pytest.raises(ValueError, match="exit_loss_weights"):
+        multi_exit_loss(losses, [1.0, 1.0])
+
+
+def test_ctc_required_frames_counts_repeats():
+    assert ctc_required_frames([1, 2, 3]) == 3
+    assert ctc_required_frames([1, 1, 2, 2, 2]) == 5 + 3
+    assert ctc_required_frames([]) == 0
+
+
+class CharTokenizer:
+    """Stands in for SentencePiece: one id per character."""
+
+    class _SP:
+        def encode_as_ids(self, text):
+            return [ord(c) % 30 + 1 for c in text]
+
+    sp = _SP()
+
+
+def test_unfit_training_utterances_are_dropped_and_counted(tiny_corpus, tmp_path, caplog):
+    folder, manifests = tiny_corpus
+    enc = EarlyExitConformerEncoder(40, 1, 16, 2, 32, [1], kernel_size=3)
+    with open(manifests["train"], newline="") as fin:
+        rows = list(csv.DictReader(fin))
+    # make two utterances impossible: a long transcript on short audio
+    rows[0]["wrd"] = " ".join(["ABRACADABRA"] * 40)
+    rows[1]["wrd"] = " ".join(["HOCUS POCUS"] * 40)
+    train_csv = tmp_path / "train.csv"
+    with open(train_csv, "w", newline="") as fout:
+        writer = csv.DictWriter(fout, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    hparams = dict(data_folder=folder, train_csv=str(train_csv), valid_csv=manifests["dev"],
+                   test_sets=["test"], test_csv={"test": manifests["test"]}, sample_rate=16000,
+                   hop_length=10, max_duration=100.0, eval_batch_size=4, batch_size=4,
+                   sorting="ascending", seed=1)
+    with caplog.at_level(logging.INFO):
+        train, valid, tests, loaders = dataio_prepare(hparams, CharTokenizer(), enc)
+    assert len(train) == len(rows) - 2
+    assert "2 dropped because their tokens cannot fit" in caplog.text
+    assert len(valid) == len(open(manifests["dev"]).readlines()) - 1  # dev is never filtered
+    item = train[0]
+    assert item["sig"].dim() == 1 and item["tokens"].dtype == torch.long
+
+
+def test_encoder_frames_agrees_with_the_encoder():
+    enc = EarlyExitConformerEncoder(40, 1, 16, 2, 32, [1], kernel_size=3)
+    assert encoder_frames(1.0, 16000, 10, enc) == enc.output_frames(101) == 26
+
+
+def test_missing_manifest_is_named(tmp_path):
+    enc = EarlyExitConformerEncoder(40, 1, 16, 2, 32, [1], kernel_size=3)
+    hparams = dict(data_folder=str(tmp_path), train_csv=str(tmp_path / "nope.csv"),
+                   valid_csv="x", test_sets=["test"], test_csv={"test": "y"})
+    with pytest.raises(FileNotFoundError, match="nope.csv"):
+        dataio_prepare(hparams, CharTokenizer(), enc)
