@@ -92,7 +92,7 @@ def main(argv=None):
     parser.add_argument("--quick", action="store_true", help="fewer repeats, smaller batches")
     parser.add_argument("--out", default="bench.json", help="where to write the JSON results")
     args = parser.parse_args(argv)
-    repeats, warmup = (5, 2) if args.quick else (15, 3)
+    repeats, warmup = (6, 2) if args.quick else (30, 3)
     results = []
     for name in CONFIGS:
         batch = 8 if "paper" in name else 16

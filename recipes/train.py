@@ -101,6 +101,11 @@ def main(argv):
         valid_loader_kwargs=loaders["valid"],
     )
 
+    # What was trained (evaluation below loads the best checkpoint, whose epoch
+    # counter and clock may be older).
+    trained = {"epochs": hparams["epoch_counter"].current,
+               "seconds": hparams["train_clock"].seconds}
+
     for name, dataset in test_datasets.items():
         brain.evaluate_set(name, dataset, loaders["test"], min_key=hparams["checkpoint_key"])
 
@@ -109,10 +114,11 @@ def main(argv):
             hparams["encoder"],
             hparams["ctc_heads"],
             brain.test_results,
-            train={"epochs": hparams["epoch_counter"].current,
-                   "seconds": hparams["train_clock"].seconds},
+            train=trained,
             extra={"hparams_file": os.path.basename(hparams_file),
                    "exit_layers": list(hparams["encoder"].exit_layers),
+                   "evaluated_epoch": hparams["epoch_counter"].current,
+                   "checkpoint_key": hparams["checkpoint_key"],
                    "token_type": hparams["token_type"],
                    "vocab_size": tokenizer.sp.vocab_size(),
                    "train_utterances": len(train_data)},

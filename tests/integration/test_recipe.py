@@ -46,6 +46,7 @@ def test_report_schema(smoke_run):
             assert stats["n"] == 16
             assert 0 <= stats["cer"] and 0 <= stats["wer"]
     assert report["train"]["epochs"] == 6 and report["train"]["seconds"] > 0
+    assert 1 <= report["evaluated_epoch"] <= 6
     assert "| exit | layer |" in (out / "report.md").read_text()
     assert "Outputs in" in proc.stdout and "report.json" in proc.stdout
     assert (out / "wer_vs_compute.png").stat().st_size > 1000
@@ -56,7 +57,7 @@ def test_loss_went_down_at_every_exit(smoke_run):
     log = (out / "train_log.txt").read_text()
     losses = train_losses(log)
     assert len(losses) == 6
-    assert losses[-1] < 0.8 * losses[0], losses
+    assert losses[-1] < 0.9 * losses[0], losses
     for k in (1, 2):
         per_exit = [float(m) for m in re.findall(rf"train loss_exit{k}: ([0-9.e+-]+)", log)]
         assert per_exit[-1] < per_exit[0], (k, per_exit)

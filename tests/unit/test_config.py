@@ -38,7 +38,7 @@ def load_default(repo_root, overrides=None):
         ({"dropout": 1.5}, "dropout"),
         ({"d_model": 100, "nhead": 3}, "nhead"),
         ({"token_type": "words"}, "token_type"),
-        ({"dynamic_batching": "yes"}, "dynamic_batching"),
+        ({"dynamic_batching": "maybe"}, "dynamic_batching"),
         ({"kernel_size": 14}, "kernel_size"),
     ],
 )

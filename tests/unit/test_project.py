@@ -1,0 +1,57 @@
+"""Project contracts: the README's two commands, CI, and the report format."""
+
+import json
+import os
+import re
+
+import torch
+
+from earlyexit_brain.models.conformer import CTCExitHeads, EarlyExitConformerEncoder
+from earlyexit_brain.report import build_report, report_markdown, write_report
+
+
+def readme_commands(repo_root):
+    text = open(os.path.join(repo_root, "README.md")).read()
+    return re.findall(r"```bash\n(.*?)\n```", text, flags=re.S)
+
+
+def test_readme_opens_with_the_two_one_line_commands(repo_root):
+    commands = readme_commands(repo_root)
+    main, tests = commands[0], commands[1]
+    assert "\n" not in main and "\n" not in tests
+    assert main.startswith("bash scripts/setup.sh && ")
+    assert "recipes/train.py hparams/synthetic/conformer_ctc_ee.yaml" in main
+    assert tests.startswith("bash scripts/setup.sh && ") and "pytest" in tests
+
+
+def test_ci_runs_exactly_the_readme_test_command(repo_root):
+    tests = readme_commands(repo_root)[1]
+    ci = open(os.path.join(repo_root, ".ci", "run")).read()
+    assert tests in ci.splitlines()
+
+
+def test_pins_live_in_one_place(repo_root):
+    pins = open(os.path.join(repo_root, "requirements.txt")).read()
+    for pin in ("torch==2.14.1", "torchaudio==2.11.0", "speechbrain==1.1.2"):
+        assert pin in pins
+    setup_sh = open(os.path.join(repo_root, "scripts", "setup.sh")).read()
+    assert "requirements.txt" in setup_sh
+
+
+def test_report_json_and_markdown(tmp_path):
+    enc = EarlyExitConformerEncoder(20, 4, 16, 2, 32, [2, 4], kernel_size=3)
+    heads = CTCExitHeads(16, 10, 2)
+    results = {"test": [{"exit": 1, "wer": 30.0, "cer": 10.0, "n": 5},
+                        {"exit": 2, "wer": 20.0, "cer": 5.0, "n": 5}]}
+    report = build_report(enc, heads, results, {"epochs": 2, "seconds": 12.34})
+    assert report["params_total"] == sum(p.numel() for p in enc.parameters()) + sum(
+        p.numel() for p in heads.parameters())
+    assert [e["layer"] for e in report["exits"]] == [2, 4]
+    assert report["exits"][1]["sets"]["test"] == {"wer": 20.0, "cer": 5.0, "n": 5}
+    assert report["exits"][0]["params_to_exit"] < report["exits"][1]["params_to_exit"]
+    md = report_markdown(report)
+    assert "| 2 | 4 |" in md and "20.00" in md
+    paths = write_report(report, str(tmp_path))
+    assert json.load(open(paths["json"])) == report
+    assert os.path.getsize(paths["plot"]) > 1000
+    assert not [p for p in os.listdir(tmp_path) if "tmp" in p]
