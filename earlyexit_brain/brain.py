@@ -63,7 +63,8 @@ class EarlyExitCTCBrain(sb.Brain):
     per exit) and ``normalize`` (feature normalisation). Expected hparams:
     ``compute_features``, ``ctc_cost``, ``blank_index``, ``exit_loss_weights``
     (None or one weight per exit), optional ``augmentation`` and
-    ``noam_annealing`` / ``lr_annealing``.
+    ``lr_annealing`` (a per-update SpeechBrain scheduler called with the
+    optimizer, e.g. ``LinearWarmupScheduler`` or ``NoamScheduler``).
 
     After :meth:`evaluate` on a test set, ``self.test_results[set_name]`` holds
     ``[{"exit": k, "wer": ..., "cer": ..., "n": ...}, ...]``.
@@ -119,8 +120,8 @@ class EarlyExitCTCBrain(sb.Brain):
 
     def on_fit_batch_end(self, batch, outputs, loss, should_step):
         """Step the per-update learning-rate schedule."""
-        if should_step and getattr(self.hparams, "noam_annealing", None) is not None:
-            self.hparams.noam_annealing(self.optimizer)
+        if should_step and getattr(self.hparams, "lr_annealing", None) is not None:
+            self.hparams.lr_annealing(self.optimizer)
 
     # ---------------------------------------------------------------- stages
     def on_stage_start(self, stage, epoch=None):
