@@ -114,10 +114,10 @@ def _check_options(opts: Dict) -> None:
         if (not isinstance(val, (list, tuple)) or len(val) != 2
                 or not all(isinstance(v, (int, float)) for v in val) or val[0] > val[1]):
             raise ValueError(f"synthetic corpus option '{key}' must be [low, high], got {val!r}")
-    if not 80 <= opts["rate_range"][0] and opts["rate_range"][1] <= 450:
-        raise ValueError("synthetic corpus option 'rate_range' must lie within 80..450 words/min")
-    if not 0 <= opts["pitch_range"][0] and opts["pitch_range"][1] <= 100:
-        raise ValueError("synthetic corpus option 'pitch_range' must lie within 0..100")
+    for key, low, high, unit in (("rate_range", 80, 450, " words/min"), ("pitch_range", 0, 100, "")):
+        if not (low <= opts[key][0] and opts[key][1] <= high):
+            raise ValueError(f"synthetic corpus option '{key}' must lie within {low}..{high}{unit}, "
+                             f"got {opts[key]!r}")
 
 
 def _split_sentences(sentences: List[str], n_train: int, n_dev: int, n_test: int,

@@ -125,6 +125,8 @@ def test_interrupted_generation_is_completed_not_trusted(tmp_path):
     "options, key",
     [(dict(n_train=0), "n_train"), (dict(n_train="many"), "n_train"),
      (dict(rate_range=[200, 100]), "rate_range"), (dict(max_words=2), "max_words"),
+     (dict(rate_range=[150, 600]), "rate_range"), (dict(rate_range=[50, 200]), "rate_range"),
+     (dict(pitch_range=[20, 150]), "pitch_range"), (dict(pitch_range=[-5, 50]), "pitch_range"),
      (dict(colour="blue"), "colour"), (dict(n_test_sentences=100000), "n_test_sentences")],
 )
 def test_bad_options_name_the_key(tmp_path, options, key):
