@@ -9,6 +9,7 @@ runs the stack layer by layer and yields each exit as soon as it exists, so a
 caller that stops consuming the generator never computes the layers above.
 """
 
+from dataclasses import dataclass
 from typing import Iterator, List, Optional, Sequence, Tuple, Union
 
 import torch
@@ -87,6 +88,22 @@ def resolve_exit_layers(exit_layers: Union[Sequence[int], int, str], num_layers:
     return layers
 
 
+@dataclass
+class EncoderState:
+    """Where an incremental encoder run stands (see ``start``/``advance``/``select``).
+
+    ``x`` is ``(B, T', d_model)`` after ``layer`` layers; ``frames`` ``(B,)``
+    holds each utterance's valid frames.
+    """
+
+    x: torch.Tensor
+    frames: torch.Tensor
+    layer: int
+    key_padding_mask: Optional[torch.Tensor]
+    src_mask: Optional[torch.Tensor]
+    pos_embs: Optional[torch.Tensor]
+
+
 class EarlyExitConformerEncoder(nn.Module):
     """Conformer encoder with an exit after selected layers.
 
@@ -107,7 +124,7 @@ class EarlyExitConformerEncoder(nn.Module):
     kernel_size : int
         Depthwise convolution kernel of the Conformer convolution module.
     dropout : float
-        Dropout inside the layers and after the input projection.
+        Dropout in the front end, inside the layers and after the input projection.
     attention_type : str
         ``"RelPosMHAXL"`` (SpeechBrain's Conformer default) or ``"regularMHA"``.
     frontend_channels : list of int
@@ -126,6 +143,15 @@ class EarlyExitConformerEncoder(nn.Module):
     >>> hiddens = enc(feats, torch.tensor([1.0, 0.8, 0.5]))
     >>> [h.shape for h in hiddens]
     [torch.Size([3, 26, 64]), torch.Size([3, 26, 64])]
+
+    The incremental form used by dynamic inference (nothing above exit 0 runs):
+
+    >>> state = enc.start(feats, torch.tensor([1.0, 0.8, 0.5]))
+    >>> enc.advance(state, 0).shape
+    torch.Size([3, 26, 64])
+    >>> state = enc.select(state, torch.tensor([2]))  # utterances 0 and 1 exit
+    >>> enc.advance(state, 1).shape  # utterance 2: 13 valid frames
+    torch.Size([1, 13, 64])
     """
 
     def __init__(
@@ -153,6 +179,14 @@ class EarlyExitConformerEncoder(nn.Module):
             raise ValueError(f"nhead: d_model={d_model} must be divisible by nhead={nhead}")
         if len(frontend_channels) != len(frontend_strides):
             raise ValueError("frontend_channels and frontend_strides must have the same length")
+        # constructor arguments, written into exported inference YAML files
+        self.config = dict(
+            input_size=input_size, num_layers=num_layers, d_model=d_model, nhead=nhead,
+            d_ffn=d_ffn, exit_layers=resolve_exit_layers(exit_layers, num_layers),
+            kernel_size=kernel_size, dropout=dropout, attention_type=attention_type,
+            frontend_channels=[int(c) for c in frontend_channels],
+            frontend_strides=[int(s) for s in frontend_strides], causal=causal,
+        )
         self.num_layers = num_layers
         self.d_model = d_model
         self.exit_layers = resolve_exit_layers(exit_layers, num_layers)
@@ -167,6 +201,7 @@ class EarlyExitConformerEncoder(nn.Module):
             kernel_sizes=[3] * n_blocks,
             strides=list(frontend_strides),
             residuals=[False] * n_blocks,
+            dropout=dropout,
         )
         freq_out = input_size
         for stride in frontend_strides:
@@ -230,6 +265,63 @@ class EarlyExitConformerEncoder(nn.Module):
         pos_embs = self.positional_encoding(x) if self.positional_encoding is not None else None
         return x, key_padding_mask, src_mask, pos_embs
 
+    # ------------------------------------------------ incremental interface
+    def start(self, feats: torch.Tensor, lengths: Optional[torch.Tensor] = None) -> EncoderState:
+        """Run the front end only; the returned state is advanced with :meth:`advance`.
+
+        Arguments
+        ---------
+        feats : torch.Tensor
+            ``(B, T, F)`` normalised features.
+        lengths : torch.Tensor, optional
+            ``(B,)`` relative lengths in ``[0, 1]``.
+        """
+        x, key_padding_mask, src_mask, pos_embs = self.embed(feats, lengths)
+        if lengths is None:
+            frames = torch.full((x.shape[0],), x.shape[1], dtype=torch.long, device=x.device)
+        else:
+            frames = torch.round(lengths * x.shape[1]).long().clamp(1, x.shape[1])
+        return EncoderState(x, frames, 0, key_padding_mask, src_mask, pos_embs)
+
+    def advance(self, state: EncoderState, exit_index: int) -> torch.Tensor:
+        """Run the layers from ``state`` up to exit ``exit_index`` (0-based).
+
+        Returns the exit's normalised hidden state ``(B, T', d_model)``; the
+        state is updated in place, so the next call only runs the layers above.
+        """
+        if not 0 <= exit_index < self.num_exits:
+            raise ValueError(f"exit index {exit_index} out of range 0..{self.num_exits - 1}")
+        target = self.exit_layers[exit_index]
+        if target < state.layer:
+            raise ValueError(f"exit {exit_index} (layer {target}) is below the state's layer {state.layer}")
+        x = state.x
+        for layer in self.layers[state.layer:target]:
+            x, _ = layer(x, src_mask=state.src_mask, src_key_padding_mask=state.key_padding_mask,
+                         pos_embs=state.pos_embs)
+        state.x, state.layer = x, target
+        return self.exit_norms[exit_index](x)
+
+    def select(self, state: EncoderState, index: torch.Tensor, trim: bool = True) -> EncoderState:
+        """Keep the utterances ``index`` of a state (the others left the batch).
+
+        With ``trim`` the time axis is cut to the longest kept utterance, so the
+        padding that only exited utterances needed is not computed either.
+        SpeechBrain's Conformer convolution module masks its output but not its
+        input, so padded frames leak into the last ``kernel_size // 2`` valid
+        frames of a padded utterance: as with any change of batch composition,
+        trimming can move such an utterance's outputs slightly. Without
+        ``trim`` the kept utterances' outputs are exactly those of the full batch.
+        """
+        frames = state.frames[index]
+        t_max = int(frames.max()) if trim else state.x.shape[1]
+        x = state.x[index, :t_max]
+        key_padding_mask = torch.arange(t_max, device=x.device)[None, :] >= frames[:, None]
+        src_mask = state.src_mask
+        if src_mask is not None:
+            src_mask = src_mask[:t_max, :t_max]
+        pos_embs = self.positional_encoding(x) if self.positional_encoding is not None else None
+        return EncoderState(x, frames, state.layer, key_padding_mask, src_mask, pos_embs)
+
     def iter_exits(
         self, feats: torch.Tensor, lengths: Optional[torch.Tensor] = None, max_exit: Optional[int] = None
     ) -> Iterator[Tuple[int, torch.Tensor]]:
@@ -243,16 +335,9 @@ class EarlyExitConformerEncoder(nn.Module):
         last = self.num_exits - 1 if max_exit is None else max_exit
         if not 0 <= last < self.num_exits:
             raise ValueError(f"exit index {max_exit} out of range 0..{self.num_exits - 1}")
-        x, key_padding_mask, src_mask, pos_embs = self.embed(feats, lengths)
-        exit_idx = 0
-        for layer_number, layer in enumerate(self.layers, start=1):
-            x, _ = layer(x, src_mask=src_mask, src_key_padding_mask=key_padding_mask,
-                         pos_embs=pos_embs)
-            if layer_number == self.exit_layers[exit_idx]:
-                yield exit_idx, self.exit_norms[exit_idx](x)
-                if exit_idx == last:
-                    return
-                exit_idx += 1
+        state = self.start(feats, lengths)
+        for exit_idx in range(last + 1):
+            yield exit_idx, self.advance(state, exit_idx)
 
     def forward(
         self, feats: torch.Tensor, lengths: Optional[torch.Tensor] = None, max_exit: Optional[int] = None
@@ -300,6 +385,7 @@ class CTCExitHeads(nn.Module):
 
     def __init__(self, d_model: int, vocab_size: int, num_exits: int):
         super().__init__()
+        self.config = dict(d_model=d_model, vocab_size=vocab_size, num_exits=num_exits)
         self.heads = nn.ModuleList([nn.Linear(d_model, vocab_size) for _ in range(num_exits)])
 
     def forward_exit(self, exit_index: int, hidden: torch.Tensor) -> torch.Tensor:
