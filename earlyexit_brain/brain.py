@@ -16,6 +16,8 @@ import torch
 from speechbrain.decoders import ctc_greedy_decode
 from speechbrain.utils.checkpoints import mark_as_loader, mark_as_saver, register_checkpoint_hooks
 
+from .utils import tokens_to_text
+
 logger = logging.getLogger(__name__)
 
 
@@ -113,7 +115,7 @@ class EarlyExitCTCBrain(sb.Brain):
             targets = [w.split(" ") for w in batch.wrd]
             for k, lp in enumerate(log_probs):
                 hyp_ids = ctc_greedy_decode(lp, wav_lens, blank_id=blank)
-                words = [self.tokenizer.sp.decode_ids(h).split(" ") for h in hyp_ids]
+                words = [tokens_to_text(self.tokenizer.sp, h).split(" ") for h in hyp_ids]
                 self.wer_metrics[k].append(batch.id, words, targets)
                 self.cer_metrics[k].append(batch.id, words, targets)
         return loss

@@ -67,6 +67,9 @@ def _is_num(v):
     return isinstance(v, (int, float)) and not isinstance(v, bool)
 
 
+_CALIBRATED = ("entropy", "posterior", "posterior_greedy")
+_SWEEPABLE = _CALIBRATED + ("budget",)
+
 # key -> (predicate, accepted values in words)
 _RULES: Dict[str, Tuple[Callable[[Any], bool], str]] = {
     "seed": (_is_int, "an integer"),
@@ -98,6 +101,21 @@ _RULES: Dict[str, Tuple[Callable[[Any], bool], str]] = {
     "output_folder": (lambda v: isinstance(v, str) and v.strip() != "", "a folder path"),
     "test_sets": (lambda v: isinstance(v, list) and len(v) > 0
                   and all(isinstance(s, str) for s in v), "a non-empty list of set names"),
+    # exit-policy evaluation (recipes/evaluate.py, end of recipes/train.py)
+    "policy_evaluation": (lambda v: isinstance(v, bool), "true or false"),
+    "policy_sweep": (lambda v: isinstance(v, list) and all(p in _SWEEPABLE for p in v),
+                     "a list of policies among " + ", ".join(repr(p) for p in _SWEEPABLE)),
+    "sweep_points": (lambda v: _is_int(v) and v >= 2, "an integer >= 2"),
+    "calibration_target": (lambda v: v in ("max_wer_increase", "avg_layers"),
+                           "'max_wer_increase' or 'avg_layers'"),
+    "calibration_value": (lambda v: _is_num(v) and v >= 0, "a number >= 0"),
+    "default_policy": (lambda v: v in _CALIBRATED, "one of " + ", ".join(repr(p) for p in _CALIBRATED)),
+    "nbest_beam_size": (lambda v: _is_int(v) and v >= 2, "an integer >= 2"),
+    "entropy_normalize": (lambda v: isinstance(v, bool), "true or false"),
+    "posterior_greedy_form": (lambda v: v in ("mean", "geometric"), "'mean' or 'geometric'"),
+    "latency_durations": (lambda v: isinstance(v, list) and len(v) >= 2
+                          and all(_is_num(d) and d > 0 for d in v),
+                          "a list of at least two durations in seconds > 0"),
 }
 
 
@@ -140,6 +158,10 @@ def check_hparams(raw: Dict[str, Any], source: str = "hparams") -> Dict[str, Any
                     f"{n} non-negative numbers, one per exit {derived['exit_layers']}, "
                     f"not all zero; got {weights!r}"
                 )
+    default_policy, sweep = raw.get("default_policy"), raw.get("policy_sweep")
+    if isinstance(default_policy, str) and isinstance(sweep, list) and default_policy not in sweep:
+        raise ConfigError(f"{source}: key 'default_policy' ({default_policy!r}) must be one of the "
+                          f"policies in 'policy_sweep' {sweep}, which calibrates its threshold")
     data_folder = raw.get("data_folder")
     if isinstance(data_folder, str):
         must_exist = raw.get("data_folder_must_exist", False)

@@ -59,7 +59,54 @@ def report_markdown(report: Dict) -> str:
         lines.append(row)
     lines.append("")
     lines.append("WER and CER in percent, greedy CTC decoding at each exit.")
+    if report.get("policies"):
+        lines += ["", *policy_markdown(report)]
     return "\n".join(lines) + "\n"
+
+
+def _policy_label(entry: Dict) -> str:
+    if entry["policy"] == "fixed":
+        return f"fixed exit {entry['exit']}"
+    if entry["threshold"] is None:
+        return entry["policy"]
+    unit = " ms" if entry["policy"] == "budget" else ""
+    mark = " (calibrated)" if entry.get("calibrated") else ""
+    return f"{entry['policy']} {entry['threshold']:.4g}{unit}{mark}"
+
+
+def policy_markdown(report: Dict) -> List[str]:
+    """Exit-policy table: WER, average layers and seconds per test set."""
+    sets = list(report["policies"][0]["sets"])
+    lines = ["## Exit policies", ""]
+    cal = report.get("calibration", {})
+    if cal.get("thresholds"):
+        what = ("at most {v} WER points above the last exit" if cal["target"] == "max_wer_increase"
+                else "at most {v} layers on average").format(v=cal["value"])
+        lines.append(f"Thresholds calibrated on dev for {what}:")
+        for name, c in cal["thresholds"].items():
+            lines.append(f"- {name}: {c['threshold']:.4g} (dev WER {c['dev']['wer']:.2f} vs "
+                         f"{c['dev_last_exit']['wer']:.2f} at the last exit, "
+                         f"{c['dev']['avg_layers']:.2f} layers)")
+        lines.append("")
+    lines.append("| policy |" + "".join(f" {s} WER | {s} avg layers | {s} s |" for s in sets))
+    lines.append("|" + "---|" * (1 + 3 * len(sets)))
+    for entry in report["policies"]:
+        row = f"| {_policy_label(entry)} |"
+        for s in sets:
+            v = entry["sets"][s]
+            row += f" {v['wer']:.2f} | {v['avg_layers']:.2f} | {v['seconds']:.2f} |"
+        lines.append(row)
+    lines.append("")
+    lines.append(f"Layers of {report['num_layers']}; seconds: measured time at batch 1 from the "
+                 "waveform to the chosen exit plus the policy's decisions, summed over the set.")
+    for set_name, row in report.get("depth_matched", {}).items():
+        ref = row.get("posterior")
+        if not ref:
+            continue
+        others = ", ".join(f"{n} {v['wer']:.2f}" for n, v in row.items() if n != "posterior" and v)
+        lines.append(f"- {set_name}: at the calibrated posterior's average depth "
+                     f"({ref['avg_layers']:.2f} layers, WER {ref['wer']:.2f}), WER of {others}.")
+    return lines
 
 
 def plot_wer_vs_compute(report: Dict, path: str) -> Optional[str]:
@@ -71,21 +118,54 @@ def plot_wer_vs_compute(report: Dict, path: str) -> Optional[str]:
         import matplotlib.pyplot as plt
     except ImportError:  # pragma: no cover - matplotlib is a dependency
         return None
-    fig, ax = plt.subplots(figsize=(5, 3.5))
     xs = [e["layer"] for e in report["exits"]]
-    for name in report["exits"][0]["sets"]:
-        ax.plot(xs, [e["sets"][name]["wer"] for e in report["exits"]], marker="o", label=name)
-    ax.set_xlabel(f"encoder layers computed (of {report['num_layers']})")
-    ax.set_ylabel("WER (%)")
-    ax.set_xticks(xs)
-    ax.grid(alpha=0.3)
-    ax.legend()
+    sets = list(report["exits"][0]["sets"])
+    policies = report.get("policies") or []
+    if not policies:
+        fig, ax = plt.subplots(figsize=(5, 3.5))
+        for name in sets:
+            ax.plot(xs, [e["sets"][name]["wer"] for e in report["exits"]], marker="o", label=name)
+        ax.set_xlabel(f"encoder layers computed (of {report['num_layers']})")
+        ax.set_ylabel("WER (%)")
+        ax.set_xticks(xs)
+        ax.grid(alpha=0.3)
+        ax.legend()
+    else:
+        fig, axes = plt.subplots(1, len(sets), figsize=(5.5 * len(sets), 4), squeeze=False)
+        for ax, name in zip(axes[0], sets):
+            _plot_policies(ax, policies, name)
+            ax.set_title(name)
+            ax.set_xlabel(f"average encoder layers computed (of {report['num_layers']})")
+            ax.set_ylabel("WER (%)")
+            ax.set_xticks(xs)
+            ax.grid(alpha=0.3)
+        axes[0][0].legend(fontsize=8)
     fig.tight_layout()
     tmp = path + ".tmp.png"
     fig.savefig(tmp, dpi=120)
     plt.close(fig)
     os.replace(tmp, path)
     return path
+
+
+def _plot_policies(ax, policies: List[Dict], set_name: str):
+    fixed = [p for p in policies if p["policy"] == "fixed"]
+    ax.plot([p["sets"][set_name]["avg_layers"] for p in fixed],
+            [p["sets"][set_name]["wer"] for p in fixed], "ks", label="fixed exits", zorder=3)
+    for name in dict.fromkeys(p["policy"] for p in policies):
+        if name in ("fixed", "oracle"):
+            continue
+        pts = sorted((p["sets"][set_name]["avg_layers"], p["sets"][set_name]["wer"])
+                     for p in policies if p["policy"] == name)
+        (line,) = ax.plot([x for x, _ in pts], [y for _, y in pts], marker=".", label=name)
+        for p in policies:
+            if p["policy"] == name and p.get("calibrated"):
+                ax.plot(p["sets"][set_name]["avg_layers"], p["sets"][set_name]["wer"], "*",
+                        color=line.get_color(), markersize=12)
+    for p in policies:
+        if p["policy"] == "oracle":
+            ax.plot(p["sets"][set_name]["avg_layers"], p["sets"][set_name]["wer"], "r^",
+                    label="oracle", zorder=3)
 
 
 def write_report(report: Dict, folder: str) -> Dict[str, str]:

@@ -19,3 +19,15 @@ def atomic_write_text(path: str, text: str) -> None:
         if os.path.exists(tmp):
             os.remove(tmp)
         raise
+
+
+def tokens_to_text(tokenizer, ids) -> str:
+    """Decode CTC output ids with a SentencePieceProcessor.
+
+    A CTC layer may have more outputs than the tokenizer has pieces (e.g. 32
+    outputs for 29 characters); ids without a piece are dropped instead of
+    making SentencePiece raise.
+    """
+    size = tokenizer.vocab_size()
+    ids = [int(i) for i in ids if 0 <= int(i) < size]
+    return tokenizer.decode_ids(ids) if ids else ""

@@ -9,8 +9,10 @@ The YAML chooses the corpus (its ``prepare_corpus`` function and
 ``corpus_options``), the encoder, the tokenizer and every training option;
 any key can be overridden on the command line. Outputs in ``output_folder``:
 ``train_log.txt``, ``report.json``, ``report.md``, ``wer_vs_compute.png``,
-per-exit alignment files ``wer_<set>_exit<k>.txt`` and checkpoints in
-``save/``. Rerunning the same command resumes from the last checkpoint.
+per-exit alignment files ``wer_<set>_exit<k>.txt``, checkpoints in ``save/``
+and, after the exit-policy evaluation (``policy_evaluation: True``), an
+``inference/`` folder that ``EarlyExitASR.from_hparams`` loads. Rerunning the
+same command resumes from the last checkpoint.
 """
 
 import logging
@@ -19,7 +21,6 @@ import sys
 
 import speechbrain as sb
 from hyperpyyaml import load_hyperpyyaml
-from speechbrain.tokenizers.SentencePiece import SentencePiece
 from speechbrain.utils.distributed import run_on_main
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -27,31 +28,9 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from earlyexit_brain.brain import EarlyExitCTCBrain  # noqa: E402
 from earlyexit_brain.config import ConfigError, check_hparams_file  # noqa: E402
 from earlyexit_brain.dataio import dataio_prepare  # noqa: E402
-from earlyexit_brain.report import build_report, write_report  # noqa: E402
+from earlyexit_brain.experiment import build_tokenizer, evaluate_and_report  # noqa: E402
 
 logger = logging.getLogger(__name__)
-
-
-def build_tokenizer(hparams):
-    """Train (or reuse) the SentencePiece tokenizer on the training manifest."""
-    tokenizer = SentencePiece(
-        model_dir=hparams["save_folder"],
-        vocab_size=hparams["output_neurons"],
-        annotation_train=hparams["train_csv"],
-        annotation_read="wrd",
-        model_type=hparams["token_type"],
-        character_coverage=1.0,
-        bos_id=-1,
-        eos_id=-1,
-        unk_id=hparams["blank_index"],
-    )
-    size = tokenizer.sp.vocab_size()
-    if size > hparams["output_neurons"]:
-        raise ConfigError(
-            f"key 'output_neurons' ({hparams['output_neurons']}) is smaller than the "
-            f"tokenizer's vocabulary ({size}); set output_neurons to at least {size}"
-        )
-    return tokenizer
 
 
 def main(argv):
@@ -117,30 +96,8 @@ def main(argv):
     trained = {"epochs": hparams["epoch_counter"].current,
                "seconds": hparams["train_clock"].seconds}
 
-    for name, dataset in test_datasets.items():
-        brain.evaluate_set(name, dataset, loaders["test"], min_key=hparams["checkpoint_key"])
-
-    if sb.utils.distributed.if_main_process():
-        report = build_report(
-            hparams["encoder"],
-            hparams["ctc_heads"],
-            brain.test_results,
-            train=trained,
-            extra={"hparams_file": os.path.basename(hparams_file),
-                   "exit_layers": list(hparams["encoder"].exit_layers),
-                   "evaluated_epoch": hparams["epoch_counter"].current,
-                   "checkpoint_key": hparams["checkpoint_key"],
-                   "token_type": hparams["token_type"],
-                   "vocab_size": tokenizer.sp.vocab_size(),
-                   "train_utterances": len(train_data)},
-        )
-        paths = write_report(report, hparams["output_folder"])
-        print()
-        print(open(paths["md"]).read())
-        print(f"Outputs in {os.path.abspath(hparams['output_folder'])}:")
-        for kind, path in paths.items():
-            print(f"  {kind:5s} {os.path.abspath(path)}")
-        print(f"  log   {os.path.abspath(hparams['train_log'])}")
+    evaluate_and_report(hparams, hparams_file, brain, tokenizer, valid_data, test_datasets,
+                        loaders, trained, len(train_data))
 
 
 if __name__ == "__main__":

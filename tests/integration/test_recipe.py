@@ -80,3 +80,55 @@ def test_rerun_resumes_without_retraining(repo_root, smoke_run):
     assert len(train_losses(after)) == len(train_losses(before))  # no epoch trained again
     report_after = json.loads((out / "report.json").read_text())
     assert report_after["exits"] == report_before["exits"]
+
+
+def test_policy_evaluation_in_the_report(smoke_run):
+    out, _, proc = smoke_run
+    report = json.loads((out / "report.json").read_text())
+    names = [p["policy"] for p in report["policies"]]
+    assert names[:3] == ["fixed", "fixed", "oracle"]
+    assert {"entropy", "posterior", "posterior_greedy", "budget"} <= set(names)
+    for p in report["policies"]:
+        assert set(p["sets"]) == {"test", "test_unseen_voice"}
+        for stats in p["sets"].values():
+            assert set(stats) == {"wer", "avg_layers", "avg_exit", "seconds"}
+            assert 1 <= stats["avg_layers"] <= 2 and stats["seconds"] > 0
+    # the fixed-exit points reproduce the per-exit table (same greedy decoding, batch 1)
+    for k, entry in enumerate(report["exits"]):
+        fixed = report["policies"][k]["sets"]["test"]
+        assert fixed["avg_layers"] == entry["layer"]
+        assert abs(fixed["wer"] - entry["sets"]["test"]["wer"]) < 15
+    assert set(report["calibration"]["thresholds"]) == {"entropy", "posterior", "posterior_greedy"}
+    assert len(report["latency_table"]["intercept_ms"]) == 2
+    assert "## Exit policies" in (out / "report.md").read_text()
+    assert "(calibrated)" in proc.stdout
+
+
+def test_exported_model_transcribes(smoke_run):
+    from earlyexit_brain.inference import EarlyExitASR
+
+    out, data, _ = smoke_run
+    asr = EarlyExitASR.from_hparams(source=str(out / "inference"))
+    stored = json.loads((out / "inference" / "exit_policies.ckpt").read_text())
+    assert stored["default"]["policy"] == "posterior"
+    wav = sorted((data / "wavs" / "test").glob("*.wav"))[0]
+    result = asr.transcribe_file(str(wav))  # the calibrated posterior policy
+    assert result.exit in (1, 2) and result.layers in (1, 2) and isinstance(result.text, str)
+    assert asr.transcribe_file(str(wav), exit=1).layers == 1
+
+
+def test_evaluate_recipe_on_the_experiment_folder(repo_root, smoke_run):
+    out, _, _ = smoke_run
+    before = json.loads((out / "report.json").read_text())
+    proc = subprocess.run([sys.executable, "recipes/evaluate.py", str(out),
+                           "--calibration_target=avg_layers", "--calibration_value=1.5"],
+                          cwd=repo_root, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    after = json.loads((out / "report.json").read_text())
+    assert after["exits"] == before["exits"]
+    assert after["calibration"]["target"] == "avg_layers"
+    for cal in after["calibration"]["thresholds"].values():
+        assert cal["dev"]["avg_layers"] <= 1.5
+    bad = subprocess.run([sys.executable, "recipes/evaluate.py", str(out / "save")],
+                         cwd=repo_root, capture_output=True, text=True, timeout=120)
+    assert bad.returncode != 0 and "not an experiment folder" in bad.stderr

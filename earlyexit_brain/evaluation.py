@@ -1,0 +1,348 @@
+"""WER-vs-compute evaluation of exit policies, and threshold calibration on dev.
+
+Every utterance is run once at batch 1 (as a device transcribing one request
+would), through every exit, recording for each exit the greedy hypothesis,
+its word errors, the cumulative milliseconds from the waveform to that exit,
+and each confidence policy's score and the time it took to compute. A policy
+decision for an utterance depends only on that utterance's own per-exit
+scores, so the exit any threshold would choose, and the resulting WER, depth
+and time, follow exactly from these records: a sweep over thresholds costs no
+further passes. (``tests/unit/test_exits.py`` checks that the simulated choice
+equals a real dynamic run.)
+"""
+
+import logging
+import os
+import time
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional, Sequence
+
+import torch
+from speechbrain.decoders import ctc_greedy_decode
+from speechbrain.utils.edit_distance import wer_details_for_batch
+from tqdm import tqdm
+
+from .models.pipeline import timed_exits
+from .utils import tokens_to_text
+from .exits import (BudgetPolicy, ConfidencePolicy, EntropyPolicy, GreedyPosteriorPolicy,
+                    LatencyTable, NBestPosteriorPolicy, make_ctc_beam_searcher, oracle_exits)
+
+logger = logging.getLogger(__name__)
+
+CONFIDENCE_POLICIES = ("entropy", "posterior", "posterior_greedy")
+
+
+@dataclass
+class ExitOutputs:
+    """Per-utterance, per-exit records of one evaluation set (``U`` utterances, ``K`` exits)."""
+
+    ids: List[str]
+    durations: torch.Tensor               # (U,) seconds
+    ref_words: torch.Tensor               # (U,) reference words
+    errors: torch.Tensor                  # (U, K) word edits of each exit's greedy hypothesis
+    hyps: List[List[str]]                 # [u][k] hypothesis text
+    exit_ms: torch.Tensor                 # (U, K) cumulative ms from waveform to exit k
+    exit_layers: List[int]
+    scores: Dict[str, torch.Tensor] = field(default_factory=dict)     # name -> (U, K)
+    policy_ms: Dict[str, torch.Tensor] = field(default_factory=dict)  # name -> (U, K)
+
+    @property
+    def num_exits(self) -> int:
+        return len(self.exit_layers)
+
+
+def build_scorers(tokenizer, vocab_size: int, blank_index: int = 0, beam_size: int = 10,
+                  entropy_normalize: bool = True, greedy_form: str = "mean") -> Dict[str, ConfidencePolicy]:
+    """The confidence policies whose scores are recorded (thresholds set later)."""
+    return {
+        "entropy": EntropyPolicy(0.5, normalize=entropy_normalize, vocab_size=vocab_size),
+        "posterior": NBestPosteriorPolicy(
+            0.5, make_ctc_beam_searcher(tokenizer, vocab_size, blank_index, beam_size)),
+        "posterior_greedy": GreedyPosteriorPolicy(0.5, form=greedy_form),
+    }
+
+
+@torch.no_grad()
+def collect_exit_outputs(model, dataset, tokenizer, scorers: Dict[str, ConfidencePolicy],
+                         blank_index: int = 0, sample_rate: int = 16000,
+                         desc: str = "exits") -> ExitOutputs:
+    """Run every utterance of ``dataset`` (items with ``id``, ``sig``, ``wrd``) through every exit."""
+    model.eval()
+    device = next(model.parameters()).device
+    num_exits = model.num_exits
+    ids, durations, hyps, refs, exit_ms = [], [], [], [], []
+    scores = {name: [] for name in scorers}
+    policy_ms = {name: [] for name in scorers}
+    for item in tqdm(dataset, desc=desc, dynamic_ncols=True):
+        wav = item["sig"].to(device)[None]
+        lens = torch.ones(1, device=device)
+        times, log_probs = timed_exits(model, wav, lens)
+        ids.append(item["id"])
+        durations.append(wav.shape[1] / sample_rate)
+        exit_ms.append(times)
+        refs.append(item["wrd"])
+        utt_hyps = []
+        for lp in log_probs:
+            tokens = ctc_greedy_decode(lp, lens, blank_id=blank_index)[0]
+            utt_hyps.append(tokens_to_text(tokenizer, tokens))
+        hyps.append(utt_hyps)
+        for name, scorer in scorers.items():
+            row, row_ms = [], []
+            for k in range(num_exits):
+                if k == num_exits - 1:  # the last exit always stops: no decision
+                    row.append(float("nan"))
+                    row_ms.append(0.0)
+                    continue
+                start = time.perf_counter()
+                row.append(float(scorer.score(log_probs[k], lens)[0]))
+                row_ms.append((time.perf_counter() - start) * 1000.0)
+            scores[name].append(row)
+            policy_ms[name].append(row_ms)
+    errors, ref_words = [], []
+    for k in range(num_exits):
+        details = wer_details_for_batch(ids, [r.split() for r in refs],
+                                        [h[k].split() for h in hyps])
+        errors.append([d["num_edits"] for d in details])
+        ref_words = [d["num_ref_tokens"] for d in details]
+    return ExitOutputs(
+        ids=ids,
+        durations=torch.tensor(durations, dtype=torch.float64),
+        ref_words=torch.tensor(ref_words, dtype=torch.float64),
+        errors=torch.tensor(errors, dtype=torch.float64).T.contiguous(),
+        hyps=hyps,
+        exit_ms=torch.tensor(exit_ms, dtype=torch.float64),
+        exit_layers=list(model.exit_layers),
+        scores={n: torch.tensor(v, dtype=torch.float64) for n, v in scores.items()},
+        policy_ms={n: torch.tensor(v, dtype=torch.float64) for n, v in policy_ms.items()},
+    )
+
+
+# ------------------------------------------------------------------ simulation
+def first_stop(stop: torch.Tensor) -> torch.Tensor:
+    """0-based exit per utterance from a ``(U, K)`` stop matrix (the last exit always stops)."""
+    stop = stop.clone()
+    stop[:, -1] = True
+    return stop.to(torch.int8).argmax(1)
+
+
+def confidence_exits(outputs: ExitOutputs, scorer: ConfidencePolicy, name: str,
+                     threshold: float) -> torch.Tensor:
+    """Exits chosen by a confidence policy at ``threshold``."""
+    scores = outputs.scores[name]
+    return first_stop(scorer.stops(scores.nan_to_num(0.0), threshold))
+
+
+def summarize(outputs: ExitOutputs, exits: torch.Tensor, overhead: Optional[str] = None) -> Dict:
+    """WER, average layers/exit and seconds (encoder to the exit plus policy decisions)."""
+    rows = torch.arange(len(exits))
+    wer = 100.0 * float(outputs.errors[rows, exits].sum() / outputs.ref_words.sum().clamp(min=1))
+    layers = torch.tensor(outputs.exit_layers, dtype=torch.float64)[exits]
+    ms = outputs.exit_ms[rows, exits]
+    if overhead is not None:
+        taken = torch.arange(outputs.num_exits)[None, :] <= exits[:, None]
+        ms = ms + (outputs.policy_ms[overhead] * taken).sum(1)
+    return {"wer": round(wer, 2), "avg_layers": round(float(layers.mean()), 3),
+            "avg_exit": round(float((exits + 1).double().mean()), 3),
+            "seconds": round(float(ms.sum()) / 1000.0, 3)}
+
+
+def candidate_thresholds(outputs: ExitOutputs, name: str) -> torch.Tensor:
+    """Every distinct score at the exits where a decision is made."""
+    scores = outputs.scores[name][:, :-1].flatten()
+    return torch.unique(scores[~torch.isnan(scores)])
+
+
+def calibrate(outputs: ExitOutputs, scorer: ConfidencePolicy, name: str,
+              target: str = "max_wer_increase", value: float = 1.0) -> Dict:
+    """Pick a confidence policy's threshold on a dev set.
+
+    ``max_wer_increase``: the threshold with the fewest average layers whose
+    WER is at most ``value`` points above the last exit's. ``avg_layers``: the
+    threshold with the lowest WER whose average depth is at most ``value``
+    layers. Ties go to the more conservative threshold (deeper).
+    """
+    last = summarize(outputs, torch.full((len(outputs.ids),), outputs.num_exits - 1))
+    never = scorer.valid_range[1] if scorer.higher_is_confident else scorer.valid_range[0]
+    points = [(thr, summarize(outputs, confidence_exits(outputs, scorer, name, thr)))
+              for thr in [never] + candidate_thresholds(outputs, name).tolist()]
+    if target == "max_wer_increase":
+        ok = [p for p in points if p[1]["wer"] <= last["wer"] + value + 1e-9]
+        best_thr, best = min(ok, key=lambda p: (p[1]["avg_layers"], p[1]["wer"]))
+    elif target == "avg_layers":
+        ok = [p for p in points if p[1]["avg_layers"] <= value + 1e-9]
+        if ok:
+            best_thr, best = min(ok, key=lambda p: (p[1]["wer"], -p[1]["avg_layers"]))
+        else:  # the target is below the first exit: stop as early as the policy can
+            best_thr, best = min(points, key=lambda p: (p[1]["avg_layers"], p[1]["wer"]))
+    else:
+        raise ValueError(f"calibration_target: accepted values are 'max_wer_increase' and "
+                         f"'avg_layers', got {target!r}")
+    return {"threshold": float(best_thr), "dev": best, "dev_last_exit": last}
+
+
+def sweep_thresholds(outputs: ExitOutputs, name: str, points: int) -> List[float]:
+    """``points`` thresholds spread over the dev scores' quantiles."""
+    cands = candidate_thresholds(outputs, name)
+    if len(cands) == 0:
+        return []
+    qs = torch.linspace(0.0, 1.0, points, dtype=torch.float64)
+    return sorted({round(float(v), 6) for v in torch.quantile(cands, qs)})
+
+
+def budget_sweep(outputs: ExitOutputs, table: LatencyTable, points: int) -> List[float]:
+    """Budgets (ms) spanning the predicted cost of the first to the last exit."""
+    low = float(table.predict_ms(0, outputs.durations).min())
+    high = float(table.predict_ms(table.num_exits - 1, outputs.durations).max())
+    return [round(v, 3) for v in torch.linspace(low, high, points).tolist()]
+
+
+def nearest_depth(outputs: ExitOutputs, scorer: ConfidencePolicy, name: str, avg_layers: float) -> Dict:
+    """The point of a policy whose average depth is closest to ``avg_layers`` (then lowest WER)."""
+    best = None
+    for thr in candidate_thresholds(outputs, name).tolist():
+        point = summarize(outputs, confidence_exits(outputs, scorer, name, thr), overhead=name)
+        key = (abs(point["avg_layers"] - avg_layers), point["wer"])
+        if best is None or key < best[0]:
+            best = (key, {"threshold": thr, **point})
+    return best[1] if best else {}
+
+
+def evaluate_policies(dev: ExitOutputs, sets: Dict[str, ExitOutputs],
+                      scorers: Dict[str, ConfidencePolicy], latency_table: Optional[LatencyTable],
+                      policies: Sequence[str] = ("entropy", "posterior", "posterior_greedy", "budget"),
+                      target: str = "max_wer_increase", value: float = 1.0,
+                      sweep_points: int = 9) -> Dict:
+    """Calibrate on ``dev``, then sweep every policy on every set.
+
+    Returns ``{"policies": [...], "calibration": {...}, "depth_matched": {...}}``
+    where each policy entry is ``{"policy", "threshold", "calibrated", "sets":
+    {set: {"wer", "avg_layers", "avg_exit", "seconds"}}}`` (``exit`` for fixed
+    exits; ``threshold`` is ms for ``budget`` and None for ``fixed``/``oracle``).
+    """
+    entries: List[Dict] = []
+
+    def add(policy, threshold, exits_for, calibrated=False, overhead=None, **extra):
+        entry = {"policy": policy, "threshold": threshold, "calibrated": calibrated, **extra,
+                 "sets": {}}
+        for set_name, out in sets.items():
+            entry["sets"][set_name] = summarize(out, exits_for(out), overhead=overhead)
+        entries.append(entry)
+
+    for k in range(dev.num_exits):
+        add("fixed", None, lambda out, k=k: torch.full((len(out.ids),), k), exit=k + 1)
+    add("oracle", None, lambda out: torch.tensor(oracle_exits(out.hyps)))
+
+    calibration = {"target": target, "value": value, "thresholds": {}}
+    for name in policies:
+        if name == "budget":
+            if latency_table is None:
+                continue
+            for budget in budget_sweep(dev, latency_table, sweep_points):
+                policy = BudgetPolicy(max(budget, 1e-6), latency_table)
+                add("budget", budget, lambda out, p=policy: p.chosen_exits(out.durations))
+            continue
+        if name not in scorers:
+            raise ValueError(f"policy_sweep: unknown policy {name!r}; accepted: "
+                             f"{', '.join(list(scorers) + ['budget'])}")
+        scorer = scorers[name]
+        cal = calibrate(dev, scorer, name, target, value)
+        calibration["thresholds"][name] = cal
+        thresholds = {t for t in sweep_thresholds(dev, name, sweep_points)
+                      if abs(t - cal["threshold"]) > 1e-5} | {cal["threshold"]}
+        for thr in sorted(thresholds):
+            add(name, thr, lambda out, t=thr, s=scorer, n=name: confidence_exits(out, s, n, t),
+                calibrated=thr == cal["threshold"], overhead=name)
+
+    depth_matched = {}
+    if "posterior" in calibration["thresholds"]:
+        ref_thr = calibration["thresholds"]["posterior"]["threshold"]
+        for set_name, out in sets.items():
+            ref = summarize(out, confidence_exits(out, scorers["posterior"], "posterior", ref_thr),
+                            overhead="posterior")
+            row = {"posterior": {"threshold": ref_thr, **ref}}
+            for name in calibration["thresholds"]:
+                if name != "posterior":
+                    row[name] = nearest_depth(out, scorers[name], name, ref["avg_layers"])
+            depth_matched[set_name] = row
+    return {"policies": entries, "calibration": calibration, "depth_matched": depth_matched}
+
+
+# ------------------------------------------------------------ orchestration
+POLICY_DEFAULTS = {
+    "policy_sweep": ["entropy", "posterior", "posterior_greedy", "budget"],
+    "sweep_points": 9,
+    "calibration_target": "max_wer_increase",
+    "calibration_value": 1.0,
+    "default_policy": "posterior",
+    "nbest_beam_size": 10,
+    "entropy_normalize": True,
+    "posterior_greedy_form": "mean",
+    "latency_durations": [2.0, 5.0, 10.0, 20.0],
+}
+
+
+def policy_options(hparams: Dict) -> Dict:
+    """The policy-evaluation keys of a recipe's hparams, with their defaults."""
+    return {key: hparams.get(key, default) for key, default in POLICY_DEFAULTS.items()}
+
+
+def build_model(hparams: Dict):
+    """An :class:`EarlyExitCTCModel` over a recipe's (trained) modules."""
+    from .models.pipeline import EarlyExitCTCModel
+
+    return EarlyExitCTCModel(hparams["compute_features"], hparams["normalize"],
+                             hparams["encoder"], hparams["ctc_heads"])
+
+
+def features_config(hparams: Dict) -> Dict:
+    """Fbank arguments of a recipe, for the exported inference YAML."""
+    return {"sample_rate": int(hparams["sample_rate"]),
+            "n_fft": int(hparams["compute_features"].compute_STFT.n_fft),
+            "n_mels": int(hparams["n_mels"]), "hop_length": float(hparams["hop_length"]),
+            "win_length": float(hparams["win_length"])}
+
+
+def run_policy_evaluation(hparams: Dict, tokenizer, valid_data, test_datasets: Dict,
+                          tokenizer_path: str) -> Dict:
+    """Measure latency, calibrate on dev, sweep the policies on the test sets, export the model.
+
+    ``tokenizer`` is a SentencePieceProcessor. Returns the fields added to
+    report.json: ``policies``, ``calibration``, ``depth_matched``,
+    ``latency_table`` and ``inference_folder``.
+    """
+    from .inference import export_inference_folder
+    from .models.pipeline import measure_latency_table
+
+    opts = policy_options(hparams)
+    model = build_model(hparams).to("cpu").eval()
+    blank = int(hparams["blank_index"])
+    sample_rate = int(hparams["sample_rate"])
+    logger.info("Measuring the per-exit latency table (batch 1, %d threads)", torch.get_num_threads())
+    table = measure_latency_table(model, sample_rate, opts["latency_durations"])
+    vocab = model.heads.heads[0].out_features
+    scorers = build_scorers(tokenizer, vocab, blank, opts["nbest_beam_size"],
+                            opts["entropy_normalize"], opts["posterior_greedy_form"])
+    scorers = {n: s for n, s in scorers.items() if n in opts["policy_sweep"]}
+    dev = collect_exit_outputs(model, valid_data, tokenizer, scorers, blank, sample_rate, "dev exits")
+    sets = {name: collect_exit_outputs(model, ds, tokenizer, scorers, blank, sample_rate,
+                                       f"{name} exits")
+            for name, ds in test_datasets.items()}
+    result = evaluate_policies(dev, sets, scorers, table, opts["policy_sweep"],
+                               opts["calibration_target"], float(opts["calibration_value"]),
+                               int(opts["sweep_points"]))
+    thresholds = {n: c["threshold"] for n, c in result["calibration"]["thresholds"].items()}
+    default = opts["default_policy"]
+    stored = {
+        "default": ({"policy": default, "threshold": thresholds[default]} if default in thresholds
+                    else {"policy": "fixed", "exit": model.num_exits}),
+        "thresholds": thresholds,
+        "options": {"entropy": {"normalize": bool(opts["entropy_normalize"])},
+                    "posterior_greedy": {"form": opts["posterior_greedy_form"]},
+                    "posterior": {"beam_size": int(opts["nbest_beam_size"])}},
+        "calibration": result["calibration"],
+    }
+    folder = export_inference_folder(os.path.join(hparams["output_folder"], "inference"), model,
+                                     features_config(hparams), tokenizer_path, blank, stored, table)
+    result["latency_table"] = table.to_json()
+    result["inference_folder"] = folder
+    return result

@@ -1,0 +1,75 @@
+"""Steps shared by ``recipes/train.py`` and ``recipes/evaluate.py``."""
+
+import logging
+import os
+from typing import Dict
+
+import speechbrain as sb
+from speechbrain.tokenizers.SentencePiece import SentencePiece
+
+from .config import ConfigError
+from .evaluation import run_policy_evaluation
+from .report import build_report, write_report
+
+logger = logging.getLogger(__name__)
+
+
+def build_tokenizer(hparams: Dict) -> SentencePiece:
+    """Train (or reuse) the SentencePiece tokenizer on the training manifest."""
+    tokenizer = SentencePiece(
+        model_dir=hparams["save_folder"],
+        vocab_size=hparams["output_neurons"],
+        annotation_train=hparams["train_csv"],
+        annotation_read="wrd",
+        model_type=hparams["token_type"],
+        character_coverage=1.0,
+        bos_id=-1,
+        eos_id=-1,
+        unk_id=hparams["blank_index"],
+    )
+    size = tokenizer.sp.vocab_size()
+    if size > hparams["output_neurons"]:
+        raise ConfigError(
+            f"key 'output_neurons' ({hparams['output_neurons']}) is smaller than the "
+            f"tokenizer's vocabulary ({size}); set output_neurons to at least {size}"
+        )
+    return tokenizer
+
+
+def evaluate_and_report(hparams: Dict, hparams_file: str, brain, tokenizer, valid_data,
+                        test_datasets: Dict, loaders: Dict, trained: Dict,
+                        train_utterances: int) -> Dict[str, str]:
+    """Evaluate every exit on every test set (best checkpoint), then the exit policies; write the report.
+
+    Returns the paths written (``json``, ``md``, ``plot``), or {} on non-main DDP processes.
+    """
+    for name, dataset in test_datasets.items():
+        brain.evaluate_set(name, dataset, loaders["test"], min_key=hparams["checkpoint_key"])
+    if not sb.utils.distributed.if_main_process():
+        return {}
+    report = build_report(
+        hparams["encoder"],
+        hparams["ctc_heads"],
+        brain.test_results,
+        train=trained,
+        extra={"hparams_file": os.path.basename(hparams_file),
+               "exit_layers": list(hparams["encoder"].exit_layers),
+               "evaluated_epoch": hparams["epoch_counter"].current,
+               "checkpoint_key": hparams["checkpoint_key"],
+               "token_type": hparams["token_type"],
+               "vocab_size": tokenizer.sp.vocab_size(),
+               "train_utterances": train_utterances},
+    )
+    if hparams.get("policy_evaluation", True):
+        report.update(run_policy_evaluation(hparams, tokenizer.sp, valid_data, test_datasets,
+                                            tokenizer.prefix_model_file + ".model"))
+    paths = write_report(report, hparams["output_folder"])
+    print()
+    print(open(paths["md"]).read())
+    print(f"Outputs in {os.path.abspath(hparams['output_folder'])}:")
+    for kind, path in paths.items():
+        print(f"  {kind:9s} {os.path.abspath(path)}")
+    print(f"  log       {os.path.abspath(hparams['train_log'])}")
+    if "inference_folder" in report:
+        print(f"  inference {report['inference_folder']}")
+    return paths

@@ -1,0 +1,326 @@
+"""Transcribe with an early-exit model: :class:`EarlyExitASR`, and the folder it loads.
+
+An inference folder (written by :func:`export_inference_folder` at the end of
+training or by ``recipes/evaluate.py``) holds ``hyperparams.yaml``,
+``model.ckpt`` (encoder and exit heads), ``normalizer.ckpt``,
+``tokenizer.ckpt``, ``exit_policies.ckpt`` (calibrated thresholds, JSON) and
+``latency_table.ckpt`` (per-exit latency measured on the training device,
+JSON)::
+
+    from earlyexit_brain.inference import EarlyExitASR
+    asr = EarlyExitASR.from_hparams(source="results/.../inference")
+    asr.transcribe_file("speech.wav")                      # the calibrated default policy
+    asr.transcribe_file("speech.wav", exit=1)              # fixed exit 1
+    asr.transcribe_file("speech.wav", policy="entropy", threshold=0.2)
+    asr.transcribe_file("speech.wav", policy="budget", threshold=50)  # ms
+
+Each call returns :class:`Transcription` objects with the text, the exit used
+and the encoder layers computed. The folder's ``modules.encoder`` is an
+:class:`~earlyexit_brain.models.pipeline.EarlyExitCTCModel` whose forward gives
+the default exit's log-probabilities, so SpeechBrain's stock ``EncoderASR``
+loads the same folder and transcribes at the default exit.
+"""
+
+import json
+import logging
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from typing import Dict, List, Optional, Sequence, Union
+
+import torch
+from speechbrain.decoders import ctc_greedy_decode
+from speechbrain.inference.interfaces import Pretrained
+from speechbrain.utils.checkpoints import mark_as_loader, mark_as_saver, register_checkpoint_hooks
+from speechbrain.utils.data_utils import batch_pad_right
+
+from .exits import (ExitPolicy, LatencyTable, POLICY_NAMES, check_exit, make_ctc_beam_searcher,
+                    make_policy)
+from .utils import atomic_write_text, tokens_to_text
+
+logger = logging.getLogger(__name__)
+
+SILENCE_PEAK = 1e-5  # peak amplitude below which a file counts as silent (-100 dBFS)
+
+
+@register_checkpoint_hooks
+class JsonRecord:
+    """A JSON document loaded and saved as a SpeechBrain loadable (``.data``)."""
+
+    def __init__(self, data: Optional[Dict] = None):
+        self.data = data or {}
+
+    @mark_as_saver
+    def _save(self, path):
+        atomic_write_text(str(path), json.dumps(self.data, indent=2) + "\n")
+
+    @mark_as_loader
+    def _load(self, path, end_of_epoch=False):
+        with open(path) as fin:
+            self.data = json.load(fin)
+
+
+@dataclass
+class Transcription:
+    """One utterance's result: ``text``, ``exit`` (1-based), ``layers`` computed.
+
+    For :meth:`EarlyExitASR.transcribe_files`, a file that could not be read
+    has ``text`` None and ``error`` naming the file and the reason.
+    """
+
+    text: Optional[str]
+    exit: Optional[int] = None
+    layers: Optional[int] = None
+    path: Optional[str] = None
+    error: Optional[str] = None
+
+
+class EarlyExitASR(Pretrained):
+    """Early-exit CTC transcription with a fixed exit, a budget or a confidence policy.
+
+    ``exit`` is 1-based; ``policy`` is one of ``fixed``, ``entropy``,
+    ``posterior``, ``posterior_greedy``, ``budget`` (or an
+    :class:`~earlyexit_brain.exits.ExitPolicy`); ``threshold`` defaults to the
+    threshold calibrated on the dev set and stored with the model (milliseconds
+    for ``budget``). With neither exit nor policy, the stored default policy is
+    used (the last exit when there is none). Layers above the exit an
+    utterance stops at are never computed.
+    """
+
+    HPARAMS_NEEDED = ["tokenizer", "blank_index", "sample_rate"]
+    MODULES_NEEDED = ["encoder"]
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.model = self.mods.encoder
+        self.tokenizer = self.hparams.tokenizer
+        record = getattr(self.hparams, "exit_policies", None)
+        self.policies_config = dict(record.data) if record is not None else {}
+        record = getattr(self.hparams, "latency_table", None)
+        self.latency_table = LatencyTable(**record.data) if record is not None and record.data else None
+        self._searcher = None
+
+    @property
+    def num_exits(self) -> int:
+        return self.model.num_exits
+
+    @property
+    def exit_layers(self) -> List[int]:
+        return self.model.exit_layers
+
+    def _nbest_searcher(self):
+        if self._searcher is None:
+            beam = self.policies_config.get("options", {}).get("posterior", {}).get("beam_size", 10)
+            vocab = self.model.heads.heads[0].out_features
+            self._searcher = make_ctc_beam_searcher(self.tokenizer, vocab, self.hparams.blank_index, beam)
+        return self._searcher
+
+    def make_policy(self, policy: Union[str, ExitPolicy, None] = None, threshold: Optional[float] = None,
+                    exit: Optional[int] = None) -> ExitPolicy:
+        """Resolve ``exit`` / ``policy`` / ``threshold`` (with the stored defaults) into a policy."""
+        if isinstance(policy, ExitPolicy):
+            return policy
+        if exit is not None and policy not in (None, "fixed"):
+            raise ValueError(f"exit: give either an exit or the policy {policy!r}, not both")
+        if policy is None and exit is None:
+            default = self.policies_config.get("default")
+            if default is None:
+                exit = self.num_exits
+            else:
+                policy = default["policy"]
+                threshold = default.get("threshold") if threshold is None else threshold
+                exit = default.get("exit")
+        if policy is None:
+            policy = "fixed"
+        if not isinstance(policy, str) or policy not in POLICY_NAMES:
+            raise ValueError(f"policy: unknown policy {policy!r}; accepted: {', '.join(POLICY_NAMES)}")
+        if policy == "fixed":
+            check_exit(exit, self.num_exits)
+        elif threshold is None and policy != "oracle":
+            stored = self.policies_config.get("thresholds", {}).get(policy)
+            if stored is None:
+                raise ValueError(f"threshold: no calibrated threshold is stored for the {policy} "
+                                 f"policy; pass threshold=")
+            threshold = stored
+        options = dict(self.policies_config.get("options", {}).get(policy, {}))
+        if policy == "posterior":
+            options = {}
+        return make_policy(policy, threshold=threshold, exit=exit, num_exits=self.num_exits,
+                           searcher=self._nbest_searcher() if policy == "posterior" else None,
+                           latency_table=self.latency_table, **options)
+
+    def transcribe_batch(self, wavs: torch.Tensor, wav_lens: Optional[torch.Tensor] = None,
+                         exit: Optional[int] = None, policy=None,
+                         threshold: Optional[float] = None) -> List[Transcription]:
+        """Transcribe a padded batch ``(B, S)`` of 16 kHz mono waveforms (relative ``wav_lens``)."""
+        chosen = self.make_policy(policy, threshold, exit)
+        wavs = wavs.float().to(self.device)
+        if wav_lens is None:
+            wav_lens = torch.ones(wavs.shape[0])
+        wav_lens = wav_lens.float().to(self.device)
+        durations = (wav_lens * wavs.shape[1] / self.hparams.sample_rate).cpu()
+        with torch.no_grad():
+            out = self.model.dynamic(wavs, wav_lens, chosen, durations)
+        results = []
+        for b, log_probs in enumerate(out.log_probs):
+            tokens = ctc_greedy_decode(log_probs[None], torch.ones(1), blank_id=self.hparams.blank_index)[0]
+            text = tokens_to_text(self.tokenizer, tokens)
+            results.append(Transcription(text=text, exit=int(out.exits[b]) + 1, layers=int(out.layers[b])))
+        return results
+
+    def load_checked(self, path: str) -> torch.Tensor:
+        """Load, down-mix and resample an audio file; a ValueError names the file if it is unusable."""
+        if not os.path.isfile(path):
+            raise ValueError(f"{path}: no such audio file")
+        try:
+            signal = self.load_audio(path)
+        except Exception as err:  # soundfile raises several types
+            raise ValueError(f"{path}: cannot be decoded as audio ({err})") from err
+        if signal.numel() == 0:
+            raise ValueError(f"{path}: the audio is empty (no samples)")
+        if not bool(torch.isfinite(signal).all()):
+            raise ValueError(f"{path}: the audio contains NaN or infinite samples")
+        if float(signal.abs().max()) < SILENCE_PEAK:
+            raise ValueError(f"{path}: the audio is silent (peak amplitude below {SILENCE_PEAK})")
+        return signal
+
+    def transcribe_file(self, path: str, exit: Optional[int] = None, policy=None,
+                        threshold: Optional[float] = None) -> Transcription:
+        """Transcribe one file; a ValueError names the file when it cannot be used."""
+        chosen = self.make_policy(policy, threshold, exit)
+        signal = self.load_checked(path)
+        result = self.transcribe_batch(signal[None], torch.ones(1), policy=chosen)[0]
+        result.path = path
+        return result
+
+    def transcribe_files(self, paths: Sequence[str], exit: Optional[int] = None, policy=None,
+                         threshold: Optional[float] = None, batch_size: int = 8) -> List[Transcription]:
+        """Transcribe many files in batches; a bad file is reported (``error``) and the rest transcribed."""
+        chosen = self.make_policy(policy, threshold, exit)
+        results: List[Optional[Transcription]] = [None] * len(paths)
+        good = []
+        for i, path in enumerate(paths):
+            try:
+                good.append((i, self.load_checked(path)))
+            except ValueError as err:
+                logger.warning("skipping %s", err)
+                results[i] = Transcription(text=None, path=path, error=str(err))
+        for start in range(0, len(good), batch_size):
+            chunk = good[start:start + batch_size]
+            wavs, lens = batch_pad_right([sig for _, sig in chunk])
+            for (i, _), res in zip(chunk, self.transcribe_batch(wavs, lens, policy=chosen)):
+                res.path = paths[i]
+                results[i] = res
+        return results
+
+
+# ---------------------------------------------------------------- export
+INFERENCE_YAML = """\
+# ############################################################################
+# Inference hyperparameters of an early-exit CTC model (earlyexit_brain).
+# Load with earlyexit_brain.inference.EarlyExitASR.from_hparams(source=<folder>)
+# or, at the default exit only, with speechbrain.inference.ASR.EncoderASR.
+# Written by earlyexit_brain.inference.export_inference_folder.
+# ############################################################################
+
+sample_rate: {sample_rate}
+blank_index: {blank_index}
+default_exit: {default_exit}     # exit (1-based) used by the module's forward
+
+compute_features: !new:speechbrain.lobes.features.Fbank
+{features}
+
+normalize: !new:speechbrain.processing.features.InputNormalization
+    norm_type: global
+
+ee_encoder: !new:{encoder_class}
+{encoder}
+
+ctc_heads: !new:{heads_class}
+{heads}
+
+encoder: !new:earlyexit_brain.models.pipeline.EarlyExitCTCModel
+    compute_features: !ref <compute_features>
+    normalize: !ref <normalize>
+    encoder: !ref <ee_encoder>
+    heads: !ref <ctc_heads>
+    default_exit: !ref <default_exit>
+
+model: !new:torch.nn.ModuleList
+    - [!ref <ee_encoder>, !ref <ctc_heads>]
+
+decoding_function: !name:speechbrain.decoders.ctc_greedy_decode
+    blank_id: !ref <blank_index>
+
+tokenizer: !new:sentencepiece.SentencePieceProcessor
+
+audio_normalizer: !new:speechbrain.dataio.preprocess.AudioNormalizer
+    sample_rate: !ref <sample_rate>
+
+exit_policies: !new:earlyexit_brain.inference.JsonRecord
+latency_table: !new:earlyexit_brain.inference.JsonRecord
+
+modules:
+    encoder: !ref <encoder>
+
+pretrainer: !new:speechbrain.utils.parameter_transfer.Pretrainer
+    loadables:
+        model: !ref <model>
+        normalizer: !ref <normalize>
+        tokenizer: !ref <tokenizer>
+        exit_policies: !ref <exit_policies>
+        latency_table: !ref <latency_table>
+"""
+
+
+def _yaml_block(config: Dict) -> str:
+    return "\n".join(f"    {key}: {json.dumps(value)}" for key, value in config.items())
+
+
+def _class_path(obj) -> str:
+    return f"{type(obj).__module__}.{type(obj).__qualname__}"
+
+
+def export_inference_folder(folder: str, model, features_config: Dict, tokenizer_path: str,
+                            blank_index: int = 0, policies: Optional[Dict] = None,
+                            latency_table: Optional[LatencyTable] = None) -> str:
+    """Write an inference folder that :class:`EarlyExitASR` loads; returns its path.
+
+    ``model`` is an :class:`~earlyexit_brain.models.pipeline.EarlyExitCTCModel`
+    holding the trained weights; ``features_config`` the Fbank arguments
+    (``sample_rate``, ``n_fft``, ``n_mels``, ``hop_length``, ``win_length``);
+    ``tokenizer_path`` the SentencePiece ``.model`` file. The folder is built
+    beside its destination and moved into place, so a crash never leaves a
+    half-written folder behind.
+    """
+    folder = os.path.abspath(folder)
+    parent = os.path.dirname(folder)
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=".inference-", dir=parent)
+    try:
+        text = INFERENCE_YAML.format(
+            sample_rate=int(features_config["sample_rate"]), blank_index=int(blank_index),
+            default_exit=int(model.default_exit), features=_yaml_block(features_config),
+            encoder_class=_class_path(model.encoder), encoder=_yaml_block(model.encoder.config),
+            heads_class=_class_path(model.heads), heads=_yaml_block(model.heads.config),
+        )
+        atomic_write_text(os.path.join(tmp, "hyperparams.yaml"), text)
+        weights = torch.nn.ModuleList([model.encoder, model.heads]).state_dict()
+        torch.save(weights, os.path.join(tmp, "model.ckpt"))
+        model.normalize._save(os.path.join(tmp, "normalizer.ckpt"))
+        shutil.copyfile(tokenizer_path, os.path.join(tmp, "tokenizer.ckpt"))
+        JsonRecord(policies or {})._save(os.path.join(tmp, "exit_policies.ckpt"))
+        JsonRecord(latency_table.to_json() if latency_table else {})._save(
+            os.path.join(tmp, "latency_table.ckpt"))
+        old = None
+        if os.path.exists(folder):
+            old = tempfile.mkdtemp(prefix=".inference-old-", dir=parent)
+            os.replace(folder, os.path.join(old, "inference"))
+        os.replace(tmp, folder)
+        if old:
+            shutil.rmtree(old, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return folder

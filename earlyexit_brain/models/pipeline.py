@@ -1,0 +1,123 @@
+"""Waveform-to-exits model: features, normalisation, early-exit encoder, CTC heads.
+
+:class:`EarlyExitCTCModel` bundles the pieces a trained recipe uses so that
+inference, evaluation and benchmarks run the same code. Its ``forward`` returns
+the log-probabilities of one default exit, which is what SpeechBrain's stock
+``EncoderASR`` expects from its ``encoder`` module.
+"""
+
+import platform
+import time
+from typing import Dict, List, Optional, Sequence
+
+import torch
+from torch import nn
+
+from ..exits import DynamicOutput, ExitPolicy, LatencyTable, fit_latency_table, run_dynamic
+
+
+class EarlyExitCTCModel(nn.Module):
+    """Waveforms ``(B, S)`` -> per-exit CTC log-probabilities.
+
+    Arguments
+    ---------
+    compute_features : callable
+        Waveform to features, e.g. ``speechbrain.lobes.features.Fbank``.
+    normalize : callable
+        Feature normalisation called as ``normalize(feats, lengths)``.
+    encoder : nn.Module
+        An early-exit encoder with the incremental interface.
+    heads : nn.Module
+        One CTC head per exit (``forward_exit(k, hidden)``).
+    default_exit : int, optional
+        1-based exit used by :meth:`forward` (default: the last).
+    """
+
+    def __init__(self, compute_features, normalize, encoder, heads, default_exit: Optional[int] = None):
+        super().__init__()
+        self.compute_features = compute_features
+        self.normalize = normalize
+        self.encoder = encoder
+        self.heads = heads
+        num_exits = len(encoder.exit_layers)
+        if default_exit is None:
+            default_exit = num_exits
+        if not 1 <= default_exit <= num_exits:
+            raise ValueError(f"default_exit: the model has exits 1..{num_exits}, got {default_exit}")
+        self.default_exit = default_exit
+
+    @property
+    def exit_layers(self) -> List[int]:
+        """1-based encoder layer of each exit."""
+        return list(self.encoder.exit_layers)
+
+    @property
+    def num_exits(self) -> int:
+        return len(self.encoder.exit_layers)
+
+    def features(self, wavs: torch.Tensor, wav_lens: torch.Tensor) -> torch.Tensor:
+        """Normalised features ``(B, T, F)``."""
+        feats = self.compute_features(wavs)
+        return self.normalize(feats, wav_lens)
+
+    def exit_log_probs(self, wavs, wav_lens, exit_index: int) -> torch.Tensor:
+        """Log-probabilities ``(B, T', V)`` of one exit (0-based); layers above it never run."""
+        state = self.encoder.start(self.features(wavs, wav_lens), wav_lens)
+        return self.heads.forward_exit(exit_index, self.encoder.advance(state, exit_index))
+
+    def forward(self, wavs: torch.Tensor, wav_lens: torch.Tensor) -> torch.Tensor:
+        """Log-probabilities of the default exit (the stock ``EncoderASR`` contract)."""
+        return self.exit_log_probs(wavs, wav_lens, self.default_exit - 1)
+
+    def all_exits(self, wavs: torch.Tensor, wav_lens: torch.Tensor) -> List[torch.Tensor]:
+        """Log-probabilities of every exit from one pass."""
+        feats = self.features(wavs, wav_lens)
+        return [self.heads.forward_exit(k, h) for k, h in self.encoder.iter_exits(feats, wav_lens)]
+
+    def dynamic(self, wavs: torch.Tensor, wav_lens: torch.Tensor, policy: ExitPolicy,
+                durations: Optional[torch.Tensor] = None) -> DynamicOutput:
+        """Early-exit inference with ``policy`` (see :func:`earlyexit_brain.exits.run_dynamic`)."""
+        feats = self.features(wavs, wav_lens)
+        return run_dynamic(self.encoder, self.heads, feats, wav_lens, policy, durations)
+
+
+def timed_exits(model: EarlyExitCTCModel, wavs: torch.Tensor, wav_lens: torch.Tensor):
+    """``(ms, log_probs)``: cumulative milliseconds from the waveform to each exit, in one pass, and
+    each exit's log-probabilities."""
+    cuda = wavs.is_cuda
+    start = time.perf_counter()
+    feats = model.features(wavs, wav_lens)
+    times, log_probs = [], []
+    for k, hidden in model.encoder.iter_exits(feats, wav_lens):
+        log_probs.append(model.heads.forward_exit(k, hidden))
+        if cuda:
+            torch.cuda.synchronize()
+        times.append((time.perf_counter() - start) * 1000.0)
+    return times, log_probs
+
+
+@torch.no_grad()
+def measure_latency_table(model: EarlyExitCTCModel, sample_rate: int = 16000,
+                          durations: Sequence[float] = (2.0, 5.0, 10.0, 20.0),
+                          repeats: int = 5, warmup: int = 1, seed: int = 0) -> LatencyTable:
+    """Measure the batch-1 latency to every exit on this device and fit a :class:`LatencyTable`.
+
+    Each point is the median over ``repeats`` passes (after ``warmup``) of
+    :func:`timed_exits` on ``seconds`` of low-level noise.
+    """
+    was_training = model.training
+    model.eval()
+    gen = torch.Generator().manual_seed(seed)
+    points: List[Dict] = []
+    device = next(model.parameters()).device
+    for seconds in durations:
+        wav = 0.01 * torch.randn(1, int(seconds * sample_rate), generator=gen)
+        wav, lens = wav.to(device), torch.ones(1, device=device)
+        for _ in range(warmup):
+            timed_exits(model, wav, lens)[0]
+        runs = torch.tensor([timed_exits(model, wav, lens)[0] for _ in range(repeats)])
+        points.append({"seconds": float(seconds),
+                       "ms": [round(float(v), 3) for v in runs.median(0).values]})
+    model.train(was_training)
+    name = f"{device.type}:{platform.processor() or platform.machine()}"
+    return fit_latency_table(points, device=name, threads=torch.get_num_threads())

@@ -1,0 +1,75 @@
+#!/usr/bin/env python3
+"""Evaluate a trained early-exit experiment: every exit, then every exit policy.
+
+Usage::
+
+    python recipes/evaluate.py results/synthetic/conformer_ctc_ee/1234 [--key=value ...]
+    python recipes/evaluate.py hparams/synthetic/conformer_ctc_ee.yaml [--key=value ...]
+
+Given an experiment folder, its saved ``hyperparams.yaml`` is used. The best
+checkpoint (on ``checkpoint_key``) is evaluated at every exit on every test
+set; then, on the dev set, each confidence policy's threshold is calibrated
+(``calibration_target`` / ``calibration_value``), every policy's thresholds
+are swept on the test sets, and the results go into ``report.json``
+(``policies``), ``report.md`` and ``wer_vs_compute.png``. The model, its
+calibrated thresholds and its latency table are exported to
+``<output_folder>/inference`` for :class:`earlyexit_brain.inference.EarlyExitASR`.
+"""
+
+import os
+import sys
+
+import speechbrain as sb
+from hyperpyyaml import load_hyperpyyaml
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from earlyexit_brain.brain import EarlyExitCTCBrain  # noqa: E402
+from earlyexit_brain.config import ConfigError, check_hparams_file  # noqa: E402
+from earlyexit_brain.dataio import dataio_prepare  # noqa: E402
+from earlyexit_brain.experiment import build_tokenizer, evaluate_and_report  # noqa: E402
+
+
+def main(argv):
+    if argv and os.path.isdir(argv[0]):
+        saved = os.path.join(argv[0], "hyperparams.yaml")
+        if not os.path.isfile(saved):
+            sys.exit(f"Error: {argv[0]} is not an experiment folder (no hyperparams.yaml in it)")
+        argv = [saved] + argv[1:]
+    hparams_file, run_opts, overrides = sb.parse_arguments(argv)
+    try:
+        check_hparams_file(hparams_file, overrides)
+    except ConfigError as err:
+        sys.exit(f"Configuration error: {err}")
+    with open(hparams_file) as fin:
+        hparams = load_hyperpyyaml(fin, overrides)
+    for key in ("train_csv", "valid_csv"):
+        if not os.path.isfile(hparams[key]):
+            sys.exit(f"Error: key '{key}': manifest not found: {hparams[key]} (prepare the corpus "
+                     f"by running recipes/train.py with the same hyperparameters)")
+
+    try:
+        tokenizer = build_tokenizer(hparams)
+    except ConfigError as err:
+        sys.exit(f"Configuration error: {err}")
+    train_data, valid_data, test_datasets, loaders = dataio_prepare(
+        hparams, tokenizer, hparams["encoder"]
+    )
+    brain = EarlyExitCTCBrain(
+        modules=hparams["modules"],
+        hparams=hparams,
+        run_opts=run_opts,
+        checkpointer=hparams["checkpointer"],
+    )
+    brain.tokenizer = tokenizer
+    checkpoint = hparams["checkpointer"].recover_if_possible(min_key=hparams["checkpoint_key"])
+    if checkpoint is None:
+        sys.exit(f"Error: no checkpoint in {hparams['save_folder']}: train the model first")
+    trained = {"epochs": hparams["epoch_counter"].current,
+               "seconds": hparams["train_clock"].seconds}
+    evaluate_and_report(hparams, hparams_file, brain, tokenizer, valid_data, test_datasets,
+                        loaders, trained, len(train_data))
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
