@@ -163,7 +163,7 @@ def calibrate(outputs: ExitOutputs, scorer: ConfidencePolicy, name: str,
     """
     last = summarize(outputs, torch.full((len(outputs.ids),), outputs.num_exits - 1))
     never = scorer.valid_range[1] if scorer.higher_is_confident else scorer.valid_range[0]
-    points = [(thr, summarize(outputs, confidence_exits(outputs, scorer, name, thr)))
+    points = [(thr, summarize(outputs, confidence_exits(outputs, scorer, name, thr), overhead=name))
               for thr in [never] + candidate_thresholds(outputs, name).tolist()]
     if target == "max_wer_increase":
         ok = [p for p in points if p[1]["wer"] <= last["wer"] + value + 1e-9]

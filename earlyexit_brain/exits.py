@@ -410,8 +410,9 @@ def run_dynamic(encoder, heads, feats: torch.Tensor, lengths: Optional[torch.Ten
             exits[b] = k
         if bool(stop.all()):
             break
-        keep = torch.nonzero(~stop).flatten()
-        state = encoder.select(state, keep.to(state.x.device), trim=trim)
-        active = active[keep]
+        if bool(stop.any()):  # some utterances leave the batch
+            keep = torch.nonzero(~stop).flatten()
+            state = encoder.select(state, keep.to(state.x.device), trim=trim)
+            active = active[keep]
     layers = torch.tensor([encoder.exit_layers[int(k)] for k in exits], dtype=torch.long)
     return DynamicOutput(out_lp, exits, layers)

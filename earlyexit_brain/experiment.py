@@ -2,16 +2,41 @@
 
 import logging
 import os
-from typing import Dict
+import sys
+from typing import Dict, List
 
 import speechbrain as sb
+from hyperpyyaml import load_hyperpyyaml
 from speechbrain.tokenizers.SentencePiece import SentencePiece
 
-from .config import ConfigError
+from .config import ConfigError, check_hparams_file
 from .evaluation import run_policy_evaluation
 from .report import build_report, write_report
 
 logger = logging.getLogger(__name__)
+
+
+def load_recipe_hparams(argv: List[str]):
+    """``sb.parse_arguments``, then validation (exits with a message naming the key), then load.
+
+    Returns ``(hparams_file, run_opts, overrides, hparams)``.
+    """
+    hparams_file, run_opts, overrides = sb.parse_arguments(argv)
+    try:
+        check_hparams_file(hparams_file, overrides)
+    except ConfigError as err:
+        sys.exit(f"Configuration error: {err}")
+    with open(hparams_file) as fin:
+        hparams = load_hyperpyyaml(fin, overrides)
+    return hparams_file, run_opts, overrides, hparams
+
+
+def tokenizer_or_exit(hparams: Dict) -> SentencePiece:
+    """:func:`build_tokenizer`, exiting with the configuration error if there is one."""
+    try:
+        return build_tokenizer(hparams)
+    except ConfigError as err:
+        sys.exit(f"Configuration error: {err}")
 
 
 def build_tokenizer(hparams: Dict) -> SentencePiece:
@@ -37,12 +62,16 @@ def build_tokenizer(hparams: Dict) -> SentencePiece:
 
 
 def evaluate_and_report(hparams: Dict, hparams_file: str, brain, tokenizer, valid_data,
-                        test_datasets: Dict, loaders: Dict, trained: Dict,
-                        train_utterances: int) -> Dict[str, str]:
+                        test_datasets: Dict, loaders: Dict, train_utterances: int) -> Dict[str, str]:
     """Evaluate every exit on every test set (best checkpoint), then the exit policies; write the report.
 
-    Returns the paths written (``json``, ``md``, ``plot``), or {} on non-main DDP processes.
+    The report's ``train`` facts are the epoch counter and training clock as they
+    stand when this is called (the best checkpoint loaded for evaluation may be
+    older). Returns the paths written (``json``, ``md``, ``plot``), or {} on
+    non-main DDP processes.
     """
+    trained = {"epochs": hparams["epoch_counter"].current,
+               "seconds": hparams["train_clock"].seconds}
     for name, dataset in test_datasets.items():
         brain.evaluate_set(name, dataset, loaders["test"], min_key=hparams["checkpoint_key"])
     if not sb.utils.distributed.if_main_process():

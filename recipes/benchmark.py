@@ -9,10 +9,16 @@ Currently measured:
   so that machine noise hits both alike. Reports the median, min and max of
   each and the ratio of medians, for the default synthetic configuration and
   for the paper-size encoder (12 layers, d_model 256, exits every 2 layers).
+- ``inference``: batch-1 latency from the waveform to each exit (10 s of audio)
+  against the proportional ideal computed from the same run (front end + k/N
+  of the encoder's time), the speed-up of each exit over the full model, and
+  the overhead of dynamic inference with a policy forced to exit k over the
+  fixed-exit-k path. All variants are timed in rotation, so noise hits them alike.
 
 Usage::
 
-    python recipes/benchmark.py [--quick] [--out bench.json]
+    python recipes/benchmark.py [--quick] [--out bench.json] [--threads 2]
+                                [--only train-step|inference] [--device cuda] [--bf16]
 """
 
 import argparse
@@ -26,7 +32,9 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from earlyexit_brain.exits import FixedExit  # noqa: E402
 from earlyexit_brain.models.conformer import CTCExitHeads, EarlyExitConformerEncoder  # noqa: E402
+from earlyexit_brain.models.pipeline import EarlyExitCTCModel  # noqa: E402
 
 CONFIGS = {
     # name: (encoder kwargs, early-exit layers, single-exit layers)
@@ -37,10 +45,10 @@ CONFIGS = {
 }
 
 
-def build(enc_kwargs, exit_layers, vocab, seed=0):
+def build(enc_kwargs, exit_layers, vocab, seed=0, device=torch.device("cpu")):
     torch.manual_seed(seed)
-    enc = EarlyExitConformerEncoder(input_size=80, exit_layers=exit_layers, **enc_kwargs)
-    heads = CTCExitHeads(enc_kwargs["d_model"], vocab, len(exit_layers))
+    enc = EarlyExitConformerEncoder(input_size=80, exit_layers=exit_layers, **enc_kwargs).to(device)
+    heads = CTCExitHeads(enc_kwargs["d_model"], vocab, len(exit_layers)).to(device)
     params = list(enc.parameters()) + list(heads.parameters())
     opt = torch.optim.AdamW(params, lr=1e-4)
     return enc, heads, opt
@@ -59,25 +67,41 @@ def train_step(model, feats, lens, tokens, token_lens):
     opt.step()
 
 
-def bench_train_step(name, batch, seconds, repeats, warmup, vocab=32):
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def timed(fn, device):
+    sync(device)
+    start = time.perf_counter()
+    fn()
+    sync(device)
+    return time.perf_counter() - start
+
+
+def bench_train_step(name, batch, seconds, repeats, warmup, vocab=32, device=torch.device("cpu")):
     enc_kwargs, ee_layers, single_layers = CONFIGS[name]
-    models = {"early_exit": build(enc_kwargs, ee_layers, vocab),
-              "single_exit": build(enc_kwargs, single_layers, vocab)}
+    models = {"early_exit": build(enc_kwargs, ee_layers, vocab, device=device),
+              "single_exit": build(enc_kwargs, single_layers, vocab, device=device)}
     frames = int(seconds * 100)
     torch.manual_seed(1)
-    feats = torch.randn(batch, frames, 80)
-    lens = torch.ones(batch)
-    tokens = torch.randint(1, vocab, (batch, int(seconds * 12)))
-    token_lens = torch.full((batch,), tokens.shape[1], dtype=torch.long)
+    feats = torch.randn(batch, frames, 80, device=device)
+    lens = torch.ones(batch, device=device)
+    tokens = torch.randint(1, vocab, (batch, int(seconds * 12)), device=device)
+    token_lens = torch.full((batch,), tokens.shape[1], dtype=torch.long, device=device)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
     times = {k: [] for k in models}
     for i in range(warmup + repeats):
         for key in (("early_exit", "single_exit") if i % 2 == 0 else ("single_exit", "early_exit")):
-            start = time.perf_counter()
-            train_step(models[key], feats, lens, tokens, token_lens)
+            t = timed(lambda: train_step(models[key], feats, lens, tokens, token_lens), device)
             if i >= warmup:
-                times[key].append(time.perf_counter() - start)
+                times[key].append(t)
     result = {"config": name, "batch": batch, "seconds_per_utterance": seconds,
-              "threads": torch.get_num_threads(), "repeats": repeats}
+              "threads": torch.get_num_threads(), "repeats": repeats, "device": str(device)}
+    if device.type == "cuda":
+        result["peak_memory_gb_both_models"] = torch.cuda.max_memory_allocated() / 2**30
     for key, values in times.items():
         result[key] = {"median_s": statistics.median(values), "min_s": min(values),
                        "max_s": max(values)}
@@ -87,18 +111,117 @@ def bench_train_step(name, batch, seconds, repeats, warmup, vocab=32):
     return result
 
 
+def stats(values):
+    return {"median_ms": 1000 * statistics.median(values), "min_ms": 1000 * min(values),
+            "max_ms": 1000 * max(values)}
+
+
+@torch.no_grad()
+def bench_inference(name, seconds, repeats, warmup, device, bf16=False, vocab=32):
+    """Batch-1 latency per exit, proportional ideal, dynamic-policy overhead."""
+    from speechbrain.lobes.features import Fbank
+    from speechbrain.processing.features import InputNormalization
+
+    enc_kwargs, ee_layers, _ = CONFIGS[name]
+    torch.manual_seed(0)
+    enc = EarlyExitConformerEncoder(input_size=80, exit_layers=ee_layers, dropout=0.0, **enc_kwargs)
+    heads = CTCExitHeads(enc_kwargs["d_model"], vocab, len(ee_layers))
+    normalize = InputNormalization(norm_type="global")
+    fbank = Fbank(n_mels=80)
+    wav = 0.05 * torch.randn(1, int(seconds * 16000))
+    normalize(fbank(wav), torch.ones(1))  # statistics (training mode), then frozen
+    model = EarlyExitCTCModel(fbank, normalize, enc, heads).eval().to(device)
+    wav, lens = wav.to(device), torch.ones(1, device=device)
+    num_exits, depth = len(ee_layers), enc_kwargs["num_layers"]
+
+    def front():
+        enc.start(model.features(wav, lens), lens)
+
+    variants = {"front_end": front}
+    for k in range(num_exits):
+        variants[f"fixed_{k + 1}"] = lambda k=k: model.exit_log_probs(wav, lens, k)
+        variants[f"forced_{k + 1}"] = lambda k=k: model.dynamic(wav, lens, FixedExit(k))
+    times = {key: [] for key in variants}
+    names = list(variants)
+    ctx = torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else torch.autocast(
+        device.type, enabled=False)
+    with ctx:
+        for i in range(warmup + repeats):
+            order = names[i % len(names):] + names[: i % len(names)]  # rotate the order
+            for key in order:
+                t = timed(variants[key], device)
+                if i >= warmup:
+                    times[key].append(t)
+    med = {k: statistics.median(v) for k, v in times.items()}
+    full, front_t = med[f"fixed_{num_exits}"], med["front_end"]
+    exits = []
+    for k, layer in enumerate(ee_layers, start=1):
+        ideal = front_t + layer / depth * (full - front_t)
+        pair = [a / b for a, b in zip(times[f"forced_{k}"], times[f"fixed_{k}"])]
+        exits.append({
+            "exit": k, "layer": layer, "fixed": stats(times[f"fixed_{k}"]),
+            "forced_policy": stats(times[f"forced_{k}"]),
+            "ideal_ms": 1000 * ideal,
+            "ratio_to_ideal": med[f"fixed_{k}"] / ideal,
+            "speedup_vs_full": full / med[f"fixed_{k}"],
+            "forced_over_fixed": med[f"forced_{k}"] / med[f"fixed_{k}"],
+            "forced_over_fixed_pairwise": statistics.median(pair),
+            "real_time_factor": med[f"fixed_{k}"] / seconds,
+        })
+    return {"config": name, "audio_seconds": seconds, "batch": 1, "device": str(device),
+            "bf16": bf16, "threads": torch.get_num_threads(), "repeats": repeats,
+            "front_end": stats(times["front_end"]), "exits": exits}
+
+
+def print_inference(res):
+    print(f"inference, {res['config']}, batch 1 x {res['audio_seconds']} s, {res['device']}, "
+          f"{res['threads']} threads{', bf16' if res['bf16'] else ''}: front end "
+          f"{res['front_end']['median_ms']:.1f} ms")
+    print("  exit layer  fixed ms [min-max]      ideal ms  ratio  speed-up  forced/fixed  RTF")
+    for e in res["exits"]:
+        print(f"  {e['exit']:4d} {e['layer']:5d}  {e['fixed']['median_ms']:8.1f} "
+              f"[{e['fixed']['min_ms']:.1f}-{e['fixed']['max_ms']:.1f}]  {e['ideal_ms']:8.1f}  "
+              f"{e['ratio_to_ideal']:.3f}  {e['speedup_vs_full']:7.2f}x  "
+              f"{e['forced_over_fixed']:.3f} ({e['forced_over_fixed_pairwise']:.3f})  "
+              f"{e['real_time_factor']:.4f}", flush=True)
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="fewer repeats, smaller batches")
     parser.add_argument("--out", default="bench.json", help="where to write the JSON results")
+    parser.add_argument("--threads", type=int, default=2, help="torch threads on the CPU")
+    parser.add_argument("--only", choices=["train-step", "inference"], help="run one section")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda")
+    parser.add_argument("--bf16", action="store_true", help="bf16 autocast for inference")
     args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
     repeats, warmup = (6, 2) if args.quick else (30, 3)
+    output = {}
+    if args.only in (None, "train-step"):
+        output["train_step"] = run_train_step(args.quick, repeats, warmup, device)
+    if args.only in (None, "inference"):
+        output["inference"] = []
+        for name in CONFIGS:
+            res = bench_inference(name, 10.0, repeats if args.quick else 20, warmup, device, args.bf16)
+            print_inference(res)
+            output["inference"].append(res)
+    with open(args.out, "w") as fout:
+        json.dump(output, fout, indent=2)
+    print(f"Results written to {args.out}")
+
+
+def run_train_step(quick, repeats, warmup, device):
     results = []
     for name in CONFIGS:
         batch = 8 if "paper" in name else 16
-        if args.quick:
+        if quick:
             batch //= 2
-        res = bench_train_step(name, batch=batch, seconds=3.0, repeats=repeats, warmup=warmup)
+        if device.type == "cuda":
+            batch *= 4
+        res = bench_train_step(name, batch=batch, seconds=3.0, repeats=repeats, warmup=warmup,
+                               device=device)
         results.append(res)
         print(f"train step, {name}, batch {res['batch']} x {res['seconds_per_utterance']} s, "
               f"{res['threads']} threads: early-exit {res['early_exit']['median_s']:.3f} s "
@@ -107,9 +230,7 @@ def main(argv=None):
               f"[{res['single_exit']['min_s']:.3f}-{res['single_exit']['max_s']:.3f}], "
               f"ratio {res['ratio']:.3f} (pairwise median {res['ratio_pairwise_median']:.3f})",
               flush=True)
-    with open(args.out, "w") as fout:
-        json.dump({"train_step": results}, fout, indent=2)
-    print(f"Results written to {args.out}")
+    return results
 
 
 if __name__ == "__main__":

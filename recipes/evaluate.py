@@ -19,15 +19,13 @@ calibrated thresholds and its latency table are exported to
 import os
 import sys
 
-import speechbrain as sb
-from hyperpyyaml import load_hyperpyyaml
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from earlyexit_brain.brain import EarlyExitCTCBrain  # noqa: E402
-from earlyexit_brain.config import ConfigError, check_hparams_file  # noqa: E402
 from earlyexit_brain.dataio import dataio_prepare  # noqa: E402
-from earlyexit_brain.experiment import build_tokenizer, evaluate_and_report  # noqa: E402
+from earlyexit_brain.experiment import (evaluate_and_report, load_recipe_hparams,  # noqa: E402
+                                        tokenizer_or_exit)
 
 
 def main(argv):
@@ -36,22 +34,13 @@ def main(argv):
         if not os.path.isfile(saved):
             sys.exit(f"Error: {argv[0]} is not an experiment folder (no hyperparams.yaml in it)")
         argv = [saved] + argv[1:]
-    hparams_file, run_opts, overrides = sb.parse_arguments(argv)
-    try:
-        check_hparams_file(hparams_file, overrides)
-    except ConfigError as err:
-        sys.exit(f"Configuration error: {err}")
-    with open(hparams_file) as fin:
-        hparams = load_hyperpyyaml(fin, overrides)
+    hparams_file, run_opts, overrides, hparams = load_recipe_hparams(argv)
     for key in ("train_csv", "valid_csv"):
         if not os.path.isfile(hparams[key]):
             sys.exit(f"Error: key '{key}': manifest not found: {hparams[key]} (prepare the corpus "
                      f"by running recipes/train.py with the same hyperparameters)")
 
-    try:
-        tokenizer = build_tokenizer(hparams)
-    except ConfigError as err:
-        sys.exit(f"Configuration error: {err}")
+    tokenizer = tokenizer_or_exit(hparams)
     train_data, valid_data, test_datasets, loaders = dataio_prepare(
         hparams, tokenizer, hparams["encoder"]
     )
@@ -65,10 +54,8 @@ def main(argv):
     checkpoint = hparams["checkpointer"].recover_if_possible(min_key=hparams["checkpoint_key"])
     if checkpoint is None:
         sys.exit(f"Error: no checkpoint in {hparams['save_folder']}: train the model first")
-    trained = {"epochs": hparams["epoch_counter"].current,
-               "seconds": hparams["train_clock"].seconds}
     evaluate_and_report(hparams, hparams_file, brain, tokenizer, valid_data, test_datasets,
-                        loaders, trained, len(train_data))
+                        loaders, len(train_data))
 
 
 if __name__ == "__main__":

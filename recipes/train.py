@@ -20,27 +20,20 @@ import os
 import sys
 
 import speechbrain as sb
-from hyperpyyaml import load_hyperpyyaml
 from speechbrain.utils.distributed import run_on_main
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from earlyexit_brain.brain import EarlyExitCTCBrain  # noqa: E402
-from earlyexit_brain.config import ConfigError, check_hparams_file  # noqa: E402
 from earlyexit_brain.dataio import dataio_prepare  # noqa: E402
-from earlyexit_brain.experiment import build_tokenizer, evaluate_and_report  # noqa: E402
+from earlyexit_brain.experiment import (evaluate_and_report, load_recipe_hparams,  # noqa: E402
+                                        tokenizer_or_exit)
 
 logger = logging.getLogger(__name__)
 
 
 def main(argv):
-    hparams_file, run_opts, overrides = sb.parse_arguments(argv)
-    try:
-        check_hparams_file(hparams_file, overrides)
-    except ConfigError as err:
-        sys.exit(f"Configuration error: {err}")
-    with open(hparams_file) as fin:
-        hparams = load_hyperpyyaml(fin, overrides)
+    hparams_file, run_opts, overrides, hparams = load_recipe_hparams(argv)
 
     sb.utils.distributed.ddp_init_group(run_opts)
     sb.create_experiment_directory(
@@ -55,10 +48,7 @@ def main(argv):
         kwargs={"data_folder": hparams["data_folder"], **hparams.get("corpus_options", {})},
     )
 
-    try:
-        tokenizer = build_tokenizer(hparams)
-    except ConfigError as err:
-        sys.exit(f"Configuration error: {err}")
+    tokenizer = tokenizer_or_exit(hparams)
     train_data, valid_data, test_datasets, loaders = dataio_prepare(
         hparams, tokenizer, hparams["encoder"]
     )
@@ -91,13 +81,8 @@ def main(argv):
         valid_loader_kwargs=loaders["valid"],
     )
 
-    # What was trained (evaluation below loads the best checkpoint, whose epoch
-    # counter and clock may be older).
-    trained = {"epochs": hparams["epoch_counter"].current,
-               "seconds": hparams["train_clock"].seconds}
-
     evaluate_and_report(hparams, hparams_file, brain, tokenizer, valid_data, test_datasets,
-                        loaders, trained, len(train_data))
+                        loaders, len(train_data))
 
 
 if __name__ == "__main__":

@@ -46,6 +46,16 @@ class EarlyExitCTCModel(nn.Module):
             raise ValueError(f"default_exit: the model has exits 1..{num_exits}, got {default_exit}")
         self.default_exit = default_exit
 
+    def _apply(self, fn, *args, **kwargs):
+        # SpeechBrain's InputNormalization keeps its statistics in plain tensor
+        # attributes that only its own ``to`` moves; move them with the model.
+        super()._apply(fn, *args, **kwargs)
+        for name in ("glob_mean", "glob_std"):
+            value = getattr(self.normalize, name, None)
+            if isinstance(value, torch.Tensor):
+                setattr(self.normalize, name, fn(value))
+        return self
+
     @property
     def exit_layers(self) -> List[int]:
         """1-based encoder layer of each exit."""

@@ -220,3 +220,18 @@ def test_simulated_policy_decisions_equal_a_real_dynamic_run(asr, model, tokeniz
         real = asr.transcribe_batch(item["sig"][None], policy=GreedyPosteriorPolicy(threshold))[0]
         assert real.exit - 1 == int(simulated[i])
         assert real.text == outputs.hyps[i][int(simulated[i])]
+
+
+def test_moving_the_model_moves_the_normalisation_statistics(tokenizer_path):
+    normalize = InputNormalization(norm_type="global")
+    fbank = Fbank(n_mels=20)
+    normalize(fbank(torch.randn(1, SR)), torch.ones(1))
+    encoder = EarlyExitConformerEncoder(20, num_layers=2, d_model=16, nhead=2, d_ffn=32,
+                                        exit_layers=[1, 2], kernel_size=3)
+    model = EarlyExitCTCModel(fbank, normalize, encoder, CTCExitHeads(16, 5, 2)).eval()
+    model.to(torch.float64)  # stands in for a device move: the same _apply path
+    assert normalize.glob_mean.dtype == torch.float64 and normalize.glob_std.dtype == torch.float64
+    model.to(torch.float32)
+    assert normalize.glob_mean.dtype == torch.float32
+    with torch.no_grad():
+        assert model(torch.randn(1, SR), torch.ones(1)).shape[-1] == 5
