@@ -9,7 +9,7 @@ Currently measured:
   so that machine noise hits both alike. Reports the median, min and max of
   each and the ratio of medians, for the default synthetic configuration and
   for the paper-size encoder (12 layers, d_model 256, exits every 2 layers).
-- ``inference``: batch-1 latency from the waveform to each exit (10 s of audio)
+- ``inference``: batch-1 latency from the waveform to each exit (2, 10 and 30 s of audio)
   against the proportional ideal computed from the same run (front end + k/N
   of the encoder's time), the speed-up of each exit over the full model, and
   the overhead of dynamic inference with a policy forced to exit k over the
@@ -18,7 +18,14 @@ Currently measured:
 Usage::
 
     python recipes/benchmark.py [--quick] [--out bench.json] [--threads 2]
-                                [--only train-step|inference] [--device cuda] [--bf16]
+                                [--only train-step|inference|throughput|compute]
+                                [--device cuda] [--bf16]
+
+- ``throughput``: audio seconds per second at every exit for a batch of 16.
+- ``compute``: parameters and multiply-accumulates to every exit
+  (torch.utils.flop_counter), to compare measured time with the compute bound.
+
+``bench.json`` holds every figure; ``bench.md`` beside it the tables.
 """
 
 import argparse
@@ -35,6 +42,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from earlyexit_brain.exits import FixedExit  # noqa: E402
 from earlyexit_brain.models.conformer import CTCExitHeads, EarlyExitConformerEncoder  # noqa: E402
 from earlyexit_brain.models.pipeline import EarlyExitCTCModel  # noqa: E402
+
+SECTIONS = ("train-step", "inference", "throughput", "compute")
 
 CONFIGS = {
     # name: (encoder kwargs, early-exit layers, single-exit layers)
@@ -90,8 +99,6 @@ def bench_train_step(name, batch, seconds, repeats, warmup, vocab=32, device=tor
     lens = torch.ones(batch, device=device)
     tokens = torch.randint(1, vocab, (batch, int(seconds * 12)), device=device)
     token_lens = torch.full((batch,), tokens.shape[1], dtype=torch.long, device=device)
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats()
     times = {k: [] for k in models}
     for i in range(warmup + repeats):
         for key in (("early_exit", "single_exit") if i % 2 == 0 else ("single_exit", "early_exit")):
@@ -101,7 +108,12 @@ def bench_train_step(name, batch, seconds, repeats, warmup, vocab=32, device=tor
     result = {"config": name, "batch": batch, "seconds_per_utterance": seconds,
               "threads": torch.get_num_threads(), "repeats": repeats, "device": str(device)}
     if device.type == "cuda":
-        result["peak_memory_gb_both_models"] = torch.cuda.max_memory_allocated() / 2**30
+        for key in models:  # one more step each, peak memory measured alone
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            train_step(models[key], feats, lens, tokens, token_lens)
+            torch.cuda.synchronize()
+            result[f"peak_memory_gb_{key}"] = torch.cuda.max_memory_allocated() / 2**30
     for key, values in times.items():
         result[key] = {"median_s": statistics.median(values), "min_s": min(values),
                        "max_s": max(values)}
@@ -116,9 +128,8 @@ def stats(values):
             "max_ms": 1000 * max(values)}
 
 
-@torch.no_grad()
-def bench_inference(name, seconds, repeats, warmup, device, bf16=False, vocab=32):
-    """Batch-1 latency per exit, proportional ideal, dynamic-policy overhead."""
+def build_inference_model(name, device, vocab=32, seconds=2.0):
+    """Random-weight EarlyExitCTCModel of a configuration, in eval mode on ``device``."""
     from speechbrain.lobes.features import Fbank
     from speechbrain.processing.features import InputNormalization
 
@@ -128,11 +139,25 @@ def bench_inference(name, seconds, repeats, warmup, device, bf16=False, vocab=32
     heads = CTCExitHeads(enc_kwargs["d_model"], vocab, len(ee_layers))
     normalize = InputNormalization(norm_type="global")
     fbank = Fbank(n_mels=80)
-    wav = 0.05 * torch.randn(1, int(seconds * 16000))
-    normalize(fbank(wav), torch.ones(1))  # statistics (training mode), then frozen
-    model = EarlyExitCTCModel(fbank, normalize, enc, heads).eval().to(device)
-    wav, lens = wav.to(device), torch.ones(1, device=device)
-    num_exits, depth = len(ee_layers), enc_kwargs["num_layers"]
+    with torch.no_grad():
+        normalize(fbank(0.05 * torch.randn(1, int(seconds * 16000))), torch.ones(1))  # statistics
+    return EarlyExitCTCModel(fbank, normalize, enc, heads).eval().to(device)
+
+
+def autocast(device, bf16):
+    if bf16:
+        return torch.autocast(device.type, dtype=torch.bfloat16)
+    return torch.autocast(device.type, enabled=False)
+
+
+@torch.no_grad()
+def bench_inference(name, seconds, repeats, warmup, device, bf16=False, forced=True):
+    """Batch-1 latency per exit, proportional ideal, dynamic-policy overhead."""
+    model = build_inference_model(name, device)
+    enc, ee_layers = model.encoder, model.exit_layers
+    num_exits, depth = len(ee_layers), enc.num_layers
+    wav = (0.05 * torch.randn(1, int(seconds * 16000))).to(device)
+    lens = torch.ones(1, device=device)
 
     def front():
         enc.start(model.features(wav, lens), lens)
@@ -140,12 +165,11 @@ def bench_inference(name, seconds, repeats, warmup, device, bf16=False, vocab=32
     variants = {"front_end": front}
     for k in range(num_exits):
         variants[f"fixed_{k + 1}"] = lambda k=k: model.exit_log_probs(wav, lens, k)
-        variants[f"forced_{k + 1}"] = lambda k=k: model.dynamic(wav, lens, FixedExit(k))
+        if forced:
+            variants[f"forced_{k + 1}"] = lambda k=k: model.dynamic(wav, lens, FixedExit(k))
     times = {key: [] for key in variants}
     names = list(variants)
-    ctx = torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else torch.autocast(
-        device.type, enabled=False)
-    with ctx:
+    with autocast(device, bf16):
         for i in range(warmup + repeats):
             order = names[i % len(names):] + names[: i % len(names)]  # rotate the order
             for key in order:
@@ -157,59 +181,196 @@ def bench_inference(name, seconds, repeats, warmup, device, bf16=False, vocab=32
     exits = []
     for k, layer in enumerate(ee_layers, start=1):
         ideal = front_t + layer / depth * (full - front_t)
-        pair = [a / b for a, b in zip(times[f"forced_{k}"], times[f"fixed_{k}"])]
-        exits.append({
+        entry = {
             "exit": k, "layer": layer, "fixed": stats(times[f"fixed_{k}"]),
-            "forced_policy": stats(times[f"forced_{k}"]),
             "ideal_ms": 1000 * ideal,
             "ratio_to_ideal": med[f"fixed_{k}"] / ideal,
             "speedup_vs_full": full / med[f"fixed_{k}"],
-            "forced_over_fixed": med[f"forced_{k}"] / med[f"fixed_{k}"],
-            "forced_over_fixed_pairwise": statistics.median(pair),
             "real_time_factor": med[f"fixed_{k}"] / seconds,
-        })
+        }
+        if forced:
+            pair = [a / b for a, b in zip(times[f"forced_{k}"], times[f"fixed_{k}"])]
+            entry.update({"forced_policy": stats(times[f"forced_{k}"]),
+                          "forced_over_fixed": med[f"forced_{k}"] / med[f"fixed_{k}"],
+                          "forced_over_fixed_pairwise": statistics.median(pair)})
+        exits.append(entry)
     return {"config": name, "audio_seconds": seconds, "batch": 1, "device": str(device),
             "bf16": bf16, "threads": torch.get_num_threads(), "repeats": repeats,
             "front_end": stats(times["front_end"]), "exits": exits}
+
+
+@torch.no_grad()
+def bench_compute(name, seconds=10.0, vocab=32):
+    """Parameters and multiply-accumulates to each exit (torch.utils.flop_counter), batch 1."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    model = build_inference_model(name, torch.device("cpu"), vocab)
+    wav, lens = 0.05 * torch.randn(1, int(seconds * 16000)), torch.ones(1)
+    rows = []
+    for k, layer in enumerate(model.exit_layers):
+        counter = FlopCounterMode(display=False)
+        with counter:
+            model.exit_log_probs(wav, lens, k)
+        rows.append({"exit": k + 1, "layer": layer,
+                     "params": model.encoder.params_to_exit(k) + model.heads.params_of_exit(k),
+                     "gmacs": counter.get_total_flops() / 2e9})
+    return {"config": name, "audio_seconds": seconds, "exits": rows}
+
+
+@torch.no_grad()
+def bench_throughput(name, batch, seconds, repeats, warmup, device, bf16=False):
+    """Audio seconds transcribed per second at every exit, for a batch of equal-length utterances."""
+    model = build_inference_model(name, device)
+    wav = (0.05 * torch.randn(batch, int(seconds * 16000))).to(device)
+    lens = torch.ones(batch, device=device)
+    rows = []
+    with autocast(device, bf16):
+        for k, layer in enumerate(model.exit_layers):
+            times = []
+            for i in range(warmup + repeats):
+                t = timed(lambda: model.exit_log_probs(wav, lens, k), device)
+                if i >= warmup:
+                    times.append(t)
+            med = statistics.median(times)
+            rows.append({"exit": k + 1, "layer": layer, **stats(times),
+                         "audio_seconds_per_second": batch * seconds / med})
+    return {"config": name, "batch": batch, "audio_seconds": seconds, "device": str(device),
+            "bf16": bf16, "threads": torch.get_num_threads(), "repeats": repeats, "exits": rows}
 
 
 def print_inference(res):
     print(f"inference, {res['config']}, batch 1 x {res['audio_seconds']} s, {res['device']}, "
           f"{res['threads']} threads{', bf16' if res['bf16'] else ''}: front end "
           f"{res['front_end']['median_ms']:.1f} ms")
-    print("  exit layer  fixed ms [min-max]      ideal ms  ratio  speed-up  forced/fixed  RTF")
+    print("  exit layer  fixed ms [min-max]      ideal ms  ratio  speed-up  RTF     forced/fixed")
     for e in res["exits"]:
-        print(f"  {e['exit']:4d} {e['layer']:5d}  {e['fixed']['median_ms']:8.1f} "
-              f"[{e['fixed']['min_ms']:.1f}-{e['fixed']['max_ms']:.1f}]  {e['ideal_ms']:8.1f}  "
+        forced = (f"{e['forced_over_fixed']:.3f} ({e['forced_over_fixed_pairwise']:.3f})"
+                  if "forced_over_fixed" in e else "")
+        print(f"  {e['exit']:4d} {e['layer']:5d}  {fmt_ms(e['fixed']):>22s}  {e['ideal_ms']:8.1f}  "
               f"{e['ratio_to_ideal']:.3f}  {e['speedup_vs_full']:7.2f}x  "
-              f"{e['forced_over_fixed']:.3f} ({e['forced_over_fixed_pairwise']:.3f})  "
-              f"{e['real_time_factor']:.4f}", flush=True)
+              f"{e['real_time_factor']:.4f}  {forced}", flush=True)
+
+
+def fmt_ms(d):
+    return f"{d['median_ms']:.1f} [{d['min_ms']:.1f}-{d['max_ms']:.1f}]"
+
+
+def label(r):
+    return r["config"] + (" bf16" if r.get("bf16") else "")
+
+
+def markdown(output):
+    """bench.md: every table of the run."""
+    lines = ["# Benchmark results", "", f"Machine: {output['machine']}", ""]
+    if "train_step" in output:
+        lines += ["## Training step: early-exit vs single-exit (same encoder, same batch)", "",
+                  "| configuration | batch | early-exit s [min-max] | single-exit s [min-max] | ratio | pairwise | peak memory ee / single |",
+                  "|---|---|---|---|---|---|---|"]
+        for r in output["train_step"]:
+            ee, se = r["early_exit"], r["single_exit"]
+            mem = (f"{r['peak_memory_gb_early_exit']:.2f} / {r['peak_memory_gb_single_exit']:.2f} GB"
+                   if "peak_memory_gb_early_exit" in r else "n/a (CPU)")
+            lines.append(f"| {r['config']} | {r['batch']} x {r['seconds_per_utterance']} s | "
+                         f"{ee['median_s']:.3f} [{ee['min_s']:.3f}-{ee['max_s']:.3f}] | "
+                         f"{se['median_s']:.3f} [{se['min_s']:.3f}-{se['max_s']:.3f}] | "
+                         f"{r['ratio']:.3f} | {r['ratio_pairwise_median']:.3f} | {mem} |")
+        lines.append("")
+    if "inference" in output:
+        lines += ["## Batch-1 latency per exit", "",
+                  "Ideal: front end + k/N of the full model's remaining time, same run. Forced: "
+                  "dynamic inference with a policy forced to stop at exit k.", "",
+                  "| configuration | audio s | exit (layer) | ms [min-max] | ideal ms | ratio | speed-up vs full | RTF | forced / fixed (pairwise) |",
+                  "|---|---|---|---|---|---|---|---|---|"]
+        for r in output["inference"]:
+            for e in r["exits"]:
+                forced = (f"{e['forced_over_fixed']:.3f} ({e['forced_over_fixed_pairwise']:.3f})"
+                          if "forced_over_fixed" in e else "")
+                lines.append(f"| {label(r)} | {r['audio_seconds']:g} | {e['exit']} ({e['layer']}) | "
+                             f"{fmt_ms(e['fixed'])} | {e['ideal_ms']:.1f} | {e['ratio_to_ideal']:.3f} | "
+                             f"{e['speedup_vs_full']:.2f}x | {e['real_time_factor']:.4f} | {forced} |")
+        lines.append("")
+    if "throughput" in output:
+        lines += ["## Batch throughput per exit", "",
+                  "| configuration | batch | exit (layer) | ms [min-max] | audio s per s |", "|---|---|---|---|---|"]
+        for r in output["throughput"]:
+            for e in r["exits"]:
+                lines.append(f"| {label(r)} | {r['batch']} x {r['audio_seconds']:g} s | {e['exit']} "
+                             f"({e['layer']}) | {fmt_ms(e)} | {e['audio_seconds_per_second']:.1f} |")
+        lines.append("")
+    if "compute" in output:
+        lines += ["## Parameters and multiply-accumulates to each exit (10 s of audio, batch 1)", "",
+                  "GMACs from torch.utils.flop_counter; GFLOP/s = 2 x GMACs / the measured batch-1 "
+                  "latency at 10 s above.", "",
+                  "| configuration | exit (layer) | params | GMACs | achieved GFLOP/s |", "|---|---|---|---|---|"]
+        latency = {(r["config"], e["exit"]): e["fixed"]["median_ms"] for r in output.get("inference", [])
+                   if r["audio_seconds"] == 10.0 and not r["bf16"] for e in r["exits"]}
+        for r in output["compute"]:
+            for e in r["exits"]:
+                ms = latency.get((r["config"], e["exit"]))
+                rate = f"{2 * e['gmacs'] / (ms / 1000):.1f}" if ms else ""
+                lines.append(f"| {r['config']} | {e['exit']} ({e['layer']}) | {e['params'] / 1e6:.2f} M | "
+                             f"{e['gmacs']:.2f} | {rate} |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def machine_description(device):
+    import platform
+
+    if device.type == "cuda":
+        return (f"{torch.cuda.get_device_name()}, torch {torch.__version__}, "
+                f"{torch.get_num_threads()} CPU threads")
+    return (f"{os.cpu_count()} CPU cores ({platform.machine()}), torch {torch.__version__}, "
+            f"{torch.get_num_threads()} threads")
 
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="fewer repeats, smaller batches")
-    parser.add_argument("--out", default="bench.json", help="where to write the JSON results")
+    parser.add_argument("--out", default="bench.json",
+                        help="where to write the JSON results (the tables go beside it, .md)")
     parser.add_argument("--threads", type=int, default=2, help="torch threads on the CPU")
-    parser.add_argument("--only", choices=["train-step", "inference"], help="run one section")
+    parser.add_argument("--only", choices=SECTIONS, help="run one section")
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
     parser.add_argument("--bf16", action="store_true", help="bf16 autocast for inference")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
-    repeats, warmup = (6, 2) if args.quick else (30, 3)
-    output = {}
-    if args.only in (None, "train-step"):
-        output["train_step"] = run_train_step(args.quick, repeats, warmup, device)
-    if args.only in (None, "inference"):
+    quick = args.quick
+    repeats, warmup = (6, 2) if quick else (30, 3)
+    output = {"machine": machine_description(device), "quick": quick}
+    run = [args.only] if args.only else list(SECTIONS)
+    if "train-step" in run:
+        output["train_step"] = run_train_step(quick, repeats, warmup, device)
+    if "inference" in run:
         output["inference"] = []
         for name in CONFIGS:
-            res = bench_inference(name, 10.0, repeats if args.quick else 20, warmup, device, args.bf16)
-            print_inference(res)
-            output["inference"].append(res)
+            for seconds in (2.0, 10.0, 30.0):
+                reps = (5 if quick else 20) if seconds < 30 else (3 if quick else 8)
+                res = bench_inference(name, seconds, reps, 2 if quick else 3, device, args.bf16,
+                                      forced=seconds == 10.0)
+                print_inference(res)
+                output["inference"].append(res)
+    if "throughput" in run:
+        output["throughput"] = []
+        for name in CONFIGS:
+            res = bench_throughput(name, 16, 4.0, 2 if quick else 5, 1, device, args.bf16)
+            print(f"throughput, {name}, batch 16 x 4 s: " + ", ".join(
+                f"exit {e['exit']} {e['audio_seconds_per_second']:.0f} s/s" for e in res["exits"]),
+                flush=True)
+            output["throughput"].append(res)
+    if "compute" in run:
+        output["compute"] = [bench_compute(name) for name in CONFIGS]
+        for res in output["compute"]:
+            print(f"compute, {res['config']}, 10 s: " + ", ".join(
+                f"exit {e['exit']} {e['params'] / 1e6:.2f} M params {e['gmacs']:.2f} GMACs"
+                for e in res["exits"]), flush=True)
     with open(args.out, "w") as fout:
         json.dump(output, fout, indent=2)
-    print(f"Results written to {args.out}")
+    md_path = os.path.splitext(args.out)[0] + ".md"
+    with open(md_path, "w") as fout:
+        fout.write(markdown(output))
+    print(f"Results written to {args.out} and {md_path}")
 
 
 def run_train_step(quick, repeats, warmup, device):
