@@ -18,12 +18,14 @@ Currently measured:
 Usage::
 
     python recipes/benchmark.py [--quick] [--out bench.json] [--threads 2]
-                                [--only train-step|inference|throughput|compute]
+                                [--only train-step|inference|throughput|compute|ddp]
                                 [--device cuda] [--bf16]
 
 - ``throughput``: audio seconds per second at every exit for a batch of 16.
 - ``compute``: parameters and multiply-accumulates to every exit
   (torch.utils.flop_counter), to compare measured time with the compute bound.
+- ``ddp``: training throughput of the smoke recipe with 1 process (2 threads) and
+  2 processes (1 thread each, gloo), CPU only; on 2 cores expect little gain.
 
 ``bench.json`` holds every figure; ``bench.md`` beside it the tables.
 """
@@ -43,7 +45,7 @@ from earlyexit_brain.exits import FixedExit  # noqa: E402
 from earlyexit_brain.models.conformer import CTCExitHeads, EarlyExitConformerEncoder  # noqa: E402
 from earlyexit_brain.models.pipeline import EarlyExitCTCModel  # noqa: E402
 
-SECTIONS = ("train-step", "inference", "throughput", "compute")
+SECTIONS = ("train-step", "inference", "throughput", "compute", "ddp")
 
 CONFIGS = {
     # name: (encoder kwargs, early-exit layers, single-exit layers)
@@ -251,6 +253,43 @@ def print_inference(res):
               f"{e['real_time_factor']:.4f}  {forced}", flush=True)
 
 
+def run_smoke_recipe(procs, out, data, epochs, timeout=900):
+    """recipes/train.py on the smoke configuration with ``procs`` processes (gloo on the CPU)."""
+    import subprocess
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    args = ["recipes/train.py", "hparams/synthetic/smoke.yaml", f"--output_folder={out}",
+            f"--data_folder={data}", f"--number_of_epochs={epochs}", "--policy_evaluation=False"]
+    env = dict(os.environ)
+    if procs == 1:
+        cmd = [sys.executable] + args
+    else:  # one thread per process so that the processes share the cores
+        env["OMP_NUM_THREADS"] = "1"
+        cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={procs}",
+               "--master_port=29533"] + args + ["--distributed_backend=gloo"]
+    proc = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True, timeout=timeout)
+    if proc.returncode != 0:
+        raise RuntimeError(f"{' '.join(cmd)} failed:\n{proc.stderr[-3000:]}")
+    with open(os.path.join(out, "report.json")) as fin:
+        report = json.load(fin)
+    return report
+
+
+def bench_ddp(epochs, workdir):
+    """Training throughput of the smoke recipe with 1 and 2 processes (utterances per second)."""
+    data = os.path.join(workdir, "data")
+    run_smoke_recipe(1, os.path.join(workdir, "prepare"), data, 1)  # corpus and warm-up
+    result = {"config": "hparams/synthetic/smoke.yaml", "epochs": epochs, "runs": []}
+    for procs in (1, 2):
+        report = run_smoke_recipe(procs, os.path.join(workdir, f"p{procs}"), data, epochs)
+        seconds = report["train"]["seconds"]
+        result["runs"].append({"processes": procs, "threads_per_process": 2 if procs == 1 else 1,
+                               "train_seconds": seconds,
+                               "utterances_per_second": report["train_utterances"] * epochs / seconds})
+    result["speedup"] = result["runs"][1]["utterances_per_second"] / result["runs"][0]["utterances_per_second"]
+    return result
+
+
 def fmt_ms(d):
     return f"{d['median_ms']:.1f} [{d['min_ms']:.1f}-{d['max_ms']:.1f}]"
 
@@ -311,6 +350,14 @@ def markdown(output):
                 lines.append(f"| {r['config']} | {e['exit']} ({e['layer']}) | {e['params'] / 1e6:.2f} M | "
                              f"{e['gmacs']:.2f} | {rate} |")
         lines.append("")
+    if "ddp" in output:
+        d = output["ddp"]
+        lines += ["## DDP on the CPU: the smoke recipe with 1 and 2 processes (gloo)", "",
+                  "| processes x threads | training seconds | utterances per second |", "|---|---|---|"]
+        for r in d["runs"]:
+            lines.append(f"| {r['processes']} x {r['threads_per_process']} | {r['train_seconds']:.1f} | "
+                         f"{r['utterances_per_second']:.1f} |")
+        lines += ["", f"Speed-up with 2 processes: {d['speedup']:.2f}x ({d['epochs']} epochs)."]
     return "\n".join(lines)
 
 
@@ -365,6 +412,16 @@ def main(argv=None):
             print(f"compute, {res['config']}, 10 s: " + ", ".join(
                 f"exit {e['exit']} {e['params'] / 1e6:.2f} M params {e['gmacs']:.2f} GMACs"
                 for e in res["exits"]), flush=True)
+    if "ddp" in run and device.type == "cpu":
+        import tempfile
+
+        with tempfile.TemporaryDirectory(prefix="bench-ddp-") as workdir:
+            output["ddp"] = bench_ddp(2 if quick else 4, workdir)
+        runs = output["ddp"]["runs"]
+        print(f"ddp, smoke recipe: 1 process {runs[0]['utterances_per_second']:.1f} utt/s, "
+              f"2 processes {runs[1]['utterances_per_second']:.1f} utt/s, speed-up "
+              f"{output['ddp']['speedup']:.2f}x", flush=True)
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     with open(args.out, "w") as fout:
         json.dump(output, fout, indent=2)
     md_path = os.path.splitext(args.out)[0] + ".md"
