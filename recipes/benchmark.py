@@ -26,6 +26,7 @@ Usage::
   (torch.utils.flop_counter), to compare measured time with the compute bound.
 - ``ddp``: training throughput of the smoke recipe with 1 process (2 threads) and
   2 processes (1 thread each, gloo), CPU only; on 2 cores expect little gain.
+  ``--quick`` skips it unless ``--only ddp`` asks for it.
 
 ``bench.json`` holds every figure; ``bench.md`` beside it the tables.
 """
@@ -412,7 +413,7 @@ def main(argv=None):
             print(f"compute, {res['config']}, 10 s: " + ", ".join(
                 f"exit {e['exit']} {e['params'] / 1e6:.2f} M params {e['gmacs']:.2f} GMACs"
                 for e in res["exits"]), flush=True)
-    if "ddp" in run and device.type == "cpu":
+    if "ddp" in run and device.type == "cpu" and (args.only == "ddp" or not quick):
         import tempfile
 
         with tempfile.TemporaryDirectory(prefix="bench-ddp-") as workdir:
