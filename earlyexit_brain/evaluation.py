@@ -29,9 +29,6 @@ from .exits import (BudgetPolicy, ConfidencePolicy, EntropyPolicy, GreedyPosteri
 
 logger = logging.getLogger(__name__)
 
-CONFIDENCE_POLICIES = ("entropy", "posterior", "posterior_greedy")
-
-
 @dataclass
 class ExitOutputs:
     """Per-utterance, per-exit records of one evaluation set (``U`` utterances, ``K`` exits)."""
@@ -98,16 +95,13 @@ def collect_exit_outputs(model, dataset, tokenizer, scorers: Dict[str, Confidenc
                 row_ms.append((time.perf_counter() - start) * 1000.0)
             scores[name].append(row)
             policy_ms[name].append(row_ms)
-    errors, ref_words = [], []
-    for k in range(num_exits):
-        details = wer_details_for_batch(ids, [r.split() for r in refs],
-                                        [h[k].split() for h in hyps])
-        errors.append([d["num_edits"] for d in details])
-        ref_words = [d["num_ref_tokens"] for d in details]
+    ref_words = [r.split() for r in refs]
+    errors = [[d["num_edits"] for d in wer_details_for_batch(ids, ref_words, [h[k].split() for h in hyps])]
+              for k in range(num_exits)]
     return ExitOutputs(
         ids=ids,
         durations=torch.tensor(durations, dtype=torch.float64),
-        ref_words=torch.tensor(ref_words, dtype=torch.float64),
+        ref_words=torch.tensor([len(r) for r in ref_words], dtype=torch.float64),
         errors=torch.tensor(errors, dtype=torch.float64).T.contiguous(),
         hyps=hyps,
         exit_ms=torch.tensor(exit_ms, dtype=torch.float64),
@@ -152,6 +146,13 @@ def candidate_thresholds(outputs: ExitOutputs, name: str) -> torch.Tensor:
     return torch.unique(scores[~torch.isnan(scores)])
 
 
+def threshold_points(outputs: ExitOutputs, scorer: ConfidencePolicy, name: str,
+                     thresholds: Sequence[float]) -> List:
+    """``[(threshold, summary), ...]`` of a confidence policy, decision time included."""
+    return [(thr, summarize(outputs, confidence_exits(outputs, scorer, name, thr), overhead=name))
+            for thr in thresholds]
+
+
 def calibrate(outputs: ExitOutputs, scorer: ConfidencePolicy, name: str,
               target: str = "max_wer_increase", value: float = 1.0) -> Dict:
     """Pick a confidence policy's threshold on a dev set.
@@ -163,8 +164,7 @@ def calibrate(outputs: ExitOutputs, scorer: ConfidencePolicy, name: str,
     """
     last = summarize(outputs, torch.full((len(outputs.ids),), outputs.num_exits - 1))
     never = scorer.valid_range[1] if scorer.higher_is_confident else scorer.valid_range[0]
-    points = [(thr, summarize(outputs, confidence_exits(outputs, scorer, name, thr), overhead=name))
-              for thr in [never] + candidate_thresholds(outputs, name).tolist()]
+    points = threshold_points(outputs, scorer, name, [never] + candidate_thresholds(outputs, name).tolist())
     if target == "max_wer_increase":
         ok = [p for p in points if p[1]["wer"] <= last["wer"] + value + 1e-9]
         best_thr, best = min(ok, key=lambda p: (p[1]["avg_layers"], p[1]["wer"]))
@@ -198,13 +198,11 @@ def budget_sweep(outputs: ExitOutputs, table: LatencyTable, points: int) -> List
 
 def nearest_depth(outputs: ExitOutputs, scorer: ConfidencePolicy, name: str, avg_layers: float) -> Dict:
     """The point of a policy whose average depth is closest to ``avg_layers`` (then lowest WER)."""
-    best = None
-    for thr in candidate_thresholds(outputs, name).tolist():
-        point = summarize(outputs, confidence_exits(outputs, scorer, name, thr), overhead=name)
-        key = (abs(point["avg_layers"] - avg_layers), point["wer"])
-        if best is None or key < best[0]:
-            best = (key, {"threshold": thr, **point})
-    return best[1] if best else {}
+    points = threshold_points(outputs, scorer, name, candidate_thresholds(outputs, name).tolist())
+    if not points:
+        return {}
+    thr, point = min(points, key=lambda p: (abs(p[1]["avg_layers"] - avg_layers), p[1]["wer"]))
+    return {"threshold": thr, **point}
 
 
 def evaluate_policies(dev: ExitOutputs, sets: Dict[str, ExitOutputs],

@@ -33,24 +33,15 @@ from typing import Dict, List, Optional, Sequence
 
 import torch
 
-from .utils import atomic_write_text
+from .utils import atomic_write_text, padding_mask, valid_frames
 
 POLICY_NAMES = ("fixed", "entropy", "posterior", "posterior_greedy", "budget", "oracle")
-
-
-def valid_frames(log_probs: torch.Tensor, lengths: Optional[torch.Tensor]) -> torch.Tensor:
-    """Valid frames per utterance ``(B,)`` from relative lengths (at least 1)."""
-    t = log_probs.shape[1]
-    if lengths is None:
-        return torch.full((log_probs.shape[0],), t, dtype=torch.long, device=log_probs.device)
-    return torch.round(lengths.to(log_probs.device) * t).long().clamp(1, t)
 
 
 def frame_mask(log_probs: torch.Tensor, lengths: Optional[torch.Tensor]) -> torch.Tensor:
     """``(B, T)`` float mask of valid frames."""
     frames = valid_frames(log_probs, lengths)
-    steps = torch.arange(log_probs.shape[1], device=log_probs.device)
-    return (steps[None, :] < frames[:, None]).to(log_probs.dtype)
+    return (~padding_mask(frames, log_probs.shape[1])).to(log_probs.dtype)
 
 
 def check_threshold(name: str, threshold, low: float, high: float):

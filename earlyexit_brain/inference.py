@@ -143,9 +143,8 @@ class EarlyExitASR(Pretrained):
                 raise ValueError(f"threshold: no calibrated threshold is stored for the {policy} "
                                  f"policy; pass threshold=")
             threshold = stored
-        options = dict(self.policies_config.get("options", {}).get(policy, {}))
-        if policy == "posterior":
-            options = {}
+        # the posterior policy's stored option (beam size) configures its searcher instead
+        options = {} if policy == "posterior" else self.policies_config.get("options", {}).get(policy, {})
         return make_policy(policy, threshold=threshold, exit=exit, num_exits=self.num_exits,
                            searcher=self._nbest_searcher() if policy == "posterior" else None,
                            latency_table=self.latency_table, **options)

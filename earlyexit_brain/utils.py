@@ -2,6 +2,9 @@
 
 import os
 import tempfile
+from typing import Optional
+
+import torch
 
 
 def atomic_write_text(path: str, text: str) -> None:
@@ -31,3 +34,19 @@ def tokens_to_text(tokenizer, ids) -> str:
     size = tokenizer.vocab_size()
     ids = [int(i) for i in ids if 0 <= int(i) < size]
     return tokenizer.decode_ids(ids) if ids else ""
+
+
+def valid_frames(x: torch.Tensor, lengths: Optional[torch.Tensor]) -> torch.Tensor:
+    """Valid frames ``(B,)`` of a padded ``(B, T, ...)`` batch from SpeechBrain relative lengths.
+
+    ``round(length * T)`` as SpeechBrain computes it, at least 1 frame.
+    """
+    t = x.shape[1]
+    if lengths is None:
+        return torch.full((x.shape[0],), t, dtype=torch.long, device=x.device)
+    return torch.round(lengths.to(x.device) * t).long().clamp(1, t)
+
+
+def padding_mask(frames: torch.Tensor, t: int) -> torch.Tensor:
+    """``(B, t)`` bool mask, True on the frames beyond each utterance's ``frames``."""
+    return torch.arange(t, device=frames.device)[None, :] >= frames[:, None]

@@ -295,70 +295,80 @@ def fmt_ms(d):
     return f"{d['median_ms']:.1f} [{d['min_ms']:.1f}-{d['max_ms']:.1f}]"
 
 
+def fmt_s(d):
+    return f"{d['median_s']:.3f} [{d['min_s']:.3f}-{d['max_s']:.3f}]"
+
+
 def label(r):
     return r["config"] + (" bf16" if r.get("bf16") else "")
+
+
+def table(title, columns, rows, notes=()):
+    """A Markdown section: title, optional notes, a table with ``columns`` and ``rows`` of cells."""
+    lines = [f"## {title}", ""]
+    for note in notes:
+        lines += [note, ""]
+    lines.append("| " + " | ".join(columns) + " |")
+    lines.append("|" + "---|" * len(columns))
+    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
+    return lines + [""]
 
 
 def markdown(output):
     """bench.md: every table of the run."""
     lines = ["# Benchmark results", "", f"Machine: {output['machine']}", ""]
     if "train_step" in output:
-        lines += ["## Training step: early-exit vs single-exit (same encoder, same batch)", "",
-                  "| configuration | batch | early-exit s [min-max] | single-exit s [min-max] | ratio | pairwise | peak memory ee / single |",
-                  "|---|---|---|---|---|---|---|"]
+        rows = []
         for r in output["train_step"]:
-            ee, se = r["early_exit"], r["single_exit"]
             mem = (f"{r['peak_memory_gb_early_exit']:.2f} / {r['peak_memory_gb_single_exit']:.2f} GB"
                    if "peak_memory_gb_early_exit" in r else "n/a (CPU)")
-            lines.append(f"| {r['config']} | {r['batch']} x {r['seconds_per_utterance']} s | "
-                         f"{ee['median_s']:.3f} [{ee['min_s']:.3f}-{ee['max_s']:.3f}] | "
-                         f"{se['median_s']:.3f} [{se['min_s']:.3f}-{se['max_s']:.3f}] | "
-                         f"{r['ratio']:.3f} | {r['ratio_pairwise_median']:.3f} | {mem} |")
-        lines.append("")
+            rows.append([r["config"], f"{r['batch']} x {r['seconds_per_utterance']} s",
+                         fmt_s(r["early_exit"]), fmt_s(r["single_exit"]), f"{r['ratio']:.3f}",
+                         f"{r['ratio_pairwise_median']:.3f}", mem])
+        lines += table("Training step: early-exit vs single-exit (same encoder, same batch)",
+                       ["configuration", "batch", "early-exit s [min-max]", "single-exit s [min-max]",
+                        "ratio", "pairwise", "peak memory ee / single"], rows)
     if "inference" in output:
-        lines += ["## Batch-1 latency per exit", "",
-                  "Ideal: front end + k/N of the full model's remaining time, same run. Forced: "
-                  "dynamic inference with a policy forced to stop at exit k.", "",
-                  "| configuration | audio s | exit (layer) | ms [min-max] | ideal ms | ratio | speed-up vs full | RTF | forced / fixed (pairwise) |",
-                  "|---|---|---|---|---|---|---|---|---|"]
+        rows = []
         for r in output["inference"]:
             for e in r["exits"]:
                 forced = (f"{e['forced_over_fixed']:.3f} ({e['forced_over_fixed_pairwise']:.3f})"
                           if "forced_over_fixed" in e else "")
-                lines.append(f"| {label(r)} | {r['audio_seconds']:g} | {e['exit']} ({e['layer']}) | "
-                             f"{fmt_ms(e['fixed'])} | {e['ideal_ms']:.1f} | {e['ratio_to_ideal']:.3f} | "
-                             f"{e['speedup_vs_full']:.2f}x | {e['real_time_factor']:.4f} | {forced} |")
-        lines.append("")
+                rows.append([label(r), f"{r['audio_seconds']:g}", f"{e['exit']} ({e['layer']})",
+                             fmt_ms(e["fixed"]), f"{e['ideal_ms']:.1f}", f"{e['ratio_to_ideal']:.3f}",
+                             f"{e['speedup_vs_full']:.2f}x", f"{e['real_time_factor']:.4f}", forced])
+        lines += table("Batch-1 latency per exit",
+                       ["configuration", "audio s", "exit (layer)", "ms [min-max]", "ideal ms", "ratio",
+                        "speed-up vs full", "RTF", "forced / fixed (pairwise)"], rows,
+                       ["Ideal: front end + k/N of the full model's remaining time, same run. Forced: "
+                        "dynamic inference with a policy forced to stop at exit k."])
     if "throughput" in output:
-        lines += ["## Batch throughput per exit", "",
-                  "| configuration | batch | exit (layer) | ms [min-max] | audio s per s |", "|---|---|---|---|---|"]
-        for r in output["throughput"]:
-            for e in r["exits"]:
-                lines.append(f"| {label(r)} | {r['batch']} x {r['audio_seconds']:g} s | {e['exit']} "
-                             f"({e['layer']}) | {fmt_ms(e)} | {e['audio_seconds_per_second']:.1f} |")
-        lines.append("")
+        rows = [[label(r), f"{r['batch']} x {r['audio_seconds']:g} s", f"{e['exit']} ({e['layer']})",
+                 fmt_ms(e), f"{e['audio_seconds_per_second']:.1f}"]
+                for r in output["throughput"] for e in r["exits"]]
+        lines += table("Batch throughput per exit",
+                       ["configuration", "batch", "exit (layer)", "ms [min-max]", "audio s per s"], rows)
     if "compute" in output:
-        lines += ["## Parameters and multiply-accumulates to each exit (10 s of audio, batch 1)", "",
-                  "GMACs from torch.utils.flop_counter; GFLOP/s = 2 x GMACs / the measured batch-1 "
-                  "latency at 10 s above.", "",
-                  "| configuration | exit (layer) | params | GMACs | achieved GFLOP/s |", "|---|---|---|---|---|"]
         latency = {(r["config"], e["exit"]): e["fixed"]["median_ms"] for r in output.get("inference", [])
                    if r["audio_seconds"] == 10.0 and not r["bf16"] for e in r["exits"]}
+        rows = []
         for r in output["compute"]:
             for e in r["exits"]:
                 ms = latency.get((r["config"], e["exit"]))
                 rate = f"{2 * e['gmacs'] / (ms / 1000):.1f}" if ms else ""
-                lines.append(f"| {r['config']} | {e['exit']} ({e['layer']}) | {e['params'] / 1e6:.2f} M | "
-                             f"{e['gmacs']:.2f} | {rate} |")
-        lines.append("")
+                rows.append([r["config"], f"{e['exit']} ({e['layer']})", f"{e['params'] / 1e6:.2f} M",
+                             f"{e['gmacs']:.2f}", rate])
+        lines += table("Parameters and multiply-accumulates to each exit (10 s of audio, batch 1)",
+                       ["configuration", "exit (layer)", "params", "GMACs", "achieved GFLOP/s"], rows,
+                       ["GMACs from torch.utils.flop_counter; GFLOP/s = 2 x GMACs / the measured batch-1 "
+                        "latency at 10 s above."])
     if "ddp" in output:
         d = output["ddp"]
-        lines += ["## DDP on the CPU: the smoke recipe with 1 and 2 processes (gloo)", "",
-                  "| processes x threads | training seconds | utterances per second |", "|---|---|---|"]
-        for r in d["runs"]:
-            lines.append(f"| {r['processes']} x {r['threads_per_process']} | {r['train_seconds']:.1f} | "
-                         f"{r['utterances_per_second']:.1f} |")
-        lines += ["", f"Speed-up with 2 processes: {d['speedup']:.2f}x ({d['epochs']} epochs)."]
+        rows = [[f"{r['processes']} x {r['threads_per_process']}", f"{r['train_seconds']:.1f}",
+                 f"{r['utterances_per_second']:.1f}"] for r in d["runs"]]
+        lines += table("DDP on the CPU: the smoke recipe with 1 and 2 processes (gloo)",
+                       ["processes x threads", "training seconds", "utterances per second"], rows)
+        lines.append(f"Speed-up with 2 processes: {d['speedup']:.2f}x ({d['epochs']} epochs).")
     return "\n".join(lines)
 
 

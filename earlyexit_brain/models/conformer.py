@@ -15,11 +15,13 @@ from typing import Iterator, List, Optional, Sequence, Tuple, Union
 import torch
 from speechbrain.lobes.models.convolution import ConvolutionFrontEnd
 from speechbrain.lobes.models.transformer.Conformer import ConformerEncoderLayer
-from speechbrain.lobes.models.transformer.TransformerASR import make_transformer_src_tgt_masks
+from speechbrain.lobes.models.transformer.TransformerASR import make_transformer_src_mask
 from speechbrain.nnet.activations import Swish
 from speechbrain.nnet.attention import RelPosEncXL
 from speechbrain.nnet.normalization import LayerNorm
 from torch import nn
+
+from ..utils import padding_mask, valid_frames
 
 
 def resolve_exit_layers(exit_layers: Union[Sequence[int], int, str], num_layers: int) -> List[int]:
@@ -179,17 +181,17 @@ class EarlyExitConformerEncoder(nn.Module):
             raise ValueError(f"nhead: d_model={d_model} must be divisible by nhead={nhead}")
         if len(frontend_channels) != len(frontend_strides):
             raise ValueError("frontend_channels and frontend_strides must have the same length")
+        self.exit_layers = resolve_exit_layers(exit_layers, num_layers)
         # constructor arguments, written into exported inference YAML files
         self.config = dict(
             input_size=input_size, num_layers=num_layers, d_model=d_model, nhead=nhead,
-            d_ffn=d_ffn, exit_layers=resolve_exit_layers(exit_layers, num_layers),
+            d_ffn=d_ffn, exit_layers=list(self.exit_layers),
             kernel_size=kernel_size, dropout=dropout, attention_type=attention_type,
             frontend_channels=[int(c) for c in frontend_channels],
             frontend_strides=[int(s) for s in frontend_strides], causal=causal,
         )
         self.num_layers = num_layers
         self.d_model = d_model
-        self.exit_layers = resolve_exit_layers(exit_layers, num_layers)
         self.attention_type = attention_type
         self.causal = causal
         n_blocks = len(frontend_channels)
@@ -240,30 +242,19 @@ class EarlyExitConformerEncoder(nn.Module):
             frames = (frames + stride - 1) // stride  # "same" padding
         return frames
 
-    def embed(self, feats: torch.Tensor, lengths: Optional[torch.Tensor]):
-        """Front end: features ``(B, T, F)`` -> ``(B, T', d_model)`` plus masks.
-
-        Returns
-        -------
-        x : torch.Tensor
-            ``(B, T', d_model)``
-        key_padding_mask : torch.Tensor or None
-            ``(B, T')``, True on padded frames.
-        src_mask : torch.Tensor or None
-            Attention mask (causal models only).
-        pos_embs : torch.Tensor or None
-            Relative positional embeddings for ``RelPosMHAXL``.
-        """
+    def embed(self, feats: torch.Tensor) -> torch.Tensor:
+        """Front end and input projection: features ``(B, T, F)`` -> ``(B, T', d_model)``."""
         x = self.frontend(feats)
         if x.dim() == 4:
             b, t, c1, c2 = x.shape
             x = x.reshape(b, t, c1 * c2)
-        key_padding_mask, _, src_mask, _ = make_transformer_src_tgt_masks(
-            x, None, lengths, causal=self.causal
-        )
-        x = self.input_projection(x)
+        return self.input_projection(x)
+
+    def _state(self, x: torch.Tensor, frames: torch.Tensor, layer: int) -> EncoderState:
+        """A state for ``x`` with ``frames`` valid frames: padding mask, attention mask, positions."""
+        src_mask = make_transformer_src_mask(x, causal=self.causal)
         pos_embs = self.positional_encoding(x) if self.positional_encoding is not None else None
-        return x, key_padding_mask, src_mask, pos_embs
+        return EncoderState(x, frames, layer, padding_mask(frames, x.shape[1]), src_mask, pos_embs)
 
     # ------------------------------------------------ incremental interface
     def start(self, feats: torch.Tensor, lengths: Optional[torch.Tensor] = None) -> EncoderState:
@@ -276,12 +267,8 @@ class EarlyExitConformerEncoder(nn.Module):
         lengths : torch.Tensor, optional
             ``(B,)`` relative lengths in ``[0, 1]``.
         """
-        x, key_padding_mask, src_mask, pos_embs = self.embed(feats, lengths)
-        if lengths is None:
-            frames = torch.full((x.shape[0],), x.shape[1], dtype=torch.long, device=x.device)
-        else:
-            frames = torch.round(lengths * x.shape[1]).long().clamp(1, x.shape[1])
-        return EncoderState(x, frames, 0, key_padding_mask, src_mask, pos_embs)
+        x = self.embed(feats)
+        return self._state(x, valid_frames(x, lengths), 0)
 
     def advance(self, state: EncoderState, exit_index: int) -> torch.Tensor:
         """Run the layers from ``state`` up to exit ``exit_index`` (0-based).
@@ -314,13 +301,7 @@ class EarlyExitConformerEncoder(nn.Module):
         """
         frames = state.frames[index]
         t_max = int(frames.max()) if trim else state.x.shape[1]
-        x = state.x[index, :t_max]
-        key_padding_mask = torch.arange(t_max, device=x.device)[None, :] >= frames[:, None]
-        src_mask = state.src_mask
-        if src_mask is not None:
-            src_mask = src_mask[:t_max, :t_max]
-        pos_embs = self.positional_encoding(x) if self.positional_encoding is not None else None
-        return EncoderState(x, frames, state.layer, key_padding_mask, src_mask, pos_embs)
+        return self._state(state.x[index, :t_max], frames, state.layer)
 
     def iter_exits(
         self, feats: torch.Tensor, lengths: Optional[torch.Tensor] = None, max_exit: Optional[int] = None

@@ -79,11 +79,6 @@ class EarlyExitCTCModel(nn.Module):
         """Log-probabilities of the default exit (the stock ``EncoderASR`` contract)."""
         return self.exit_log_probs(wavs, wav_lens, self.default_exit - 1)
 
-    def all_exits(self, wavs: torch.Tensor, wav_lens: torch.Tensor) -> List[torch.Tensor]:
-        """Log-probabilities of every exit from one pass."""
-        feats = self.features(wavs, wav_lens)
-        return [self.heads.forward_exit(k, h) for k, h in self.encoder.iter_exits(feats, wav_lens)]
-
     def dynamic(self, wavs: torch.Tensor, wav_lens: torch.Tensor, policy: ExitPolicy,
                 durations: Optional[torch.Tensor] = None) -> DynamicOutput:
         """Early-exit inference with ``policy`` (see :func:`earlyexit_brain.exits.run_dynamic`)."""
