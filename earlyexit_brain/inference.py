@@ -34,9 +34,11 @@ from speechbrain.decoders import ctc_greedy_decode
 from speechbrain.inference.interfaces import Pretrained
 from speechbrain.utils.checkpoints import mark_as_loader, mark_as_saver, register_checkpoint_hooks
 from speechbrain.utils.data_utils import batch_pad_right
+from speechbrain.utils.fetching import FetchConfig, LocalStrategy, fetch
 
 from .exits import (ExitPolicy, LatencyTable, POLICY_NAMES, check_exit, make_ctc_beam_searcher,
                     make_policy)
+from .safe_load import check_hparams_text, weights_only_loading
 from .utils import atomic_write_text, tokens_to_text
 
 logger = logging.getLogger(__name__)
@@ -90,6 +92,42 @@ class EarlyExitASR(Pretrained):
 
     HPARAMS_NEEDED = ["tokenizer", "blank_index", "sample_rate"]
     MODULES_NEEDED = ["encoder"]
+
+    @classmethod
+    def from_hparams(cls, source, hparams_file: str = "hyperparams.yaml", trust_remote_code: bool = False,
+                     **kwargs):
+        """Load from a local folder or a Hub id (SpeechBrain's fetching: ``savedir``,
+        ``fetch_config``, ``local_strategy``, ``run_opts``, ``overrides``).
+
+        Unless ``trust_remote_code`` is True, the hyperparams file is refused if
+        it builds or calls anything outside the allowlist of
+        :mod:`earlyexit_brain.safe_load`; checkpoints always load with
+        ``weights_only=True``. Offline (``HF_HUB_OFFLINE=1``), a Hub id loads
+        from the local Hugging Face cache.
+        """
+        from huggingface_hub.errors import EntryNotFoundError, RepositoryNotFoundError
+
+        from .hub import looks_like_repo_id
+
+        if isinstance(source, (str, os.PathLike)) and not os.path.isdir(source) \
+                and not looks_like_repo_id(str(source)):
+            raise ValueError(f"{source}: no such model folder, and not a Hub id OWNER/NAME")
+        try:
+            if not trust_remote_code:
+                local = fetch(filename=hparams_file, source=source, savedir=kwargs.get("savedir"),
+                              save_filename=None,
+                              local_strategy=kwargs.get("local_strategy", LocalStrategy.SYMLINK),
+                              fetch_config=kwargs.get("fetch_config", FetchConfig()))
+                with open(local, encoding="utf-8") as fin:
+                    check_hparams_text(fin.read(), f"{source}/{hparams_file}")
+            with weights_only_loading():
+                return super().from_hparams(source, hparams_file=hparams_file, **kwargs)
+        except (EntryNotFoundError, RepositoryNotFoundError) as err:
+            # SpeechBrain 1.1.2 turns a missing Hub file into a ValueError only for
+            # huggingface_hub < 1.0 (requests errors); do it for every version.
+            raise ValueError(f"{source}: cannot fetch the model's files ({type(err).__name__}: "
+                             f"{str(err).splitlines()[0]}); check the repo id, your access to it, "
+                             f"and the network or the local Hugging Face cache") from err
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)

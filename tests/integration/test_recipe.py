@@ -1,30 +1,12 @@
 """End-to-end: recipes/train.py on the smoke configuration."""
 
 import json
-import os
 import re
 import subprocess
 import sys
 
-import pytest
 
-SMOKE = "hparams/synthetic/smoke.yaml"
-
-
-def run_recipe(repo_root, out, data, *extra, timeout=600):
-    cmd = [sys.executable, "recipes/train.py", SMOKE, f"--output_folder={out}",
-           f"--data_folder={data}", *extra]
-    proc = subprocess.run(cmd, cwd=repo_root, capture_output=True, text=True, timeout=timeout)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
-    return proc
-
-
-@pytest.fixture(scope="module")
-def smoke_run(repo_root, tmp_path_factory):
-    base = tmp_path_factory.mktemp("smoke")
-    out, data = base / "out", base / "data"
-    proc = run_recipe(repo_root, out, data)
-    return out, data, proc
+from smoke import run_recipe  # tests/integration/smoke.py
 
 
 def train_losses(log_text):

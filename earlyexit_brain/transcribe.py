@@ -1,0 +1,87 @@
+"""Transcribe audio files with an early-exit model from the command line.
+
+Usage::
+
+    python -m earlyexit_brain.transcribe MODEL AUDIO [AUDIO ...]
+        [--exit K | --policy NAME [--threshold T] | --budget-ms MS]
+        [--savedir DIR] [--device cpu|cuda] [--trust-remote-code]
+
+``MODEL`` is an inference folder (``<experiment>/inference``, a published
+folder) or a Hugging Face Hub id ``OWNER/NAME``. Without ``--exit``,
+``--policy`` or ``--budget-ms`` the model's stored default policy is used.
+Prints one tab-separated line per file: the path, the exit used (and encoder
+layers computed), the time in milliseconds and the text. A file that cannot be
+transcribed is reported on stderr and the others are still transcribed; the
+exit code is 1 if any file failed, 2 for a usage or model-loading error.
+"""
+
+import argparse
+import logging
+import sys
+import time
+
+from tqdm import tqdm
+
+from .exits import POLICY_NAMES
+
+
+def parse_args(argv):
+    parser = argparse.ArgumentParser(prog="python -m earlyexit_brain.transcribe",
+                                     description="Transcribe audio files with an early-exit model.")
+    parser.add_argument("model", help="inference folder or Hub id OWNER/NAME")
+    parser.add_argument("audio", nargs="+", help="audio files (any rate/channels soundfile reads)")
+    choice = parser.add_mutually_exclusive_group()
+    choice.add_argument("--exit", type=int, default=None, help="fixed exit K (1-based)")
+    choice.add_argument("--policy", choices=[p for p in POLICY_NAMES if p != "oracle"], default=None,
+                        help="exit policy (its calibrated threshold unless --threshold)")
+    choice.add_argument("--budget-ms", type=float, default=None,
+                        help="latency budget in ms: the deepest exit that fits (budget policy)")
+    parser.add_argument("--threshold", type=float, default=None, help="threshold for --policy")
+    parser.add_argument("--savedir", default=None, help="where Hub files are linked (default: cache)")
+    parser.add_argument("--device", default="cpu", help="torch device (default cpu)")
+    parser.add_argument("--trust-remote-code", action="store_true",
+                        help="load a hyperparams.yaml that uses code outside the allowlist")
+    args = parser.parse_args(argv)
+    if args.threshold is not None and args.policy is None:
+        parser.error("--threshold needs --policy")
+    return args
+
+
+def main(argv=None) -> int:
+    args = parse_args(sys.argv[1:] if argv is None else argv)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    logging.getLogger("speechbrain").setLevel(logging.WARNING)  # no per-file fetch messages
+    from .inference import EarlyExitASR
+
+    try:
+        asr = EarlyExitASR.from_hparams(source=args.model, savedir=args.savedir,
+                                        run_opts={"device": args.device},
+                                        trust_remote_code=args.trust_remote_code)
+        if args.budget_ms is not None:
+            policy = asr.make_policy("budget", threshold=args.budget_ms)
+        else:
+            policy = asr.make_policy(args.policy, args.threshold, args.exit)
+    except (ValueError, OSError) as err:
+        print(f"Error: {err}", file=sys.stderr)
+        return 2
+    failed = 0
+    bar = tqdm(args.audio, desc="transcribing", unit="file", file=sys.stderr,
+               disable=len(args.audio) < 2)
+    for path in bar:
+        start = time.perf_counter()
+        try:
+            result = asr.transcribe_file(path, policy=policy)
+        except ValueError as err:
+            failed += 1
+            tqdm.write(f"Error: {err}", file=sys.stderr)
+            continue
+        ms = 1000.0 * (time.perf_counter() - start)
+        tqdm.write(f"{path}\texit {result.exit} ({result.layers} layers)\t{ms:.0f} ms\t{result.text}",
+                   file=sys.stdout)
+    if failed:
+        print(f"{failed} of {len(args.audio)} files failed", file=sys.stderr)
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,14 @@
+"""Running the smoke recipe from the integration tests."""
+
+import subprocess
+import sys
+
+SMOKE = "hparams/synthetic/smoke.yaml"
+
+
+def run_recipe(repo_root, out, data, *extra, timeout=600):
+    cmd = [sys.executable, "recipes/train.py", SMOKE, f"--output_folder={out}",
+           f"--data_folder={data}", *extra]
+    proc = subprocess.run(cmd, cwd=repo_root, capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    return proc
