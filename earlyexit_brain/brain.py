@@ -120,6 +120,72 @@ class EarlyExitCTCBrain(sb.Brain):
                 self.cer_metrics[k].append(batch.id, words, targets)
         return loss
 
+    def fit_batch(self, batch):
+        """SpeechBrain's ``fit_batch``, except that a batch whose loss is not finite is skipped.
+
+        Nothing is back-propagated or applied for it (gradients accumulated
+        since the last update are dropped too, and the learning-rate schedule
+        does not advance, the feature normaliser's running statistics are
+        restored); it is counted (``skipped`` in the epoch's training
+        stats) and logged with its utterance IDs. Under DDP the decision is
+        taken jointly, so every process skips the same step. More than
+        ``nonfinite_patience`` skipped batches in one epoch stop training with
+        a message saying so.
+        """
+        should_step = (self.step % self.grad_accumulation_factor) == 0
+        self.on_fit_batch_start(batch, should_step)
+        sums, count = list(self._exit_loss_sum), self._exit_loss_count
+        norm_stats = self._normalizer_stats()
+        with self.no_sync(not should_step):
+            with self.training_ctx:
+                outputs = self.compute_forward(batch, sb.Stage.TRAIN)
+                loss = self.compute_objectives(outputs, batch, sb.Stage.TRAIN)
+            if not self._all_finite(loss):
+                self._exit_loss_sum, self._exit_loss_count = sums, count
+                if norm_stats is not None:  # NaN audio must not poison the running statistics
+                    self._normalizer()._load_statistics_dict(norm_stats)
+                self._skip_nonfinite(batch, loss)
+                return loss.detach().cpu()
+            self.scaler.scale(loss / self.grad_accumulation_factor).backward()
+        if should_step:
+            self.optimizers_step()
+        self.on_fit_batch_end(batch, outputs, loss, should_step)
+        return loss.detach().cpu()
+
+    def _normalizer(self):
+        normalize = getattr(self.modules, "normalize", None)
+        return getattr(normalize, "module", normalize)
+
+    def _normalizer_stats(self):
+        """A copy of the feature normaliser's running statistics (None without one)."""
+        normalize = self._normalizer()
+        if not hasattr(normalize, "_statistics_dict"):
+            return None
+        return {k: v.clone() if torch.is_tensor(v) else v
+                for k, v in normalize._statistics_dict().items()}
+
+    def _all_finite(self, loss) -> bool:
+        finite = torch.isfinite(loss.detach()).all().to(torch.float32).reshape(1)
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.all_reduce(finite, op=torch.distributed.ReduceOp.MIN)
+        return bool(finite.item() > 0)
+
+    def _skip_nonfinite(self, batch, loss):
+        self.zero_grad()
+        self.nonfinite_count += 1
+        ids = list(getattr(batch, "id", []))
+        logger.warning("Skipped a training batch: its loss is %s (no update applied; %d skipped "
+                       "this epoch, nonfinite_patience %d). Utterances: %s", float(loss.detach()),
+                       self.nonfinite_count, self.nonfinite_patience,
+                       ", ".join(ids[:8]) + (" ..." if len(ids) > 8 else ""))
+        if self.nonfinite_count > self.nonfinite_patience:
+            raise RuntimeError(
+                f"Training stopped: {self.nonfinite_count} batches with a non-finite loss in one "
+                f"epoch, more than nonfinite_patience={self.nonfinite_patience}. Look for NaN/inf "
+                f"audio in the utterances logged above, or lower the learning rate; raise "
+                f"nonfinite_patience to tolerate more. The last checkpoint is intact: rerun the "
+                f"same command to resume from it.")
+
     def on_fit_batch_end(self, batch, outputs, loss, should_step):
         """Step the per-update learning-rate schedule."""
         if should_step and getattr(self.hparams, "lr_annealing", None) is not None:
@@ -146,6 +212,7 @@ class EarlyExitCTCBrain(sb.Brain):
         """Log per-exit metrics; keep the best checkpoint on the last exit's WER."""
         stats = self._exit_stats(stage_loss)
         if stage == sb.Stage.TRAIN:
+            stats["skipped"] = self.nonfinite_count  # batches with a non-finite loss
             self.train_stats = stats
             clock = getattr(self.hparams, "train_clock", None)
             if clock is not None:
