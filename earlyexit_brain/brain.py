@@ -8,9 +8,11 @@ exit on validation and test, per-exit alignment files at test time.
 
 import logging
 import os
+import random
 import time
 from typing import Dict, List, Optional, Sequence
 
+import numpy as np
 import speechbrain as sb
 import torch
 from speechbrain.decoders import ctc_greedy_decode
@@ -37,6 +39,38 @@ class TrainClock:
     def _load(self, path, end_of_epoch=False):
         with open(path) as fin:
             self.seconds = float(fin.read())
+
+
+@register_checkpoint_hooks
+class RandomState:
+    """The Python, NumPy and torch (CPU and CUDA) random states, saved in checkpoints.
+
+    With it a run resumed from a checkpoint draws the same dropout masks and
+    augmentations as the uninterrupted run would have from that point (the
+    training loader draws from its own generator, see ``dataio_prepare``).
+    """
+
+    @mark_as_saver
+    def _save(self, path):
+        version, words, gauss = random.getstate()
+        name, keys, pos, has_gauss, cached = np.random.get_state()
+        state = {"python": [version, list(words), gauss],
+                 "numpy": [name, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss),
+                           float(cached)],
+                 "torch": torch.get_rng_state(),
+                 "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+        torch.save(state, path)
+
+    @mark_as_loader
+    def _load(self, path, end_of_epoch=False):
+        state = torch.load(path, weights_only=True)
+        version, words, gauss = state["python"]
+        random.setstate((version, tuple(words), gauss))
+        name, keys, pos, has_gauss, cached = state["numpy"]
+        np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
+        torch.set_rng_state(state["torch"])
+        if state["cuda"] and torch.cuda.is_available() and len(state["cuda"]) == torch.cuda.device_count():
+            torch.cuda.set_rng_state_all(state["cuda"])
 
 
 def multi_exit_loss(per_exit_losses: Sequence[torch.Tensor], weights: Sequence[float]) -> torch.Tensor:

@@ -90,6 +90,9 @@ _RULES: Dict[str, Tuple[Callable[[Any], bool], str]] = {
     "max_grad_norm": (lambda v: _is_num(v) and v > 0, "a number > 0"),
     "num_workers": (lambda v: _is_int(v) and v >= 0, "an integer >= 0"),
     "checkpoints_to_keep": (lambda v: _is_int(v) and v >= 1, "an integer >= 1"),
+    "ckpt_interval_minutes": (lambda v: _is_num(v) and v >= 0, "a number of minutes >= 0 (0 = off)"),
+    "ckpt_interval_steps": (lambda v: _is_int(v) and v >= 0, "an integer >= 0 (0 = off)"),
+    "nonfinite_patience": (lambda v: _is_int(v) and v >= 0, "an integer >= 0"),
     "token_type": (lambda v: v in ("char", "bpe", "unigram"), "'char', 'bpe' or 'unigram'"),
     "sorting": (lambda v: v in ("ascending", "descending", "random"),
                 "'ascending', 'descending' or 'random'"),
@@ -139,6 +142,11 @@ def check_hparams(raw: Dict[str, Any], source: str = "hparams") -> Dict[str, Any
         raise ConfigError(
             f"{source}: key 'nhead' must divide d_model={raw['d_model']}, got {raw['nhead']}"
         )
+    if _is_num(raw.get("ckpt_interval_minutes")) and raw["ckpt_interval_minutes"] > 0 \
+            and _is_int(raw.get("ckpt_interval_steps")) and raw["ckpt_interval_steps"] > 0:
+        raise ConfigError(f"{source}: keys 'ckpt_interval_minutes' and 'ckpt_interval_steps': set "
+                          f"one of them (the other 0), got {raw['ckpt_interval_minutes']} and "
+                          f"{raw['ckpt_interval_steps']}")
     derived: Dict[str, Any] = {}
     if "exit_layers" in raw:
         depth = raw.get("num_layers")

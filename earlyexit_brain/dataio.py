@@ -133,4 +133,8 @@ def dataio_prepare(hparams: Dict, tokenizer, encoder) -> Tuple[DynamicItemDatase
             train = train.filtered_sorted(sort_key="duration", reverse=True)
         loader["train"] = {"batch_size": hparams["batch_size"], "num_workers": num_workers,
                            "shuffle": sorting == "random"}
+    # The training loader draws its iterators' seeds from its own generator, not from the
+    # global one, so that a run resumed from a checkpoint (which restores the global random
+    # state, see brain.RandomState) draws the same dropout masks as the uninterrupted run.
+    loader["train"]["generator"] = torch.Generator().manual_seed(int(hparams["seed"]))
     return train, valid, tests, loader

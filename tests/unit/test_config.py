@@ -33,6 +33,10 @@ def load_default(repo_root, overrides=None):
         ({"exit_loss_weights": [1, -1, 1]}, "exit_loss_weights"),
         ({"exit_loss_weights": [0, 0, 0]}, "exit_loss_weights"),
         ({"number_of_epochs": "ten"}, "number_of_epochs"),
+        ({"ckpt_interval_minutes": -1}, "ckpt_interval_minutes"),
+        ({"ckpt_interval_steps": 2.5}, "ckpt_interval_steps"),
+        ({"ckpt_interval_minutes": 5, "ckpt_interval_steps": 10}, "ckpt_interval_steps"),
+        ({"nonfinite_patience": -1}, "nonfinite_patience"),
         ({"policy_sweep": ["entropy", "oracle"]}, "policy_sweep"),
         ({"default_policy": "budget"}, "default_policy"),
         ({"policy_sweep": ["entropy"]}, "default_policy"),  # posterior is not calibrated

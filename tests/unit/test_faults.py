@@ -1,7 +1,8 @@
-"""Fault injection in training: a non-finite loss is skipped, counted, logged; patience stops."""
+"""Fault injection in training: non-finite losses, checkpoints killed while written."""
 
 import functools
 import logging
+import os
 
 import pytest
 import speechbrain as sb
@@ -11,6 +12,7 @@ from speechbrain.lobes.features import Fbank
 from speechbrain.nnet.losses import ctc_loss
 from speechbrain.nnet.schedulers import LinearWarmupScheduler
 from speechbrain.processing.features import InputNormalization
+from speechbrain.utils.checkpoints import mark_as_loader, mark_as_saver, register_checkpoint_hooks
 
 from earlyexit_brain.brain import EarlyExitCTCBrain
 from earlyexit_brain.models.conformer import CTCExitHeads, EarlyExitConformerEncoder
@@ -83,3 +85,60 @@ def test_training_stops_when_the_patience_is_exhausted():
     brain.fit_batch(batch(nan=True, seed=1))
     with pytest.raises(RuntimeError, match="more than nonfinite_patience=1"):
         brain.fit_batch(batch(nan=True, seed=2))
+
+
+# ------------------------------------------------------------------ checkpoints
+class Boom(RuntimeError):
+    pass
+
+
+@register_checkpoint_hooks
+class Fragile:
+    """A recoverable whose save can be made to crash half-way through a checkpoint."""
+
+    def __init__(self):
+        self.value, self.crash = 0, False
+
+    @mark_as_saver
+    def _save(self, path):
+        if self.crash:
+            raise Boom("killed while writing")
+        path.write_text(str(self.value))
+
+    @mark_as_loader
+    def _load(self, path, end_of_epoch=False):
+        self.value = int(path.read_text())
+
+
+def test_a_checkpoint_killed_while_written_is_never_recovered(tmp_path):
+    from speechbrain.utils.checkpoints import Checkpointer
+
+    from earlyexit_brain.checkpoints import AtomicCheckpointer
+
+    # (the hazard: SpeechBrain's own Checkpointer lists the half-written folder)
+    model = torch.nn.Linear(2, 2)
+    stock_fragile = Fragile()
+    stock = Checkpointer(tmp_path / "stock", {"model": model, "z_fragile": stock_fragile})
+    stock_fragile.crash = True
+    with pytest.raises(Boom):
+        stock.save_checkpoint()
+    assert len(stock.list_checkpoints()) == 1
+
+    fragile = Fragile()
+    ckpt = AtomicCheckpointer(tmp_path / "atomic", {"model": model, "z_fragile": fragile})
+    fragile.value = 1
+    first = ckpt.save_checkpoint(meta={"n": 1})
+    assert first.path.name.startswith("CKPT+") and (first.path / "z_fragile.ckpt").exists()
+    assert first.paramfiles["model"] == first.path / "model.ckpt"
+    fragile.value, fragile.crash = 2, True
+    with pytest.raises(Boom):
+        ckpt.save_checkpoint(meta={"n": 2})
+    assert [c.meta["n"] for c in ckpt.list_checkpoints()] == [1]  # only the complete one
+    fragile.value, fragile.crash = 0, False
+    assert ckpt.recover_if_possible().meta["n"] == 1 and fragile.value == 1
+    # the next save removes the leftover and the keep-only logic still works
+    fragile.value = 3
+    ckpt.save_and_keep_only(meta={"n": 3}, num_to_keep=1)
+    names = sorted(os.listdir(tmp_path / "atomic"))
+    assert len(names) == 1 and names[0].startswith("CKPT+")
+    assert [c.meta["n"] for c in ckpt.list_checkpoints()] == [3]

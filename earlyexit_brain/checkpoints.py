@@ -1,0 +1,60 @@
+"""Checkpoints that are never taken as complete while half-written.
+
+SpeechBrain 1.1.2's ``Checkpointer.save_checkpoint`` writes a checkpoint's
+``CKPT.yaml`` (the file that marks a folder as a checkpoint) *before* the
+parameter files, so a process killed while saving leaves a folder that the
+next run recovers from and then fails on, or worse, loads partly.
+:class:`AtomicCheckpointer` writes each checkpoint under a temporary name
+(``partial+CKPT+...``, which SpeechBrain does not list) and renames it to its
+final ``CKPT+...`` name only when every file is written; leftovers of a killed
+save are removed at the next save.
+"""
+
+import logging
+import os
+import pathlib
+import shutil
+
+from speechbrain.utils.checkpoints import Checkpoint, Checkpointer
+from speechbrain.utils.distributed import ddp_barrier, if_main_process
+
+logger = logging.getLogger(__name__)
+
+PARTIAL_PREFIX = "partial+"
+
+
+class AtomicCheckpointer(Checkpointer):
+    """SpeechBrain's ``Checkpointer`` with atomic checkpoint folders (same arguments)."""
+
+    def _partial(self, final: pathlib.Path) -> pathlib.Path:
+        self._final_dir = final
+        return final.parent / (PARTIAL_PREFIX + final.name)
+
+    def _new_checkpoint_dirpath(self):
+        return self._partial(super()._new_checkpoint_dirpath())
+
+    def _custom_checkpoint_dirpath(self, name):
+        return self._partial(super()._custom_checkpoint_dirpath(name))
+
+    def remove_partial_checkpoints(self):
+        """Delete the folders of saves that did not finish (main process only)."""
+        if not if_main_process() or not os.path.isdir(self.checkpoints_dir):
+            return
+        for entry in pathlib.Path(self.checkpoints_dir).iterdir():
+            if entry.is_dir() and entry.name.startswith(PARTIAL_PREFIX):
+                logger.warning("Removing %s: a checkpoint whose writing did not finish", entry)
+                shutil.rmtree(entry, ignore_errors=True)
+
+    def save_checkpoint(self, meta={}, end_of_epoch=True, name=None, verbosity=logging.INFO):
+        self.remove_partial_checkpoints()
+        saved = super().save_checkpoint(meta=meta, end_of_epoch=end_of_epoch, name=name,
+                                        verbosity=verbosity)
+        ddp_barrier()  # every process has written its files
+        if saved is None:  # not the main process
+            return None
+        final = self._final_dir
+        if final.exists():  # a custom name saved again: replace the old one
+            shutil.rmtree(final)
+        os.replace(saved.path, final)
+        return Checkpoint(final, saved.meta,
+                          {key: final / path.name for key, path in saved.paramfiles.items()})
