@@ -59,7 +59,13 @@ def test_librispeech_early_exit_debug_run(repo_root, trees, tmp_path):
     assert report["train_utterances"] == 3 * LIBRI_UTTS  # the two training splits, merged
     assert report["averaged_checkpoints"] == 1  # avg_checkpoints=2, one epoch: one checkpoint
     assert {p["policy"] for p in report["policies"]} >= {"posterior", "entropy"}
-    assert (out / "inference" / "hyperparams.yaml").is_file()
+    # the exported model (regular attention + absolute positions) loads and transcribes
+    from earlyexit_brain.inference import EarlyExitASR
+
+    asr = EarlyExitASR.from_hparams(source=str(out / "inference"))
+    flac = trees / "LibriSpeech" / "test-clean" / "50" / "150" / "50-150-0000.flac"
+    result = asr.transcribe_file(str(flac), exit=1)
+    assert result.layers == 1 and isinstance(result.text, str)
     assert sorted(os.listdir(out / "manifests")) == [
         "dev-clean.csv", "librispeech_prepare.json", "test-clean.csv", "test-other.csv", "train.csv"]
     log = (out / "log.txt").read_text()
