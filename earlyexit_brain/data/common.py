@@ -7,8 +7,9 @@
 - :func:`write_manifest` writes a SpeechBrain CSV manifest atomically.
 - :class:`Stamp` makes preparation idempotent: a JSON file written after the
   manifests records the options and a fingerprint of the input files
-  (transcript/stm paths, sizes and modification times); when it matches and
-  every manifest exists, preparation returns at once. A stale stamp and the
+  (transcript/stm paths, sizes and modification times; audio files are
+  checked, not fingerprinted); when it matches, every manifest exists and no
+  problem was skipped, preparation returns at once. A stale stamp and the
   manifests it vouched for are removed before anything else, so a manifest
   without a matching stamp is never taken for a finished one.
 """
@@ -145,9 +146,15 @@ class Stamp:
             return {}
 
     def up_to_date(self) -> bool:
-        """True when the stored hash matches and every manifest it vouches for exists."""
+        """True when the stored hash matches and every manifest it vouches for exists.
+
+        A preparation that skipped problems (``on_error: skip``) is never up to
+        date: the next call checks the corpus again, so fixed files come back
+        and the remaining problems are reported again.
+        """
         stored = self._stored()
         return (stored.get("hash") == self.digest and bool(stored.get("manifests"))
+                and not stored.get("summary", {}).get("problems_skipped")
                 and all(os.path.isfile(p) for p in stored["manifests"]))
 
     def stored_manifests(self) -> List[str]:

@@ -143,8 +143,16 @@ def test_librispeech_skip_mode_warns_and_leaves_out(libri, caplog):
     ids = [r["ID"] for r in rows(manifests["train"])[1]]
     assert len(ids) == 3 * LIBRI_UTTS - 1 and "19-119-0002" not in ids
     assert "40-140-0001" not in [r["ID"] for r in rows(manifests["dev-clean"])[1]]
-    # skipping is stable: a second call reuses the result
-    assert prepare_librispeech(root, out, train_splits=TRAIN, on_error="skip") == manifests
+    # a run that skipped problems checks the corpus again: they are reported again,
+    # and a fixed file comes back
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        assert prepare_librispeech(root, out, train_splits=TRAIN, on_error="skip") == manifests
+    assert "4 problem(s)" in caplog.text
+    sf.write(os.path.join(root, "train-clean-100", "19", "119", "19-119-0002.flac"),
+             np.zeros(8000, dtype=np.float32), SR, format="FLAC")
+    again = prepare_librispeech(root, out, train_splits=TRAIN, on_error="skip")
+    assert "19-119-0002" in [r["ID"] for r in rows(again["train"])[1]]
 
 
 def test_librispeech_option_errors_name_the_option(libri):
