@@ -18,7 +18,6 @@ SMALL = ["--num_layers=2", "--d_model=32", "--nhead=4", "--d_ffn=64", "--kernel_
          "--output_neurons=40", "--n_mels=40", "--frontend_channels=[8,8]",
          "--max_batch_length_train=6", "--num_buckets=2", "--num_workers=0", "--eval_batch_size=4",
          "--checkpoints_to_keep=2", "--avg_checkpoints=2", "--warmup_steps=10",
-         "--latency_durations=[1.0,2.0]", "--sweep_points=3", "--nbest_beam_size=2",
          "--debug", "--debug_batches=2", "--debug_epochs=1"]
 LS_TRAIN = "--train_splits=[train-clean-100,train-other-500]"
 
@@ -54,18 +53,11 @@ def check_report(out, exit_layers, sets, n):
 def test_librispeech_early_exit_debug_run(repo_root, trees, tmp_path):
     out = tmp_path / "out"
     train(repo_root, "hparams/librispeech/conformer_ctc_ee.yaml", trees / "LibriSpeech", out,
-          "--exit_layers=[1,2]", LS_TRAIN)
+          "--exit_layers=[1,2]", LS_TRAIN, "--policy_evaluation=False")
     report = check_report(out, [1, 2], ["test-clean", "test-other"], LIBRI_UTTS)
     assert report["train_utterances"] == 3 * LIBRI_UTTS  # the two training splits, merged
     assert report["averaged_checkpoints"] == 1  # avg_checkpoints=2, one epoch: one checkpoint
-    assert {p["policy"] for p in report["policies"]} >= {"posterior", "entropy"}
-    # the exported model (regular attention + absolute positions) loads and transcribes
-    from earlyexit_brain.inference import EarlyExitASR
-
-    asr = EarlyExitASR.from_hparams(source=str(out / "inference"))
-    flac = trees / "LibriSpeech" / "test-clean" / "50" / "150" / "50-150-0000.flac"
-    result = asr.transcribe_file(str(flac), exit=1)
-    assert result.layers == 1 and isinstance(result.text, str)
+    assert report["params_total"] < 100_000  # the sizes were overridden small
     assert sorted(os.listdir(out / "manifests")) == [
         "dev-clean.csv", "librispeech_prepare.json", "test-clean.csv", "test-other.csv", "train.csv"]
     log = (out / "log.txt").read_text()
