@@ -167,19 +167,6 @@ class EarlyExitCTCBrain(sb.Brain):
                 self.cer_metrics[k].append(batch.id, words, targets)
         return loss
 
-    def on_evaluate_start(self, max_key=None, min_key=None):
-        """Load the best checkpoint, or the average of the best ``avg_checkpoints``."""
-        super().on_evaluate_start(max_key=max_key, min_key=min_key)
-        n = int(getattr(self.hparams, "avg_checkpoints", 1) or 1)
-        if n > 1 and self.checkpointer is not None:
-            model = getattr(self.hparams, "model", None)
-            used = load_average_of_best(self.checkpointer, model, n, min_key=min_key, max_key=max_key)
-            logger.info("Evaluating the average of %d checkpoint(s) (avg_checkpoints=%d): %s",
-                        len(used), n, [os.path.basename(c.path) for c in used])
-            self.averaged_checkpoints = len(used)
-        else:
-            self.averaged_checkpoints = 1
-
     def on_fit_batch_end(self, batch, outputs, loss, should_step):
         """Step the per-update learning-rate schedule."""
         if should_step and getattr(self.hparams, "lr_annealing", None) is not None:
@@ -245,6 +232,19 @@ class EarlyExitCTCBrain(sb.Brain):
             if not hasattr(self, "test_results"):
                 self.test_results = {}
             self.test_results[name] = results
+
+    def on_evaluate_start(self, max_key=None, min_key=None):
+        """Load the best checkpoint, or the average of the best ``avg_checkpoints``."""
+        super().on_evaluate_start(max_key=max_key, min_key=min_key)
+        n = int(getattr(self.hparams, "avg_checkpoints", 1) or 1)
+        if n > 1 and self.checkpointer is not None:
+            model = getattr(self.hparams, "model", None)
+            used = load_average_of_best(self.checkpointer, model, n, min_key=min_key, max_key=max_key)
+            logger.info("Evaluating the average of %d checkpoint(s) (avg_checkpoints=%d): %s",
+                        len(used), n, [os.path.basename(c.path) for c in used])
+            self.averaged_checkpoints = len(used)
+        else:
+            self.averaged_checkpoints = 1
 
     def evaluate_set(self, name: str, dataset, loader_kwargs: Optional[Dict] = None,
                      min_key: Optional[str] = None):
