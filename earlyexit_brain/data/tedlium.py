@@ -209,12 +209,12 @@ def prepare_tedlium(
     for segs in selected.values():
         for seg in segs:
             talks.setdefault(seg["audio"], dict(first=seg["source"], n=0))["n"] += 1
-    missing = [a for a in talks if not os.path.isfile(a)]
-    for audio in missing:
+    missing = {a for a in talks if not os.path.isfile(a)}
+    for audio in sorted(missing):
         path, line = talks[audio]["first"]
         problems.add(path, f"audio file not found: {audio} (needed by {talks[audio]['n']} "
                            f"segment(s) of this stm file)", line)
-    readable = [a for a in talks if a not in set(missing)]
+    readable = [a for a in talks if a not in missing]
     headers = dict(zip(readable, read_headers(readable, num_workers,
                                               f"TED-LIUM: reading {len(readable)} talk headers")))
     for audio, (frames, rate, err) in headers.items():
