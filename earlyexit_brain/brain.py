@@ -16,7 +16,8 @@ import numpy as np
 import speechbrain as sb
 import torch
 from speechbrain.decoders import ctc_greedy_decode
-from speechbrain.utils.checkpoints import mark_as_loader, mark_as_saver, register_checkpoint_hooks
+from speechbrain.utils.checkpoints import (average_checkpoints, mark_as_loader, mark_as_saver,
+                                          register_checkpoint_hooks)
 
 from .utils import tokens_to_text
 
@@ -91,6 +92,28 @@ def multi_exit_loss(per_exit_losses: Sequence[torch.Tensor], weights: Sequence[f
     return total
 
 
+def load_average_of_best(checkpointer, model: torch.nn.Module, n: int,
+                         min_key: Optional[str] = None, max_key: Optional[str] = None,
+                         recoverable: str = "model") -> List:
+    """Load into ``model`` the average of the best ``n`` checkpoints' parameters.
+
+    The checkpoints are ranked by ``min_key``/``max_key`` (their meta, e.g. the
+    dev WER) with SpeechBrain's ``Checkpointer.find_checkpoints``, and averaged
+    with ``speechbrain.utils.checkpoints.average_checkpoints`` (parameters and
+    buffers of the ``recoverable`` named ``model``). With ``n == 1``, or when
+    only one checkpoint exists, that checkpoint is loaded as it is. Returns the
+    checkpoints used (best first); an empty list when there is none.
+    """
+    if n < 1:
+        raise ValueError(f"avg_checkpoints: must be >= 1, got {n}")
+    ckpts = checkpointer.find_checkpoints(min_key=min_key, max_key=max_key, max_num_checkpoints=n)
+    if not ckpts:
+        return []
+    state = average_checkpoints(ckpts, recoverable_name=recoverable)
+    model.load_state_dict(state, strict=True)
+    return ckpts
+
+
 class EarlyExitCTCBrain(sb.Brain):
     """Multi-exit CTC training and per-exit evaluation.
 
@@ -98,9 +121,20 @@ class EarlyExitCTCBrain(sb.Brain):
     returns one hidden state per exit), ``ctc_heads`` (one log-softmax head
     per exit) and ``normalize`` (feature normalisation). Expected hparams:
     ``compute_features``, ``ctc_cost``, ``blank_index``, ``exit_loss_weights``
-    (None or one weight per exit), optional ``augmentation`` and
-    ``lr_annealing`` (a per-update SpeechBrain scheduler called with the
-    optimizer, e.g. ``LinearWarmupScheduler`` or ``NoamScheduler``).
+    (None or one weight per exit), and optionally:
+
+    - ``wav_augment``: applied to the waveforms in training, called as
+      ``wavs, lens = wav_augment(wavs, lens)`` (SpeechBrain's ``Augmenter``,
+      e.g. with ``SpeedPerturb``); the token targets are replicated with its
+      ``replicate_labels`` when it enlarges the batch;
+    - ``fea_augment``: the same on the normalised features (an ``Augmenter``
+      of ``SpectrogramDrop``/``Warping``: SpecAugment);
+    - ``augmentation``: a module applied as ``feats = augmentation(feats)``
+      (e.g. one ``SpectrogramDrop``);
+    - ``lr_annealing``: a per-update SpeechBrain scheduler called with the
+      optimizer, e.g. ``LinearWarmupScheduler`` or ``NoamScheduler``;
+    - ``avg_checkpoints``: evaluation loads the average of the best N
+      checkpoints (by the evaluation's ``min_key``) instead of the best one.
 
     After :meth:`evaluate` on a test set, ``self.test_results[set_name]`` holds
     ``[{"exit": k, "wer": ..., "cer": ..., "n": ...}, ...]``.
@@ -126,10 +160,17 @@ class EarlyExitCTCBrain(sb.Brain):
         """Features -> encoder -> every exit's CTC log-probabilities."""
         batch = batch.to(self.device)
         wavs, wav_lens = batch.sig
+        train = stage == sb.Stage.TRAIN
+        wav_augment = getattr(self.hparams, "wav_augment", None)
+        if train and wav_augment is not None:
+            wavs, wav_lens = wav_augment(wavs, wav_lens)
         feats = self.hparams.compute_features(wavs)
         feats = self.modules.normalize(feats, wav_lens)
+        fea_augment = getattr(self.hparams, "fea_augment", None)
+        if train and fea_augment is not None:
+            feats, wav_lens = fea_augment(feats, wav_lens)
         augment = getattr(self.hparams, "augmentation", None)
-        if stage == sb.Stage.TRAIN and augment is not None:
+        if train and augment is not None:
             feats = augment(feats)
         hiddens = self.modules.encoder(feats, wav_lens)
         log_probs = self.modules.ctc_heads(hiddens)
@@ -139,6 +180,12 @@ class EarlyExitCTCBrain(sb.Brain):
         """Weighted sum of per-exit CTC losses; per-exit WER/CER outside training."""
         log_probs, wav_lens = predictions
         tokens, token_lens = batch.tokens
+        if stage == sb.Stage.TRAIN:
+            for name in ("wav_augment", "fea_augment"):
+                augmenter = getattr(self.hparams, name, None)
+                if augmenter is not None and hasattr(augmenter, "replicate_labels"):
+                    tokens = augmenter.replicate_labels(tokens)
+                    token_lens = augmenter.replicate_labels(token_lens)
         losses = [self.hparams.ctc_cost(lp, tokens, wav_lens, token_lens) for lp in log_probs]
         loss = multi_exit_loss(losses, self.exit_weights())
         for k, l in enumerate(losses):
@@ -286,6 +333,19 @@ class EarlyExitCTCBrain(sb.Brain):
             if not hasattr(self, "test_results"):
                 self.test_results = {}
             self.test_results[name] = results
+
+    def on_evaluate_start(self, max_key=None, min_key=None):
+        """Load the best checkpoint, or the average of the best ``avg_checkpoints``."""
+        super().on_evaluate_start(max_key=max_key, min_key=min_key)
+        n = int(getattr(self.hparams, "avg_checkpoints", 1) or 1)
+        if n > 1 and self.checkpointer is not None:
+            model = getattr(self.hparams, "model", None)
+            used = load_average_of_best(self.checkpointer, model, n, min_key=min_key, max_key=max_key)
+            logger.info("Evaluating the average of %d checkpoint(s) (avg_checkpoints=%d): %s",
+                        len(used), n, [os.path.basename(c.path) for c in used])
+            self.averaged_checkpoints = len(used)
+        else:
+            self.averaged_checkpoints = 1
 
     def evaluate_set(self, name: str, dataset, loader_kwargs: Optional[Dict] = None,
                      min_key: Optional[str] = None):

@@ -10,6 +10,7 @@ accepted values, before any expensive work.
 """
 
 import os
+import re
 from typing import Any, Callable, Dict, Optional, Tuple
 
 import yaml
@@ -56,6 +57,13 @@ def read_raw_hparams(path: str, overrides: Any = None) -> Dict[str, Any]:
             resolved = resolve_references(fin, overrides or {}, overrides_must_match=True)
         except KeyError as err:
             raise ConfigError(f"{path}: {err.args[0]} (unknown key in the overrides)") from None
+        except ValueError as err:
+            match = re.match(r"'(.+)' is a !PLACEHOLDER", str(err))
+            if not match:
+                raise ConfigError(f"{path}: {err}") from None
+            key = match.group(1)
+            raise ConfigError(f"{path}: key '{key}' must be given on the command line "
+                              f"(--{key}=...): it is a !PLACEHOLDER, e.g. the corpus folder") from None
     return yaml.load(resolved, Loader=_RawLoader) or {}
 
 
@@ -101,6 +109,24 @@ _RULES: Dict[str, Tuple[Callable[[Any], bool], str]] = {
     "max_batch_length_eval": (lambda v: _is_num(v) and v > 0, "a number of seconds > 0"),
     "max_duration": (lambda v: _is_num(v) and v > 0, "a number of seconds > 0"),
     "data_folder": (lambda v: isinstance(v, str) and v.strip() != "", "a folder path"),
+    "manifest_folder": (lambda v: isinstance(v, str) and v.strip() != "", "a folder path"),
+    "avg_checkpoints": (lambda v: _is_int(v) and v >= 1, "an integer >= 1"),
+    "grad_accumulation_factor": (lambda v: _is_int(v) and v >= 1, "an integer >= 1"),
+    "data_folder_must_exist": (lambda v: isinstance(v, bool), "true or false"),
+    "on_error": (lambda v: v in ("fail", "skip"), "'fail' or 'skip'"),
+    "max_utterances": (lambda v: v is None or (_is_int(v) and v >= 1), "null or an integer >= 1"),
+    "partition": (lambda v: v in ("legacy", "speaker-adaptation"), "'legacy' or 'speaker-adaptation'"),
+    "abs_pos_encoding": (lambda v: isinstance(v, bool), "true or false"),
+    "attention_type": (lambda v: v in ("RelPosMHAXL", "regularMHA"), "'RelPosMHAXL' or 'regularMHA'"),
+    "wav_augment": (lambda v: v is None, "null or an object (!new:speechbrain.augment.augmenter.Augmenter)"),
+    "fea_augment": (lambda v: v is None, "null or an object (!new:speechbrain.augment.augmenter.Augmenter)"),
+    "augmentation": (lambda v: v is None, "null or an object (e.g. !new:...SpectrogramDrop)"),
+    "train_splits": (lambda v: isinstance(v, list) and all(isinstance(s, str) for s in v),
+                     "a list of split names"),
+    "dev_splits": (lambda v: isinstance(v, list) and all(isinstance(s, str) for s in v),
+                   "a list of split names"),
+    "test_splits": (lambda v: isinstance(v, list) and all(isinstance(s, str) for s in v),
+                    "a list of split names"),
     "output_folder": (lambda v: isinstance(v, str) and v.strip() != "", "a folder path"),
     "test_sets": (lambda v: isinstance(v, list) and len(v) > 0
                   and all(isinstance(s, str) for s in v), "a non-empty list of set names"),
@@ -166,6 +192,11 @@ def check_hparams(raw: Dict[str, Any], source: str = "hparams") -> Dict[str, Any
                     f"{n} non-negative numbers, one per exit {derived['exit_layers']}, "
                     f"not all zero; got {weights!r}"
                 )
+    avg, keep = raw.get("avg_checkpoints"), raw.get("checkpoints_to_keep")
+    if _is_int(avg) and _is_int(keep) and avg > keep:
+        raise ConfigError(f"{source}: key 'avg_checkpoints' ({avg}) cannot exceed "
+                          f"'checkpoints_to_keep' ({keep}): only kept checkpoints can be averaged")
+    _check_corpus_options(raw, source)
     default_policy, sweep = raw.get("default_policy"), raw.get("policy_sweep")
     if isinstance(default_policy, str) and isinstance(sweep, list) and default_policy not in sweep:
         raise ConfigError(f"{source}: key 'default_policy' ({default_policy!r}) must be one of the "
@@ -185,6 +216,31 @@ def check_hparams(raw: Dict[str, Any], source: str = "hparams") -> Dict[str, Any
                     f"{parent}): {data_folder}"
                 )
     return derived
+
+
+#: corpus_options entries checked here (the preparation functions check them again).
+_CORPUS_RULES: Dict[str, Tuple[Callable[[Any], bool], str]] = {
+    "on_error": (lambda v: v in ("fail", "skip"), "'fail' or 'skip'"),
+    "max_utterances": (lambda v: v is None or (_is_int(v) and v >= 1), "null or an integer >= 1"),
+    "sample_rate": (lambda v: _is_int(v) and v >= 1, "an integer >= 1"),
+    "num_workers": (lambda v: v is None or (_is_int(v) and v >= 1), "null or an integer >= 1"),
+    "partition": (lambda v: v in ("legacy", "speaker-adaptation"), "'legacy' or 'speaker-adaptation'"),
+    "splits": (lambda v: isinstance(v, list) and len(v) > 0 and all(s in ("train", "dev", "test") for s in v),
+               "a non-empty list among 'train', 'dev', 'test'"),
+    "manifest_folder": (lambda v: isinstance(v, str) and v.strip() != "", "a folder path"),
+}
+
+
+def _check_corpus_options(raw: Dict[str, Any], source: str) -> None:
+    options = raw.get("corpus_options")
+    if options is None or isinstance(options, _Tagged):
+        return
+    if not isinstance(options, dict):
+        raise ConfigError(f"{source}: key 'corpus_options' must be a mapping of options, got {options!r}")
+    for key, (ok, accepted) in _CORPUS_RULES.items():
+        if key in options and not isinstance(options[key], _Tagged) and not ok(options[key]):
+            raise ConfigError(f"{source}: key 'corpus_options.{key}' must be {accepted}, "
+                              f"got {options[key]!r}")
 
 
 def _existing_parent(path: str) -> str:

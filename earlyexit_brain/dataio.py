@@ -2,6 +2,11 @@
 
 Any corpus preparation that writes SpeechBrain CSV manifests with columns
 ``ID,duration,wav,spk_id,wrd`` works here, so recipes cannot tell corpora apart.
+Manifests may add ``start`` and ``stop`` columns (sample indices, ``stop``
+exclusive, as TED-LIUM's): each utterance is then the segment ``[start, stop)``
+of ``wav``, read in place (SpeechBrain's ``read_audio`` dict form); an empty
+``start``/``stop`` reads the whole file. ``$data_root`` in a manifest is
+replaced with ``data_folder``.
 """
 
 import logging
@@ -27,6 +32,35 @@ def encoder_frames(duration: float, sample_rate: int, hop_length_ms: float, enco
     n_samples = int(round(duration * sample_rate))
     feat_frames = n_samples // int(round(sample_rate * hop_length_ms / 1000.0)) + 1
     return encoder.output_frames(feat_frames)
+
+
+def segment_spec(wav: str, start, stop):
+    """``read_audio`` argument for a manifest row: the path, or a segment dict.
+
+    ``start``/``stop`` are sample indices (strings from the CSV); empty values
+    mean the whole file.
+    """
+    start = str(start).strip() if start is not None else ""
+    stop = str(stop).strip() if stop is not None else ""
+    if not start and not stop:
+        return wav
+    spec = {"file": wav, "start": int(start) if start else 0}
+    if stop:
+        spec["stop"] = int(stop)
+        if spec["stop"] <= spec["start"]:
+            raise ValueError(f"{wav}: segment stop {stop} is not after start {start}")
+    return spec
+
+
+def has_segments(dataset: DynamicItemDataset) -> bool:
+    """True when the manifest has both ``start`` and ``stop`` columns."""
+    if not dataset.data_ids:
+        return False
+    first = dataset.data[dataset.data_ids[0]]
+    has_start, has_stop = "start" in first, "stop" in first
+    if has_start != has_stop:
+        raise ValueError("a manifest with segments needs both 'start' and 'stop' columns")
+    return has_start
 
 
 def _load(csv_path: str, data_folder: str) -> DynamicItemDataset:
@@ -65,6 +99,11 @@ def dataio_prepare(hparams: Dict, tokenizer, encoder) -> Tuple[DynamicItemDatase
     def audio_pipeline(wav):
         return sb.dataio.dataio.read_audio(wav)
 
+    @sb.utils.data_pipeline.takes("wav", "start", "stop")
+    @sb.utils.data_pipeline.provides("sig")
+    def segment_pipeline(wav, start, stop):
+        return sb.dataio.dataio.read_audio(segment_spec(wav, start, stop))
+
     @sb.utils.data_pipeline.takes("wrd")
     @sb.utils.data_pipeline.provides("tokens_list", "tokens")
     def text_pipeline(wrd):
@@ -80,7 +119,9 @@ def dataio_prepare(hparams: Dict, tokenizer, encoder) -> Tuple[DynamicItemDatase
     def fit_pipeline(duration, tokens_list):
         return ctc_required_frames(tokens_list) <= encoder_frames(duration, sample_rate, hop, encoder)
 
-    sb.dataio.dataset.add_dynamic_item(datasets, audio_pipeline)
+    for dataset in datasets:
+        segmented = has_segments(dataset)
+        sb.dataio.dataset.add_dynamic_item([dataset], segment_pipeline if segmented else audio_pipeline)
     sb.dataio.dataset.add_dynamic_item(datasets, text_pipeline)
     sb.dataio.dataset.add_dynamic_item(datasets, fit_pipeline)
 

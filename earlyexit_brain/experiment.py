@@ -85,6 +85,8 @@ def evaluate_and_report(hparams: Dict, hparams_file: str, brain, tokenizer, vali
                "exit_layers": list(hparams["encoder"].exit_layers),
                "evaluated_epoch": hparams["epoch_counter"].current,
                "checkpoint_key": hparams["checkpoint_key"],
+               "averaged_checkpoints": int(getattr(brain, "averaged_checkpoints", 1)),
+               "processes": int(os.environ.get("WORLD_SIZE", "1")),  # DDP processes (torchrun)
                "token_type": hparams["token_type"],
                "vocab_size": tokenizer.sp.vocab_size(),
                "train_utterances": train_utterances},

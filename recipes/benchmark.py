@@ -254,8 +254,12 @@ def print_inference(res):
               f"{e['real_time_factor']:.4f}  {forced}", flush=True)
 
 
-def run_smoke_recipe(procs, out, data, epochs, timeout=900):
-    """recipes/train.py on the smoke configuration with ``procs`` processes (gloo on the CPU)."""
+def run_smoke_recipe(procs, out, data, epochs, timeout=900, master_port=29533):
+    """recipes/train.py on the smoke configuration with ``procs`` processes (gloo on the CPU).
+
+    ``procs > 1`` launches ``torchrun --nproc_per_node=<procs>`` (as
+    ``python -m torch.distributed.run``) on ``master_port``; returns report.json.
+    """
     import subprocess
 
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -267,7 +271,7 @@ def run_smoke_recipe(procs, out, data, epochs, timeout=900):
     else:  # one thread per process so that the processes share the cores
         env["OMP_NUM_THREADS"] = "1"
         cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={procs}",
-               "--master_port=29533"] + args + ["--distributed_backend=gloo"]
+               f"--master_port={master_port}"] + args + ["--distributed_backend=gloo"]
     proc = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True, timeout=timeout)
     if proc.returncode != 0:
         raise RuntimeError(f"{' '.join(cmd)} failed:\n{proc.stderr[-3000:]}")

@@ -25,6 +25,7 @@ from speechbrain.utils.distributed import run_on_main
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from earlyexit_brain.brain import EarlyExitCTCBrain  # noqa: E402
+from earlyexit_brain.data.common import CorpusError  # noqa: E402
 from earlyexit_brain.dataio import dataio_prepare  # noqa: E402
 from earlyexit_brain.experiment import (evaluate_and_report, load_recipe_hparams,  # noqa: E402
                                         tokenizer_or_exit)
@@ -42,11 +43,15 @@ def main(argv):
         overrides=overrides,
     )
 
-    # Corpus preparation (on the main process only), chosen by the YAML.
-    run_on_main(
-        hparams["prepare_corpus"],
-        kwargs={"data_folder": hparams["data_folder"], **hparams.get("corpus_options", {})},
-    )
+    # Corpus preparation (on the main process only), chosen by the YAML. A corpus
+    # with problems stops here, before training, with every problem listed.
+    try:
+        run_on_main(
+            hparams["prepare_corpus"],
+            kwargs={"data_folder": hparams["data_folder"], **hparams.get("corpus_options", {})},
+        )
+    except CorpusError as err:
+        sys.exit(f"Corpus error: {err}")
 
     tokenizer = tokenizer_or_exit(hparams)
     train_data, valid_data, test_datasets, loaders = dataio_prepare(

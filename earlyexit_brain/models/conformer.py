@@ -9,6 +9,7 @@ runs the stack layer by layer and yields each exit as soon as it exists, so a
 caller that stops consuming the generator never computes the layers above.
 """
 
+import math
 from dataclasses import dataclass
 from typing import Iterator, List, Optional, Sequence, Tuple, Union
 
@@ -90,6 +91,21 @@ def resolve_exit_layers(exit_layers: Union[Sequence[int], int, str], num_layers:
     return layers
 
 
+def sinusoidal_positions(length: int, dim: int, device=None, dtype=torch.float32) -> torch.Tensor:
+    """Fixed absolute positional encoding ``(1, length, dim)``:
+    ``PE[p, 2i] = sin(p / 10000^(2i/dim))``, ``PE[p, 2i+1] = cos(...)`` (as
+    SpeechBrain's ``PositionalEncoding``, computed for any length)."""
+    if dim % 2:
+        raise ValueError(f"abs_pos_encoding needs an even d_model, got {dim}")
+    positions = torch.arange(length, device=device, dtype=torch.float32).unsqueeze(1)
+    freqs = torch.exp(torch.arange(0, dim, 2, device=device, dtype=torch.float32)
+                      * (-math.log(10000.0) / dim))
+    pe = torch.zeros(length, dim, device=device, dtype=torch.float32)
+    pe[:, 0::2] = torch.sin(positions * freqs)
+    pe[:, 1::2] = torch.cos(positions * freqs)
+    return pe.unsqueeze(0).to(dtype)
+
+
 @dataclass
 class EncoderState:
     """Where an incremental encoder run stands (see ``start``/``advance``/``select``).
@@ -136,6 +152,11 @@ class EarlyExitConformerEncoder(nn.Module):
         Stride of each front-end block.
     causal : bool
         Causal convolutions/attention.
+    abs_pos_encoding : bool
+        Add the fixed sinusoidal absolute positional encoding (no parameters)
+        to the projected input, as SpeechBrain's ``TransformerASR`` does with
+        ``regularMHA``. ``RelPosMHAXL`` has its own relative encodings and
+        needs none.
 
     Example
     -------
@@ -170,6 +191,7 @@ class EarlyExitConformerEncoder(nn.Module):
         frontend_channels: Sequence[int] = (64, 32),
         frontend_strides: Sequence[int] = (2, 2),
         causal: bool = False,
+        abs_pos_encoding: bool = False,
     ):
         super().__init__()
         if attention_type not in ("RelPosMHAXL", "regularMHA"):
@@ -190,6 +212,9 @@ class EarlyExitConformerEncoder(nn.Module):
             frontend_channels=[int(c) for c in frontend_channels],
             frontend_strides=[int(s) for s in frontend_strides], causal=causal,
         )
+        if abs_pos_encoding:  # only when set, so older exported configs stay unchanged
+            self.config["abs_pos_encoding"] = True
+        self.abs_pos_encoding = bool(abs_pos_encoding)
         self.num_layers = num_layers
         self.d_model = d_model
         self.attention_type = attention_type
@@ -248,7 +273,10 @@ class EarlyExitConformerEncoder(nn.Module):
         if x.dim() == 4:
             b, t, c1, c2 = x.shape
             x = x.reshape(b, t, c1 * c2)
-        return self.input_projection(x)
+        x = self.input_projection(x)
+        if self.abs_pos_encoding:
+            x = x + sinusoidal_positions(x.shape[1], x.shape[2], x.device, x.dtype)
+        return x
 
     def _state(self, x: torch.Tensor, frames: torch.Tensor, layer: int) -> EncoderState:
         """A state for ``x`` with ``frames`` valid frames: padding mask, attention mask, positions."""

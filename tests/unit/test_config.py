@@ -103,3 +103,53 @@ def test_recipe_fails_fast_naming_the_key(repo_root, tmp_path):
     assert proc.returncode != 0
     assert "exit_layers" in proc.stderr and "ascending" in proc.stderr
     assert not data.exists() and not (tmp_path / "out").exists()
+
+
+REAL = ["hparams/librispeech/conformer_ctc_ee.yaml", "hparams/librispeech/conformer_ctc_single.yaml",
+        "hparams/tedlium/conformer_ctc_ee.yaml"]
+
+
+@pytest.mark.parametrize("path", REAL)
+def test_real_corpus_hparams_are_valid_once_data_folder_is_given(repo_root, tmp_path, path):
+    full = os.path.join(repo_root, path)
+    with pytest.raises(ConfigError, match="key 'data_folder' must be given on the command line"):
+        check_hparams_file(full)
+    with pytest.raises(ConfigError, match="'data_folder' does not exist"):
+        check_hparams_file(full, {"data_folder": str(tmp_path / "nowhere")})
+    raw = check_hparams_file(full, {"data_folder": str(tmp_path)})
+    assert raw["token_type"] == "bpe" and raw["output_neurons"] == 256
+    assert raw["avg_checkpoints"] <= raw["checkpoints_to_keep"]
+    assert raw["corpus_options"]["on_error"] == "fail"
+
+
+@pytest.mark.parametrize(
+    "overrides, key",
+    [
+        ({"avg_checkpoints": 0}, "avg_checkpoints"),
+        ({"avg_checkpoints": 11}, "avg_checkpoints"),  # more than checkpoints_to_keep (10)
+        ({"on_error": "ignore"}, "on_error"),
+        ({"max_utterances": 0}, "max_utterances"),
+        ({"train_splits": "train-clean-100"}, "train_splits"),
+        ({"attention_type": "fancy"}, "attention_type"),
+        ({"abs_pos_encoding": "maybe"}, "abs_pos_encoding"),
+        ({"wav_augment": "speed"}, "wav_augment"),
+        ({"fea_augment": 3}, "fea_augment"),
+        ({"grad_accumulation_factor": 0}, "grad_accumulation_factor"),
+        ({"manifest_folder": ""}, "manifest_folder"),
+    ],
+)
+def test_new_keys_name_the_key(repo_root, tmp_path, overrides, key):
+    raw = read_raw_hparams(os.path.join(repo_root, REAL[0]), dict(overrides, data_folder=str(tmp_path)))
+    with pytest.raises(ConfigError) as err:
+        check_hparams(raw)
+    assert f"'{key}'" in str(err.value)
+
+
+def test_corpus_options_are_checked(repo_root, tmp_path):
+    raw = read_raw_hparams(os.path.join(repo_root, REAL[2]), {"data_folder": str(tmp_path)})
+    raw["corpus_options"]["partition"] = "legacyy"
+    with pytest.raises(ConfigError, match="'corpus_options.partition'"):
+        check_hparams(raw)
+    raw["corpus_options"].update(partition="legacy", splits=["train", "eval"])
+    with pytest.raises(ConfigError, match="'corpus_options.splits'"):
+        check_hparams(raw)

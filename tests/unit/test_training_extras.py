@@ -1,0 +1,97 @@
+"""Checkpoint averaging, waveform/feature augmentation hooks, absolute positions."""
+
+import functools
+
+import pytest
+import speechbrain as sb
+import torch
+from speechbrain.augment.augmenter import Augmenter
+from speechbrain.augment.freq_domain import SpectrogramDrop
+from speechbrain.augment.time_domain import SpeedPerturb
+from speechbrain.dataio.batch import PaddedBatch
+from speechbrain.lobes.features import Fbank
+from speechbrain.lobes.models.transformer.Transformer import PositionalEncoding
+from speechbrain.nnet.losses import ctc_loss
+from speechbrain.processing.features import InputNormalization
+from speechbrain.utils.checkpoints import Checkpointer
+
+from earlyexit_brain.brain import EarlyExitCTCBrain, load_average_of_best
+from earlyexit_brain.models.conformer import (CTCExitHeads, EarlyExitConformerEncoder,
+                                              sinusoidal_positions)
+
+
+def test_average_of_the_best_checkpoints(tmp_path):
+    model = torch.nn.Linear(2, 1)
+    ckpt = Checkpointer(str(tmp_path), recoverables={"model": model})
+    # parameters filled with v, dev WER w: best (lowest WER) first is 2.0, 4.0, 1.0
+    for value, wer in ((1.0, 30.0), (2.0, 10.0), (4.0, 20.0)):
+        with torch.no_grad():
+            for p in model.parameters():
+                p.fill_(value)
+        ckpt.save_checkpoint(meta={"WER": wer})
+    for n, expected in ((1, 2.0), (2, 3.0), (3, 7.0 / 3.0), (5, 7.0 / 3.0)):
+        used = load_average_of_best(ckpt, model, n, min_key="WER")
+        assert [c.meta["WER"] for c in used] == [10.0, 20.0, 30.0][:n]
+        for p in model.parameters():
+            assert torch.allclose(p, torch.full_like(p, expected)), (n, p)
+    with pytest.raises(ValueError, match="avg_checkpoints"):
+        load_average_of_best(ckpt, model, 0, min_key="WER")
+    assert load_average_of_best(Checkpointer(str(tmp_path / "empty"), {"model": model}), model, 2) == []
+
+
+def tiny_brain(wav_augment=None, fea_augment=None):
+    enc = EarlyExitConformerEncoder(20, 2, 16, 2, 32, [1, 2], kernel_size=3)
+    heads = CTCExitHeads(16, 8, 2)
+    hparams = dict(compute_features=Fbank(n_mels=20), blank_index=0,
+                   ctc_cost=functools.partial(ctc_loss, blank_index=0),
+                   exit_loss_weights=None, wav_augment=wav_augment, fea_augment=fea_augment)
+    return EarlyExitCTCBrain(modules={"encoder": enc, "ctc_heads": heads,
+                                      "normalize": InputNormalization()},
+                             hparams=hparams, run_opts={"device": "cpu"})
+
+
+def batch():
+    torch.manual_seed(0)
+    return PaddedBatch([
+        {"id": "a", "sig": torch.randn(8000), "tokens": torch.tensor([1, 2, 3]), "wrd": "A"},
+        {"id": "b", "sig": torch.randn(6000), "tokens": torch.tensor([4, 5]), "wrd": "B"},
+    ])
+
+
+def test_augmentation_hooks_apply_in_training_only_and_replicate_targets():
+    # concat_original doubles the batch: the targets must follow
+    wav_aug = Augmenter(concat_original=True, augmentations=[SpeedPerturb(16000, speeds=[90])])
+    fea_aug = Augmenter(augmentations=[SpectrogramDrop(dim=1)])
+    brain = tiny_brain(wav_aug, fea_aug)
+    brain.on_stage_start(sb.Stage.TRAIN)
+    log_probs, lens = brain.compute_forward(batch(), sb.Stage.TRAIN)
+    assert [lp.shape[0] for lp in log_probs] == [4, 4] and lens.shape[0] == 4
+    loss = brain.compute_objectives((log_probs, lens), batch(), sb.Stage.TRAIN)
+    assert torch.isfinite(loss)
+    # the speed-perturbed copy is 10 % longer than the original
+    plain = tiny_brain()
+    plain.on_stage_start(sb.Stage.TRAIN)
+    base, _ = plain.compute_forward(batch(), sb.Stage.TRAIN)
+    assert log_probs[0].shape[1] > base[0].shape[1]
+    # no augmentation outside training
+    brain.modules.eval()
+    valid, _ = brain.compute_forward(batch(), sb.Stage.VALID)
+    assert valid[0].shape[0] == 2 and valid[0].shape[1] == base[0].shape[1]
+
+
+def test_absolute_positions_for_regular_attention():
+    ref = PositionalEncoding(64)(torch.zeros(1, 37, 64))
+    assert torch.allclose(sinusoidal_positions(37, 64), ref, atol=1e-6)
+    torch.manual_seed(0)
+    with_pos = EarlyExitConformerEncoder(20, 2, 64, 4, 32, [2], kernel_size=3,
+                                         attention_type="regularMHA", abs_pos_encoding=True).eval()
+    without = EarlyExitConformerEncoder(20, 2, 64, 4, 32, [2], kernel_size=3,
+                                        attention_type="regularMHA").eval()
+    without.load_state_dict(with_pos.state_dict())  # no parameters added
+    feats = torch.randn(1, 40, 20)
+    assert not torch.allclose(with_pos(feats)[0], without(feats)[0])
+    assert with_pos.config["abs_pos_encoding"] is True and "abs_pos_encoding" not in without.config
+    # the exported config rebuilds the same encoder
+    again = EarlyExitConformerEncoder(**with_pos.config).eval()
+    again.load_state_dict(with_pos.state_dict())
+    assert torch.allclose(again(feats)[0], with_pos(feats)[0])
