@@ -155,6 +155,16 @@ class EarlyExitCTCBrain(sb.Brain):
             return [1.0] * self.num_exits
         return [float(w) for w in weights]
 
+    def _train_loader_specifics(self, dataset, loader_kwargs):
+        loader_kwargs = super()._train_loader_specifics(dataset, loader_kwargs)
+        batch_sampler = loader_kwargs.get("batch_sampler")
+        if self.train_sampler is None and hasattr(batch_sampler, "set_epoch"):
+            # SpeechBrain sets the epoch of a batch sampler only under DDP. Without it a
+            # DynamicBatchSampler repeats one order in every epoch, and a run resumed
+            # mid-epoch cannot find the order the interrupted run was following.
+            self.train_sampler = batch_sampler
+        return loader_kwargs
+
     # ---------------------------------------------------------------- forward
     def compute_forward(self, batch, stage):
         """Features -> encoder -> every exit's CTC log-probabilities."""

@@ -101,6 +101,8 @@ _RULES: Dict[str, Tuple[Callable[[Any], bool], str]] = {
     "ckpt_interval_minutes": (lambda v: _is_num(v) and v >= 0, "a number of minutes >= 0 (0 = off)"),
     "ckpt_interval_steps": (lambda v: _is_int(v) and v >= 0, "an integer >= 0 (0 = off)"),
     "nonfinite_patience": (lambda v: _is_int(v) and v >= 0, "an integer >= 0"),
+    "bad_audio": (lambda v: v in ("skip", "fail"), "skip or fail"),
+    "max_audio_seconds": (lambda v: _is_num(v) and v > 0, "a number of seconds > 0"),
     "token_type": (lambda v: v in ("char", "bpe", "unigram"), "'char', 'bpe' or 'unigram'"),
     "sorting": (lambda v: v in ("ascending", "descending", "random"),
                 "'ascending', 'descending' or 'random'"),

@@ -4,18 +4,22 @@ Any corpus preparation that writes SpeechBrain CSV manifests with columns
 ``ID,duration,wav,spk_id,wrd`` works here, so recipes cannot tell corpora apart.
 Manifests may add ``start`` and ``stop`` columns (sample indices, ``stop``
 exclusive, as TED-LIUM's): each utterance is then the segment ``[start, stop)``
-of ``wav``, read in place (SpeechBrain's ``read_audio`` dict form); an empty
-``start``/``stop`` reads the whole file. ``$data_root`` in a manifest is
-replaced with ``data_folder``.
+of ``wav``, read in place; an empty ``start``/``stop`` reads the whole file.
+``$data_root`` in a manifest is replaced with ``data_folder``. Audio is
+down-mixed and resampled to ``sample_rate`` when read; bad audio is handled as
+the ``bad_audio`` key says (see :mod:`earlyexit_brain.audio_check`).
 """
 
 import logging
+import os
 from typing import Dict, List, Tuple
 
 import speechbrain as sb
 import torch
 from speechbrain.dataio.dataset import DynamicItemDataset
 from speechbrain.dataio.sampler import DynamicBatchSampler
+
+from .audio_check import check_manifest_audio, make_reader, row_segment
 
 logger = logging.getLogger(__name__)
 
@@ -92,17 +96,39 @@ def dataio_prepare(hparams: Dict, tokenizer, encoder) -> Tuple[DynamicItemDatase
     train = _load(hparams["train_csv"], data_folder)
     valid = _load(hparams["valid_csv"], data_folder)
     tests = {name: _load(hparams["test_csv"][name], data_folder) for name in hparams["test_sets"]}
+
+    sample_rate = hparams["sample_rate"]
+    bad_audio = hparams.get("bad_audio", "skip")
+    cache = os.path.join(hparams["save_folder"], "audio_check") if "save_folder" in hparams else None
+    manifests = {"train": hparams["train_csv"], "valid": hparams["valid_csv"], **hparams["test_csv"]}
+    audio_summary = {}
+    checked = []
+    for name, dataset in [("train", train), ("valid", valid)] + list(tests.items()):
+        dataset, audio_summary[name] = check_manifest_audio(
+            dataset, name, manifests[name], sample_rate, bad_audio,
+            float(hparams.get("max_audio_seconds", 120.0)), cache,
+            int(hparams.get("audio_check_workers", 4)))
+        checked.append(dataset)
+    train, valid = checked[0], checked[1]
+    tests = dict(zip(tests, checked[2:]))
     datasets = [train, valid] + list(tests.values())
+    hparams["audio_check"] = audio_summary  # report.json: bad audio left out, resampled, down-mixed
 
-    @sb.utils.data_pipeline.takes("wav")
-    @sb.utils.data_pipeline.provides("sig")
-    def audio_pipeline(wav):
-        return sb.dataio.dataio.read_audio(wav)
+    def audio_pipelines(training):
+        read = make_reader(sample_rate, bad_audio, training)
 
-    @sb.utils.data_pipeline.takes("wav", "start", "stop")
-    @sb.utils.data_pipeline.provides("sig")
-    def segment_pipeline(wav, start, stop):
-        return sb.dataio.dataio.read_audio(segment_spec(wav, start, stop))
+        @sb.utils.data_pipeline.takes("wav")
+        @sb.utils.data_pipeline.provides("sig")
+        def audio_pipeline(wav):
+            return read(wav)
+
+        @sb.utils.data_pipeline.takes("wav", "start", "stop")
+        @sb.utils.data_pipeline.provides("sig")
+        def segment_pipeline(wav, start, stop):
+            segment_spec(wav, start, stop)  # raises naming the file on a bad segment
+            return read(wav, *row_segment(start, stop))
+
+        return audio_pipeline, segment_pipeline
 
     @sb.utils.data_pipeline.takes("wrd")
     @sb.utils.data_pipeline.provides("tokens_list", "tokens")
@@ -111,7 +137,6 @@ def dataio_prepare(hparams: Dict, tokenizer, encoder) -> Tuple[DynamicItemDatase
         yield tokens_list
         yield torch.LongTensor(tokens_list)
 
-    sample_rate = hparams["sample_rate"]
     hop = hparams["hop_length"]
 
     @sb.utils.data_pipeline.takes("duration", "tokens_list")
@@ -120,8 +145,8 @@ def dataio_prepare(hparams: Dict, tokenizer, encoder) -> Tuple[DynamicItemDatase
         return ctc_required_frames(tokens_list) <= encoder_frames(duration, sample_rate, hop, encoder)
 
     for dataset in datasets:
-        segmented = has_segments(dataset)
-        sb.dataio.dataset.add_dynamic_item([dataset], segment_pipeline if segmented else audio_pipeline)
+        whole, segment = audio_pipelines(training=dataset is train)
+        sb.dataio.dataset.add_dynamic_item([dataset], segment if has_segments(dataset) else whole)
     sb.dataio.dataset.add_dynamic_item(datasets, text_pipeline)
     sb.dataio.dataset.add_dynamic_item(datasets, fit_pipeline)
 

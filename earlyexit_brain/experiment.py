@@ -89,7 +89,9 @@ def evaluate_and_report(hparams: Dict, hparams_file: str, brain, tokenizer, vali
                "processes": int(os.environ.get("WORLD_SIZE", "1")),  # DDP processes (torchrun)
                "token_type": hparams["token_type"],
                "vocab_size": tokenizer.sp.vocab_size(),
-               "train_utterances": train_utterances},
+               "train_utterances": train_utterances,
+               # per set: utterances left out for bad audio, files resampled / down-mixed
+               "audio_check": hparams.get("audio_check", {})},
     )
     if hparams.get("policy_evaluation", True):
         report.update(run_policy_evaluation(hparams, tokenizer.sp, valid_data, test_datasets,

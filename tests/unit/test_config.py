@@ -37,6 +37,8 @@ def load_default(repo_root, overrides=None):
         ({"ckpt_interval_steps": 2.5}, "ckpt_interval_steps"),
         ({"ckpt_interval_minutes": 5, "ckpt_interval_steps": 10}, "ckpt_interval_steps"),
         ({"nonfinite_patience": -1}, "nonfinite_patience"),
+        ({"bad_audio": "ignore"}, "bad_audio"),
+        ({"max_audio_seconds": 0}, "max_audio_seconds"),
         ({"policy_sweep": ["entropy", "oracle"]}, "policy_sweep"),
         ({"default_policy": "budget"}, "default_policy"),
         ({"policy_sweep": ["entropy"]}, "default_policy"),  # posterior is not calibrated
