@@ -55,3 +55,19 @@ def test_report_json_and_markdown(tmp_path):
     assert json.load(open(paths["json"])) == report
     assert os.path.getsize(paths["plot"]) > 1000
     assert not [p for p in os.listdir(tmp_path) if "tmp" in p]
+
+
+def test_reliability_table_cites_tests_that_exist(repo_root):
+    text = open(os.path.join(repo_root, "docs", "reliability.md")).read()
+    rows = [line for line in text.splitlines() if re.match(r"\| \d+ \|", line)]
+    assert len(rows) >= 15
+    cited = 0
+    for row in rows:
+        current = None
+        for path, name in re.findall(r"`(tests/[\w/]+\.py)?::(\w+)`", row):
+            current = path or current
+            assert current, row
+            source = open(os.path.join(repo_root, current)).read()
+            assert re.search(rf"^def {name}\(", source, flags=re.M), (current, name)
+            cited += 1
+    assert cited >= 15

@@ -103,6 +103,21 @@ def test_librispeech_is_idempotent(libri, monkeypatch):
     assert len(rows(again["dev-clean"])[1]) == 2
 
 
+def test_librispeech_preparation_killed_before_its_stamp_is_redone(libri):
+    root, _, out = libri
+    first = prepare_librispeech(root, out, train_splits=TRAIN)
+    expected = rows(first["train"])
+    # a crash after one manifest was (partly) written and before the stamp
+    os.remove(os.path.join(out, librispeech.STAMP))
+    with open(first["train"]) as fin:
+        head = fin.read()[:120]
+    with open(first["train"], "w") as fout:
+        fout.write(head)
+    again = prepare_librispeech(root, out, train_splits=TRAIN)
+    assert rows(again["train"]) == expected
+    assert os.path.exists(os.path.join(out, librispeech.STAMP))
+
+
 def break_librispeech(root):
     """Four problems: a missing split, a missing audio, an unreadable header, a bad ID."""
     shutil.rmtree(os.path.join(root, "test-other"))
