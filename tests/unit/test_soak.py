@@ -1,0 +1,23 @@
+"""recipes/soak.py on the tiny exported model: it transcribes every file and reports RSS."""
+
+import json
+import os
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def test_soak_reports_memory_every_tenth(folder, tmp_path, capsys):
+    sys.path.insert(0, os.path.join(ROOT, "recipes"))
+    try:
+        import soak
+    finally:
+        sys.path.pop(0)
+    out = tmp_path / "soak.json"
+    result = soak.main([folder, "--files", "20", "--seconds", "0.5", "--policy", "entropy",
+                        "--out", str(out)])
+    assert [s["files"] for s in result["rss"]] == list(range(2, 21, 2))
+    assert all(s["rss_mb"] > 0 for s in result["rss"])
+    assert sum(result["exit_counts"].values()) == 20
+    assert json.loads(out.read_text())["rss_growth_mb"] == result["rss_growth_mb"]
+    assert "RSS after warm-up" in capsys.readouterr().out
