@@ -28,7 +28,7 @@ import soundfile
 from . import __version__
 from .config import ConfigError, read_raw_hparams
 from .report import report_markdown
-from .utils import atomic_write_text
+from .utils import atomic_folder, atomic_write_text
 
 logger = logging.getLogger(__name__)
 
@@ -269,10 +269,7 @@ def build_hub_folder(experiment: str, out: str, repo_id: str, license: str = "ap
     check_repo_id(repo_id)
     exp = read_experiment(experiment)
     out = os.path.abspath(out)
-    parent = os.path.dirname(out)
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=".hub-", dir=parent)
-    try:
+    with atomic_folder(out, prefix=".hub-") as tmp:
         for name in MODEL_FILES:
             shutil.copyfile(os.path.join(exp["inference"], name), os.path.join(tmp, name))
         with open(os.path.join(tmp, "exit_policies.ckpt")) as fin:
@@ -305,16 +302,6 @@ def build_hub_folder(experiment: str, out: str, repo_id: str, license: str = "ap
         card = build_model_card(report, repo_id, dataset, policies, license, language,
                                 with_plot=os.path.isfile(plot))
         atomic_write_text(os.path.join(tmp, "README.md"), str(card))
-        old = None
-        if os.path.exists(out):
-            old = tempfile.mkdtemp(prefix=".hub-old-", dir=parent)
-            os.replace(out, os.path.join(old, "folder"))
-        os.replace(tmp, out)
-        if old:
-            shutil.rmtree(old, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out
 
 

@@ -25,7 +25,6 @@ import json
 import logging
 import os
 import shutil
-import tempfile
 from dataclasses import dataclass
 from typing import Dict, List, Optional, Sequence, Union
 
@@ -39,7 +38,7 @@ from speechbrain.utils.fetching import FetchConfig, LocalStrategy, fetch
 from .exits import (ExitPolicy, LatencyTable, POLICY_NAMES, check_exit, make_ctc_beam_searcher,
                     make_policy)
 from .safe_load import check_hparams_text, weights_only_loading
-from .utils import atomic_write_text, tokens_to_text
+from .utils import atomic_folder, atomic_write_text, tokens_to_text
 
 logger = logging.getLogger(__name__)
 
@@ -332,10 +331,7 @@ def export_inference_folder(folder: str, model, features_config: Dict, tokenizer
     half-written folder behind.
     """
     folder = os.path.abspath(folder)
-    parent = os.path.dirname(folder)
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=".inference-", dir=parent)
-    try:
+    with atomic_folder(folder, prefix=".inference-") as tmp:
         text = INFERENCE_YAML.format(
             sample_rate=int(features_config["sample_rate"]), blank_index=int(blank_index),
             default_exit=int(model.default_exit), features=_yaml_block(features_config),
@@ -350,14 +346,4 @@ def export_inference_folder(folder: str, model, features_config: Dict, tokenizer
         JsonRecord(policies or {})._save(os.path.join(tmp, "exit_policies.ckpt"))
         JsonRecord(latency_table.to_json() if latency_table else {})._save(
             os.path.join(tmp, "latency_table.ckpt"))
-        old = None
-        if os.path.exists(folder):
-            old = tempfile.mkdtemp(prefix=".inference-old-", dir=parent)
-            os.replace(folder, os.path.join(old, "inference"))
-        os.replace(tmp, folder)
-        if old:
-            shutil.rmtree(old, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return folder

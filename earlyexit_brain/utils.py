@@ -1,8 +1,10 @@
 """Small helpers shared by the library and the recipes."""
 
+import contextlib
 import os
+import shutil
 import tempfile
-from typing import Optional
+from typing import Iterator, Optional
 
 import torch
 
@@ -21,6 +23,29 @@ def atomic_write_text(path: str, text: str) -> None:
     except BaseException:
         if os.path.exists(tmp):
             os.remove(tmp)
+        raise
+
+
+@contextlib.contextmanager
+def atomic_folder(folder: str, prefix: str = ".tmp-") -> Iterator[str]:
+    """Build a folder beside ``folder`` (the block writes into the yielded path) and move it
+    into place, replacing any previous one, only when the block succeeds; a crash never
+    leaves a half-written ``folder``."""
+    folder = os.path.abspath(folder)
+    parent = os.path.dirname(folder)
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=prefix, dir=parent)
+    try:
+        yield tmp
+        old = None
+        if os.path.exists(folder):
+            old = tempfile.mkdtemp(prefix=prefix + "old-", dir=parent)
+            os.replace(folder, os.path.join(old, "folder"))
+        os.replace(tmp, folder)
+        if old:
+            shutil.rmtree(old, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
         raise
 
 

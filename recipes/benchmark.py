@@ -8,7 +8,9 @@ Currently measured:
   model with the same encoder, on the same batch, alternating the two models
   so that machine noise hits both alike. Reports the median, min and max of
   each and the ratio of medians, for the default synthetic configuration and
-  for the paper-size encoder (12 layers, d_model 256, exits every 2 layers).
+  for the paper-size encoder (12 layers, d_model 256, exits every 2 layers), and
+  each model's peak memory (GPU: peak allocated; CPU: peak resident memory of 3 steps
+  in a fresh process, minus its memory before the model was built).
 - ``inference``: batch-1 latency from the waveform to each exit (2, 10 and 30 s of audio)
   against the proportional ideal computed from the same run (front end + k/N
   of the encoder's time), the speed-up of each exit over the full model, and
@@ -110,6 +112,9 @@ def bench_train_step(name, batch, seconds, repeats, warmup, vocab=32, device=tor
                 times[key].append(t)
     result = {"config": name, "batch": batch, "seconds_per_utterance": seconds,
               "threads": torch.get_num_threads(), "repeats": repeats, "device": str(device)}
+    if device.type == "cpu":
+        for key in models:  # each model alone in a fresh process
+            result[f"peak_memory_gb_{key}"] = cpu_peak_memory_gb(name, key, batch, seconds, vocab)
     if device.type == "cuda":
         for key in models:  # one more step each, peak memory measured alone
             torch.cuda.synchronize()
@@ -124,6 +129,48 @@ def bench_train_step(name, batch, seconds, repeats, warmup, vocab=32, device=tor
     pair = [a / b for a, b in zip(times["early_exit"], times["single_exit"])]
     result["ratio_pairwise_median"] = statistics.median(pair)
     return result
+
+
+def current_rss_bytes() -> int:
+    with open("/proc/self/statm") as fin:
+        return int(fin.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def memory_child(name, key, batch, seconds, vocab):
+    """In a fresh process: peak RSS of 3 training steps minus the RSS before the model exists."""
+    import resource
+
+    enc_kwargs, ee_layers, single_layers = CONFIGS[name]
+    frames = int(seconds * 100)
+    torch.manual_seed(1)
+    feats = torch.randn(batch, frames, 80)
+    tokens = torch.randint(1, vocab, (batch, int(seconds * 12)))
+    token_lens = torch.full((batch,), tokens.shape[1], dtype=torch.long)
+    before = current_rss_bytes()
+    model = build(enc_kwargs, ee_layers if key == "early_exit" else single_layers, vocab)
+    for _ in range(3):
+        train_step(model, feats, torch.ones(batch), tokens, token_lens)
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
+    print(json.dumps({"peak_bytes": peak - before}))
+
+
+def cpu_peak_memory_gb(name, key, batch, seconds, vocab):
+    """Peak resident memory of ``key``'s training steps, measured alone in a child process.
+
+    Linux only (``/proc``, ``ru_maxrss`` in KiB); None elsewhere or if the child fails.
+    """
+    import subprocess
+
+    if not os.path.exists("/proc/self/statm"):
+        return None
+    proc = subprocess.run([sys.executable, os.path.abspath(__file__), "--memory-child",
+                           json.dumps([name, key, batch, seconds, vocab]),
+                           "--threads", str(torch.get_num_threads())],
+                          capture_output=True, text=True, timeout=600)
+    if proc.returncode != 0:
+        print(f"peak memory of {name} {key}: the child process failed:\n{proc.stderr[-2000:]}")
+        return None
+    return json.loads(proc.stdout.strip().splitlines()[-1])["peak_bytes"] / 2 ** 30
 
 
 def stats(values):
@@ -325,7 +372,7 @@ def markdown(output):
         rows = []
         for r in output["train_step"]:
             mem = (f"{r['peak_memory_gb_early_exit']:.2f} / {r['peak_memory_gb_single_exit']:.2f} GB"
-                   if "peak_memory_gb_early_exit" in r else "n/a (CPU)")
+                   if r.get("peak_memory_gb_early_exit") is not None else "n/a")
             rows.append([r["config"], f"{r['batch']} x {r['seconds_per_utterance']} s",
                          fmt_s(r["early_exit"]), fmt_s(r["single_exit"]), f"{r['ratio']:.3f}",
                          f"{r['ratio_pairwise_median']:.3f}", mem])
@@ -395,8 +442,12 @@ def main(argv=None):
     parser.add_argument("--only", choices=SECTIONS, help="run one section")
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
     parser.add_argument("--bf16", action="store_true", help="bf16 autocast for inference")
+    parser.add_argument("--memory-child", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
+    if args.memory_child:
+        memory_child(*json.loads(args.memory_child))
+        return
     device = torch.device(args.device)
     quick = args.quick
     repeats, warmup = (6, 2) if quick else (30, 3)
@@ -461,7 +512,10 @@ def run_train_step(quick, repeats, warmup, device):
               f"[{res['early_exit']['min_s']:.3f}-{res['early_exit']['max_s']:.3f}], "
               f"single-exit {res['single_exit']['median_s']:.3f} s "
               f"[{res['single_exit']['min_s']:.3f}-{res['single_exit']['max_s']:.3f}], "
-              f"ratio {res['ratio']:.3f} (pairwise median {res['ratio_pairwise_median']:.3f})",
+              f"ratio {res['ratio']:.3f} (pairwise median {res['ratio_pairwise_median']:.3f})"
+              + (f", peak memory {res['peak_memory_gb_early_exit']:.2f} / "
+                 f"{res['peak_memory_gb_single_exit']:.2f} GB"
+                 if res.get("peak_memory_gb_early_exit") is not None else ""),
               flush=True)
     return results
 
