@@ -1,9 +1,10 @@
 """The benchmark harness writes bench.json and bench.md (compute section: fast, no timing asserted)."""
 
 import json
-import os
 import subprocess
 import sys
+
+from recipe_modules import recipe
 
 
 def test_compute_section_and_tables(repo_root, tmp_path):
@@ -22,12 +23,8 @@ def test_compute_section_and_tables(repo_root, tmp_path):
     assert "multiply-accumulates" in table and "| paper size (12 layers, d 256) | 6 (12) |" in table
 
 
-def test_cpu_peak_memory_of_a_training_step_in_a_child_process(repo_root):
-    sys.path.insert(0, os.path.join(repo_root, "recipes"))
-    try:
-        import benchmark
-    finally:
-        sys.path.pop(0)
+def test_cpu_peak_memory_of_a_training_step_in_a_child_process():
+    benchmark = recipe("benchmark")
     name = next(iter(benchmark.CONFIGS))
     gb = benchmark.cpu_peak_memory_gb(name, "early_exit", 2, 1.0, 32)
     assert gb is not None and 0.001 < gb < 8

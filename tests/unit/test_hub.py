@@ -22,6 +22,7 @@ from earlyexit_brain.inference import EarlyExitASR
 from earlyexit_brain.report import build_report, write_report
 from earlyexit_brain.safe_load import UnsafeHparamsError, unsafe_tags
 from earlyexit_brain.transcribe import main as transcribe_main
+from recipe_modules import recipe
 from signals import SR, tone
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -106,12 +107,7 @@ def recorder(monkeypatch):
 
 
 def publish(*args):
-    sys.path.insert(0, os.path.join(ROOT, "recipes"))
-    try:
-        import publish as recipe
-    finally:
-        sys.path.pop(0)
-    return recipe.main([str(a) for a in args])
+    return recipe("publish").main([str(a) for a in args])
 
 
 # ------------------------------------------------------------------ the folder
@@ -231,9 +227,7 @@ def test_bad_experiment_folders(tmp_path, experiment, recorder, capsys):
 def test_no_token_is_a_clear_error(tmp_path, experiment, recorder, monkeypatch, capsys):
     monkeypatch.delenv("HF_TOKEN")
     monkeypatch.setattr(hub, "hub_token", lambda: None)
-    import publish as recipe  # noqa: F401  (loaded by the helper above)
-
-    monkeypatch.setattr(recipe, "hub_token", lambda: None)
+    monkeypatch.setattr(recipe("publish"), "hub_token", lambda: None)
     assert publish(experiment, "--repo-id", "alice/x", "--out", tmp_path / "h") == 1
     assert "no Hugging Face token" in capsys.readouterr().err
 

@@ -1,18 +1,12 @@
 """recipes/soak.py on the tiny exported model: it transcribes every file and reports RSS."""
 
 import json
-import os
-import sys
 
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from recipe_modules import recipe
 
 
 def test_soak_reports_memory_every_tenth(folder, tmp_path, capsys):
-    sys.path.insert(0, os.path.join(ROOT, "recipes"))
-    try:
-        import soak
-    finally:
-        sys.path.pop(0)
+    soak = recipe("soak")
     out = tmp_path / "soak.json"
     result = soak.main([folder, "--files", "20", "--seconds", "0.5", "--policy", "entropy",
                         "--out", str(out)])
