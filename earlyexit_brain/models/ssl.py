@@ -40,7 +40,7 @@ from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple, Union
 import torch
 from torch import nn
 
-from .conformer import resolve_exit_layers
+from .conformer import CTCExitHeads, resolve_exit_layers
 
 SUPPORTED_MODEL_TYPES = ("wav2vec2", "wavlm", "hubert")
 _HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*$")
@@ -112,7 +112,15 @@ class SSLEncoderState:
 
 
 class WaveformFeatures(nn.Module):
-    """``compute_features`` for SSL encoders: the waveform ``(B, S)`` itself."""
+    """``compute_features`` for SSL encoders: the waveform ``(B, S)`` itself.
+
+    ``sample_rate`` is only recorded (the exported inference YAML rebuilds the
+    module from ``config``); the SSL models expect 16 kHz audio.
+    """
+
+    def __init__(self, sample_rate: int = 16000):
+        super().__init__()
+        self.config = {"sample_rate": int(sample_rate)}
 
     def forward(self, wavs: torch.Tensor) -> torch.Tensor:
         return wavs
@@ -124,15 +132,15 @@ class WaveformNormalization(nn.Module):
     With ``enabled`` each utterance is scaled to zero mean and unit variance
     over its valid samples (what the HF feature extractor's ``do_normalize``
     does for models trained that way, e.g. wav2vec2-large-lv60, WavLM); padded
-    samples are set to 0. It holds no statistics, but has SpeechBrain's
-    checkpoint hooks (``_save``/``_load``) so it can stand where
-    ``InputNormalization`` stands in checkpoints and exported folders.
+    samples are set to 0. It holds no statistics; its settings are in
+    ``config`` (written into exported inference YAML files).
     """
 
     def __init__(self, enabled: bool = True, eps: float = 1e-7):
         super().__init__()
         self.enabled = bool(enabled)
         self.eps = eps
+        self.config = {"enabled": self.enabled, "eps": float(eps)}
 
     def forward(self, wavs: torch.Tensor, lengths: Optional[torch.Tensor] = None) -> torch.Tensor:
         if not self.enabled:
@@ -149,12 +157,9 @@ class WaveformNormalization(nn.Module):
         return torch.where(valid, (wavs - mean) / torch.sqrt(var + self.eps), torch.zeros_like(wavs))
 
     def _save(self, path):
-        with open(path, "w") as fout:
-            json.dump({"enabled": self.enabled}, fout)
-
-    def _load(self, path, end_of_epoch=False):
-        with open(path) as fin:
-            self.enabled = bool(json.load(fin)["enabled"])
+        """Write the (empty) state dict: the file stands where InputNormalization's statistics
+        stand in exported folders and loads with SpeechBrain's default module transfer."""
+        torch.save(self.state_dict(), path)
 
 
 class EarlyExitSSLEncoder(nn.Module):
@@ -370,3 +375,10 @@ def init_heads_from_shared(heads: nn.Module) -> nn.Module:
             head.weight.copy_(first.weight)
             head.bias.copy_(first.bias)
     return heads
+
+
+def make_ctc_heads(d_model: int, vocab_size: int, num_exits: int, shared_init: bool = True) -> CTCExitHeads:
+    """``CTCExitHeads`` for an SSL encoder, every head initialised from one shared head
+    when ``shared_init`` (YAML: ``shared_head_init``)."""
+    heads = CTCExitHeads(d_model, vocab_size, num_exits)
+    return init_heads_from_shared(heads) if shared_init else heads
