@@ -40,6 +40,9 @@ def test_ssl_recipe_trains_exports_and_transcribes(repo_root, tmp_path):
     log = (out / "train_log.txt").read_text()
     losses = [float(m) for m in re.findall(r"^epoch: \d+, .*? - train loss: ([0-9.e+-]+)", log, flags=re.M)]
     assert len(losses) == 3 and losses[-1] < losses[0], losses
+    # two optimisers (exit heads; SSL model), both checkpointed
+    ckpt = sorted((out / "save").glob("CKPT*"))[-1]
+    assert (ckpt / "optimizer.ckpt").is_file() and (ckpt / "ssl_optimizer.ckpt").is_file()
     # the exported folder rebuilds the encoder from its stored config: remove the source
     for f in src.iterdir():
         f.unlink()

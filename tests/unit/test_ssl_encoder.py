@@ -60,8 +60,9 @@ def test_truncated_forward_matches_full_model(tmp_path, family, stable):
     assert enc.output_frames(4000) == hiddens[0].shape[1]
 
 
+@pytest.mark.parametrize("trim", [False, True], ids=["keep_padding", "trim"])
 @pytest.mark.parametrize("family", ["wav2vec2", "wavlm"])
-def test_dynamic_inference_with_select(tmp_path, family):
+def test_dynamic_inference_with_select(tmp_path, family, trim):
     save_tiny(tmp_path, family, False)
     enc = EarlyExitSSLEncoder(str(tmp_path), exit_layers=[2, 4]).eval()
     heads = CTCExitHeads(32, 6, 2).eval()
@@ -71,7 +72,7 @@ def test_dynamic_inference_with_select(tmp_path, family):
         return torch.tensor([True, False, False])
 
     with torch.no_grad():
-        out = run_dynamic(enc, heads, wavs, lens, stop_first, trim=False)
+        out = run_dynamic(enc, heads, wavs, lens, stop_first, trim=trim)
         full = [heads.forward_exit(k, h) for k, h in enumerate(enc(wavs, lens))]
     assert out.exits.tolist() == [0, 1, 1]
     frames = enc.start(wavs, lens).frames
