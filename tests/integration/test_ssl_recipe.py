@@ -1,5 +1,6 @@
 """End-to-end: recipes/train.py with a tiny random wav2vec2 (hparams/synthetic/wav2vec2_ctc_ee.yaml)."""
 
+import json
 import re
 import subprocess
 import sys
@@ -43,6 +44,13 @@ def test_ssl_recipe_trains_exports_and_transcribes(repo_root, tmp_path):
     # two optimisers (exit heads; SSL model), both checkpointed
     ckpt = sorted((out / "save").glob("CKPT*"))[-1]
     assert (ckpt / "optimizer.ckpt").is_file() and (ckpt / "ssl_optimizer.ckpt").is_file()
+    # recipes/evaluate.py serves the SSL experiment as it serves the Conformer's
+    proc = subprocess.run([sys.executable, "recipes/evaluate.py", str(out), "--calibration_target=avg_layers",
+                           "--calibration_value=1.5"], cwd=repo_root, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    report = json.loads((out / "report.json").read_text())
+    assert [e["exit"] for e in report["exits"]] == [1, 2]
+    assert report["calibration"]["target"] == "avg_layers"
     # the exported folder rebuilds the encoder from its stored config: remove the source
     for f in src.iterdir():
         f.unlink()
