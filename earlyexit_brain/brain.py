@@ -277,10 +277,41 @@ class EarlyExitCTCBrain(sb.Brain):
                 f"nonfinite_patience to tolerate more. The last checkpoint is intact: rerun the "
                 f"same command to resume from it.")
 
+    def init_optimizers(self):
+        """One optimiser, or two when the YAML gives ``ssl_opt_class`` (SSL encoders).
+
+        With ``ssl_opt_class`` the pre-trained model's parameters
+        (``encoder.model``) get their own optimiser and learning rate, as in
+        SpeechBrain's wav2vec2 recipes, and ``opt_class`` updates the rest (exit
+        heads, any non-pre-trained part). Both are checkpointed
+        (``optimizer``, ``ssl_optimizer``); ``lr_annealing`` steps ``opt_class``'s
+        optimiser and ``ssl_lr_annealing`` (optional) the SSL one.
+        """
+        ssl_opt_class = getattr(self.hparams, "ssl_opt_class", None)
+        if ssl_opt_class is None or self.opt_class is None:
+            return super().init_optimizers()
+        encoder = getattr(self.modules.encoder, "module", self.modules.encoder)  # DDP
+        ssl_model = getattr(encoder, "model", None)
+        if ssl_model is None:
+            raise ValueError("ssl_opt_class: the encoder has no pre-trained 'model' to optimise "
+                             "separately (use it with EarlyExitSSLEncoder only)")
+        ssl_ids = {id(p) for p in ssl_model.parameters()}
+        ssl_params = [p for p in ssl_model.parameters() if p.requires_grad]
+        other = [p for p in self.modules.parameters() if id(p) not in ssl_ids and p.requires_grad]
+        self.optimizer = self.opt_class(other)
+        self.ssl_optimizer = ssl_opt_class(ssl_params)
+        self.optimizers_dict = {"model_optimizer": self.optimizer, "ssl_optimizer": self.ssl_optimizer}
+        if self.checkpointer is not None:
+            self.checkpointer.add_recoverable("optimizer", self.optimizer)
+            self.checkpointer.add_recoverable("ssl_optimizer", self.ssl_optimizer)
+
     def on_fit_batch_end(self, batch, outputs, loss, should_step):
-        """Step the per-update learning-rate schedule."""
+        """Step the per-update learning-rate schedule(s)."""
         if should_step and getattr(self.hparams, "lr_annealing", None) is not None:
             self.hparams.lr_annealing(self.optimizer)
+        ssl_annealing = getattr(self.hparams, "ssl_lr_annealing", None)
+        if should_step and ssl_annealing is not None and hasattr(self, "ssl_optimizer"):
+            ssl_annealing(self.ssl_optimizer)
 
     # ---------------------------------------------------------------- stages
     def on_stage_start(self, stage, epoch=None):

@@ -9,6 +9,7 @@ folders) so a mistake is reported in one message naming the key and the
 accepted values, before any expensive work.
 """
 
+import json
 import os
 import re
 from typing import Any, Callable, Dict, Optional, Tuple
@@ -175,6 +176,7 @@ def check_hparams(raw: Dict[str, Any], source: str = "hparams") -> Dict[str, Any
         raise ConfigError(f"{source}: keys 'ckpt_interval_minutes' and 'ckpt_interval_steps': set "
                           f"one of them (the other 0), got {raw['ckpt_interval_minutes']} and "
                           f"{raw['ckpt_interval_steps']}")
+    _check_ssl(raw, source)
     derived: Dict[str, Any] = {}
     if "exit_layers" in raw:
         depth = raw.get("num_layers")
@@ -243,6 +245,37 @@ def _check_corpus_options(raw: Dict[str, Any], source: str) -> None:
         if key in options and not isinstance(options[key], _Tagged) and not ok(options[key]):
             raise ConfigError(f"{source}: key 'corpus_options.{key}' must be {accepted}, "
                               f"got {options[key]!r}")
+
+
+def _check_ssl(raw: Dict[str, Any], source: str) -> None:
+    """``ssl_source`` (SSL encoders): a local model folder or a Hub id; for a local folder,
+    its model type, depth (``num_layers``) and hidden size (``d_model``) are checked too.
+    A Hub id is checked when the model loads, still before training starts."""
+    if "ssl_source" not in raw or isinstance(raw["ssl_source"], _Tagged):
+        return
+    from earlyexit_brain.models.ssl import SUPPORTED_MODEL_TYPES, check_source
+
+    try:
+        local = check_source(raw["ssl_source"], "'ssl_source'")
+    except ValueError as err:
+        raise ConfigError(f"{source}: key {err}") from None
+    if not local:
+        return
+    path = os.path.join(raw["ssl_source"], "config.json")
+    try:
+        with open(path) as fin:
+            config = json.load(fin)
+    except (OSError, ValueError) as err:
+        raise ConfigError(f"{source}: key 'ssl_source': cannot read {path} ({err})") from None
+    model_type = config.get("model_type")
+    if model_type not in SUPPORTED_MODEL_TYPES:
+        raise ConfigError(f"{source}: key 'ssl_source': {raw['ssl_source']} is a {model_type!r} model, "
+                          f"which has no wav2vec2-style transformer layers to tap; accepted model "
+                          f"types: {', '.join(SUPPORTED_MODEL_TYPES)}")
+    for key, hf_key in (("num_layers", "num_hidden_layers"), ("d_model", "hidden_size")):
+        if key in raw and _is_int(raw[key]) and raw[key] != config.get(hf_key):
+            raise ConfigError(f"{source}: key '{key}' ({raw[key]}) must equal the {hf_key} of "
+                              f"ssl_source ({config.get(hf_key)})")
 
 
 def _existing_parent(path: str) -> str:

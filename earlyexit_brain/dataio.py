@@ -12,7 +12,7 @@ the ``bad_audio`` key says (see :mod:`earlyexit_brain.audio_check`).
 
 import logging
 import os
-from typing import Dict, List, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import speechbrain as sb
 import torch
@@ -31,9 +31,15 @@ def ctc_required_frames(tokens: List[int]) -> int:
     return len(tokens) + repeats
 
 
-def encoder_frames(duration: float, sample_rate: int, hop_length_ms: float, encoder) -> int:
-    """Encoder output frames for an utterance of ``duration`` seconds."""
+def encoder_frames(duration: float, sample_rate: int, hop_length_ms: Optional[float], encoder) -> int:
+    """Encoder output frames for an utterance of ``duration`` seconds.
+
+    ``hop_length_ms`` is the feature hop; None when the encoder reads the waveform
+    itself (SSL encoders: ``output_frames`` takes samples).
+    """
     n_samples = int(round(duration * sample_rate))
+    if hop_length_ms is None:
+        return encoder.output_frames(n_samples)
     feat_frames = n_samples // int(round(sample_rate * hop_length_ms / 1000.0)) + 1
     return encoder.output_frames(feat_frames)
 
@@ -137,7 +143,7 @@ def dataio_prepare(hparams: Dict, tokenizer, encoder) -> Tuple[DynamicItemDatase
         yield tokens_list
         yield torch.LongTensor(tokens_list)
 
-    hop = hparams["hop_length"]
+    hop = hparams.get("hop_length")  # None: a waveform encoder (SSL)
 
     @sb.utils.data_pipeline.takes("duration", "tokens_list")
     @sb.utils.data_pipeline.provides("ctc_fits")

@@ -293,7 +293,11 @@ def build_model(hparams: Dict):
 
 
 def features_config(hparams: Dict) -> Dict:
-    """Fbank arguments of a recipe, for the exported inference YAML."""
+    """Fbank arguments of a recipe, for the exported inference YAML (SSL recipes: the
+    waveform front end's own ``config``)."""
+    features = hparams["compute_features"]
+    if hasattr(features, "config"):
+        return {"sample_rate": int(hparams["sample_rate"]), **features.config}
     return {"sample_rate": int(hparams["sample_rate"]),
             "n_fft": int(hparams["compute_features"].compute_STFT.n_fft),
             "n_mels": int(hparams["n_mels"]), "hop_length": float(hparams["hop_length"]),

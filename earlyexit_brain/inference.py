@@ -264,11 +264,11 @@ sample_rate: {sample_rate}
 blank_index: {blank_index}
 default_exit: {default_exit}     # exit (1-based) used by the module's forward
 
-compute_features: !new:speechbrain.lobes.features.Fbank
+compute_features: !new:{features_class}
 {features}
 
-normalize: !new:speechbrain.processing.features.InputNormalization
-    norm_type: global
+normalize: !new:{normalize_class}
+{normalize}
 
 ee_encoder: !new:{encoder_class}
 {encoder}
@@ -331,10 +331,22 @@ def export_inference_folder(folder: str, model, features_config: Dict, tokenizer
     half-written folder behind.
     """
     folder = os.path.abspath(folder)
+    # Fbank + global InputNormalization (the Conformer), or modules that carry their own
+    # ``config`` (the SSL encoders' WaveformFeatures / WaveformNormalization)
+    features_class, normalize_class = "speechbrain.lobes.features.Fbank", \
+        "speechbrain.processing.features.InputNormalization"
+    features = {k: v for k, v in features_config.items()}
+    normalize_config: Dict = {"norm_type": "global"}
+    if hasattr(model.compute_features, "config"):
+        features_class, features = _class_path(model.compute_features), dict(model.compute_features.config)
+    if hasattr(model.normalize, "config"):
+        normalize_class, normalize_config = _class_path(model.normalize), dict(model.normalize.config)
     with atomic_folder(folder, prefix=".inference-") as tmp:
         text = INFERENCE_YAML.format(
             sample_rate=int(features_config["sample_rate"]), blank_index=int(blank_index),
-            default_exit=int(model.default_exit), features=_yaml_block(features_config),
+            default_exit=int(model.default_exit), features=_yaml_block(features),
+            features_class=features_class, normalize_class=normalize_class,
+            normalize=_yaml_block(normalize_config),
             encoder_class=_class_path(model.encoder), encoder=_yaml_block(model.encoder.config),
             heads_class=_class_path(model.heads), heads=_yaml_block(model.heads.config),
         )

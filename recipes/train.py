@@ -58,16 +58,17 @@ def main(argv):
         hparams, tokenizer, hparams["encoder"]
     )
 
-    scheduler = hparams.get("lr_annealing")
-    if scheduler is not None and getattr(scheduler, "num_training_steps", 0) is None:
-        # "auto": the number of updates this run will make
-        train_loader = loaders["train"]
-        batches = (len(train_loader["batch_sampler"]) if "batch_sampler" in train_loader
-                   else -(-len(train_data) // train_loader["batch_size"]))
-        world = int(os.environ.get("WORLD_SIZE", "1"))  # DDP splits the batches
-        scheduler.num_training_steps = -(-batches // world) * hparams["number_of_epochs"]
-        logger.info("lr_annealing: %d updates in %d epochs", scheduler.num_training_steps,
-                    hparams["number_of_epochs"])
+    for key in ("lr_annealing", "ssl_lr_annealing"):
+        scheduler = hparams.get(key)
+        if scheduler is not None and getattr(scheduler, "num_training_steps", 0) is None:
+            # "auto": the number of updates this run will make
+            train_loader = loaders["train"]
+            batches = (len(train_loader["batch_sampler"]) if "batch_sampler" in train_loader
+                       else -(-len(train_data) // train_loader["batch_size"]))
+            world = int(os.environ.get("WORLD_SIZE", "1"))  # DDP splits the batches
+            scheduler.num_training_steps = -(-batches // world) * hparams["number_of_epochs"]
+            logger.info("%s: %d updates in %d epochs", key, scheduler.num_training_steps,
+                        hparams["number_of_epochs"])
 
     brain = EarlyExitCTCBrain(
         modules=hparams["modules"],
