@@ -186,7 +186,7 @@ CARD_TEMPLATE = """
 # {title}
 
 An **early-exit** speech recogniser trained with earlyexit_brain on SpeechBrain: one
-Conformer encoder of {num_layers} layers with a CTC exit after layers {exit_layers}, trained with
+{encoder_kind} of {num_layers} layers with a CTC exit after layers {exit_layers}, trained with
 the multi-exit loss of Wright et al., *Training early-exit architectures for automatic speech
 recognition* (arXiv 2309.09546), on the {dataset_name}. At inference the model stops at the exit
 chosen by a fixed depth, a latency budget or a confidence policy, and the layers above it are not
@@ -234,8 +234,16 @@ Published with earlyexit_brain {version}.
 """
 
 
+def encoder_kind(hparams: Dict) -> Tuple[str, str]:
+    """(words, tag) for the model card from the experiment's ``encoder`` entry."""
+    if "ssl" in str(hparams.get("encoder", "")).lower():
+        return ("pre-trained self-supervised (wav2vec2-family) encoder, fine-tuned,", "wav2vec2")
+    return ("Conformer encoder", "conformer")
+
+
 def build_model_card(report: Dict, repo_id: str, dataset: Tuple[str, str], policies: Dict,
-                     license: str = "apache-2.0", language: str = "en", with_plot: bool = True):
+                     license: str = "apache-2.0", language: str = "en", with_plot: bool = True,
+                     encoder: Tuple[str, str] = ("Conformer encoder", "conformer")):
     """The model card (huggingface_hub ``ModelCard``) with a model-index of every exit's WER."""
     from huggingface_hub import ModelCard, ModelCardData
 
@@ -243,7 +251,7 @@ def build_model_card(report: Dict, repo_id: str, dataset: Tuple[str, str], polic
     data = ModelCardData(
         language=language, license=license, library_name="speechbrain",
         pipeline_tag="automatic-speech-recognition",
-        tags=["early-exit", "speechbrain", "earlyexit_brain", "ctc", "conformer", "speech"],
+        tags=["early-exit", "speechbrain", "earlyexit_brain", "ctc", encoder[1], "speech"],
         datasets=[dataset[0]], metrics=["wer"], model_name=name,
         eval_results=eval_results(report, dataset),
     )
@@ -252,7 +260,7 @@ def build_model_card(report: Dict, repo_id: str, dataset: Tuple[str, str], polic
                     else f"exit {default.get('exit', len(report['exits']))}")
     tables = report_markdown(report).split("\n", 1)[1].strip()  # without its title
     body = CARD_TEMPLATE.format(
-        title=name, num_layers=report.get("num_layers", "?"),
+        title=name, encoder_kind=encoder[0], num_layers=report.get("num_layers", "?"),
         exit_layers=", ".join(str(e["layer"]) for e in report["exits"]),
         dataset_name=dataset[1], repo_id=repo_id, name=name, default=default_text,
         default_exit=default.get("exit") or len(report["exits"]), tables=tables,
@@ -300,7 +308,7 @@ def build_hub_folder(experiment: str, out: str, repo_id: str, license: str = "ap
         }
         atomic_write_text(os.path.join(tmp, "config.json"), json.dumps(config, indent=2) + "\n")
         card = build_model_card(report, repo_id, dataset, policies, license, language,
-                                with_plot=os.path.isfile(plot))
+                                with_plot=os.path.isfile(plot), encoder=encoder_kind(exp["hparams"]))
         atomic_write_text(os.path.join(tmp, "README.md"), str(card))
     return out
 

@@ -143,6 +143,18 @@ def test_model_card_front_matter_and_model_index(built):
     assert "| exit | layer |" in card.text and "](wer_vs_compute.png)" in card.text
     assert 'EarlyExitASR.from_hparams(source="alice/tiny-ee"' in card.text
     assert "EncoderASR.from_hparams" in card.text
+    assert "one\nConformer encoder of" in card.text and "conformer" in data.tags
+
+
+def test_model_card_names_an_ssl_backbone():
+    kind = hub.encoder_kind({"encoder": "new:earlyexit_brain.models.ssl.EarlyExitSSLEncoder"})
+    report = {"params_total": 10, "num_layers": 12, "train": {"epochs": 1, "seconds": 1.0},
+              "exits": [{"exit": 1, "layer": 2, "params_to_exit": 5,
+                         "sets": {"test": {"wer": 50.0, "cer": 20.0, "n": 1}}}]}
+    card = hub.build_model_card(report, "alice/ssl-ee", ("custom", "custom corpus"), {},
+                                with_plot=False, encoder=kind)
+    assert "self-supervised (wav2vec2-family) encoder" in card.text and "wav2vec2" in card.data.tags
+    assert "Conformer" not in card.text
 
 
 def test_validation_loads_both_interfaces(built):
