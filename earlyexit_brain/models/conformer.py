@@ -122,7 +122,55 @@ class EncoderState:
     pos_embs: Optional[torch.Tensor]
 
 
-class EarlyExitConformerEncoder(nn.Module):
+class IncrementalExits:
+    """``iter_exits`` and ``forward`` for an encoder with an incremental interface.
+
+    The encoder provides ``num_exits``, ``start(inputs, lengths) -> state`` and
+    ``advance(state, exit_index) -> hidden``; layers above the last exit asked
+    for are never run.
+    """
+
+    def iter_exits(
+        self, inputs: torch.Tensor, lengths: Optional[torch.Tensor] = None, max_exit: Optional[int] = None
+    ) -> Iterator[Tuple[int, torch.Tensor]]:
+        """Run layer by layer, yielding ``(exit_index, hidden)`` as each exit is reached.
+
+        ``exit_index`` is 0-based; ``hidden`` is ``(B, T', d_model)`` after the
+        exit's LayerNorm. The generator stops after ``max_exit`` (0-based,
+        default: the last exit); layers above the last consumed exit are never
+        run, because nothing is computed until the caller asks for the next exit.
+        """
+        last = self.num_exits - 1 if max_exit is None else max_exit
+        if not 0 <= last < self.num_exits:
+            raise ValueError(f"exit index {max_exit} out of range 0..{self.num_exits - 1}")
+        state = self.start(inputs, lengths)
+        for exit_idx in range(last + 1):
+            yield exit_idx, self.advance(state, exit_idx)
+
+    def forward(
+        self, inputs: torch.Tensor, lengths: Optional[torch.Tensor] = None, max_exit: Optional[int] = None
+    ) -> List[torch.Tensor]:
+        """Hidden states at every exit up to ``max_exit`` (default: all).
+
+        Arguments
+        ---------
+        inputs : torch.Tensor
+            ``(B, T, F)`` normalised features (Conformer) or ``(B, S)`` waveforms (SSL).
+        lengths : torch.Tensor
+            ``(B,)`` relative lengths in ``[0, 1]`` (SpeechBrain convention);
+            they are unchanged by subsampling.
+        max_exit : int, optional
+            0-based index of the last exit to compute.
+
+        Returns
+        -------
+        list of torch.Tensor
+            One ``(B, T', d_model)`` tensor per exit.
+        """
+        return [h for _, h in self.iter_exits(inputs, lengths, max_exit)]
+
+
+class EarlyExitConformerEncoder(IncrementalExits, nn.Module):
     """Conformer encoder with an exit after selected layers.
 
     Arguments
@@ -330,45 +378,6 @@ class EarlyExitConformerEncoder(nn.Module):
         frames = state.frames[index]
         t_max = int(frames.max()) if trim else state.x.shape[1]
         return self._state(state.x[index, :t_max], frames, state.layer)
-
-    def iter_exits(
-        self, feats: torch.Tensor, lengths: Optional[torch.Tensor] = None, max_exit: Optional[int] = None
-    ) -> Iterator[Tuple[int, torch.Tensor]]:
-        """Run layer by layer, yielding ``(exit_index, hidden)`` as each exit is reached.
-
-        ``exit_index`` is 0-based; ``hidden`` is ``(B, T', d_model)`` after the
-        exit's LayerNorm. The generator stops after ``max_exit`` (0-based,
-        default: the last exit); layers above the last consumed exit are never
-        run, because nothing is computed until the caller asks for the next exit.
-        """
-        last = self.num_exits - 1 if max_exit is None else max_exit
-        if not 0 <= last < self.num_exits:
-            raise ValueError(f"exit index {max_exit} out of range 0..{self.num_exits - 1}")
-        state = self.start(feats, lengths)
-        for exit_idx in range(last + 1):
-            yield exit_idx, self.advance(state, exit_idx)
-
-    def forward(
-        self, feats: torch.Tensor, lengths: Optional[torch.Tensor] = None, max_exit: Optional[int] = None
-    ) -> List[torch.Tensor]:
-        """Hidden states at every exit up to ``max_exit`` (default: all).
-
-        Arguments
-        ---------
-        feats : torch.Tensor
-            ``(B, T, F)`` normalised features.
-        lengths : torch.Tensor
-            ``(B,)`` relative lengths in ``[0, 1]`` (SpeechBrain convention);
-            they are unchanged by subsampling.
-        max_exit : int, optional
-            0-based index of the last exit to compute.
-
-        Returns
-        -------
-        list of torch.Tensor
-            One ``(B, T', d_model)`` tensor per exit.
-        """
-        return [h for _, h in self.iter_exits(feats, lengths, max_exit)]
 
     def params_to_exit(self, exit_index: int) -> int:
         """Encoder parameters used when stopping at ``exit_index`` (0-based)."""

@@ -35,12 +35,12 @@ import json
 import os
 import re
 from dataclasses import dataclass
-from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, Optional, Sequence, Union
 
 import torch
 from torch import nn
 
-from .conformer import CTCExitHeads, resolve_exit_layers
+from .conformer import CTCExitHeads, IncrementalExits, resolve_exit_layers
 
 SUPPORTED_MODEL_TYPES = ("wav2vec2", "wavlm", "hubert")
 _HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*$")
@@ -162,7 +162,7 @@ class WaveformNormalization(nn.Module):
         torch.save(self.state_dict(), path)
 
 
-class EarlyExitSSLEncoder(nn.Module):
+class EarlyExitSSLEncoder(IncrementalExits, nn.Module):
     """wav2vec2 / WavLM / HuBERT with an exit after selected transformer layers.
 
     Arguments
@@ -338,22 +338,6 @@ class EarlyExitSSLEncoder(nn.Module):
             bias = bias.view(state.x.shape[0], -1, t, t)[index, :, :t_max, :t_max]
             bias = bias.reshape(-1, t_max, t_max)
         return SSLEncoderState(x, frames, state.layer, valid, self._masks(x, valid), bias, state.frozen)
-
-    def iter_exits(self, wavs: torch.Tensor, lengths: Optional[torch.Tensor] = None,
-                   max_exit: Optional[int] = None) -> Iterator[Tuple[int, torch.Tensor]]:
-        """Yield ``(exit_index, hidden)`` as each exit is reached; nothing above the last
-        consumed exit runs."""
-        last = self.num_exits - 1 if max_exit is None else max_exit
-        if not 0 <= last < self.num_exits:
-            raise ValueError(f"exit index {max_exit} out of range 0..{self.num_exits - 1}")
-        state = self.start(wavs, lengths)
-        for k in range(last + 1):
-            yield k, self.advance(state, k)
-
-    def forward(self, wavs: torch.Tensor, lengths: Optional[torch.Tensor] = None,
-                max_exit: Optional[int] = None) -> List[torch.Tensor]:
-        """Hidden states ``(B, T', D)`` at every exit up to ``max_exit`` (default: all)."""
-        return [h for _, h in self.iter_exits(wavs, lengths, max_exit)]
 
     def params_to_exit(self, exit_index: int) -> int:
         """SSL parameters used when stopping at ``exit_index`` (0-based)."""
