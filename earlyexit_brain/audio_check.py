@@ -58,8 +58,9 @@ def _header(path: str):
     return int(info.frames), int(info.samplerate), int(info.channels), None
 
 
-def _segment(row: Dict):
-    start, stop = str(row.get("start") or "").strip(), str(row.get("stop") or "").strip()
+def row_segment(start, stop):
+    """``(start, stop)`` sample indices from a manifest's string columns (empty: whole file)."""
+    start, stop = str(start or "").strip(), str(stop or "").strip()
     return (int(start) if start else 0), (int(stop) if stop else None)
 
 
@@ -78,7 +79,7 @@ def check_rows(rows: Dict[str, Dict], sample_rate: int, max_audio_seconds: float
     for uid, row in rows.items():
         frames, rate, channels, problem = headers[row["wav"]]
         if problem is None:
-            start, stop = _segment(row)
+            start, stop = row_segment(row.get("start"), row.get("stop"))
             stop = frames if stop is None else stop
             if frames == 0 or stop - start <= 0:
                 problem = "zero-length audio (no samples)"
@@ -176,11 +177,6 @@ def make_reader(sample_rate: int, bad_audio: str, training: bool):
         return torch.full((int(REPLACEMENT_SECONDS * sample_rate),), fill)
 
     return read
-
-
-def row_segment(start, stop):
-    """``(start, stop)`` sample indices from a manifest's string columns (empty: whole file)."""
-    return _segment({"start": start, "stop": stop})
 
 
 __all__: List[str] = ["BAD_AUDIO", "BadAudioError", "check_manifest_audio", "check_rows",

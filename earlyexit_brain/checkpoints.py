@@ -26,8 +26,8 @@ PARTIAL_PREFIX = "partial+"
 class AtomicCheckpointer(Checkpointer):
     """SpeechBrain's ``Checkpointer`` with atomic checkpoint folders (same arguments)."""
 
-    def _partial(self, final: pathlib.Path) -> pathlib.Path:
-        self._final_dir = final
+    @staticmethod
+    def _partial(final: pathlib.Path) -> pathlib.Path:
         return final.parent / (PARTIAL_PREFIX + final.name)
 
     def _new_checkpoint_dirpath(self):
@@ -52,7 +52,7 @@ class AtomicCheckpointer(Checkpointer):
         ddp_barrier()  # every process has written its files
         if saved is None:  # not the main process
             return None
-        final = self._final_dir
+        final = saved.path.parent / saved.path.name[len(PARTIAL_PREFIX):]
         if final.exists():  # a custom name saved again: replace the old one
             shutil.rmtree(final)
         os.replace(saved.path, final)

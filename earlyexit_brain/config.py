@@ -79,8 +79,27 @@ def _is_num(v):
 _CALIBRATED = ("entropy", "posterior", "posterior_greedy")
 _SWEEPABLE = _CALIBRATED + ("budget",)
 
+Rule = Tuple[Callable[[Any], bool], str]  # (predicate, accepted values in words)
+
+_FOLDER: Rule = (lambda v: isinstance(v, str) and v.strip() != "", "a folder path")
+_SPLIT_LIST: Rule = (lambda v: isinstance(v, list) and all(isinstance(s, str) for s in v),
+                     "a list of split names")
+
+#: corpus_options entries checked here (the preparation functions check them again); the
+#: real-corpus YAMLs also give some of them as top-level keys (see _RULES).
+_CORPUS_RULES: Dict[str, Rule] = {
+    "on_error": (lambda v: v in ("fail", "skip"), "'fail' or 'skip'"),
+    "max_utterances": (lambda v: v is None or (_is_int(v) and v >= 1), "null or an integer >= 1"),
+    "sample_rate": (lambda v: _is_int(v) and v >= 1, "an integer >= 1"),
+    "num_workers": (lambda v: v is None or (_is_int(v) and v >= 1), "null or an integer >= 1"),
+    "partition": (lambda v: v in ("legacy", "speaker-adaptation"), "'legacy' or 'speaker-adaptation'"),
+    "splits": (lambda v: isinstance(v, list) and len(v) > 0 and all(s in ("train", "dev", "test") for s in v),
+               "a non-empty list among 'train', 'dev', 'test'"),
+    "manifest_folder": _FOLDER,
+}
+
 # key -> (predicate, accepted values in words)
-_RULES: Dict[str, Tuple[Callable[[Any], bool], str]] = {
+_RULES: Dict[str, Rule] = {
     "seed": (_is_int, "an integer"),
     "number_of_epochs": (lambda v: _is_int(v) and v >= 1, "an integer >= 1"),
     "batch_size": (lambda v: _is_int(v) and v >= 1, "an integer >= 1"),
@@ -111,26 +130,23 @@ _RULES: Dict[str, Tuple[Callable[[Any], bool], str]] = {
     "max_batch_length_train": (lambda v: _is_num(v) and v > 0, "a number of seconds > 0"),
     "max_batch_length_eval": (lambda v: _is_num(v) and v > 0, "a number of seconds > 0"),
     "max_duration": (lambda v: _is_num(v) and v > 0, "a number of seconds > 0"),
-    "data_folder": (lambda v: isinstance(v, str) and v.strip() != "", "a folder path"),
-    "manifest_folder": (lambda v: isinstance(v, str) and v.strip() != "", "a folder path"),
+    "data_folder": _FOLDER,
+    "manifest_folder": _FOLDER,
     "avg_checkpoints": (lambda v: _is_int(v) and v >= 1, "an integer >= 1"),
     "grad_accumulation_factor": (lambda v: _is_int(v) and v >= 1, "an integer >= 1"),
     "data_folder_must_exist": (lambda v: isinstance(v, bool), "true or false"),
-    "on_error": (lambda v: v in ("fail", "skip"), "'fail' or 'skip'"),
-    "max_utterances": (lambda v: v is None or (_is_int(v) and v >= 1), "null or an integer >= 1"),
-    "partition": (lambda v: v in ("legacy", "speaker-adaptation"), "'legacy' or 'speaker-adaptation'"),
+    "on_error": _CORPUS_RULES["on_error"],
+    "max_utterances": _CORPUS_RULES["max_utterances"],
+    "partition": _CORPUS_RULES["partition"],
     "abs_pos_encoding": (lambda v: isinstance(v, bool), "true or false"),
     "attention_type": (lambda v: v in ("RelPosMHAXL", "regularMHA"), "'RelPosMHAXL' or 'regularMHA'"),
     "wav_augment": (lambda v: v is None, "null or an object (!new:speechbrain.augment.augmenter.Augmenter)"),
     "fea_augment": (lambda v: v is None, "null or an object (!new:speechbrain.augment.augmenter.Augmenter)"),
     "augmentation": (lambda v: v is None, "null or an object (e.g. !new:...SpectrogramDrop)"),
-    "train_splits": (lambda v: isinstance(v, list) and all(isinstance(s, str) for s in v),
-                     "a list of split names"),
-    "dev_splits": (lambda v: isinstance(v, list) and all(isinstance(s, str) for s in v),
-                   "a list of split names"),
-    "test_splits": (lambda v: isinstance(v, list) and all(isinstance(s, str) for s in v),
-                    "a list of split names"),
-    "output_folder": (lambda v: isinstance(v, str) and v.strip() != "", "a folder path"),
+    "train_splits": _SPLIT_LIST,
+    "dev_splits": _SPLIT_LIST,
+    "test_splits": _SPLIT_LIST,
+    "output_folder": _FOLDER,
     "test_sets": (lambda v: isinstance(v, list) and len(v) > 0
                   and all(isinstance(s, str) for s in v), "a non-empty list of set names"),
     # exit-policy evaluation (recipes/evaluate.py, end of recipes/train.py)
@@ -151,6 +167,13 @@ _RULES: Dict[str, Tuple[Callable[[Any], bool], str]] = {
 }
 
 
+def _check_rules(values: Dict[str, Any], rules: Dict[str, Rule], source: str, prefix: str = "") -> None:
+    """Raise a ConfigError for the first plain value that breaks its rule (objects are skipped)."""
+    for key, (ok, accepted) in rules.items():
+        if key in values and not isinstance(values[key], _Tagged) and not ok(values[key]):
+            raise ConfigError(f"{source}: key '{prefix}{key}' must be {accepted}, got {values[key]!r}")
+
+
 def check_hparams(raw: Dict[str, Any], source: str = "hparams") -> Dict[str, Any]:
     """Validate plain hyperparameter values; returns derived facts.
 
@@ -164,9 +187,7 @@ def check_hparams(raw: Dict[str, Any], source: str = "hparams") -> Dict[str, Any
     ConfigError
         Naming the first offending key and its accepted values.
     """
-    for key, (ok, accepted) in _RULES.items():
-        if key in raw and not isinstance(raw[key], _Tagged) and not ok(raw[key]):
-            raise ConfigError(f"{source}: key '{key}' must be {accepted}, got {raw[key]!r}")
+    _check_rules(raw, _RULES, source)
     if "d_model" in raw and "nhead" in raw and raw["d_model"] % raw["nhead"]:
         raise ConfigError(
             f"{source}: key 'nhead' must divide d_model={raw['d_model']}, got {raw['nhead']}"
@@ -222,29 +243,13 @@ def check_hparams(raw: Dict[str, Any], source: str = "hparams") -> Dict[str, Any
     return derived
 
 
-#: corpus_options entries checked here (the preparation functions check them again).
-_CORPUS_RULES: Dict[str, Tuple[Callable[[Any], bool], str]] = {
-    "on_error": (lambda v: v in ("fail", "skip"), "'fail' or 'skip'"),
-    "max_utterances": (lambda v: v is None or (_is_int(v) and v >= 1), "null or an integer >= 1"),
-    "sample_rate": (lambda v: _is_int(v) and v >= 1, "an integer >= 1"),
-    "num_workers": (lambda v: v is None or (_is_int(v) and v >= 1), "null or an integer >= 1"),
-    "partition": (lambda v: v in ("legacy", "speaker-adaptation"), "'legacy' or 'speaker-adaptation'"),
-    "splits": (lambda v: isinstance(v, list) and len(v) > 0 and all(s in ("train", "dev", "test") for s in v),
-               "a non-empty list among 'train', 'dev', 'test'"),
-    "manifest_folder": (lambda v: isinstance(v, str) and v.strip() != "", "a folder path"),
-}
-
-
 def _check_corpus_options(raw: Dict[str, Any], source: str) -> None:
     options = raw.get("corpus_options")
     if options is None or isinstance(options, _Tagged):
         return
     if not isinstance(options, dict):
         raise ConfigError(f"{source}: key 'corpus_options' must be a mapping of options, got {options!r}")
-    for key, (ok, accepted) in _CORPUS_RULES.items():
-        if key in options and not isinstance(options[key], _Tagged) and not ok(options[key]):
-            raise ConfigError(f"{source}: key 'corpus_options.{key}' must be {accepted}, "
-                              f"got {options[key]!r}")
+    _check_rules(options, _CORPUS_RULES, source, prefix="corpus_options.")
 
 
 def _check_ssl(raw: Dict[str, Any], source: str) -> None:

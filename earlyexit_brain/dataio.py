@@ -44,24 +44,6 @@ def encoder_frames(duration: float, sample_rate: int, hop_length_ms: Optional[fl
     return encoder.output_frames(feat_frames)
 
 
-def segment_spec(wav: str, start, stop):
-    """``read_audio`` argument for a manifest row: the path, or a segment dict.
-
-    ``start``/``stop`` are sample indices (strings from the CSV); empty values
-    mean the whole file.
-    """
-    start = str(start).strip() if start is not None else ""
-    stop = str(stop).strip() if stop is not None else ""
-    if not start and not stop:
-        return wav
-    spec = {"file": wav, "start": int(start) if start else 0}
-    if stop:
-        spec["stop"] = int(stop)
-        if spec["stop"] <= spec["start"]:
-            raise ValueError(f"{wav}: segment stop {stop} is not after start {start}")
-    return spec
-
-
 def has_segments(dataset: DynamicItemDataset) -> bool:
     """True when the manifest has both ``start`` and ``stop`` columns."""
     if not dataset.data_ids:
@@ -131,7 +113,6 @@ def dataio_prepare(hparams: Dict, tokenizer, encoder) -> Tuple[DynamicItemDatase
         @sb.utils.data_pipeline.takes("wav", "start", "stop")
         @sb.utils.data_pipeline.provides("sig")
         def segment_pipeline(wav, start, stop):
-            segment_spec(wav, start, stop)  # raises naming the file on a bad segment
             return read(wav, *row_segment(start, stop))
 
         return audio_pipeline, segment_pipeline

@@ -125,9 +125,10 @@ def write_example_audio(hparams: Dict, path: str, source: Optional[str] = None) 
     10 s of the experiment's first test set (segments are cut by their
     ``start``/``stop`` samples). Returns the file it came from.
     """
-    import speechbrain as sb
+    from .audio_check import read_utterance, row_segment
 
     sample_rate = int(hparams.get("sample_rate", 16000))
+    segment, label, hint = (0, None), f"--example: {source}", ""
     if source is None:
         test_csv = hparams.get("test_csv") or {}
         names = hparams.get("test_sets") or list(test_csv)
@@ -141,28 +142,14 @@ def write_example_audio(hparams: Dict, path: str, source: Optional[str] = None) 
         if not rows:
             raise PublishError(f"{manifest}: no utterance; pass --example AUDIO")
         row = next((r for r in rows if float(r.get("duration", 0) or 0) <= MAX_EXAMPLE_SECONDS), rows[0])
-        spec = row["wav"]
-        if row.get("start") not in (None, "") and row.get("stop") not in (None, ""):
-            spec = {"file": row["wav"], "start": int(float(row["start"])), "stop": int(float(row["stop"]))}
-        source = row["wav"]
-        try:
-            signal = sb.dataio.dataio.read_audio(spec)
-        except Exception as err:
-            raise PublishError(f"{source}: cannot read the example utterance ({err}); "
-                               f"pass --example AUDIO") from err
-    else:
-        from speechbrain.dataio import audio_io
-        from speechbrain.dataio.preprocess import AudioNormalizer
-
-        if not os.path.isfile(source):
-            raise PublishError(f"--example: {source}: no such audio file")
-        try:
-            signal, rate = audio_io.load(source, channels_first=False)
-        except Exception as err:
-            raise PublishError(f"--example: {source}: cannot be decoded as audio ({err})") from None
-        signal = AudioNormalizer(sample_rate)(signal, rate)  # down-mix and resample
-    if signal.dim() > 1:
-        signal = signal.mean(dim=-1)
+        source, label, hint = row["wav"], row["wav"], "; pass --example AUDIO"
+        segment = row_segment(row.get("start"), row.get("stop"))
+    elif not os.path.isfile(source):
+        raise PublishError(f"--example: {source}: no such audio file")
+    try:  # down-mixed and resampled to the model's rate
+        signal = read_utterance(source, *segment, sample_rate=sample_rate)
+    except Exception as err:
+        raise PublishError(f"{label}: cannot be decoded as audio ({err}){hint}") from err
     soundfile.write(path, signal.float().clamp(-1, 1).numpy(), sample_rate, subtype="PCM_16")
     return source
 

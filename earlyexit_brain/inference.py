@@ -335,7 +335,7 @@ def export_inference_folder(folder: str, model, features_config: Dict, tokenizer
     # ``config`` (the SSL encoders' WaveformFeatures / WaveformNormalization)
     features_class, normalize_class = "speechbrain.lobes.features.Fbank", \
         "speechbrain.processing.features.InputNormalization"
-    features = {k: v for k, v in features_config.items()}
+    features = dict(features_config)
     normalize_config: Dict = {"norm_type": "global"}
     if hasattr(model.compute_features, "config"):
         features_class, features = _class_path(model.compute_features), dict(model.compute_features.config)

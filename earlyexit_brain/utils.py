@@ -49,6 +49,15 @@ def atomic_folder(folder: str, prefix: str = ".tmp-") -> Iterator[str]:
         raise
 
 
+def rss_bytes() -> Optional[int]:
+    """The process's current resident set size in bytes (Linux ``/proc``); None elsewhere."""
+    try:
+        with open("/proc/self/statm") as fin:
+            return int(fin.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except OSError:
+        return None
+
+
 def tokens_to_text(tokenizer, ids) -> str:
     """Decode CTC output ids with a SentencePieceProcessor.
 

@@ -47,6 +47,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from earlyexit_brain.exits import FixedExit  # noqa: E402
 from earlyexit_brain.models.conformer import CTCExitHeads, EarlyExitConformerEncoder  # noqa: E402
 from earlyexit_brain.models.pipeline import EarlyExitCTCModel  # noqa: E402
+from earlyexit_brain.utils import rss_bytes  # noqa: E402
 
 SECTIONS = ("train-step", "inference", "throughput", "compute", "ddp")
 
@@ -131,11 +132,6 @@ def bench_train_step(name, batch, seconds, repeats, warmup, vocab=32, device=tor
     return result
 
 
-def current_rss_bytes() -> int:
-    with open("/proc/self/statm") as fin:
-        return int(fin.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-
-
 def memory_child(name, key, batch, seconds, vocab):
     """In a fresh process: peak RSS of 3 training steps minus the RSS before the model exists."""
     import resource
@@ -146,7 +142,7 @@ def memory_child(name, key, batch, seconds, vocab):
     feats = torch.randn(batch, frames, 80)
     tokens = torch.randint(1, vocab, (batch, int(seconds * 12)))
     token_lens = torch.full((batch,), tokens.shape[1], dtype=torch.long)
-    before = current_rss_bytes()
+    before = rss_bytes()
     model = build(enc_kwargs, ee_layers if key == "early_exit" else single_layers, vocab)
     for _ in range(3):
         train_step(model, feats, torch.ones(batch), tokens, token_lens)
@@ -161,7 +157,7 @@ def cpu_peak_memory_gb(name, key, batch, seconds, vocab):
     """
     import subprocess
 
-    if not os.path.exists("/proc/self/statm"):
+    if rss_bytes() is None:
         return None
     proc = subprocess.run([sys.executable, os.path.abspath(__file__), "--memory-child",
                            json.dumps([name, key, batch, seconds, vocab]),

@@ -32,16 +32,15 @@ from tqdm import tqdm
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from earlyexit_brain.inference import EarlyExitASR  # noqa: E402
+from earlyexit_brain.utils import rss_bytes  # noqa: E402
 
 
 def rss_mb() -> float:
     """Current resident set size in MiB (Linux /proc; peak RSS elsewhere)."""
-    try:
-        with open("/proc/self/statm") as fin:
-            pages = int(fin.read().split()[1])
-        return pages * os.sysconf("SC_PAGE_SIZE") / 2 ** 20
-    except OSError:
+    current = rss_bytes()
+    if current is None:
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return current / 2 ** 20
 
 
 def write_files(folder: str, n: int, seconds: float, sample_rate: int, seed: int = 0):

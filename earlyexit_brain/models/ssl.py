@@ -40,6 +40,7 @@ from typing import Any, Dict, Optional, Sequence, Union
 import torch
 from torch import nn
 
+from ..utils import padding_mask, valid_frames
 from .conformer import CTCExitHeads, IncrementalExits, resolve_exit_layers
 
 SUPPORTED_MODEL_TYPES = ("wav2vec2", "wavlm", "hubert")
@@ -145,12 +146,8 @@ class WaveformNormalization(nn.Module):
     def forward(self, wavs: torch.Tensor, lengths: Optional[torch.Tensor] = None) -> torch.Tensor:
         if not self.enabled:
             return wavs
-        n = wavs.shape[1]
-        if lengths is None:
-            samples = torch.full((wavs.shape[0],), n, device=wavs.device)
-        else:
-            samples = torch.round(lengths.to(wavs.device) * n).long().clamp(1, n)
-        valid = torch.arange(n, device=wavs.device)[None, :] < samples[:, None]
+        samples = valid_frames(wavs, lengths)
+        valid = ~padding_mask(samples, wavs.shape[1])
         count = samples.to(wavs.dtype)[:, None]
         mean = (wavs * valid).sum(1, keepdim=True) / count
         var = (((wavs - mean) * valid) ** 2).sum(1, keepdim=True) / count
@@ -273,16 +270,12 @@ class EarlyExitSSLEncoder(IncrementalExits, nn.Module):
         if self.training and self.freeze_steps:
             self.steps += 1
         with torch.set_grad_enabled(torch.is_grad_enabled() and not frozen):
-            n = wavs.shape[1]
-            if lengths is None:
-                samples = torch.full((wavs.shape[0],), n, dtype=torch.long, device=wavs.device)
-            else:
-                samples = torch.round(lengths.to(wavs.device) * n).long().clamp(1, n)
+            samples = valid_frames(wavs, lengths)
             with torch.set_grad_enabled(torch.is_grad_enabled() and not self.freeze_feature_extractor):
                 feats = self.model.feature_extractor(wavs).transpose(1, 2)
             t = feats.shape[1]
             frames = self.model._get_feat_extract_output_lengths(samples).long().clamp(1, t)
-            valid = torch.arange(t, device=wavs.device)[None, :] < frames[:, None]
+            valid = ~padding_mask(frames, t)
             projected = self.model.feature_projection(feats)
             x = projected[0] if isinstance(projected, tuple) else projected
             x = self.model._mask_hidden_states(x, attention_mask=valid)

@@ -10,13 +10,13 @@ import numpy as np
 import pytest
 import soundfile as sf
 import torch
-from speechbrain.dataio.dataio import read_audio
 
 from earlyexit_brain.data import librispeech, tedlium
 from earlyexit_brain.data.common import CorpusError
 from earlyexit_brain.data.librispeech import prepare_librispeech
 from earlyexit_brain.data.tedlium import normalize_words, prepare_tedlium
-from earlyexit_brain.dataio import dataio_prepare, segment_spec
+from earlyexit_brain.audio_check import read_utterance, row_segment
+from earlyexit_brain.dataio import dataio_prepare
 from tests.real_corpora import LIBRI_UTTS, SR, TED_SEGMENTS, make_librispeech, make_tedlium
 
 TRAIN = ["train-clean-100", "train-other-500"]
@@ -208,7 +208,7 @@ def test_tedlium_manifests_and_segments(ted):
     r = rows(manifests["train"])[1][2]
     path = resolve(r["wav"], root)
     assert sf.info(path).format == "NIST"
-    sig = read_audio(segment_spec(path, r["start"], r["stop"]))
+    sig = read_utterance(path, *row_segment(r["start"], r["stop"]))
     ref, _ = sf.read(path, start=int(r["start"]), stop=int(r["stop"]), dtype="float32")
     assert sig.shape[0] == int(r["stop"]) - int(r["start"])
     assert torch.allclose(sig, torch.from_numpy(ref), atol=1e-4)
