@@ -19,6 +19,8 @@ from speechbrain.decoders import ctc_greedy_decode
 from speechbrain.utils.checkpoints import (average_checkpoints, mark_as_loader, mark_as_saver,
                                           register_checkpoint_hooks)
 
+from .exits import make_ctc_beam_searcher
+from .models.decoders import add_bos_eos, make_aed_searcher
 from .utils import tokens_to_text
 
 logger = logging.getLogger(__name__)
@@ -166,8 +168,9 @@ class EarlyExitCTCBrain(sb.Brain):
         return loader_kwargs
 
     # ---------------------------------------------------------------- forward
-    def compute_forward(self, batch, stage):
-        """Features -> encoder -> every exit's CTC log-probabilities."""
+    def encode(self, batch, stage):
+        """Features -> (augmentation in training) -> encoder: ``(hiddens, wav_lens)``, one
+        hidden state per exit."""
         batch = batch.to(self.device)
         wavs, wav_lens = batch.sig
         train = stage == sb.Stage.TRAIN
@@ -182,13 +185,19 @@ class EarlyExitCTCBrain(sb.Brain):
         augment = getattr(self.hparams, "augmentation", None)
         if train and augment is not None:
             feats = augment(feats)
-        hiddens = self.modules.encoder(feats, wav_lens)
-        log_probs = self.modules.ctc_heads(hiddens)
-        return log_probs, wav_lens
+        return self.modules.encoder(feats, wav_lens), wav_lens
 
-    def compute_objectives(self, predictions, batch, stage):
-        """Weighted sum of per-exit CTC losses; per-exit WER/CER outside training."""
-        log_probs, wav_lens = predictions
+    def compute_forward(self, batch, stage):
+        """Features -> encoder -> every exit's CTC log-probabilities.
+
+        Returns ``(log_probs, wav_lens, hiddens)``: one entry per exit of the
+        log-probabilities and of the encoder states (which decoders read).
+        """
+        hiddens, wav_lens = self.encode(batch, stage)
+        return self.modules.ctc_heads(hiddens), wav_lens, hiddens
+
+    def targets(self, batch, stage):
+        """``(tokens, token_lens)``, replicated as the augmenters enlarged the batch in training."""
         tokens, token_lens = batch.tokens
         if stage == sb.Stage.TRAIN:
             for name in ("wav_augment", "fea_augment"):
@@ -196,20 +205,80 @@ class EarlyExitCTCBrain(sb.Brain):
                 if augmenter is not None and hasattr(augmenter, "replicate_labels"):
                     tokens = augmenter.replicate_labels(tokens)
                     token_lens = augmenter.replicate_labels(token_lens)
-        losses = [self.hparams.ctc_cost(lp, tokens, wav_lens, token_lens) for lp in log_probs]
+        return tokens, token_lens
+
+    def ctc_losses(self, log_probs, wav_lens, tokens, token_lens) -> List[torch.Tensor]:
+        """One CTC loss per exit."""
+        return [self.hparams.ctc_cost(lp, tokens, wav_lens, token_lens) for lp in log_probs]
+
+    def compute_objectives(self, predictions, batch, stage):
+        """Weighted sum of per-exit CTC losses; per-exit WER/CER outside training."""
+        log_probs, wav_lens, hiddens = predictions
+        tokens, token_lens = self.targets(batch, stage)
+        losses = self.ctc_losses(log_probs, wav_lens, tokens, token_lens)
+        loss = self.record_losses(losses)
+        if stage != sb.Stage.TRAIN:
+            self.score_exits(batch, log_probs, wav_lens, hiddens, stage)
+        return loss
+
+    def record_losses(self, losses: Sequence[torch.Tensor]) -> torch.Tensor:
+        """The multi-exit loss of per-exit losses; each exit's loss is logged too."""
         loss = multi_exit_loss(losses, self.exit_weights())
         for k, l in enumerate(losses):
             self._exit_loss_sum[k] += float(l.detach())
         self._exit_loss_count += 1
-        if stage != sb.Stage.TRAIN:
-            blank = self.hparams.blank_index
-            targets = [w.split(" ") for w in batch.wrd]
-            for k, lp in enumerate(log_probs):
-                hyp_ids = ctc_greedy_decode(lp, wav_lens, blank_id=blank)
-                words = [tokens_to_text(self.tokenizer.sp, h).split(" ") for h in hyp_ids]
-                self.wer_metrics[k].append(batch.id, words, targets)
-                self.cer_metrics[k].append(batch.id, words, targets)
         return loss
+
+    # --------------------------------------------------------------- decoding
+    DEFAULT_DECODER = "ctc_greedy"
+
+    def stage_decoders(self, stage) -> List[str]:
+        """Decoders run on every exit: ``valid_decoder`` in validation, ``test_decoders`` in test
+        (the first one gives the per-exit WER/CER; the others are reported beside it)."""
+        if stage == sb.Stage.TEST:
+            return list(getattr(self.hparams, "test_decoders", None) or [self.DEFAULT_DECODER])
+        return [getattr(self.hparams, "valid_decoder", None) or self.DEFAULT_DECODER]
+
+    def ctc_beam_searcher(self):
+        """SpeechBrain's CTC prefix beam search (``ctc_beam_size``; a KenLM n-gram when
+        ``ctc_lm_path`` names one, weighted by ``ctc_lm_alpha``/``ctc_lm_beta``)."""
+        if getattr(self, "_ctc_beam", None) is None:
+            self._ctc_beam = make_ctc_beam_searcher(
+                self.tokenizer.sp, self.vocab_size(), self.hparams.blank_index,
+                int(getattr(self.hparams, "ctc_beam_size", 10)), prefix=True, topk=1,
+                kenlm_model_path=getattr(self.hparams, "ctc_lm_path", None),
+                alpha=float(getattr(self.hparams, "ctc_lm_alpha", 0.5)),
+                beta=float(getattr(self.hparams, "ctc_lm_beta", 1.0)))
+        return self._ctc_beam
+
+    def vocab_size(self) -> int:
+        heads = getattr(self.modules.ctc_heads, "module", self.modules.ctc_heads)
+        return heads.config["vocab_size"]
+
+    def decode_exit(self, decoder: str, exit_index: int, log_probs, wav_lens, hiddens,
+                    stage) -> List[str]:
+        """Texts of one exit's hypotheses for a batch with ``decoder``."""
+        if decoder == "ctc_greedy":
+            ids = ctc_greedy_decode(log_probs, wav_lens, blank_id=self.hparams.blank_index)
+            return [tokens_to_text(self.tokenizer.sp, h) for h in ids]
+        if decoder == "ctc_beam":
+            nbest = self.ctc_beam_searcher()(log_probs.detach().float().cpu(), wav_lens.cpu())
+            return [" ".join(hyps[0].text.split()) if hyps else "" for hyps in nbest]
+        raise ValueError(f"test_decoders/valid_decoder: {decoder!r} needs attention decoders; "
+                         f"this model has CTC exits only (use ctc_greedy or ctc_beam)")
+
+    def score_exits(self, batch, log_probs, wav_lens, hiddens, stage):
+        """Decode every exit with each of the stage's decoders; accumulate WER/CER and time."""
+        targets = [w.split(" ") for w in batch.wrd]
+        for name in self.stage_decoders(stage):
+            for k, lp in enumerate(log_probs):
+                start = time.perf_counter()
+                with torch.no_grad():
+                    texts = self.decode_exit(name, k, lp, wav_lens, hiddens, stage)
+                self.decode_seconds[name][k] += time.perf_counter() - start
+                words = [t.split(" ") for t in texts]
+                self.decoder_metrics[name][0][k].append(batch.id, words, targets)
+                self.decoder_metrics[name][1][k].append(batch.id, words, targets)
 
     def fit_batch(self, batch):
         """SpeechBrain's ``fit_batch``, except that a batch whose loss is not finite is skipped.
@@ -320,8 +389,14 @@ class EarlyExitCTCBrain(sb.Brain):
         self._exit_loss_count = 0
         self._stage_started = time.time()
         if stage != sb.Stage.TRAIN:
-            self.wer_metrics = [self.hparams.error_rate_computer() for _ in range(self.num_exits)]
-            self.cer_metrics = [self.hparams.cer_computer() for _ in range(self.num_exits)]
+            exits = range(self.num_exits)
+            self.decoder_metrics = {
+                name: ([self.hparams.error_rate_computer() for _ in exits],
+                       [self.hparams.cer_computer() for _ in exits])
+                for name in self.stage_decoders(stage)}
+            self.decode_seconds = {name: [0.0 for _ in exits] for name in self.decoder_metrics}
+            # the first decoder gives the per-exit WER/CER of the logs, checkpoints and report
+            self.wer_metrics, self.cer_metrics = self.decoder_metrics[self.stage_decoders(stage)[0]]
 
     def _exit_stats(self, stage_loss) -> Dict[str, float]:
         stats = {"loss": float(stage_loss)}
@@ -359,6 +434,9 @@ class EarlyExitCTCBrain(sb.Brain):
             )
         elif stage == sb.Stage.TEST:
             name = getattr(self, "test_set_name", "test")
+            for dec, (wer, _) in list(self.decoder_metrics.items())[1:]:  # the other decoders
+                for k in range(self.num_exits):
+                    stats[f"WER_{dec}_exit{k + 1}"] = round(float(wer[k].summarize("error_rate")), 3)
             self.hparams.train_logger.log_stats(
                 stats_meta={"Epoch loaded": self.hparams.epoch_counter.current, "set": name},
                 test_stats=stats,
@@ -366,8 +444,13 @@ class EarlyExitCTCBrain(sb.Brain):
             results = []
             for k in range(self.num_exits):
                 n = len(self.wer_metrics[k].scores)
+                decoders = {
+                    dec: {"wer": round(float(wer[k].summarize("error_rate")), 3),
+                          "cer": round(float(cer[k].summarize("error_rate")), 3),
+                          "ms_per_utterance": round(1000.0 * self.decode_seconds[dec][k] / max(1, n), 3)}
+                    for dec, (wer, cer) in self.decoder_metrics.items()}
                 results.append({"exit": k + 1, "wer": stats[f"WER_exit{k + 1}"],
-                                "cer": stats[f"CER_exit{k + 1}"], "n": n})
+                                "cer": stats[f"CER_exit{k + 1}"], "n": n, "decoders": decoders})
                 path = os.path.join(self.hparams.output_folder, f"wer_{name}_exit{k + 1}.txt")
                 with open(path, "w") as fout:
                     self.wer_metrics[k].write_stats(fout)
@@ -394,3 +477,82 @@ class EarlyExitCTCBrain(sb.Brain):
         self.test_set_name = name
         self.evaluate(dataset, min_key=min_key, test_loader_kwargs=loader_kwargs or {})
         return self.test_results[name]
+
+
+class EarlyExitSeq2SeqBrain(EarlyExitCTCBrain):
+    """Joint CTC/attention training and decoding with one attention decoder per exit.
+
+    On top of :class:`EarlyExitCTCBrain`'s modules it expects ``decoders``
+    (:class:`earlyexit_brain.models.decoders.ExitDecoders`) and the hparams
+    ``bos_index``, ``eos_index``, ``ctc_weight`` and optionally
+    ``label_smoothing``. The loss of exit ``k`` is
+    ``ctc_weight * CTC_k + (1 - ctc_weight) * CE_k``, where ``CE_k`` is the
+    decoder's teacher-forced cross-entropy (bos prepended to its input, eos
+    appended to its target, padding ignored, label smoothing); the exits'
+    losses are summed with ``exit_loss_weights`` as in the CTC Brain.
+
+    Decoding (``valid_decoder``, ``test_decoders``) adds ``aed_beam``:
+    SpeechBrain's joint CTC/attention beam search over the exit's decoder and
+    CTC head (``beam_size`` in test, ``valid_beam_size`` in validation,
+    ``decode_ctc_weight``, ``aed_length_normalization``/``aed_length_reward``,
+    ``max_decode_ratio``).
+    """
+
+    DEFAULT_DECODER = "aed_beam"
+
+    def compute_forward(self, batch, stage):
+        """``(ctc_log_probs, wav_lens, hiddens, decoder_log_probs)``, one entry per exit."""
+        hiddens, wav_lens = self.encode(batch, stage)
+        log_probs = self.modules.ctc_heads(hiddens)
+        tokens, token_lens = self.targets(batch, stage)
+        tokens_bos, _, _ = add_bos_eos(tokens, token_lens, self.hparams.bos_index,
+                                       self.hparams.eos_index)
+        dec_log_probs = self.modules.decoders(hiddens, wav_lens, tokens_bos)
+        return log_probs, wav_lens, hiddens, dec_log_probs
+
+    def compute_objectives(self, predictions, batch, stage):
+        """Per exit ``ctc_weight * CTC + (1 - ctc_weight) * CE``, summed over exits."""
+        log_probs, wav_lens, hiddens, dec_log_probs = predictions
+        tokens, token_lens = self.targets(batch, stage)
+        _, tokens_eos, eos_lens = add_bos_eos(tokens, token_lens, self.hparams.bos_index,
+                                              self.hparams.eos_index)
+        ctc = self.ctc_losses(log_probs, wav_lens, tokens, token_lens)
+        weight = float(self.hparams.ctc_weight)
+        smoothing = float(getattr(self.hparams, "label_smoothing", 0.0))
+        losses = [weight * c + (1.0 - weight) * sb.nnet.losses.nll_loss(
+                      lp, tokens_eos, length=eos_lens, label_smoothing=smoothing)
+                  for c, lp in zip(ctc, dec_log_probs)]
+        loss = self.record_losses(losses)
+        if stage != sb.Stage.TRAIN:
+            self.score_exits(batch, log_probs, wav_lens, hiddens, stage)
+        return loss
+
+    def aed_searcher(self, exit_index: int, stage):
+        """The (cached) joint CTC/attention beam searcher of one exit for a stage."""
+        beam = int(self.hparams.beam_size if stage == sb.Stage.TEST
+                   else getattr(self.hparams, "valid_beam_size", self.hparams.beam_size))
+        key = (exit_index, beam)
+        cache = self.__dict__.setdefault("_aed_searchers", {})
+        if key not in cache:
+            cache[key] = make_aed_searcher(
+                getattr(self.modules.decoders, "module", self.modules.decoders),
+                getattr(self.modules.ctc_heads, "module", self.modules.ctc_heads), exit_index,
+                bos_index=self.hparams.bos_index, eos_index=self.hparams.eos_index,
+                blank_index=self.hparams.blank_index, beam_size=beam,
+                ctc_weight=float(getattr(self.hparams, "decode_ctc_weight", 0.4)),
+                length_normalization=bool(getattr(self.hparams, "aed_length_normalization", True)),
+                length_reward=float(getattr(self.hparams, "aed_length_reward", 0.0)),
+                max_decode_ratio=float(getattr(self.hparams, "max_decode_ratio", 1.0)))
+        return cache[key]
+
+    def decode_exit(self, decoder, exit_index, log_probs, wav_lens, hiddens, stage):
+        if decoder != "aed_beam":
+            return super().decode_exit(decoder, exit_index, log_probs, wav_lens, hiddens, stage)
+        hyps, _, _, _ = self.aed_searcher(exit_index, stage)(hiddens[exit_index], wav_lens)
+        return [tokens_to_text(self.tokenizer.sp, h) for h in hyps]
+
+
+def brain_class_for(hparams: Dict):
+    """The Brain a recipe's hparams need: :class:`EarlyExitSeq2SeqBrain` when its ``modules``
+    have attention ``decoders``, else :class:`EarlyExitCTCBrain`."""
+    return EarlyExitSeq2SeqBrain if "decoders" in hparams["modules"] else EarlyExitCTCBrain

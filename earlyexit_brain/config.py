@@ -77,6 +77,7 @@ def _is_num(v):
 
 
 _CALIBRATED = ("entropy", "posterior", "posterior_greedy")
+_DECODERS = ("ctc_greedy", "ctc_beam", "aed_beam")
 _SWEEPABLE = _CALIBRATED + ("budget",)
 
 Rule = Tuple[Callable[[Any], bool], str]  # (predicate, accepted values in words)
@@ -164,6 +165,31 @@ _RULES: Dict[str, Rule] = {
     "latency_durations": (lambda v: isinstance(v, list) and len(v) >= 2
                           and all(_is_num(d) and d > 0 for d in v),
                           "a list of at least two durations in seconds > 0"),
+    # decoding (EarlyExitCTCBrain / EarlyExitSeq2SeqBrain)
+    "valid_decoder": (lambda v: v in _DECODERS, "one of " + ", ".join(repr(d) for d in _DECODERS)),
+    "test_decoders": (lambda v: isinstance(v, list) and len(v) > 0 and all(d in _DECODERS for d in v),
+                      "a non-empty list among " + ", ".join(repr(d) for d in _DECODERS)),
+    "ctc_beam_size": (lambda v: _is_int(v) and v >= 1, "an integer >= 1"),
+    "ctc_lm_path": (lambda v: v is None or (isinstance(v, str) and os.path.isfile(v)),
+                    "null or an existing KenLM file (.arpa or .bin)"),
+    "ctc_lm_alpha": (lambda v: _is_num(v) and v >= 0, "a number >= 0"),
+    "ctc_lm_beta": (_is_num, "a number"),
+    # attention-decoder exits
+    "ctc_weight": (lambda v: _is_num(v) and 0 <= v <= 1, "a number in [0, 1]"),
+    "decode_ctc_weight": (lambda v: _is_num(v) and 0 <= v <= 1, "a number in [0, 1]"),
+    "label_smoothing": (lambda v: _is_num(v) and 0 <= v < 1, "a number in [0, 1)"),
+    "beam_size": (lambda v: _is_int(v) and v >= 1, "an integer >= 1"),
+    "valid_beam_size": (lambda v: _is_int(v) and v >= 1, "an integer >= 1"),
+    "max_decode_ratio": (lambda v: _is_num(v) and v > 0, "a number > 0"),
+    "aed_length_normalization": (lambda v: isinstance(v, bool), "true or false"),
+    "aed_length_reward": (lambda v: _is_num(v) and v >= 0, "a number >= 0"),
+    "decoder_layers": (lambda v: _is_int(v) and v >= 1, "an integer >= 1"),
+    "decoder_d_model": (lambda v: _is_int(v) and v >= 1, "an integer >= 1"),
+    "decoder_nhead": (lambda v: _is_int(v) and v >= 1, "an integer >= 1"),
+    "decoder_d_ffn": (lambda v: _is_int(v) and v >= 1, "an integer >= 1"),
+    "share_embedding": (lambda v: isinstance(v, bool), "true or false"),
+    "bos_index": (lambda v: _is_int(v) and v >= 0, "an integer >= 0"),
+    "eos_index": (lambda v: _is_int(v) and v >= 0, "an integer >= 0"),
 }
 
 
@@ -198,6 +224,7 @@ def check_hparams(raw: Dict[str, Any], source: str = "hparams") -> Dict[str, Any
                           f"one of them (the other 0), got {raw['ckpt_interval_minutes']} and "
                           f"{raw['ckpt_interval_steps']}")
     _check_ssl(raw, source)
+    _check_decoding(raw, source)
     derived: Dict[str, Any] = {}
     if "exit_layers" in raw:
         depth = raw.get("num_layers")
@@ -241,6 +268,38 @@ def check_hparams(raw: Dict[str, Any], source: str = "hparams") -> Dict[str, Any
                     f"{parent}): {data_folder}"
                 )
     return derived
+
+
+def _check_decoding(raw: Dict[str, Any], source: str) -> None:
+    """Attention decoders: width equal to the encoder's, heads dividing it, bos/eos/blank
+    distinct and inside the output layer; ``aed_beam`` only with decoders."""
+    dec_d, enc_d = raw.get("decoder_d_model"), raw.get("d_model")
+    if _is_int(dec_d) and _is_int(enc_d) and dec_d != enc_d:
+        raise ConfigError(f"{source}: key 'decoder_d_model' ({dec_d}) must equal the encoder's "
+                          f"d_model ({enc_d}): each decoder attends to its exit's {enc_d}-d states")
+    heads = raw.get("decoder_nhead")
+    if _is_int(dec_d) and _is_int(heads) and dec_d % heads:
+        raise ConfigError(f"{source}: key 'decoder_nhead' must divide decoder_d_model={dec_d}, "
+                          f"got {heads}")
+    uses_aed = raw.get("valid_decoder") == "aed_beam" or "aed_beam" in (raw.get("test_decoders") or [])
+    if uses_aed and "decoders" not in raw:
+        raise ConfigError(f"{source}: key 'test_decoders'/'valid_decoder': 'aed_beam' needs attention "
+                          f"decoders (a 'decoders' module, e.g. hparams/synthetic/conformer_aed_ee.yaml)")
+    if "decoders" not in raw:
+        return
+    indices = {k: raw.get(k) for k in ("blank_index", "bos_index", "eos_index")}
+    if all(_is_int(v) for v in indices.values()):
+        if len(set(indices.values())) < 3:
+            raise ConfigError(f"{source}: keys 'bos_index', 'eos_index' and 'blank_index' must be "
+                              f"three different tokens for joint CTC/attention, got {indices}")
+        out = raw.get("output_neurons")
+        for key, value in indices.items():
+            if _is_int(out) and value >= out:
+                raise ConfigError(f"{source}: key '{key}' ({value}) must be below output_neurons ({out})")
+    reward, norm = raw.get("aed_length_reward"), raw.get("aed_length_normalization")
+    if _is_num(reward) and reward > 0 and norm is True:
+        raise ConfigError(f"{source}: keys 'aed_length_reward' and 'aed_length_normalization': "
+                          f"set one of them (a reward > 0 or normalization true), not both")
 
 
 def _check_corpus_options(raw: Dict[str, Any], source: str) -> None:

@@ -1,8 +1,10 @@
 """WER-vs-compute evaluation of exit policies, and threshold calibration on dev.
 
 Every utterance is run once at batch 1 (as a device transcribing one request
-would), through every exit, recording for each exit the greedy hypothesis,
-its word errors, the cumulative milliseconds from the waveform to that exit,
+would), through every exit, recording for each exit the hypothesis (greedy CTC;
+an AED model's joint CTC/attention beam search), its word errors, the
+cumulative milliseconds from the waveform to that exit (the encoder; the
+decoding after it is not included),
 and each confidence policy's score and the time it took to compute. A policy
 decision for an utterance depends only on that utterance's own per-exit
 scores, so the exit any threshold would choose, and the resulting WER, depth
@@ -22,7 +24,7 @@ from speechbrain.decoders import ctc_greedy_decode
 from speechbrain.utils.edit_distance import wer_details_for_batch
 from tqdm import tqdm
 
-from .models.pipeline import timed_exits
+from .models.pipeline import EarlyExitAEDModel, timed_exits
 from .utils import tokens_to_text
 from .exits import (BudgetPolicy, ConfidencePolicy, EntropyPolicy, GreedyPosteriorPolicy,
                     LatencyTable, NBestPosteriorPolicy, make_ctc_beam_searcher, oracle_exits)
@@ -36,7 +38,7 @@ class ExitOutputs:
     ids: List[str]
     durations: torch.Tensor               # (U,) seconds
     ref_words: torch.Tensor               # (U,) reference words
-    errors: torch.Tensor                  # (U, K) word edits of each exit's greedy hypothesis
+    errors: torch.Tensor                  # (U, K) word edits of each exit's hypothesis
     hyps: List[List[str]]                 # [u][k] hypothesis text
     exit_ms: torch.Tensor                 # (U, K) cumulative ms from waveform to exit k
     exit_layers: List[int]
@@ -62,27 +64,48 @@ def build_scorers(tokenizer, vocab_size: int, blank_index: int = 0, beam_size: i
 @torch.no_grad()
 def collect_exit_outputs(model, dataset, tokenizer, scorers: Dict[str, ConfidencePolicy],
                          blank_index: int = 0, sample_rate: int = 16000,
-                         desc: str = "exits") -> ExitOutputs:
-    """Run every utterance of ``dataset`` (items with ``id``, ``sig``, ``wrd``) through every exit."""
+                         desc: str = "exits", decode_batch: int = 16) -> ExitOutputs:
+    """Run every utterance of ``dataset`` (items with ``id``, ``sig``, ``wrd``) through every exit.
+
+    An :class:`EarlyExitAEDModel`'s hypotheses come from each exit's joint
+    CTC/attention beam search, run on the batch-1 encoder states in batches of
+    ``decode_batch`` utterances (the search is the slow part; batching it
+    does not change the timed encoder passes).
+    """
     model.eval()
     device = next(model.parameters()).device
     num_exits = model.num_exits
+    aed = isinstance(model, EarlyExitAEDModel)
     ids, durations, hyps, refs, exit_ms = [], [], [], [], []
     scores = {name: [] for name in scorers}
     policy_ms = {name: [] for name in scorers}
+    pending: List = []  # AED: (utterance index, per-exit encoder states) awaiting decoding
+
+    def decode_pending():
+        for k in range(num_exits):
+            states = [h[k][0] for _, h in pending]
+            frames = torch.tensor([s.shape[0] for s in states], dtype=torch.float32)
+            padded = torch.nn.utils.rnn.pad_sequence(states, batch_first=True)
+            for (u, _), tokens in zip(pending, model.decode_exit(k, padded, frames / padded.shape[1])):
+                hyps[u][k] = tokens_to_text(tokenizer, tokens)
+        pending.clear()
+
     for item in tqdm(dataset, desc=desc, dynamic_ncols=True):
         wav = item["sig"].to(device)[None]
         lens = torch.ones(1, device=device)
-        times, log_probs = timed_exits(model, wav, lens)
+        times, log_probs, hiddens = timed_exits(model, wav, lens, keep_hidden=True)
         ids.append(item["id"])
         durations.append(wav.shape[1] / sample_rate)
         exit_ms.append(times)
         refs.append(item["wrd"])
-        utt_hyps = []
-        for lp in log_probs:
-            tokens = ctc_greedy_decode(lp, lens, blank_id=blank_index)[0]
-            utt_hyps.append(tokens_to_text(tokenizer, tokens))
-        hyps.append(utt_hyps)
+        if aed:
+            hyps.append([""] * num_exits)
+            pending.append((len(hyps) - 1, hiddens))
+            if len(pending) == decode_batch:
+                decode_pending()
+        else:
+            hyps.append([tokens_to_text(tokenizer, ctc_greedy_decode(lp, lens, blank_id=blank_index)[0])
+                         for lp in log_probs])
         for name, scorer in scorers.items():
             row, row_ms = [], []
             for k in range(num_exits):
@@ -95,6 +118,8 @@ def collect_exit_outputs(model, dataset, tokenizer, scorers: Dict[str, Confidenc
                 row_ms.append((time.perf_counter() - start) * 1000.0)
             scores[name].append(row)
             policy_ms[name].append(row_ms)
+    if pending:
+        decode_pending()
     ref_words = [r.split() for r in refs]
     errors = [[d["num_edits"] for d in wer_details_for_batch(ids, ref_words, [h[k].split() for h in hyps])]
               for k in range(num_exits)]
@@ -285,11 +310,21 @@ def policy_options(hparams: Dict) -> Dict:
 
 
 def build_model(hparams: Dict):
-    """An :class:`EarlyExitCTCModel` over a recipe's (trained) modules."""
+    """An :class:`EarlyExitCTCModel` over a recipe's (trained) modules, or an
+    :class:`EarlyExitAEDModel` when the recipe has attention ``decoders``."""
     from .models.pipeline import EarlyExitCTCModel
 
-    return EarlyExitCTCModel(hparams["compute_features"], hparams["normalize"],
-                             hparams["encoder"], hparams["ctc_heads"])
+    parts = (hparams["compute_features"], hparams["normalize"], hparams["encoder"],
+             hparams["ctc_heads"])
+    if hparams.get("decoders") is None:
+        return EarlyExitCTCModel(*parts)
+    return EarlyExitAEDModel(
+        *parts, hparams["decoders"], bos_index=hparams["bos_index"], eos_index=hparams["eos_index"],
+        blank_index=hparams["blank_index"], beam_size=hparams.get("beam_size", 10),
+        ctc_weight=hparams.get("decode_ctc_weight", 0.4),
+        length_normalization=hparams.get("aed_length_normalization", True),
+        length_reward=hparams.get("aed_length_reward", 0.0),
+        max_decode_ratio=hparams.get("max_decode_ratio", 1.0))
 
 
 def features_config(hparams: Dict) -> Dict:

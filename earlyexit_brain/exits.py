@@ -28,6 +28,7 @@ Policies (formulas in docs/exit_policies.md):
 
 import json
 import math
+import os
 from dataclasses import dataclass
 from typing import Dict, List, Optional, Sequence
 
@@ -178,13 +179,29 @@ def ctc_vocab_list(tokenizer, size: int) -> List[str]:
 
 
 def make_ctc_beam_searcher(tokenizer, vocab_size: int, blank_index: int = 0,
-                           beam_size: int = 10, prefix: bool = False):
-    """SpeechBrain CTC beam searcher returning the ``beam_size``-best list."""
+                           beam_size: int = 10, prefix: bool = False, topk: Optional[int] = None,
+                           kenlm_model_path: Optional[str] = None, **lm_weights):
+    """SpeechBrain CTC beam searcher returning the ``topk``-best list (default: the whole beam).
+
+    ``kenlm_model_path``: an n-gram LM (KenLM ``.arpa`` or ``.bin``; needs the
+    ``kenlm`` package), weighted by ``alpha``/``beta`` in ``lm_weights``.
+    """
     from speechbrain.decoders.ctc import CTCBeamSearcher, CTCPrefixBeamSearcher
 
+    if not isinstance(beam_size, int) or beam_size < 1:
+        raise ValueError(f"beam_size: must be an integer >= 1, got {beam_size!r}")
+    if kenlm_model_path is not None:
+        if not os.path.isfile(kenlm_model_path):
+            raise ValueError(f"ctc_lm_path: no such n-gram file: {kenlm_model_path}")
+        try:
+            import kenlm  # noqa: F401
+        except ImportError:
+            raise ValueError("ctc_lm_path: decoding with an n-gram LM needs the kenlm package "
+                             "(pip install kenlm)") from None
     cls = CTCPrefixBeamSearcher if prefix else CTCBeamSearcher
     return cls(blank_index=blank_index, vocab_list=ctc_vocab_list(tokenizer, vocab_size),
-               space_token="▁", beam_size=beam_size, topk=beam_size)
+               space_token="▁", beam_size=beam_size, topk=topk or beam_size,
+               kenlm_model_path=kenlm_model_path, **lm_weights)
 
 
 class NBestPosteriorPolicy(ConfidencePolicy):
@@ -367,24 +384,28 @@ class DynamicOutput:
     log_probs: List[torch.Tensor]
     exits: torch.Tensor
     layers: torch.Tensor
+    hiddens: Optional[List[torch.Tensor]] = None  # (T_b, D) encoder states at the exit, if kept
 
 
 def run_dynamic(encoder, heads, feats: torch.Tensor, lengths: Optional[torch.Tensor],
                 policy: ExitPolicy, durations: Optional[torch.Tensor] = None,
-                trim: bool = True) -> DynamicOutput:
+                trim: bool = True, keep_hidden: bool = False) -> DynamicOutput:
     """Early-exit inference: utterances leave the batch as the policy stops them.
 
     ``encoder`` follows the incremental interface (``start``, ``advance``,
     ``select``, ``exit_layers``); ``heads.forward_exit(k, hidden)`` gives exit
     ``k``'s log-probabilities. Layers above the deepest exit any utterance
     still needs are never run. ``trim``: cut the batch's padding to the longest
-    utterance still running (see the encoder's ``select``).
+    utterance still running (see the encoder's ``select``). ``keep_hidden``:
+    also return each utterance's encoder states at its exit (for an attention
+    decoder).
     """
     batch = feats.shape[0]
     num_exits = len(encoder.exit_layers)
     state = encoder.start(feats, lengths)
     active = torch.arange(batch)
     out_lp: List[Optional[torch.Tensor]] = [None] * batch
+    out_hidden: List[Optional[torch.Tensor]] = [None] * batch
     exits = torch.zeros(batch, dtype=torch.long)
     for k in range(num_exits):
         hidden = encoder.advance(state, k)
@@ -398,6 +419,8 @@ def run_dynamic(encoder, heads, feats: torch.Tensor, lengths: Optional[torch.Ten
         for i in torch.nonzero(stop).flatten().tolist():
             b = int(active[i])
             out_lp[b] = log_probs[i, : int(state.frames[i])]
+            if keep_hidden:
+                out_hidden[b] = hidden[i, : int(state.frames[i])]
             exits[b] = k
         if bool(stop.all()):
             break
@@ -406,4 +429,4 @@ def run_dynamic(encoder, heads, feats: torch.Tensor, lengths: Optional[torch.Ten
             state = encoder.select(state, keep.to(state.x.device), trim=trim)
             active = active[keep]
     layers = torch.tensor([encoder.exit_layers[int(k)] for k in exits], dtype=torch.long)
-    return DynamicOutput(out_lp, exits, layers)
+    return DynamicOutput(out_lp, exits, layers, out_hidden if keep_hidden else None)

@@ -48,8 +48,8 @@ def build_tokenizer(hparams: Dict) -> SentencePiece:
         annotation_read="wrd",
         model_type=hparams["token_type"],
         character_coverage=1.0,
-        bos_id=-1,
-        eos_id=-1,
+        bos_id=hparams.get("bos_index", -1),  # attention decoders: bos/eos tokens
+        eos_id=hparams.get("eos_index", -1),
         unk_id=hparams["blank_index"],
     )
     size = tokenizer.sp.vocab_size()
@@ -81,6 +81,7 @@ def evaluate_and_report(hparams: Dict, hparams_file: str, brain, tokenizer, vali
         hparams["ctc_heads"],
         brain.test_results,
         train=trained,
+        decoders=hparams.get("decoders"),
         extra={"hparams_file": os.path.basename(hparams_file),
                "exit_layers": list(hparams["encoder"].exit_layers),
                "evaluated_epoch": hparams["epoch_counter"].current,
@@ -88,6 +89,7 @@ def evaluate_and_report(hparams: Dict, hparams_file: str, brain, tokenizer, vali
                "averaged_checkpoints": int(getattr(brain, "averaged_checkpoints", 1)),
                "processes": int(os.environ.get("WORLD_SIZE", "1")),  # DDP processes (torchrun)
                "token_type": hparams["token_type"],
+               "test_decoders": brain.stage_decoders(sb.Stage.TEST),
                "vocab_size": tokenizer.sp.vocab_size(),
                "train_utterances": train_utterances,
                # per set: utterances left out for bad audio, files resampled / down-mixed

@@ -173,7 +173,7 @@ CARD_TEMPLATE = """
 # {title}
 
 An **early-exit** speech recogniser trained with earlyexit_brain on SpeechBrain: one
-{encoder_kind} of {num_layers} layers with a CTC exit after layers {exit_layers}, trained with
+{encoder_kind} of {num_layers} layers with {exit_kind} after layers {exit_layers}, trained with
 the multi-exit loss of Wright et al., *Training early-exit architectures for automatic speech
 recognition* (arXiv 2309.09546), on the {dataset_name}. At inference the model stops at the exit
 chosen by a fixed depth, a latency budget or a confidence policy, and the layers above it are not
@@ -212,7 +212,7 @@ asr.transcribe_file("example.wav")
 
 ## Files
 
-`hyperparams.yaml` (inference configuration), `model.ckpt` (encoder and exit heads),
+`hyperparams.yaml` (inference configuration), `model.ckpt` (encoder, exit heads and any exit decoders),
 `normalizer.ckpt` (feature statistics), `tokenizer.ckpt` (SentencePiece), `exit_policies.ckpt`
 (calibrated thresholds), `latency_table.ckpt` (per-exit latency measured on the training machine;
 re-measure it on yours for the `budget` policy), `report.json` (every figure above), `example.wav`.
@@ -248,6 +248,8 @@ def build_model_card(report: Dict, repo_id: str, dataset: Tuple[str, str], polic
     tables = report_markdown(report).split("\n", 1)[1].strip()  # without its title
     body = CARD_TEMPLATE.format(
         title=name, encoder_kind=encoder[0], num_layers=report.get("num_layers", "?"),
+        exit_kind=("a CTC head and an attention decoder (joint CTC/attention beam search) at an exit"
+                   if "aed_beam" in report.get("test_decoders", []) else "a CTC exit"),
         exit_layers=", ".join(str(e["layer"]) for e in report["exits"]),
         dataset_name=dataset[1], repo_id=repo_id, name=name, default=default_text,
         default_exit=default.get("exit") or len(report["exits"]), tables=tables,

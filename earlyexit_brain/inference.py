@@ -78,7 +78,11 @@ class Transcription:
 
 
 class EarlyExitASR(Pretrained):
-    """Early-exit CTC transcription with a fixed exit, a budget or a confidence policy.
+    """Early-exit transcription with a fixed exit, a budget or a confidence policy.
+
+    CTC models decode greedily at the chosen exit; attention-decoder (AED)
+    models run the chosen exit's decoder only, with joint CTC/attention beam
+    search (the exit policies read the exits' CTC posteriors).
 
     ``exit`` is 1-based; ``policy`` is one of ``fixed``, ``entropy``,
     ``posterior``, ``posterior_greedy``, ``budget`` (or an
@@ -196,14 +200,18 @@ class EarlyExitASR(Pretrained):
             wav_lens = torch.ones(wavs.shape[0])
         wav_lens = wav_lens.float().to(self.device)
         durations = (wav_lens * wavs.shape[1] / self.hparams.sample_rate).cpu()
+        aed = hasattr(self.model, "decode_dynamic")  # attention decoders: only the exit's runs
         with torch.no_grad():
-            out = self.model.dynamic(wavs, wav_lens, chosen, durations)
-        results = []
-        for b, log_probs in enumerate(out.log_probs):
-            tokens = ctc_greedy_decode(log_probs[None], torch.ones(1), blank_id=self.hparams.blank_index)[0]
-            text = tokens_to_text(self.tokenizer, tokens)
-            results.append(Transcription(text=text, exit=int(out.exits[b]) + 1, layers=int(out.layers[b])))
-        return results
+            out = self.model.dynamic(wavs, wav_lens, chosen, durations, keep_hidden=aed)
+            if aed:
+                token_lists = self.model.decode_dynamic(out)
+            else:
+                token_lists = [ctc_greedy_decode(lp[None], torch.ones(1),
+                                                 blank_id=self.hparams.blank_index)[0]
+                               for lp in out.log_probs]
+        return [Transcription(text=tokens_to_text(self.tokenizer, tokens), exit=int(out.exits[b]) + 1,
+                              layers=int(out.layers[b]))
+                for b, tokens in enumerate(token_lists)]
 
     def load_checked(self, path: str) -> torch.Tensor:
         """Load, down-mix and resample an audio file; a ValueError names the file if it is unusable."""
@@ -254,7 +262,7 @@ class EarlyExitASR(Pretrained):
 # ---------------------------------------------------------------- export
 INFERENCE_YAML = """\
 # ############################################################################
-# Inference hyperparameters of an early-exit CTC model (earlyexit_brain).
+# Inference hyperparameters of an early-exit model (earlyexit_brain).
 # Load with earlyexit_brain.inference.EarlyExitASR.from_hparams(source=<folder>)
 # or, at the default exit only, with speechbrain.inference.ASR.EncoderASR.
 # Written by earlyexit_brain.inference.export_inference_folder.
@@ -275,16 +283,16 @@ ee_encoder: !new:{encoder_class}
 
 ctc_heads: !new:{heads_class}
 {heads}
-
-encoder: !new:earlyexit_brain.models.pipeline.EarlyExitCTCModel
+{decoders}
+encoder: !new:earlyexit_brain.models.pipeline.{model_class}
     compute_features: !ref <compute_features>
     normalize: !ref <normalize>
     encoder: !ref <ee_encoder>
     heads: !ref <ctc_heads>
     default_exit: !ref <default_exit>
-
+{search}
 model: !new:torch.nn.ModuleList
-    - [!ref <ee_encoder>, !ref <ctc_heads>]
+    - [!ref <ee_encoder>, !ref <ctc_heads>{decoders_ref}]
 
 decoding_function: !name:speechbrain.decoders.ctc_greedy_decode
     blank_id: !ref <blank_index>
@@ -318,6 +326,18 @@ def _class_path(obj) -> str:
     return f"{type(obj).__module__}.{type(obj).__qualname__}"
 
 
+def _decoder_parts(model) -> Dict[str, str]:
+    """The inference YAML's pieces that differ between CTC and attention-decoder (AED) models."""
+    if not hasattr(model, "decoders"):
+        return {"decoders": "", "model_class": "EarlyExitCTCModel", "search": "",
+                "decoders_ref": ""}
+    return {"decoders": f"\ndecoders: !new:{_class_path(model.decoders)}\n"
+                        f"{_yaml_block(model.decoders.config)}\n",
+            "model_class": "EarlyExitAEDModel",
+            "search": "    decoders: !ref <decoders>\n" + _yaml_block(model.search_options) + "\n",
+            "decoders_ref": ", !ref <decoders>"}
+
+
 def export_inference_folder(folder: str, model, features_config: Dict, tokenizer_path: str,
                             blank_index: int = 0, policies: Optional[Dict] = None,
                             latency_table: Optional[LatencyTable] = None) -> str:
@@ -349,9 +369,11 @@ def export_inference_folder(folder: str, model, features_config: Dict, tokenizer
             normalize=_yaml_block(normalize_config),
             encoder_class=_class_path(model.encoder), encoder=_yaml_block(model.encoder.config),
             heads_class=_class_path(model.heads), heads=_yaml_block(model.heads.config),
+            **_decoder_parts(model),
         )
         atomic_write_text(os.path.join(tmp, "hyperparams.yaml"), text)
-        weights = torch.nn.ModuleList([model.encoder, model.heads]).state_dict()
+        parts = [model.encoder, model.heads] + ([model.decoders] if hasattr(model, "decoders") else [])
+        weights = torch.nn.ModuleList(parts).state_dict()
         torch.save(weights, os.path.join(tmp, "model.ckpt"))
         model.normalize._save(os.path.join(tmp, "normalizer.ckpt"))
         shutil.copyfile(tokenizer_path, os.path.join(tmp, "tokenizer.ckpt"))

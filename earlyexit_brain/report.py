@@ -8,7 +8,7 @@ from earlyexit_brain.utils import atomic_write_text
 
 
 def build_report(encoder, heads, test_results: Dict[str, List[Dict]], train: Dict,
-                 extra: Optional[Dict] = None) -> Dict:
+                 extra: Optional[Dict] = None, decoders=None) -> Dict:
     """Assemble the report dictionary.
 
     Arguments
@@ -18,15 +18,21 @@ def build_report(encoder, heads, test_results: Dict[str, List[Dict]], train: Dic
     test_results : ``{set: [{"exit", "wer", "cer", "n"}, ...]}`` from the Brain
     train : ``{"epochs": int, "seconds": float}``
     extra : more top-level fields (configuration facts)
+    decoders : attention decoders, one per exit (``params_of_exit``), or None
+
+    Each test set's entry of an exit has ``wer``, ``cer`` and ``n`` from the
+    first test decoder and, when the Brain ran several, ``decoders``:
+    ``{name: {"wer", "cer", "ms_per_utterance"}}``.
     """
-    params_total = sum(p.numel() for p in encoder.parameters()) + sum(
-        p.numel() for p in heads.parameters())
+    parts = [encoder, heads] + ([decoders] if decoders is not None else [])
+    params_total = sum(p.numel() for part in parts for p in part.parameters())
     exits = []
     for k, layer in enumerate(encoder.exit_layers):
         entry = {
             "exit": k + 1,
             "layer": int(layer),
-            "params_to_exit": int(encoder.params_to_exit(k) + heads.params_of_exit(k)),
+            "params_to_exit": int(encoder.params_to_exit(k) + heads.params_of_exit(k)
+                                  + (decoders.params_of_exit(k) if decoders is not None else 0)),
             "encoder_fraction": round(layer / encoder.num_layers, 4),
             "sets": {},
         }
@@ -34,6 +40,8 @@ def build_report(encoder, heads, test_results: Dict[str, List[Dict]], train: Dic
             row = rows[k]
             entry["sets"][name] = {"wer": float(row["wer"]), "cer": float(row["cer"]),
                                    "n": int(row["n"])}
+            if row.get("decoders"):
+                entry["sets"][name]["decoders"] = row["decoders"]
         exits.append(entry)
     report = {"params_total": int(params_total), "num_layers": int(encoder.num_layers),
               "exits": exits, "train": {"epochs": int(train["epochs"]),
@@ -58,10 +66,34 @@ def report_markdown(report: Dict) -> str:
         row += "".join(f" {e['sets'][s]['wer']:.2f} | {e['sets'][s]['cer']:.2f} |" for s in sets)
         lines.append(row)
     lines.append("")
-    lines.append("WER and CER in percent, greedy CTC decoding at each exit.")
+    decoders = report.get("test_decoders") or ["ctc_greedy"]
+    lines.append(f"WER and CER in percent, {DECODER_WORDS.get(decoders[0], decoders[0])} at each exit.")
+    if len(decoders) > 1 and report["exits"] and "decoders" in report["exits"][0]["sets"][sets[0]]:
+        lines += ["", *decoder_markdown(report, decoders, sets)]
     if report.get("policies"):
         lines += ["", *policy_markdown(report)]
     return "\n".join(lines) + "\n"
+
+
+DECODER_WORDS = {"ctc_greedy": "greedy CTC decoding", "ctc_beam": "CTC prefix beam search",
+                 "aed_beam": "joint CTC/attention beam search"}
+
+
+def decoder_markdown(report: Dict, decoders: List[str], sets: List[str]) -> List[str]:
+    """WER of every decoder at every exit, with the decoding time per utterance."""
+    lines = ["## Decoders", "", "| exit | layer |" + "".join(
+        f" {s} {d} WER | {s} {d} ms/utt |" for s in sets for d in decoders)]
+    lines.append("|" + "---|" * (2 + 2 * len(sets) * len(decoders)))
+    for e in report["exits"]:
+        row = f"| {e['exit']} | {e['layer']} |"
+        for s in sets:
+            for d in decoders:
+                v = e["sets"][s]["decoders"][d]
+                row += f" {v['wer']:.2f} | {v['ms_per_utterance']:.1f} |"
+        lines.append(row)
+    lines += ["", "ms/utt: decoding time alone (after the encoder), per utterance, in batches of "
+              "eval_batch_size on this machine."]
+    return lines
 
 
 def _policy_label(entry: Dict) -> str:

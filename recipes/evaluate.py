@@ -22,7 +22,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from earlyexit_brain.brain import EarlyExitCTCBrain  # noqa: E402
+from earlyexit_brain.brain import brain_class_for  # noqa: E402
 from earlyexit_brain.dataio import dataio_prepare  # noqa: E402
 from earlyexit_brain.experiment import (evaluate_and_report, load_recipe_hparams,  # noqa: E402
                                         tokenizer_or_exit)
@@ -44,7 +44,7 @@ def main(argv):
     train_data, valid_data, test_datasets, loaders = dataio_prepare(
         hparams, tokenizer, hparams["encoder"]
     )
-    brain = EarlyExitCTCBrain(
+    brain = brain_class_for(hparams)(
         modules=hparams["modules"],
         hparams=hparams,
         run_opts=run_opts,

@@ -24,7 +24,7 @@ from speechbrain.utils.distributed import run_on_main
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from earlyexit_brain.brain import EarlyExitCTCBrain  # noqa: E402
+from earlyexit_brain.brain import brain_class_for  # noqa: E402
 from earlyexit_brain.data.common import CorpusError  # noqa: E402
 from earlyexit_brain.dataio import dataio_prepare  # noqa: E402
 from earlyexit_brain.experiment import (evaluate_and_report, load_recipe_hparams,  # noqa: E402
@@ -70,7 +70,8 @@ def main(argv):
             logger.info("%s: %d updates in %d epochs", key, scheduler.num_training_steps,
                         hparams["number_of_epochs"])
 
-    brain = EarlyExitCTCBrain(
+    # CTC exits, or joint CTC/attention when the YAML's modules have "decoders"
+    brain = brain_class_for(hparams)(
         modules=hparams["modules"],
         opt_class=hparams["opt_class"],
         hparams=hparams,

@@ -80,24 +80,87 @@ class EarlyExitCTCModel(nn.Module):
         return self.exit_log_probs(wavs, wav_lens, self.default_exit - 1)
 
     def dynamic(self, wavs: torch.Tensor, wav_lens: torch.Tensor, policy: ExitPolicy,
-                durations: Optional[torch.Tensor] = None) -> DynamicOutput:
+                durations: Optional[torch.Tensor] = None, keep_hidden: bool = False) -> DynamicOutput:
         """Early-exit inference with ``policy`` (see :func:`earlyexit_brain.exits.run_dynamic`)."""
         feats = self.features(wavs, wav_lens)
-        return run_dynamic(self.encoder, self.heads, feats, wav_lens, policy, durations)
+        return run_dynamic(self.encoder, self.heads, feats, wav_lens, policy, durations,
+                           keep_hidden=keep_hidden)
 
 
-def timed_exits(model: EarlyExitCTCModel, wavs: torch.Tensor, wav_lens: torch.Tensor):
+class EarlyExitAEDModel(EarlyExitCTCModel):
+    """:class:`EarlyExitCTCModel` with one attention decoder per exit (joint CTC/attention).
+
+    ``forward`` still gives the default exit's CTC log-probabilities (stock
+    ``EncoderASR``); :meth:`decode_exit` runs SpeechBrain's joint CTC/attention
+    beam search of one exit on that exit's encoder states, so only the
+    decoder of the exit an utterance stopped at ever runs.
+    """
+
+    def __init__(self, compute_features, normalize, encoder, heads, decoders, bos_index: int,
+                 eos_index: int, blank_index: int = 0, beam_size: int = 10, ctc_weight: float = 0.4,
+                 length_normalization: bool = True, length_reward: float = 0.0,
+                 max_decode_ratio: float = 1.0, default_exit: Optional[int] = None):
+        super().__init__(compute_features, normalize, encoder, heads, default_exit)
+        if decoders.num_exits != self.num_exits:
+            raise ValueError(f"decoders: {decoders.num_exits} decoders for {self.num_exits} exits")
+        self.decoders = decoders
+        self.search_options = dict(bos_index=int(bos_index), eos_index=int(eos_index),
+                                   blank_index=int(blank_index), beam_size=int(beam_size),
+                                   ctc_weight=float(ctc_weight),
+                                   length_normalization=bool(length_normalization),
+                                   length_reward=float(length_reward),
+                                   max_decode_ratio=float(max_decode_ratio))
+        self._searchers: Dict[int, torch.nn.Module] = {}  # not registered: no extra weights
+
+    def searcher(self, exit_index: int):
+        """The joint CTC/attention beam searcher of one exit (built once)."""
+        if exit_index not in self._searchers:
+            from .decoders import make_aed_searcher
+
+            self._searchers[exit_index] = make_aed_searcher(self.decoders, self.heads, exit_index,
+                                                            **self.search_options)
+        return self._searchers[exit_index]
+
+    @torch.no_grad()
+    def decode_exit(self, exit_index: int, hidden: torch.Tensor,
+                    rel_lens: Optional[torch.Tensor] = None) -> List[List[int]]:
+        """Token ids of the best hypothesis per utterance of exit ``exit_index``'s states ``(B, T, D)``."""
+        if rel_lens is None:
+            rel_lens = torch.ones(hidden.shape[0], device=hidden.device)
+        hyps, _, _, _ = self.searcher(exit_index)(hidden, rel_lens.to(hidden.device))
+        return [list(map(int, h)) for h in hyps]
+
+    def decode_dynamic(self, out: DynamicOutput) -> List[List[int]]:
+        """Decode a :func:`run_dynamic` output made with ``keep_hidden=True``: the utterances that
+        stopped at the same exit are batched through that exit's decoder only."""
+        result: List[List[int]] = [[] for _ in out.exits]
+        for k in sorted(set(int(e) for e in out.exits)):
+            members = [b for b, e in enumerate(out.exits) if int(e) == k]
+            states = [out.hiddens[b] for b in members]
+            frames = torch.tensor([s.shape[0] for s in states], dtype=torch.float32)
+            padded = torch.nn.utils.rnn.pad_sequence(states, batch_first=True)
+            for b, ids in zip(members, self.decode_exit(k, padded, frames / padded.shape[1])):
+                result[b] = ids
+        return result
+
+
+def timed_exits(model: EarlyExitCTCModel, wavs: torch.Tensor, wav_lens: torch.Tensor,
+                keep_hidden: bool = False):
     """``(ms, log_probs)``: cumulative milliseconds from the waveform to each exit, in one pass, and
-    each exit's log-probabilities."""
+    each exit's log-probabilities; with ``keep_hidden`` also each exit's encoder states."""
     cuda = wavs.is_cuda
     start = time.perf_counter()
     feats = model.features(wavs, wav_lens)
-    times, log_probs = [], []
+    times, log_probs, hiddens = [], [], []
     for k, hidden in model.encoder.iter_exits(feats, wav_lens):
         log_probs.append(model.heads.forward_exit(k, hidden))
+        if keep_hidden:
+            hiddens.append(hidden)
         if cuda:
             torch.cuda.synchronize()
         times.append((time.perf_counter() - start) * 1000.0)
+    if keep_hidden:
+        return times, log_probs, hiddens
     return times, log_probs
 
 

@@ -64,6 +64,17 @@ def test_librispeech_early_exit_debug_run(repo_root, trees, tmp_path):
     assert "Evaluating the average of 1 checkpoint(s) (avg_checkpoints=2)" in log
 
 
+def test_librispeech_aed_debug_run(repo_root, trees, tmp_path):
+    out = tmp_path / "out"
+    train(repo_root, "hparams/librispeech/conformer_aed_ee.yaml", trees / "LibriSpeech", out,
+          "--exit_layers=[1,2]", LS_TRAIN, "--policy_evaluation=False", "--decoder_layers=1",
+          "--decoder_nhead=4", "--decoder_d_ffn=64", "--beam_size=2", "--valid_beam_size=1",
+          "--ctc_beam_size=2", "--max_decode_ratio=0.3")
+    report = check_report(out, [1, 2], ["test-clean", "test-other"], LIBRI_UTTS)
+    for e in report["exits"]:
+        assert set(e["sets"]["test-clean"]["decoders"]) == {"aed_beam", "ctc_greedy", "ctc_beam"}
+
+
 def test_librispeech_single_exit_debug_run(repo_root, trees, tmp_path):
     out = tmp_path / "out"
     train(repo_root, "hparams/librispeech/conformer_ctc_single.yaml", trees / "LibriSpeech", out,
@@ -118,6 +129,18 @@ def test_paper_configuration_size(repo_root, tmp_path, path, exits):
     assert abs(total - 31.5e6) / 31.5e6 < 0.02, total  # the paper's 31.5 M
     assert type(hp["lr_annealing"]).__name__ == "NoamScheduler"
     assert hp["wav_augment"] is not None and hp["fea_augment"] is not None
+
+
+def test_paper_aed_configuration(repo_root, tmp_path):
+    with open(os.path.join(repo_root, "hparams/librispeech/conformer_aed_ee.yaml")) as fin:
+        hp = load_hyperpyyaml(fin, {"data_folder": str(tmp_path), "output_folder": str(tmp_path / "o")})
+    enc, heads, decoders = hp["encoder"], hp["ctc_heads"], hp["decoders"]
+    assert enc.exit_layers == [2, 4, 6, 8, 10, 12] and enc.d_model == 256
+    assert decoders.num_exits == 6
+    assert all(len(d.decoder.layers) == 4 for d in decoders.decoders)  # the paper: 4 layers
+    assert all(o.w.out_features == 256 for o in decoders.out)
+    assert hp["ctc_weight"] == 0.3 and (hp["bos_index"], hp["eos_index"], hp["blank_index"]) == (1, 2, 0)
+    assert "decoders" in hp["modules"] and hp["avg_checkpoints"] == 10
 
 
 def free_port():

@@ -64,18 +64,18 @@ def test_augmentation_hooks_apply_in_training_only_and_replicate_targets():
     fea_aug = Augmenter(augmentations=[SpectrogramDrop(dim=1)])
     brain = tiny_brain(wav_aug, fea_aug)
     brain.on_stage_start(sb.Stage.TRAIN)
-    log_probs, lens = brain.compute_forward(batch(), sb.Stage.TRAIN)
+    log_probs, lens, hiddens = brain.compute_forward(batch(), sb.Stage.TRAIN)
     assert [lp.shape[0] for lp in log_probs] == [4, 4] and lens.shape[0] == 4
-    loss = brain.compute_objectives((log_probs, lens), batch(), sb.Stage.TRAIN)
+    loss = brain.compute_objectives((log_probs, lens, hiddens), batch(), sb.Stage.TRAIN)
     assert torch.isfinite(loss)
     # the speed-perturbed copy is 10 % longer than the original
     plain = tiny_brain()
     plain.on_stage_start(sb.Stage.TRAIN)
-    base, _ = plain.compute_forward(batch(), sb.Stage.TRAIN)
+    base = plain.compute_forward(batch(), sb.Stage.TRAIN)[0]
     assert log_probs[0].shape[1] > base[0].shape[1]
     # no augmentation outside training
     brain.modules.eval()
-    valid, _ = brain.compute_forward(batch(), sb.Stage.VALID)
+    valid = brain.compute_forward(batch(), sb.Stage.VALID)[0]
     assert valid[0].shape[0] == 2 and valid[0].shape[1] == base[0].shape[1]
 
 

@@ -1,0 +1,355 @@
+"""Attention-decoder (AED) exits: decoders, the joint CTC/attention loss, beam
+searches, dynamic inference that runs only the chosen exit's decoder, export
+and loading, and the configuration errors."""
+
+import functools
+import types
+
+import pytest
+import sentencepiece as spm
+import soundfile as sf
+import speechbrain as sb
+import torch
+from speechbrain.dataio.batch import PaddedBatch
+from speechbrain.lobes.features import Fbank
+from speechbrain.nnet.losses import ctc_loss, nll_loss
+from speechbrain.processing.features import InputNormalization
+from speechbrain.utils.metric_stats import ErrorRateStats
+
+from earlyexit_brain.brain import EarlyExitCTCBrain, EarlyExitSeq2SeqBrain
+from earlyexit_brain.config import ConfigError, check_hparams
+from earlyexit_brain.exits import FixedExit, make_ctc_beam_searcher
+from earlyexit_brain.inference import EarlyExitASR, export_inference_folder
+from earlyexit_brain.models.conformer import CTCExitHeads, EarlyExitConformerEncoder
+from earlyexit_brain.models.decoders import ExitDecoders, add_bos_eos, make_aed_searcher
+from earlyexit_brain.models.pipeline import EarlyExitAEDModel
+from earlyexit_brain.utils import tokens_to_text
+
+from signals import SR, tone  # tests/unit/signals.py
+
+BOS, EOS = 1, 2
+
+
+@pytest.fixture(scope="module")
+def sp_path(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("spm_aed")
+    text = folder / "text.txt"
+    text.write_text("\n".join(["HELLO WORLD", "THE CAT SAT ON THE MAT", "A QUICK BROWN FOX",
+                               "JUMPS OVER THE LAZY DOG", "IT'S FINE"]) + "\n")
+    spm.SentencePieceTrainer.train(input=str(text), model_prefix=str(folder / "chars"),
+                                   model_type="char", vocab_size=30, character_coverage=1.0,
+                                   bos_id=BOS, eos_id=EOS, unk_id=0, hard_vocab_limit=False,
+                                   minloglevel=2)
+    return str(folder / "chars.model")
+
+
+@pytest.fixture(scope="module")
+def sp(sp_path):
+    return spm.SentencePieceProcessor(model_file=sp_path)
+
+
+def parts(vocab=32, share=True, seed=0):
+    torch.manual_seed(seed)
+    enc = EarlyExitConformerEncoder(20, num_layers=4, d_model=16, nhead=2, d_ffn=32,
+                                    exit_layers=[2, 4], kernel_size=3, dropout=0.0)
+    heads = CTCExitHeads(16, vocab, 2)
+    decoders = ExitDecoders(16, vocab, 2, num_layers=1, nhead=2, d_ffn=32, dropout=0.0,
+                            share_embedding=share)
+    return enc, heads, decoders
+
+
+@pytest.fixture(scope="module")
+def aed_model():
+    enc, heads, decoders = parts()
+    normalize = InputNormalization(norm_type="global")
+    fbank = Fbank(n_mels=20)
+    normalize(fbank(torch.randn(2, SR)), torch.ones(2))
+    return EarlyExitAEDModel(fbank, normalize, enc, heads, decoders, bos_index=BOS, eos_index=EOS,
+                             beam_size=3, ctc_weight=0.4, max_decode_ratio=0.5).eval()
+
+
+# ------------------------------------------------------------------ decoders
+def test_bos_eos_targets_ignore_padding():
+    tokens = torch.tensor([[5, 6, 7], [8, 9, 0]])
+    bos, eos, lens = add_bos_eos(tokens, torch.tensor([1.0, 2 / 3]), BOS, EOS)
+    assert bos.tolist() == [[BOS, 5, 6, 7], [BOS, 8, 9, 0]]
+    assert eos.tolist() == [[5, 6, 7, EOS], [8, 9, EOS, 0]]
+    assert torch.allclose(lens, torch.tensor([1.0, 0.75]))
+
+
+def test_decoder_shapes_shared_embedding_and_parameter_counts():
+    _, _, shared = parts(share=True)
+    _, _, own = parts(share=False)
+    mem = [torch.randn(2, 9, 16), torch.randn(2, 9, 16)]
+    out = shared(mem, torch.tensor([1.0, 0.5]), torch.randint(3, 32, (2, 5)))
+    assert [o.shape for o in out] == [torch.Size([2, 5, 32])] * 2
+    assert torch.allclose(out[0].exp().sum(-1), torch.ones(2, 5), atol=1e-5)
+    assert shared.decoders[0].embedding is shared.decoders[1].embedding
+    assert own.decoders[0].embedding is not own.decoders[1].embedding
+    emb = 32 * 16
+    total_shared = sum(p.numel() for p in shared.parameters())  # a shared tensor counted once
+    assert total_shared == sum(p.numel() for p in own.parameters()) - emb
+    assert shared.params_of_exit(0) == own.params_of_exit(0)
+
+
+def test_decoder_is_causal_and_ignores_padded_memory():
+    _, _, dec = parts()
+    dec.eval()
+    mem = torch.randn(1, 9, 16)
+    tokens = torch.randint(3, 32, (1, 6))
+    full = dec.forward_exit(0, mem, torch.ones(1), tokens)
+    changed = tokens.clone()
+    changed[0, 4:] = 7  # later tokens cannot change earlier outputs
+    assert torch.allclose(full[0, :4], dec.forward_exit(0, mem, torch.ones(1), changed)[0, :4], atol=1e-6)
+    padded = torch.cat([mem, torch.randn(1, 5, 16)], dim=1)  # frames beyond the length are ignored
+    assert torch.allclose(full, dec.forward_exit(0, padded, torch.tensor([9 / 14]), tokens), atol=1e-5)
+
+
+def test_decoder_width_and_heads_errors_name_the_key():
+    _, _, dec = parts()
+    with pytest.raises(ValueError, match="decoder_d_model"):
+        dec.forward_exit(0, torch.randn(1, 5, 24), torch.ones(1), torch.ones(1, 2, dtype=torch.long))
+    with pytest.raises(ValueError, match="decoder_nhead"):
+        ExitDecoders(16, 8, 1, nhead=3)
+
+
+# ---------------------------------------------------------------------- loss
+def seq2seq_brain(ctc_weight=0.3, smoothing=0.1, weights=None):
+    enc, heads, decoders = parts()
+    hparams = dict(compute_features=Fbank(n_mels=20), blank_index=0, bos_index=BOS, eos_index=EOS,
+                   ctc_cost=functools.partial(ctc_loss, blank_index=0), ctc_weight=ctc_weight,
+                   label_smoothing=smoothing, exit_loss_weights=weights)
+    normalize = InputNormalization()
+    normalize(torch.randn(2, 50, 20), torch.ones(2))  # statistics, so eval mode works
+    return EarlyExitSeq2SeqBrain(modules={"encoder": enc, "ctc_heads": heads, "decoders": decoders,
+                                          "normalize": normalize},
+                                 hparams=hparams, run_opts={"device": "cpu"})
+
+
+def batch(second_tokens=(4, 5)):
+    torch.manual_seed(0)
+    return PaddedBatch([
+        {"id": "a", "sig": torch.randn(8000), "tokens": torch.tensor([3, 4, 5, 6]), "wrd": "A"},
+        {"id": "b", "sig": torch.randn(6000), "tokens": torch.tensor(list(second_tokens)), "wrd": "B"},
+    ])
+
+
+@pytest.mark.parametrize("weights", [None, [0.5, 2.0]])
+def test_joint_loss_is_the_weighted_sum_of_ctc_and_label_smoothed_ce(weights):
+    brain = seq2seq_brain(ctc_weight=0.3, smoothing=0.1, weights=weights)
+    brain.modules.eval()
+    brain.on_stage_start(sb.Stage.TRAIN)
+    b = batch()
+    pred = brain.compute_forward(b, sb.Stage.TRAIN)
+    loss = brain.compute_objectives(pred, b, sb.Stage.TRAIN)
+    log_probs, lens, _, dec_lp = pred
+    tokens, token_lens = b.tokens
+    _, eos, eos_lens = add_bos_eos(tokens, token_lens, BOS, EOS)
+    expected = 0
+    for k, w in enumerate(weights or [1.0, 1.0]):
+        ctc = ctc_loss(log_probs[k], tokens, lens, token_lens, blank_index=0)
+        ce = nll_loss(dec_lp[k], eos, length=eos_lens, label_smoothing=0.1)
+        expected = expected + w * (0.3 * ctc + 0.7 * ce)
+    assert torch.allclose(loss, expected)
+    # teacher forcing starts from bos and targets end with eos
+    assert dec_lp[0].shape[1] == tokens.shape[1] + 1
+
+
+def test_padding_does_not_change_the_decoder_loss():
+    brain = seq2seq_brain(ctc_weight=0.0, smoothing=0.0)
+    brain.modules.eval()
+    brain.on_stage_start(sb.Stage.TRAIN)
+    b1 = batch()
+    b2 = batch()
+    b2.tokens.data[1, 2:] = 9  # padding positions of the shorter target
+    l1 = brain.compute_objectives(brain.compute_forward(b1, sb.Stage.TRAIN), b1, sb.Stage.TRAIN)
+    l2 = brain.compute_objectives(brain.compute_forward(b2, sb.Stage.TRAIN), b2, sb.Stage.TRAIN)
+    assert torch.allclose(l1, l2)
+
+
+def test_training_lowers_the_joint_loss():
+    brain = seq2seq_brain()
+    opt = torch.optim.Adam(brain.modules.parameters(), lr=3e-3)
+    b = batch()
+    losses = []
+    brain.modules.train()
+    for _ in range(30):
+        brain.on_stage_start(sb.Stage.TRAIN)
+        loss = brain.compute_objectives(brain.compute_forward(b, sb.Stage.TRAIN), b, sb.Stage.TRAIN)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(float(loss.detach()))
+    assert losses[-1] < 0.5 * losses[0]
+
+
+# ------------------------------------------------------------------- search
+def test_search_option_errors_name_the_key():
+    enc, heads, decoders = parts()
+    with pytest.raises(ValueError, match="beam_size"):
+        make_aed_searcher(decoders, heads, 0, BOS, EOS, beam_size=0)
+    with pytest.raises(ValueError, match="ctc_weight"):
+        make_aed_searcher(decoders, heads, 0, BOS, EOS, ctc_weight=1.5)
+    with pytest.raises(ValueError, match="aed_length_reward"):
+        make_aed_searcher(decoders, heads, 0, BOS, EOS, length_reward=1.0, length_normalization=True)
+    with pytest.raises(ValueError, match="beam_size"):
+        make_ctc_beam_searcher(None, 8, 0, beam_size=0)
+    with pytest.raises(ValueError, match="ctc_lm_path"):
+        make_ctc_beam_searcher(None, 8, 0, kenlm_model_path="/no/such/lm.arpa")
+
+
+def test_joint_beam_search_returns_one_hypothesis_per_utterance(aed_model):
+    hidden = torch.randn(3, 12, 16)
+    ids = aed_model.decode_exit(1, hidden, torch.tensor([1.0, 0.75, 0.5]))
+    assert len(ids) == 3
+    assert all(len(h) <= 6 for h in ids)  # max_decode_ratio 0.5 of 12 frames
+    assert all(EOS not in h for h in ids)
+
+
+def test_ctc_prefix_beam_search_agrees_with_greedy_on_a_peaked_posterior(sp):
+    vocab = sp.vocab_size() + 2
+    words = "THE CAT"
+    ids = sp.encode_as_ids(words)
+    frames = []
+    for i in ids:  # each token for two frames, separated by blanks
+        frames += [i, i, 0]
+    logits = torch.full((1, len(frames), vocab), -8.0)
+    logits[0, torch.arange(len(frames)), torch.tensor(frames)] = 8.0
+    log_probs = torch.log_softmax(logits, -1)
+    searcher = make_ctc_beam_searcher(sp, vocab, 0, beam_size=4, prefix=True, topk=1)
+    text = searcher(log_probs, torch.ones(1))[0][0].text
+    assert " ".join(text.split()) == words == tokens_to_text(sp, ids)
+
+
+# --------------------------------------------------------- dynamic inference
+class CallCounter:
+    def __init__(self, modules):
+        self.counts = [0] * len(modules)
+        for k, m in enumerate(modules):
+            m.register_forward_hook(functools.partial(self.hit, k))
+
+    def hit(self, k, *args):
+        self.counts[k] += 1
+
+
+def test_only_the_chosen_exits_decoder_and_layers_run(aed_model):
+    wavs = torch.stack([torch.from_numpy(tone(1.0, seed=s)).float() for s in (1, 2)])
+    layer_calls = CallCounter(aed_model.encoder.layers)
+    decoder_calls = CallCounter([d.decoder for d in aed_model.decoders.decoders])
+    with torch.no_grad():
+        out = aed_model.dynamic(wavs, torch.ones(2), FixedExit(0), keep_hidden=True)
+        dynamic = aed_model.decode_dynamic(out)
+    assert layer_calls.counts == [1, 1, 0, 0]  # layers 3-4 never computed
+    assert decoder_calls.counts[1] == 0 and decoder_calls.counts[0] > 0
+    # the same hypotheses as decoding exit 1 of a full pass
+    with torch.no_grad():
+        feats = aed_model.features(wavs, torch.ones(2))
+        hidden = aed_model.encoder(feats, torch.ones(2))[0]
+        assert dynamic == aed_model.decode_exit(0, hidden, torch.ones(2))
+
+
+def test_exported_aed_model_loads_and_transcribes(aed_model, sp_path, tmp_path):
+    features = {"sample_rate": SR, "n_fft": 400, "n_mels": 20, "hop_length": 10, "win_length": 25}
+    folder = export_inference_folder(str(tmp_path / "inference"), aed_model, features, sp_path, 0,
+                                     {"default": {"policy": "fixed", "exit": 2}})
+    text = open(f"{folder}/hyperparams.yaml").read()
+    assert "EarlyExitAEDModel" in text and "ExitDecoders" in text
+    asr = EarlyExitASR.from_hparams(source=folder, savedir=str(tmp_path / "saved"))
+    assert isinstance(asr.model, EarlyExitAEDModel)
+    for name, p in aed_model.state_dict().items():
+        assert torch.equal(p, asr.model.state_dict()[name]), name
+    path = str(tmp_path / "a.wav")
+    sf.write(path, tone(1.0, seed=3), SR)
+    wav = torch.from_numpy(tone(1.0, seed=3)).float()[None]
+    for exit_ in (1, 2):
+        res = asr.transcribe_file(path, exit=exit_)
+        assert res.exit == exit_ and res.layers == [2, 4][exit_ - 1]
+        with torch.no_grad():
+            feats = aed_model.features(wav, torch.ones(1))
+            hidden = aed_model.encoder(feats, torch.ones(1))[exit_ - 1]
+            expected = tokens_to_text(asr.tokenizer, aed_model.decode_exit(exit_ - 1, hidden)[0])
+        assert res.text == expected
+    # stock SpeechBrain EncoderASR still loads it (CTC, default exit)
+    from speechbrain.inference.ASR import EncoderASR
+
+    stock = EncoderASR.from_hparams(source=folder, savedir=str(tmp_path / "stock"))
+    assert isinstance(stock.transcribe_file(path), str)
+
+
+# ------------------------------------------------------- evaluation decoders
+def test_test_stage_reports_every_decoder_per_exit(sp, tmp_path):
+    brain = seq2seq_brain()
+    brain.hparams.test_decoders = ["aed_beam", "ctc_greedy", "ctc_beam"]
+    brain.hparams.beam_size = 2
+    brain.hparams.ctc_beam_size = 2
+    brain.hparams.error_rate_computer = ErrorRateStats
+    brain.hparams.cer_computer = functools.partial(ErrorRateStats, split_tokens=True)
+    brain.hparams.output_folder = str(tmp_path)
+    brain.hparams.train_logger = types.SimpleNamespace(log_stats=lambda **kw: None)
+    brain.hparams.epoch_counter = types.SimpleNamespace(current=1)
+    brain.tokenizer = types.SimpleNamespace(sp=sp)
+    brain.modules.eval()
+    brain.on_stage_start(sb.Stage.TEST)
+    b = batch()
+    with torch.no_grad():
+        brain.compute_objectives(brain.compute_forward(b, sb.Stage.TEST), b, sb.Stage.TEST)
+    brain.test_set_name = "t"
+    brain.on_stage_end(sb.Stage.TEST, 1.0)
+    rows = brain.test_results["t"]
+    assert len(rows) == 2
+    for row in rows:
+        assert set(row["decoders"]) == {"aed_beam", "ctc_greedy", "ctc_beam"}
+        assert row["wer"] == row["decoders"]["aed_beam"]["wer"]
+        assert all(v["ms_per_utterance"] >= 0 for v in row["decoders"].values())
+
+
+def test_a_ctc_model_refuses_the_attention_decoder():
+    enc, heads, _ = parts()
+    brain = EarlyExitCTCBrain(modules={"encoder": enc, "ctc_heads": heads,
+                                       "normalize": InputNormalization()},
+                              hparams={"blank_index": 0}, run_opts={"device": "cpu"})
+    with pytest.raises(ValueError, match="aed_beam"):
+        brain.decode_exit("aed_beam", 0, torch.zeros(1, 3, 32), torch.ones(1), None, sb.Stage.TEST)
+
+
+# -------------------------------------------------------------------- config
+BASE = {"num_layers": 6, "d_model": 144, "nhead": 4, "exit_layers": [2, 4, 6], "output_neurons": 40,
+        "blank_index": 0, "bos_index": 1, "eos_index": 2, "decoders": "x", "decoder_d_model": 144,
+        "decoder_nhead": 4, "beam_size": 10, "ctc_weight": 0.3, "decode_ctc_weight": 0.4,
+        "test_decoders": ["aed_beam", "ctc_greedy"], "valid_decoder": "aed_beam"}
+
+
+@pytest.mark.parametrize("key, value", [
+    ("beam_size", 0), ("valid_beam_size", 0), ("ctc_weight", 1.5), ("ctc_weight", -0.1),
+    ("decode_ctc_weight", 2.0), ("decoder_d_model", 256), ("decoder_nhead", 5), ("eos_index", 0),
+    ("bos_index", 40), ("test_decoders", ["beam"]), ("valid_decoder", "nope"), ("ctc_beam_size", 0),
+    ("label_smoothing", 1.0), ("ctc_lm_path", "/no/such.arpa"),
+])
+def test_bad_decoding_keys_are_named(key, value):
+    raw = dict(BASE, **{key: value})
+    with pytest.raises(ConfigError, match=key):
+        check_hparams(raw)
+
+
+def test_aed_decoding_needs_decoders():
+    raw = dict(BASE)
+    del raw["decoders"]
+    with pytest.raises(ConfigError, match="aed_beam"):
+        check_hparams(raw)
+    check_hparams(BASE)  # the good configuration passes
+
+
+def test_policy_evaluation_records_each_exits_beam_search_hypothesis(aed_model, sp):
+    from earlyexit_brain.evaluation import collect_exit_outputs
+
+    # equal lengths: SpeechBrain caps a batch's hypotheses at max_decode_ratio x its longest
+    # utterance, which an untrained decoder reaches
+    items = [{"id": f"u{i}", "sig": torch.from_numpy(tone(0.8, seed=i)).float(),
+              "wrd": "THE CAT"} for i in range(3)]
+    out = collect_exit_outputs(aed_model, items, sp, {}, decode_batch=2)  # batches of 2, then 1
+    for item, hyps in zip(items, out.hyps):
+        with torch.no_grad():
+            wav = item["sig"][None]
+            hiddens = aed_model.encoder(aed_model.features(wav, torch.ones(1)), torch.ones(1))
+        for k in range(2):
+            assert hyps[k] == tokens_to_text(sp, aed_model.decode_exit(k, hiddens[k])[0])
