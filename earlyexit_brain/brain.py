@@ -375,12 +375,23 @@ class EarlyExitCTCBrain(sb.Brain):
             self.checkpointer.add_recoverable("ssl_optimizer", self.ssl_optimizer)
 
     def on_fit_batch_end(self, batch, outputs, loss, should_step):
-        """Step the per-update learning-rate schedule(s)."""
+        """Step the per-update learning-rate schedule(s); add the batch's time to the training clock."""
+        self._tick_train_clock()
         if should_step and getattr(self.hparams, "lr_annealing", None) is not None:
             self.hparams.lr_annealing(self.optimizer)
         ssl_annealing = getattr(self.hparams, "ssl_lr_annealing", None)
         if should_step and ssl_annealing is not None and hasattr(self, "ssl_optimizer"):
             ssl_annealing(self.ssl_optimizer)
+
+    def _tick_train_clock(self):
+        """Add the time since the last tick to ``train_clock``. Ticking after every batch (not
+        only at the end of an epoch) keeps the time up to date in intra-epoch checkpoints, so
+        a run killed mid-epoch and resumed still reports its whole training time."""
+        now = time.time()
+        clock = getattr(self.hparams, "train_clock", None)
+        if clock is not None:
+            clock.seconds += now - self._stage_started
+        self._stage_started = now
 
     # ---------------------------------------------------------------- stages
     def on_stage_start(self, stage, epoch=None):
@@ -411,9 +422,7 @@ class EarlyExitCTCBrain(sb.Brain):
         if stage == sb.Stage.TRAIN:
             stats["skipped"] = self.nonfinite_count  # batches with a non-finite loss
             self.train_stats = stats
-            clock = getattr(self.hparams, "train_clock", None)
-            if clock is not None:
-                clock.seconds += time.time() - self._stage_started
+            self._tick_train_clock()
             return
         for k in range(self.num_exits):
             stats[f"WER_exit{k + 1}"] = round(float(self.wer_metrics[k].summarize("error_rate")), 3)

@@ -15,19 +15,12 @@ from earlyexit_brain.models.conformer import CTCExitHeads, EarlyExitConformerEnc
 from earlyexit_brain.models.pipeline import EarlyExitCTCModel
 
 from signals import SR, tone  # tests/unit/signals.py
+from tokenizer_helpers import char_tokenizer  # tests/unit/tokenizer_helpers.py
 
 
 @pytest.fixture(scope="module")
 def tokenizer_path(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("spm")
-    text = folder / "text.txt"
-    text.write_text("\n".join(["HELLO WORLD", "THE CAT SAT ON THE MAT", "A QUICK BROWN FOX",
-                               "JUMPS OVER THE LAZY DOG", "IT'S FINE"]) + "\n")
-    spm.SentencePieceTrainer.train(input=str(text), model_prefix=str(folder / "chars"),
-                                   model_type="char", vocab_size=28, character_coverage=1.0,
-                                   bos_id=-1, eos_id=-1, unk_id=0, hard_vocab_limit=False,
-                                   minloglevel=2)
-    return str(folder / "chars.model")
+    return char_tokenizer(tmp_path_factory.mktemp("spm"))
 
 
 @pytest.fixture(scope="module")

@@ -26,21 +26,14 @@ from earlyexit_brain.models.pipeline import EarlyExitAEDModel
 from earlyexit_brain.utils import tokens_to_text
 
 from signals import SR, tone  # tests/unit/signals.py
+from tokenizer_helpers import char_tokenizer  # tests/unit/tokenizer_helpers.py
 
 BOS, EOS = 1, 2
 
 
 @pytest.fixture(scope="module")
 def sp_path(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("spm_aed")
-    text = folder / "text.txt"
-    text.write_text("\n".join(["HELLO WORLD", "THE CAT SAT ON THE MAT", "A QUICK BROWN FOX",
-                               "JUMPS OVER THE LAZY DOG", "IT'S FINE"]) + "\n")
-    spm.SentencePieceTrainer.train(input=str(text), model_prefix=str(folder / "chars"),
-                                   model_type="char", vocab_size=30, character_coverage=1.0,
-                                   bos_id=BOS, eos_id=EOS, unk_id=0, hard_vocab_limit=False,
-                                   minloglevel=2)
-    return str(folder / "chars.model")
+    return char_tokenizer(tmp_path_factory.mktemp("spm_aed"), vocab_size=30, bos_id=BOS, eos_id=EOS)
 
 
 @pytest.fixture(scope="module")

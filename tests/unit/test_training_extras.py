@@ -95,3 +95,21 @@ def test_absolute_positions_for_regular_attention():
     again = EarlyExitConformerEncoder(**with_pos.config).eval()
     again.load_state_dict(with_pos.state_dict())
     assert torch.allclose(again(feats)[0], with_pos(feats)[0])
+
+
+def test_training_clock_counts_every_batch_not_only_whole_epochs():
+    import time
+
+    from earlyexit_brain.brain import TrainClock
+
+    brain = tiny_brain()
+    brain.hparams.train_clock = clock = TrainClock()
+    brain.nonfinite_count = 0  # set by the epoch start in fit()
+    brain.on_stage_start(sb.Stage.TRAIN)
+    time.sleep(0.05)
+    brain.on_fit_batch_end(batch(), None, None, should_step=False)
+    mid_epoch = clock.seconds  # what an intra-epoch checkpoint saves
+    assert mid_epoch >= 0.05
+    time.sleep(0.05)
+    brain.on_stage_end(sb.Stage.TRAIN, 1.0)
+    assert clock.seconds >= mid_epoch + 0.05 and clock.seconds < mid_epoch + 1.0
