@@ -19,6 +19,7 @@ from speechbrain.decoders import ctc_greedy_decode
 from speechbrain.utils.checkpoints import (average_checkpoints, mark_as_loader, mark_as_saver,
                                           register_checkpoint_hooks)
 
+from .losses import one_call_blank_index, stacked_ctc_losses
 from .utils import tokens_to_text
 
 logger = logging.getLogger(__name__)
@@ -196,10 +197,14 @@ class EarlyExitCTCBrain(sb.Brain):
                 if augmenter is not None and hasattr(augmenter, "replicate_labels"):
                     tokens = augmenter.replicate_labels(tokens)
                     token_lens = augmenter.replicate_labels(token_lens)
-        losses = [self.hparams.ctc_cost(lp, tokens, wav_lens, token_lens) for lp in log_probs]
+        ctc_blank = one_call_blank_index(self.hparams.ctc_cost)
+        if ctc_blank is not None and len({lp.shape for lp in log_probs}) == 1:  # one CTC call for all exits
+            losses = stacked_ctc_losses(log_probs, tokens, wav_lens, token_lens, ctc_blank)
+        else:
+            losses = [self.hparams.ctc_cost(lp, tokens, wav_lens, token_lens) for lp in log_probs]
         loss = multi_exit_loss(losses, self.exit_weights())
-        for k, l in enumerate(losses):
-            self._exit_loss_sum[k] += float(l.detach())
+        for k, l in enumerate(torch.stack(losses).detach().cpu().tolist()):  # one copy, not one per exit
+            self._exit_loss_sum[k] += l
         self._exit_loss_count += 1
         if stage != sb.Stage.TRAIN:
             blank = self.hparams.blank_index
