@@ -20,6 +20,7 @@ from speechbrain.utils.checkpoints import (average_checkpoints, mark_as_loader, 
                                           register_checkpoint_hooks)
 
 from .exits import make_ctc_beam_searcher
+from .losses import one_call_blank_index, stacked_ctc_losses
 from .models.decoders import add_bos_eos, make_aed_searcher
 from .utils import tokens_to_text
 
@@ -208,7 +209,10 @@ class EarlyExitCTCBrain(sb.Brain):
         return tokens, token_lens
 
     def ctc_losses(self, log_probs, wav_lens, tokens, token_lens) -> List[torch.Tensor]:
-        """One CTC loss per exit."""
+        """One CTC loss per exit (from one CTC call for all exits when ``ctc_cost`` allows it)."""
+        ctc_blank = one_call_blank_index(self.hparams.ctc_cost)
+        if ctc_blank is not None and len({lp.shape for lp in log_probs}) == 1:  # one CTC call for all exits
+            return stacked_ctc_losses(log_probs, tokens, wav_lens, token_lens, ctc_blank)
         return [self.hparams.ctc_cost(lp, tokens, wav_lens, token_lens) for lp in log_probs]
 
     def compute_objectives(self, predictions, batch, stage):
@@ -224,8 +228,8 @@ class EarlyExitCTCBrain(sb.Brain):
     def record_losses(self, losses: Sequence[torch.Tensor]) -> torch.Tensor:
         """The multi-exit loss of per-exit losses; each exit's loss is logged too."""
         loss = multi_exit_loss(losses, self.exit_weights())
-        for k, l in enumerate(losses):
-            self._exit_loss_sum[k] += float(l.detach())
+        for k, l in enumerate(torch.stack(losses).detach().cpu().tolist()):  # one copy, not one per exit
+            self._exit_loss_sum[k] += l
         self._exit_loss_count += 1
         return loss
 

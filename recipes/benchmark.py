@@ -20,8 +20,17 @@ Currently measured:
 Usage::
 
     python recipes/benchmark.py [--quick] [--out bench.json] [--threads 2]
-                                [--only train-step|inference|throughput|compute|ddp]
+                                [--only train-step,inference,throughput,compute,ddp]
                                 [--device cuda] [--bf16]
+                                [--variants base,ctc_stacked,...|all] [--profile base,...]
+
+- ``--variants``: train-step variants run side by side, each for both models
+  (``TRAIN_VARIANTS``: per-exit or one-call CTC, lengths on the CPU, batched heads,
+  fused AdamW, bf16, cuDNN's CTC, CUDA graphs); before timing, each variant's first-step
+  loss and gradients are compared with ``base``. ``--profile`` runs torch.profiler on the
+  paper-size cases of the listed variants (per-step kernel time, CPU time, stream
+  synchronisations, launches, top kernels). On a GPU the train-step cases add the
+  paper's batch, 32 x 10 s with a 256-token vocabulary.
 
 - ``throughput``: audio seconds per second at every exit for a batch of 16.
 - ``compute``: parameters and multiply-accumulates to every exit
@@ -45,6 +54,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from earlyexit_brain.exits import FixedExit  # noqa: E402
+from earlyexit_brain.losses import stacked_ctc_losses  # noqa: E402
 from earlyexit_brain.models.conformer import CTCExitHeads, EarlyExitConformerEncoder  # noqa: E402
 from earlyexit_brain.models.pipeline import EarlyExitCTCModel  # noqa: E402
 from earlyexit_brain.utils import rss_bytes  # noqa: E402
@@ -60,26 +70,160 @@ CONFIGS = {
 }
 
 
-def build(enc_kwargs, exit_layers, vocab, seed=0, device=torch.device("cpu")):
+def build(enc_kwargs, exit_layers, vocab, seed=0, device=torch.device("cpu"), fused=False, dropout=None):
     torch.manual_seed(seed)
-    enc = EarlyExitConformerEncoder(input_size=80, exit_layers=exit_layers, **enc_kwargs).to(device)
+    extra = {} if dropout is None else {"dropout": dropout}
+    enc = EarlyExitConformerEncoder(input_size=80, exit_layers=exit_layers, **enc_kwargs, **extra).to(device)
     heads = CTCExitHeads(enc_kwargs["d_model"], vocab, len(exit_layers)).to(device)
     params = list(enc.parameters()) + list(heads.parameters())
-    opt = torch.optim.AdamW(params, lr=1e-4)
+    opt = torch.optim.AdamW(params, lr=1e-4, **({"fused": True} if fused else {}))
     return enc, heads, opt
 
 
-def train_step(model, feats, lens, tokens, token_lens):
-    enc, heads, opt = model
-    log_probs = heads(enc(feats, lens))
-    losses = [torch.nn.functional.ctc_loss(
+def ctc_per_exit(log_probs, tokens, lens, token_lens):
+    """One mean-reduced CTC loss per exit; ``lens`` relative, ``token_lens`` integer (either device)."""
+    return [torch.nn.functional.ctc_loss(
         lp.transpose(0, 1), tokens, (lens * lp.shape[1]).round().int(), token_lens,
         blank=0, zero_infinity=True) for lp in log_probs]
-    loss = sum(losses)
+
+
+def optimiser_step(opt, loss):
     opt.zero_grad(set_to_none=True)
     loss.backward()
     torch.nn.utils.clip_grad_norm_([p for g in opt.param_groups for p in g["params"]], 1.0)
     opt.step()
+
+
+def train_step(model, feats, lens, tokens, token_lens):
+    """The reference step (variant ``base``): per-exit heads and CTC calls, lengths on the device."""
+    enc, heads, opt = model
+    loss = sum(ctc_per_exit(heads(enc(feats, lens)), tokens, lens, token_lens))
+    optimiser_step(opt, loss)
+    return loss.detach()
+
+
+# Variants of the training step, each run for both models (``--variants``). All compute
+# the same loss and gradients as ``base`` up to float rounding (``check_train_variants``).
+TRAIN_VARIANTS = {
+    "base": "per-exit heads and CTC calls, integer lengths made on the device (the reference)",
+    "cpu_lengths": "as base, the integer lengths made on the CPU (no device-to-host copy in each CTC call)",
+    "ctc_stacked": "per-exit heads as in base; every exit's CTC from one call (the library's "
+                   "stacked_ctc_losses, as EarlyExitCTCBrain now trains: relative lengths copied to the CPU once)",
+    "stacked": "the exits' LayerNorms and heads as one batched op each (baddbmm, one log-softmax), "
+               "one CTC call for all exits (reduction 'none', lengths on the CPU)",
+    "stacked_fused": "stacked, with fused AdamW",
+    "stacked_bf16": "stacked under bf16 autocast (log-softmax and CTC in fp32)",
+    "stacked_cudnn": "stacked with cuDNN's CTC (int32 targets on the CPU; cuDNN needs every input "
+                     "length equal to T, so padded batches cannot use it)",
+    "graphed": "stacked with fused AdamW; forward and backward of encoder + heads captured as CUDA "
+               "graphs (torch.cuda.make_graphed_callables), CTC and optimiser eager; CUDA only",
+}
+VARIANT_OPTIONS = {
+    "base": {}, "cpu_lengths": {"cpu_lengths": True}, "ctc_stacked": {"ctc_stacked": True},
+    "stacked": {"stacked": True},
+    "stacked_fused": {"stacked": True, "fused": True}, "stacked_bf16": {"stacked": True, "bf16": True},
+    "stacked_cudnn": {"stacked": True, "cudnn": True},
+    "graphed": {"stacked": True, "fused": True, "graphed": True},
+}
+# left out on the CPU: graphed needs CUDA; bf16 without the CPU's bf16 units is emulated (very slow)
+CUDA_ONLY_VARIANTS = {"graphed", "stacked_bf16"}
+
+
+def make_train_batch(batch, seconds, vocab, device, tokens_per_second=12):
+    """Random features and targets, on ``device`` and (lengths, targets) also on the CPU."""
+    torch.manual_seed(1)
+    feats = torch.randn(batch, int(seconds * 100), 80)
+    tokens = torch.randint(1, vocab, (batch, int(seconds * tokens_per_second)))
+    token_lens = torch.full((batch,), tokens.shape[1], dtype=torch.long)
+    lens = torch.ones(batch)
+    return {"feats": feats.to(device), "lens": lens.to(device), "tokens": tokens.to(device),
+            "token_lens": token_lens.to(device), "token_lens_rel": (token_lens / tokens.shape[1]).to(device),
+            "lens_cpu": lens, "token_lens_cpu": token_lens,
+            # cuDNN's CTC: the targets concatenated, int32, on the CPU
+            "targets_cat_cpu": torch.cat([t[:n] for t, n in zip(tokens, token_lens)]).int()}
+
+
+def stacked_log_probs(enc, heads, feats, lens):
+    """``(E, B, T', V)`` log-probabilities of every exit, the exits' LayerNorms and heads as one op each.
+
+    The same function as ``torch.stack(heads(enc(feats, lens)))`` up to float rounding.
+    """
+    state = enc.start(feats, lens)
+    x, done, raw = state.x, 0, []
+    for layer_no in enc.exit_layers:
+        for layer in enc.layers[done:layer_no]:
+            x, _ = layer(x, src_mask=state.src_mask, src_key_padding_mask=state.key_padding_mask,
+                         pos_embs=state.pos_embs)
+        done = layer_no
+        raw.append(x)
+    norms = [n.norm for n in enc.exit_norms]
+    h = torch.nn.functional.layer_norm(torch.stack(raw), norms[0].normalized_shape, eps=norms[0].eps)
+    h = torch.addcmul(torch.stack([n.bias for n in norms])[:, None, None],
+                      h, torch.stack([n.weight for n in norms])[:, None, None])
+    e, b, t, d = h.shape
+    weight = torch.stack([lin.weight for lin in heads.heads])  # (E, V, D)
+    bias = torch.stack([lin.bias for lin in heads.heads])  # (E, V)
+    logits = torch.baddbmm(bias[:, None], h.reshape(e, b * t, d), weight.transpose(1, 2))
+    return torch.log_softmax(logits, dim=-1).view(e, b, t, -1)
+
+
+class StackedExits(torch.nn.Module):
+    """``stacked_log_probs`` as a module (what ``graphed`` captures)."""
+
+    def __init__(self, enc, heads):
+        super().__init__()
+        self.enc, self.heads = enc, heads
+
+    def forward(self, feats, lens):
+        return stacked_log_probs(self.enc, self.heads, feats, lens)
+
+
+def ctc_stacked(log_probs, data, cudnn=False):
+    """Each exit's mean CTC loss ``(E,)`` from ONE CTC call over ``(E, B, T, V)`` log-probabilities.
+
+    Lengths go in as CPU tensors; the per-utterance losses are divided by the target
+    lengths and averaged per exit, as ``reduction='mean'`` does.
+    """
+    e, b, t, v = log_probs.shape
+    lp = log_probs.reshape(e * b, t, v).transpose(0, 1)
+    in_lens = (data["lens_cpu"] * t).round().int().repeat(e)
+    if cudnn:
+        lp, targets = lp.contiguous(), data["targets_cat_cpu"].repeat(e)
+        tok_lens = data["token_lens_cpu"].int().repeat(e)
+    else:
+        targets, tok_lens = data["tokens"].repeat(e, 1), data["token_lens_cpu"].repeat(e)
+    losses = torch.nn.functional.ctc_loss(lp, targets, in_lens, tok_lens, blank=0,
+                                          reduction="none", zero_infinity=True)
+    return (losses / data["token_lens"].clamp_min(1).repeat(e)).view(e, b).mean(1)
+
+
+def make_train_step(model, variant, data, device):
+    """A closure running one training step of ``model`` on ``data`` in ``variant``; returns the loss."""
+    enc, heads, opt = model
+    opts = VARIANT_OPTIONS[variant]
+    if variant == "base":
+        return lambda: train_step(model, data["feats"], data["lens"], data["tokens"], data["token_lens"])
+    forward = None
+    if opts.get("stacked"):
+        forward = StackedExits(enc, heads)
+        if opts.get("graphed"):
+            if device.type != "cuda":
+                raise ValueError("the graphed variant needs a CUDA device")
+            forward = torch.cuda.make_graphed_callables(forward, (data["feats"], data["lens"]))
+
+    def step():
+        with autocast(device, opts.get("bf16", False)):
+            if forward is not None:
+                loss = ctc_stacked(forward(data["feats"], data["lens"]), data, opts.get("cudnn", False)).sum()
+            elif opts.get("ctc_stacked"):
+                loss = sum(stacked_ctc_losses(heads(enc(data["feats"], data["lens"])), data["tokens"],
+                                              data["lens"], data["token_lens_rel"], 0))
+            else:  # cpu_lengths
+                loss = sum(ctc_per_exit(heads(enc(data["feats"], data["lens"])), data["tokens"],
+                                        data["lens_cpu"], data["token_lens_cpu"]))
+        optimiser_step(opt, loss)
+        return loss.detach()
+    return step
 
 
 def sync(device):
@@ -95,32 +239,31 @@ def timed(fn, device):
     return time.perf_counter() - start
 
 
-def bench_train_step(name, batch, seconds, repeats, warmup, vocab=32, device=torch.device("cpu")):
+def bench_train_step(name, batch, seconds, repeats, warmup, vocab=32, device=torch.device("cpu"),
+                     variant="base", tokens_per_second=12, memory=True):
     enc_kwargs, ee_layers, single_layers = CONFIGS[name]
-    models = {"early_exit": build(enc_kwargs, ee_layers, vocab, device=device),
-              "single_exit": build(enc_kwargs, single_layers, vocab, device=device)}
-    frames = int(seconds * 100)
-    torch.manual_seed(1)
-    feats = torch.randn(batch, frames, 80, device=device)
-    lens = torch.ones(batch, device=device)
-    tokens = torch.randint(1, vocab, (batch, int(seconds * 12)), device=device)
-    token_lens = torch.full((batch,), tokens.shape[1], dtype=torch.long, device=device)
-    times = {k: [] for k in models}
+    fused = VARIANT_OPTIONS[variant].get("fused", False)
+    data = make_train_batch(batch, seconds, vocab, device, tokens_per_second)
+    steps = {key: make_train_step(build(enc_kwargs, layers, vocab, device=device, fused=fused),
+                                  variant, data, device)
+             for key, layers in (("early_exit", ee_layers), ("single_exit", single_layers))}
+    times = {k: [] for k in steps}
     for i in range(warmup + repeats):
         for key in (("early_exit", "single_exit") if i % 2 == 0 else ("single_exit", "early_exit")):
-            t = timed(lambda: train_step(models[key], feats, lens, tokens, token_lens), device)
+            t = timed(steps[key], device)
             if i >= warmup:
                 times[key].append(t)
-    result = {"config": name, "batch": batch, "seconds_per_utterance": seconds,
+    result = {"config": name, "variant": variant, "batch": batch, "seconds_per_utterance": seconds,
+              "vocab": vocab, "tokens_per_utterance": data["tokens"].shape[1],
               "threads": torch.get_num_threads(), "repeats": repeats, "device": str(device)}
-    if device.type == "cpu":
-        for key in models:  # each model alone in a fresh process
+    if device.type == "cpu" and memory and variant == "base":
+        for key in steps:  # each model alone in a fresh process
             result[f"peak_memory_gb_{key}"] = cpu_peak_memory_gb(name, key, batch, seconds, vocab)
     if device.type == "cuda":
-        for key in models:  # one more step each, peak memory measured alone
+        for key in steps:  # one more step each, peak memory measured alone
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()
-            train_step(models[key], feats, lens, tokens, token_lens)
+            steps[key]()
             torch.cuda.synchronize()
             result[f"peak_memory_gb_{key}"] = torch.cuda.max_memory_allocated() / 2**30
     for key, values in times.items():
@@ -130,6 +273,98 @@ def bench_train_step(name, batch, seconds, repeats, warmup, vocab=32, device=tor
     pair = [a / b for a, b in zip(times["early_exit"], times["single_exit"])]
     result["ratio_pairwise_median"] = statistics.median(pair)
     return result
+
+
+def check_train_variants(name, variants, batch, seconds, vocab=32, device=torch.device("cpu"),
+                         tokens_per_second=12):
+    """Loss and gradients of each variant's first step against ``base`` (same weights, dropout 0).
+
+    Returns ``{variant: {"loss_rel_diff", "grad_rel_diff"}}``; the gradient figure is the
+    largest ``|g - g_base| / |g_base|`` over the parameters (after clipping, before the update).
+    """
+    enc_kwargs, ee_layers, _ = CONFIGS[name]
+    data = make_train_batch(batch, seconds, vocab, device, tokens_per_second)
+    ref, out = None, {}
+    for variant in ["base"] + [v for v in variants if v != "base"]:
+        try:
+            model = build(enc_kwargs, ee_layers, vocab, device=device, dropout=0.0,
+                          fused=VARIANT_OPTIONS[variant].get("fused", False))
+            loss = make_train_step(model, variant, data, device)()
+        except Exception as exc:  # reported, so that one failing variant does not stop the others
+            out[variant] = {"error": f"{type(exc).__name__}: {exc}"}
+            continue
+        params = [p for m in model[:2] for p in m.parameters()]
+        grads = [p.grad.detach().double().clone() for p in params]
+        if ref is None:
+            ref = (loss.double(), grads)
+        out[variant] = {
+            "loss": float(loss),
+            "loss_rel_diff": float(abs(loss.double() - ref[0]) / abs(ref[0])),
+            "grad_rel_diff": max(float((g - g0).norm() / g0.norm().clamp_min(1e-30))
+                                 for g, g0 in zip(grads, ref[1])),
+        }
+    return out
+
+
+def profile_train_step(name, variant, batch, seconds, vocab, device, tokens_per_second=12, steps=5):
+    """torch.profiler over ``steps`` steps of each model: per-step wall, kernel and CPU-op time,
+    stream synchronisations, launches, and the top kernels."""
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    enc_kwargs, ee_layers, single_layers = CONFIGS[name]
+    data = make_train_batch(batch, seconds, vocab, device, tokens_per_second)
+    fused = VARIANT_OPTIONS[variant].get("fused", False)
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    rows = []
+    for key, layers in (("early_exit", ee_layers), ("single_exit", single_layers)):
+        step = make_train_step(build(enc_kwargs, layers, vocab, device=device, fused=fused), variant, data,
+                               device)
+        for _ in range(3):
+            step()
+        sync(device)
+        with profile(activities=activities) as prof:
+            start = time.perf_counter()
+            for _ in range(steps):
+                step()
+            sync(device)
+            wall = time.perf_counter() - start
+        events = prof.key_averages()
+        # GPU time of the kernels (and copies); a record_function range such as the optimiser's
+        # "Optimizer.step#AdamW.step" also shows as a GPU event spanning its kernels: left out
+        kernels = [e for e in events if getattr(e, "device_type", None) == DeviceType.CUDA
+                   and not getattr(e, "is_user_annotation", False) and not e.key.startswith("Optimizer.")]
+        count = {}
+        for e in events:
+            count[e.key] = count.get(e.key, 0) + e.count
+        top = sorted(kernels, key=lambda e: -e.self_device_time_total)[:8]
+        rows.append({
+            "config": name, "variant": variant, "model": key, "batch": batch,
+            "seconds_per_utterance": seconds, "steps": steps,
+            "wall_ms_per_step": 1000 * wall / steps,
+            "kernel_ms_per_step": sum(e.self_device_time_total for e in kernels) / steps / 1000,
+            "cpu_op_ms_per_step": sum(e.self_cpu_time_total for e in events
+                                      if getattr(e, "device_type", None) != DeviceType.CUDA) / steps / 1000,
+            "syncs_per_step": count.get("cudaStreamSynchronize", 0) / steps,
+            "memcpy_per_step": count.get("cudaMemcpyAsync", 0) / steps,
+            "launches_per_step": sum(count.get(k, 0) for k in (
+                "cudaLaunchKernel", "cuLaunchKernel", "cudaLaunchKernelExC", "cuLaunchKernelEx",
+                "cudaGraphLaunch")) / steps,
+            "top_kernels": [{"name": e.key[:90], "ms_per_step": e.self_device_time_total / steps / 1000,
+                             "calls_per_step": e.count / steps} for e in top],
+        })
+    return rows
+
+
+def print_profile(rows):
+    for r in rows:
+        print(f"profile, {r['config']} {r['batch']} x {r['seconds_per_utterance']} s, {r['variant']}, "
+              f"{r['model']}: wall {r['wall_ms_per_step']:.1f} ms/step, kernels "
+              f"{r['kernel_ms_per_step']:.1f} ms, CPU ops {r['cpu_op_ms_per_step']:.1f} ms, "
+              f"{r['syncs_per_step']:.0f} stream syncs, {r['launches_per_step']:.0f} launches, "
+              f"{r['memcpy_per_step']:.0f} memcpys per step", flush=True)
+        for k in r["top_kernels"]:
+            print(f"    {k['ms_per_step']:7.3f} ms {k['calls_per_step']:5.1f}x  {k['name']}")
 
 
 def memory_child(name, key, batch, seconds, vocab):
@@ -364,17 +599,41 @@ def table(title, columns, rows, notes=()):
 def markdown(output):
     """bench.md: every table of the run."""
     lines = ["# Benchmark results", "", f"Machine: {output['machine']}", ""]
-    if "train_step" in output:
+    if output.get("train_step"):
         rows = []
         for r in output["train_step"]:
+            head = [r["config"], r.get("variant", "base"),
+                    f"{r['batch']} x {r['seconds_per_utterance']} s, V {r.get('vocab', 32)}"]
+            if "error" in r:
+                rows.append(head + ["failed: " + r["error"][:200].replace("|", "/").replace("\n", " ")]
+                            + [""] * 5)
+                continue
             mem = (f"{r['peak_memory_gb_early_exit']:.2f} / {r['peak_memory_gb_single_exit']:.2f} GB"
                    if r.get("peak_memory_gb_early_exit") is not None else "n/a")
-            rows.append([r["config"], f"{r['batch']} x {r['seconds_per_utterance']} s",
-                         fmt_s(r["early_exit"]), fmt_s(r["single_exit"]), f"{r['ratio']:.3f}",
-                         f"{r['ratio_pairwise_median']:.3f}", mem])
+            vs = (f"{r['early_exit_over_base_single']:.3f}" if "early_exit_over_base_single" in r else "")
+            rows.append(head + [fmt_s(r["early_exit"]), fmt_s(r["single_exit"]), f"{r['ratio']:.3f}",
+                                f"{r['ratio_pairwise_median']:.3f}", vs, mem])
+        notes = [f"`{v}`: {d}" for v, d in output.get("train_step_variants", {}).items()]
         lines += table("Training step: early-exit vs single-exit (same encoder, same batch)",
-                       ["configuration", "batch", "early-exit s [min-max]", "single-exit s [min-max]",
-                        "ratio", "pairwise", "peak memory ee / single"], rows)
+                       ["configuration", "variant", "batch", "early-exit s [min-max]", "single-exit s [min-max]",
+                        "ratio", "pairwise", "early-exit / base single-exit", "peak memory ee / single"], rows,
+                       notes)
+    if output.get("train_step_checks"):
+        rows = [[c["config"], f"{c['batch']} x {c['seconds_per_utterance']} s", v,
+                 ("failed: " + d["error"][:200].replace("|", "/").replace("\n", " ")) if "error" in d else
+                 f"{d['loss_rel_diff']:.1e}", "" if "error" in d else f"{d['grad_rel_diff']:.1e}"]
+                for c in output["train_step_checks"] for v, d in c["variants"].items()]
+        lines += table("Training-step variants against base (early-exit model, first step, dropout 0)",
+                       ["configuration", "batch", "variant", "loss rel. diff", "largest grad rel. diff"], rows)
+    if output.get("train_step_profile"):
+        rows = [[p["config"], f"{p['batch']} x {p['seconds_per_utterance']} s", p["variant"], p["model"],
+                 f"{p['wall_ms_per_step']:.1f}", f"{p['kernel_ms_per_step']:.1f}", f"{p['cpu_op_ms_per_step']:.1f}",
+                 f"{p['syncs_per_step']:.0f}", f"{p['launches_per_step']:.0f}",
+                 "; ".join(f"{k['name'][:50]} {k['ms_per_step']:.2f}" for k in p["top_kernels"][:4])]
+                for p in output["train_step_profile"]]
+        lines += table("Training step under torch.profiler (per step)",
+                       ["configuration", "batch", "variant", "model", "wall ms", "kernel ms", "CPU-op ms",
+                        "stream syncs", "launches", "top kernels (ms)"], rows)
     if "inference" in output:
         rows = []
         for r in output["inference"]:
@@ -429,15 +688,32 @@ def machine_description(device):
             f"{torch.get_num_threads()} threads")
 
 
+def parse_list(text, choices, what):
+    """A comma-separated list of names from ``choices`` ('all': every one)."""
+    names = list(choices) if text == "all" else [n.strip() for n in text.split(",") if n.strip()]
+    unknown = [n for n in names if n not in choices]
+    if unknown:
+        raise SystemExit(f"unknown {what} {unknown}; accepted: {', '.join(choices)} or all")
+    return names
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="fewer repeats, smaller batches")
     parser.add_argument("--out", default="bench.json",
                         help="where to write the JSON results (the tables go beside it, .md)")
     parser.add_argument("--threads", type=int, default=2, help="torch threads on the CPU")
-    parser.add_argument("--only", choices=SECTIONS, help="run one section")
+    parser.add_argument("--only", help="run these sections only (comma-separated: " + ", ".join(SECTIONS) + ")")
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
     parser.add_argument("--bf16", action="store_true", help="bf16 autocast for inference")
+    parser.add_argument("--variants", default="base",
+                        help="train-step variants to run side by side (comma-separated, or 'all'): "
+                             + ", ".join(TRAIN_VARIANTS))
+    parser.add_argument("--profile", default="",
+                        help="train-step variants to profile with torch.profiler (paper-size cases)")
+    parser.add_argument("--repeats", type=int, default=None, help="train-step repeats (default 30, quick 6)")
+    parser.add_argument("--train-seconds", type=float, default=None,
+                        help="seconds per utterance of the train-step cases (default 3; cuda adds 32 x 10 s)")
     parser.add_argument("--memory-child", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -447,10 +723,27 @@ def main(argv=None):
     device = torch.device(args.device)
     quick = args.quick
     repeats, warmup = (6, 2) if quick else (30, 3)
+    if args.repeats is not None:
+        repeats = args.repeats
+    variants = parse_list(args.variants, TRAIN_VARIANTS, "variants")
+    if device.type != "cuda":
+        variants = [v for v in variants if v not in CUDA_ONLY_VARIANTS]
+    profile = parse_list(args.profile, variants, "profiled variants") if args.profile else []
     output = {"machine": machine_description(device), "quick": quick}
-    run = [args.only] if args.only else list(SECTIONS)
+    run = parse_list(args.only, SECTIONS, "sections") if args.only else list(SECTIONS)
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+    md_path = os.path.splitext(args.out)[0] + ".md"
+
+    def save():
+        with open(args.out, "w") as fout:
+            json.dump(output, fout, indent=2)
+        with open(md_path, "w") as fout:
+            fout.write(markdown(output))
+
     if "train-step" in run:
-        output["train_step"] = run_train_step(quick, repeats, warmup, device)
+        if len(variants) > 1:
+            output["train_step_variants"] = {v: TRAIN_VARIANTS[v] for v in variants}
+        run_train_step(quick, repeats, warmup, device, variants, profile, args.train_seconds, save, output)
     if "inference" in run:
         output["inference"] = []
         for name in CONFIGS:
@@ -460,6 +753,7 @@ def main(argv=None):
                                       forced=seconds == 10.0)
                 print_inference(res)
                 output["inference"].append(res)
+                save()
     if "throughput" in run:
         output["throughput"] = []
         for name in CONFIGS:
@@ -468,13 +762,14 @@ def main(argv=None):
                 f"exit {e['exit']} {e['audio_seconds_per_second']:.0f} s/s" for e in res["exits"]),
                 flush=True)
             output["throughput"].append(res)
+            save()
     if "compute" in run:
         output["compute"] = [bench_compute(name) for name in CONFIGS]
         for res in output["compute"]:
             print(f"compute, {res['config']}, 10 s: " + ", ".join(
                 f"exit {e['exit']} {e['params'] / 1e6:.2f} M params {e['gmacs']:.2f} GMACs"
                 for e in res["exits"]), flush=True)
-    if "ddp" in run and device.type == "cpu" and (args.only == "ddp" or not quick):
+    if "ddp" in run and device.type == "cpu" and ("ddp" in (args.only or "") or not quick):
         import tempfile
 
         with tempfile.TemporaryDirectory(prefix="bench-ddp-") as workdir:
@@ -483,37 +778,93 @@ def main(argv=None):
         print(f"ddp, smoke recipe: 1 process {runs[0]['utterances_per_second']:.1f} utt/s, "
               f"2 processes {runs[1]['utterances_per_second']:.1f} utt/s, speed-up "
               f"{output['ddp']['speedup']:.2f}x", flush=True)
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    with open(args.out, "w") as fout:
-        json.dump(output, fout, indent=2)
-    md_path = os.path.splitext(args.out)[0] + ".md"
-    with open(md_path, "w") as fout:
-        fout.write(markdown(output))
+    save()
     print(f"Results written to {args.out} and {md_path}")
 
 
-def run_train_step(quick, repeats, warmup, device):
-    results = []
+def train_cases(quick, device, seconds=None):
+    """(configuration, batch, seconds per utterance, vocabulary, tokens per second) of each train-step case."""
+    cases = []
     for name in CONFIGS:
         batch = 8 if "paper" in name else 16
         if quick:
             batch //= 2
         if device.type == "cuda":
             batch *= 4
-        res = bench_train_step(name, batch=batch, seconds=3.0, repeats=repeats, warmup=warmup,
-                               device=device)
-        results.append(res)
-        print(f"train step, {name}, batch {res['batch']} x {res['seconds_per_utterance']} s, "
-              f"{res['threads']} threads: early-exit {res['early_exit']['median_s']:.3f} s "
-              f"[{res['early_exit']['min_s']:.3f}-{res['early_exit']['max_s']:.3f}], "
-              f"single-exit {res['single_exit']['median_s']:.3f} s "
-              f"[{res['single_exit']['min_s']:.3f}-{res['single_exit']['max_s']:.3f}], "
-              f"ratio {res['ratio']:.3f} (pairwise median {res['ratio_pairwise_median']:.3f})"
-              + (f", peak memory {res['peak_memory_gb_early_exit']:.2f} / "
-                 f"{res['peak_memory_gb_single_exit']:.2f} GB"
-                 if res.get("peak_memory_gb_early_exit") is not None else ""),
-              flush=True)
+        cases.append((name, batch, seconds or 3.0, 32, 12))
+    if device.type == "cuda" and seconds is None:  # the paper's batch: 32 x 10 s, BPE 256
+        cases.append(("paper size (12 layers, d 256)", 32, 10.0, 256, 8))
+    return cases
+
+
+def run_train_step(quick, repeats, warmup, device, variants=("base",), profile=(), seconds=None,
+                   save=lambda: None, output=None):
+    """Every case x variant, side by side; optional loss/gradient checks and profiles.
+
+    Results go into ``output`` (``train_step``, ``train_step_checks``, ``train_step_profile``)
+    as they come, ``save()`` after each, so that a run cut short keeps what it measured.
+    """
+    output = {} if output is None else output
+    results = output.setdefault("train_step", [])
+    checks = output.setdefault("train_step_checks", []) if len(variants) > 1 else []
+    profiles = output.setdefault("train_step_profile", []) if profile else []
+    for name, batch, secs, vocab, tps in train_cases(quick, device, seconds):
+        if len(variants) > 1:
+            check = check_train_variants(name, variants, batch, secs, vocab, device, tps)
+            checks.append({"config": name, "batch": batch, "seconds_per_utterance": secs, "vocab": vocab,
+                           "variants": check})
+            print(f"check, {name}, {batch} x {secs} s, vocab {vocab}: " + ", ".join(
+                f"{v} {c['error'][:200]}" if "error" in c else
+                f"{v} loss {c['loss_rel_diff']:.1e} grad {c['grad_rel_diff']:.1e}" for v, c in check.items()),
+                flush=True)
+            save()
+        base = None
+        for variant in variants:
+            try:
+                res = bench_train_step(name, batch=batch, seconds=secs, repeats=repeats, warmup=warmup,
+                                       vocab=vocab, device=device, variant=variant, tokens_per_second=tps)
+            except Exception as exc:  # reported; the other variants still run
+                res = {"config": name, "variant": variant, "batch": batch, "seconds_per_utterance": secs,
+                       "vocab": vocab, "error": f"{type(exc).__name__}: {exc}"}
+                print(f"train step, {name}, {variant}: FAILED {res['error'][:2000]}", flush=True)
+                results.append(res)
+                save()
+                continue
+            if variant == "base":
+                base = res
+            if base is not None:
+                res["early_exit_over_base_single"] = res["early_exit"]["median_s"] / base["single_exit"]["median_s"]
+                res["speedup_vs_base"] = {k: base[k]["median_s"] / res[k]["median_s"]
+                                          for k in ("early_exit", "single_exit")}
+            results.append(res)
+            print_train_step(res)
+            save()
+    # profiles last: the timings above come first if the run is cut short
+    for name, batch, secs, vocab, tps in train_cases(quick, device, seconds):
+        for variant in profile if name.startswith("paper") else ():
+            try:
+                rows = profile_train_step(name, variant, batch, secs, vocab, device, tps)
+            except Exception as exc:
+                print(f"profile, {name}, {variant}: FAILED {type(exc).__name__}: {exc}", flush=True)
+                continue
+            profiles.extend(rows)
+            print_profile(rows)
+            save()
     return results
+
+
+def print_train_step(res):
+    vs_base = (f"; vs base single-exit {res['early_exit_over_base_single']:.3f}, speed-up vs base "
+               f"{res['speedup_vs_base']['early_exit']:.3f} / {res['speedup_vs_base']['single_exit']:.3f}"
+               if "speedup_vs_base" in res else "")
+    print(f"train step, {res['config']}, {res['variant']}, batch {res['batch']} x {res['seconds_per_utterance']} s, "
+          f"vocab {res['vocab']}, {res['threads']} threads: early-exit {fmt_s(res['early_exit'])} s, "
+          f"single-exit {fmt_s(res['single_exit'])} s, ratio {res['ratio']:.3f} "
+          f"(pairwise median {res['ratio_pairwise_median']:.3f})"
+          + (f", peak memory {res['peak_memory_gb_early_exit']:.2f} / "
+             f"{res['peak_memory_gb_single_exit']:.2f} GB"
+             if res.get("peak_memory_gb_early_exit") is not None else "") + vs_base,
+          flush=True)
 
 
 if __name__ == "__main__":

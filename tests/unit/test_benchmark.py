@@ -4,6 +4,8 @@ import json
 import subprocess
 import sys
 
+import pytest
+
 from recipe_modules import recipe
 
 
@@ -28,3 +30,35 @@ def test_cpu_peak_memory_of_a_training_step_in_a_child_process():
     name = next(iter(benchmark.CONFIGS))
     gb = benchmark.cpu_peak_memory_gb(name, "early_exit", 2, 1.0, 32)
     assert gb is not None and 0.001 < gb < 8
+
+
+def test_train_step_variants_match_base_and_are_tabulated():
+    benchmark = recipe("benchmark")
+    name = next(iter(benchmark.CONFIGS))  # the default configuration, tiny batch
+    variants = [v for v in benchmark.TRAIN_VARIANTS if v not in benchmark.CUDA_ONLY_VARIANTS]
+    assert {"base", "ctc_stacked", "stacked", "stacked_cudnn"} <= set(variants)
+    checks = benchmark.check_train_variants(name, variants, batch=2, seconds=0.5)
+    for variant, check in checks.items():  # float32 on the CPU: the same loss and gradients
+        assert "error" not in check, (variant, check)
+        assert check["loss_rel_diff"] < 1e-6 and check["grad_rel_diff"] < 1e-5, (variant, check)
+    results = [benchmark.bench_train_step(name, 2, 0.5, repeats=1, warmup=0, variant=v, memory=False)
+               for v in ("base", "ctc_stacked", "stacked")]
+    assert all(r["ratio"] > 0 and r["early_exit"]["median_s"] > 0 for r in results)
+    profile = benchmark.profile_train_step(name, "ctc_stacked", 2, 0.5, 32, benchmark.torch.device("cpu"), steps=1)
+    assert [p["model"] for p in profile] == ["early_exit", "single_exit"] and profile[0]["wall_ms_per_step"] > 0
+    failed = {"config": name, "variant": "graphed", "batch": 2, "seconds_per_utterance": 0.5, "vocab": 32,
+              "error": "RuntimeError: no CUDA"}
+    md = benchmark.markdown({"machine": "test", "train_step": results + [failed],
+                             "train_step_variants": {v: benchmark.TRAIN_VARIANTS[v] for v in variants},
+                             "train_step_checks": [{"config": name, "batch": 2, "seconds_per_utterance": 0.5,
+                                                    "vocab": 32, "variants": checks}],
+                             "train_step_profile": profile})
+    assert f"| {name} | ctc_stacked | 2 x 0.5 s, V 32 |" in md
+    assert "| graphed | 2 x 0.5 s, V 32 | failed: RuntimeError: no CUDA |" in md
+    assert "under torch.profiler" in md and "`stacked_cudnn`:" in md
+
+
+def test_unknown_variant_is_refused():
+    benchmark = recipe("benchmark")
+    with pytest.raises(SystemExit, match="unknown variants"):
+        benchmark.main(["--only", "train-step", "--variants", "base,nope"])

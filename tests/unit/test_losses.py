@@ -1,0 +1,77 @@
+"""One CTC call for all exits: the same losses and gradients as one SpeechBrain ctc_loss per exit."""
+
+import functools
+
+import speechbrain as sb
+import torch
+from speechbrain.dataio.batch import PaddedBatch
+from speechbrain.lobes.features import Fbank
+from speechbrain.nnet.losses import ctc_loss
+from speechbrain.processing.features import InputNormalization
+
+from earlyexit_brain.brain import EarlyExitCTCBrain
+from earlyexit_brain.losses import one_call_blank_index, stacked_ctc_losses
+from earlyexit_brain.models.conformer import CTCExitHeads, EarlyExitConformerEncoder
+
+
+def test_stacked_losses_and_gradients_equal_per_exit_calls():
+    torch.manual_seed(0)
+    exits, batch, frames, vocab = 3, 5, 30, 7
+    logits = torch.randn(exits, batch, frames, vocab, dtype=torch.float64)
+    targets = torch.randint(1, vocab, (batch, 12))
+    input_lens = torch.tensor([1.0, 0.8, 0.5, 0.3, 0.1])  # the last (3 frames) cannot fit its targets
+    target_lens = torch.tensor([1.0, 0.5, 0.75, 1.0, 1.0])
+    results = []
+    for stacked in (False, True):
+        x = logits.clone().requires_grad_()
+        log_probs = list(x.log_softmax(-1))
+        if stacked:
+            losses = stacked_ctc_losses(log_probs, targets, input_lens, target_lens, blank_index=0)
+        else:
+            losses = [ctc_loss(lp, targets, input_lens, target_lens, blank_index=0) for lp in log_probs]
+        (sum(w * loss for w, loss in zip((1.0, 0.5, 2.0), losses))).backward()
+        results.append((torch.stack(losses).detach(), x.grad))
+    (ref_loss, ref_grad), (loss, grad) = results
+    assert torch.isfinite(ref_loss).all()  # the impossible utterance is zeroed, as zero_infinity does
+    assert torch.allclose(loss, ref_loss, rtol=1e-12, atol=0)
+    assert torch.allclose(grad, ref_grad, rtol=1e-10, atol=1e-14)
+
+
+def test_one_call_only_for_speechbrain_ctc_with_the_mean_reduction():
+    assert one_call_blank_index(functools.partial(ctc_loss, blank_index=3)) == 3
+    assert one_call_blank_index(functools.partial(ctc_loss, blank_index=0, reduction="mean")) == 0
+    assert one_call_blank_index(functools.partial(ctc_loss, blank_index=0, reduction="batch")) is None
+    assert one_call_blank_index(functools.partial(ctc_loss, 0)) is None
+    assert one_call_blank_index(lambda *a: ctc_loss(*a, blank_index=0)) is None
+
+
+def brain_objective(ctc_cost):
+    """Loss, per-exit loss sums and parameter gradients of one training batch."""
+    torch.manual_seed(0)
+    enc = EarlyExitConformerEncoder(20, 3, 16, 2, 32, [1, 2, 3], kernel_size=3, dropout=0.0)
+    heads = CTCExitHeads(16, 8, 3)
+    brain = EarlyExitCTCBrain(
+        modules={"encoder": enc, "ctc_heads": heads, "normalize": InputNormalization()},
+        hparams=dict(compute_features=Fbank(n_mels=20), blank_index=0, ctc_cost=ctc_cost,
+                     exit_loss_weights=[0.5, 1.0, 2.0]),
+        run_opts={"device": "cpu"})
+    brain.on_stage_start(sb.Stage.TRAIN)
+    data = PaddedBatch([
+        {"id": "a", "sig": torch.randn(8000), "tokens": torch.tensor([1, 2, 3]), "wrd": "A"},
+        {"id": "b", "sig": torch.randn(5000), "tokens": torch.tensor([4, 5]), "wrd": "B"},
+        {"id": "c", "sig": torch.randn(6500), "tokens": torch.tensor([6]), "wrd": "C"},
+    ])
+    loss = brain.compute_objectives(brain.compute_forward(data, sb.Stage.TRAIN), data, sb.Stage.TRAIN)
+    loss.backward()
+    grads = [p.grad.clone() for p in brain.modules.parameters()]
+    return loss.detach(), list(brain._exit_loss_sum), grads
+
+
+def test_brain_objective_is_unchanged_by_the_single_call():
+    # a lambda is not recognised as SpeechBrain's ctc_loss: the per-exit calls of before
+    per_exit = brain_objective(lambda lp, tok, lens, tok_lens: ctc_loss(lp, tok, lens, tok_lens, blank_index=0))
+    one_call = brain_objective(functools.partial(ctc_loss, blank_index=0))
+    assert torch.allclose(one_call[0], per_exit[0], rtol=1e-6, atol=0)
+    assert len(one_call[1]) == 3 and all(abs(a - b) <= 1e-6 * abs(b) for a, b in zip(one_call[1], per_exit[1]))
+    for g, g0 in zip(one_call[2], per_exit[2]):
+        assert torch.allclose(g, g0, rtol=1e-5, atol=1e-7)
