@@ -1,5 +1,6 @@
 """Running the smoke recipe from the integration tests."""
 
+import json
 import subprocess
 import sys
 
@@ -13,3 +14,13 @@ def run_recipe(repo_root, out, data, *extra, timeout=600, yaml=SMOKE):
     proc = subprocess.run(cmd, cwd=repo_root, capture_output=True, text=True, timeout=timeout)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
     return proc
+
+
+def exit_results(report):
+    """report.json's per-exit entries without the decoding times (which vary run to run)."""
+    exits = json.loads(json.dumps(report["exits"]))
+    for entry in exits:
+        for stats in entry["sets"].values():
+            for decoder in stats.get("decoders", {}).values():
+                decoder.pop("ms_per_utterance", None)
+    return exits

@@ -6,7 +6,7 @@ import subprocess
 import sys
 
 
-from smoke import run_recipe  # tests/integration/smoke.py
+from smoke import exit_results, run_recipe  # tests/integration/smoke.py
 
 
 def train_losses(log_text):
@@ -61,7 +61,7 @@ def test_rerun_resumes_without_retraining(repo_root, smoke_run):
     after = (out / "train_log.txt").read_text()
     assert len(train_losses(after)) == len(train_losses(before))  # no epoch trained again
     report_after = json.loads((out / "report.json").read_text())
-    assert report_after["exits"] == report_before["exits"]
+    assert exit_results(report_after) == exit_results(report_before)
 
 
 def test_policy_evaluation_in_the_report(smoke_run):
@@ -107,7 +107,7 @@ def test_evaluate_recipe_on_the_experiment_folder(repo_root, smoke_run):
                           cwd=repo_root, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
     after = json.loads((out / "report.json").read_text())
-    assert after["exits"] == before["exits"]
+    assert exit_results(after) == exit_results(before)
     assert after["calibration"]["target"] == "avg_layers"
     for cal in after["calibration"]["thresholds"].values():
         assert cal["dev"]["avg_layers"] <= 1.5
