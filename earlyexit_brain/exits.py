@@ -184,7 +184,8 @@ def make_ctc_beam_searcher(tokenizer, vocab_size: int, blank_index: int = 0,
     """SpeechBrain CTC beam searcher returning the ``topk``-best list (default: the whole beam).
 
     ``kenlm_model_path``: an n-gram LM (KenLM ``.arpa`` or ``.bin``; needs the
-    ``kenlm`` package), weighted by ``alpha``/``beta`` in ``lm_weights``.
+    ``kenlm`` module, from the ``camel-kenlm`` wheels, and ``pygtrie``), weighted by
+    ``alpha``/``beta`` in ``lm_weights``.
     """
     from speechbrain.decoders.ctc import CTCBeamSearcher, CTCPrefixBeamSearcher
 
@@ -195,9 +196,11 @@ def make_ctc_beam_searcher(tokenizer, vocab_size: int, blank_index: int = 0,
             raise ValueError(f"ctc_lm_path: no such n-gram file: {kenlm_model_path}")
         try:
             import kenlm  # noqa: F401
-        except ImportError:
-            raise ValueError("ctc_lm_path: decoding with an n-gram LM needs the kenlm package "
-                             "(pip install kenlm)") from None
+            import speechbrain.integrations.decoders.kenlm_scorer  # noqa: F401  (needs pygtrie)
+        except ImportError as err:
+            raise ValueError(f"ctc_lm_path: decoding with an n-gram LM needs the KenLM bindings and "
+                             f"pygtrie (pip install camel-kenlm pygtrie; both are in "
+                             f"requirements.txt): {err}") from None
     cls = CTCPrefixBeamSearcher if prefix else CTCBeamSearcher
     return cls(blank_index=blank_index, vocab_list=ctc_vocab_list(tokenizer, vocab_size),
                space_token="▁", beam_size=beam_size, topk=topk or beam_size,

@@ -346,3 +346,48 @@ def test_policy_evaluation_records_each_exits_beam_search_hypothesis(aed_model, 
             hiddens = aed_model.encoder(aed_model.features(wav, torch.ones(1)), torch.ones(1))
         for k in range(2):
             assert hyps[k] == tokens_to_text(sp, aed_model.decode_exit(k, hiddens[k])[0])
+
+
+ARPA = """\\data\\
+ngram 1=5
+ngram 2=3
+
+\\1-grams:
+-3.0\t<unk>\t0
+-1.0\t<s>\t-0.3
+-1.0\t</s>\t0
+-0.5\tTHE\t-0.3
+-0.5\tCAT\t-0.3
+
+\\2-grams:
+-0.1\t<s> THE
+-0.1\tTHE CAT
+-0.1\tCAT </s>
+
+\\end\\
+"""
+
+
+def test_ctc_beam_search_with_an_ngram_lm_prefers_the_lm_word(sp, tmp_path):
+    pytest.importorskip("kenlm")  # installed from requirements.txt (camel-kenlm)
+    lm = tmp_path / "words.arpa"
+    lm.write_text(ARPA)
+    vocab = sp.vocab_size() + 2
+    ids = sp.encode_as_ids("THE CA")
+    frames = []
+    for i in ids:
+        frames += [i, 0]
+    logits = torch.full((1, len(frames) + 2, vocab), -8.0)
+    logits[0, torch.arange(len(frames)), torch.tensor(frames)] = 8.0
+    # the last letter: P slightly more likely than T
+    p, t = sp.piece_to_id("P"), sp.piece_to_id("T")
+    logits[0, len(frames), p], logits[0, len(frames), t] = 1.2, 1.0
+    logits[0, len(frames) + 1, 0] = 8.0
+    log_probs = torch.log_softmax(logits, -1)
+    greedy = tokens_to_text(sp, [i for i in log_probs[0].argmax(-1).tolist() if i != 0])
+    plain = make_ctc_beam_searcher(sp, vocab, 0, beam_size=8, prefix=True, topk=1)
+    with_lm = make_ctc_beam_searcher(sp, vocab, 0, beam_size=8, prefix=True, topk=1,
+                                     kenlm_model_path=str(lm), alpha=1.0, beta=0.0)
+    text = lambda s: " ".join(s(log_probs, torch.ones(1))[0][0].text.split())  # noqa: E731
+    assert greedy.startswith("THE CAP") and text(plain) == "THE CAP"
+    assert text(with_lm) == "THE CAT"
