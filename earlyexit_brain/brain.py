@@ -21,7 +21,7 @@ from speechbrain.utils.checkpoints import (average_checkpoints, mark_as_loader, 
 
 from .exits import make_ctc_beam_searcher
 from .losses import one_call_blank_index, stacked_ctc_losses
-from .models.decoders import add_bos_eos, make_aed_searcher
+from .models.decoders import add_bos_eos, aed_search_options, make_aed_searcher
 from .utils import tokens_to_text
 
 logger = logging.getLogger(__name__)
@@ -514,21 +514,21 @@ class EarlyExitSeq2SeqBrain(EarlyExitCTCBrain):
     DEFAULT_DECODER = "aed_beam"
 
     def compute_forward(self, batch, stage):
-        """``(ctc_log_probs, wav_lens, hiddens, decoder_log_probs)``, one entry per exit."""
+        """``(ctc_log_probs, wav_lens, hiddens, decoder_log_probs, targets)``: one entry per exit
+        of the first, third and fourth; ``targets`` is ``(tokens, token_lens, tokens_eos,
+        eos_lens)``, the CTC targets and the decoders' teacher-forcing targets."""
         hiddens, wav_lens = self.encode(batch, stage)
         log_probs = self.modules.ctc_heads(hiddens)
         tokens, token_lens = self.targets(batch, stage)
-        tokens_bos, _, _ = add_bos_eos(tokens, token_lens, self.hparams.bos_index,
-                                       self.hparams.eos_index)
+        tokens_bos, tokens_eos, eos_lens = add_bos_eos(tokens, token_lens, self.hparams.bos_index,
+                                                       self.hparams.eos_index)
         dec_log_probs = self.modules.decoders(hiddens, wav_lens, tokens_bos)
-        return log_probs, wav_lens, hiddens, dec_log_probs
+        return log_probs, wav_lens, hiddens, dec_log_probs, (tokens, token_lens, tokens_eos, eos_lens)
 
     def compute_objectives(self, predictions, batch, stage):
         """Per exit ``ctc_weight * CTC + (1 - ctc_weight) * CE``, summed over exits."""
-        log_probs, wav_lens, hiddens, dec_log_probs = predictions
-        tokens, token_lens = self.targets(batch, stage)
-        _, tokens_eos, eos_lens = add_bos_eos(tokens, token_lens, self.hparams.bos_index,
-                                              self.hparams.eos_index)
+        log_probs, wav_lens, hiddens, dec_log_probs, targets = predictions
+        tokens, token_lens, tokens_eos, eos_lens = targets
         ctc = self.ctc_losses(log_probs, wav_lens, tokens, token_lens)
         weight = float(self.hparams.ctc_weight)
         smoothing = float(getattr(self.hparams, "label_smoothing", 0.0))
@@ -547,15 +547,12 @@ class EarlyExitSeq2SeqBrain(EarlyExitCTCBrain):
         key = (exit_index, beam)
         cache = self.__dict__.setdefault("_aed_searchers", {})
         if key not in cache:
+            options = aed_search_options(lambda name, default: getattr(self.hparams, name, default))
+            options["beam_size"] = beam
             cache[key] = make_aed_searcher(
                 getattr(self.modules.decoders, "module", self.modules.decoders),
                 getattr(self.modules.ctc_heads, "module", self.modules.ctc_heads), exit_index,
-                bos_index=self.hparams.bos_index, eos_index=self.hparams.eos_index,
-                blank_index=self.hparams.blank_index, beam_size=beam,
-                ctc_weight=float(getattr(self.hparams, "decode_ctc_weight", 0.4)),
-                length_normalization=bool(getattr(self.hparams, "aed_length_normalization", True)),
-                length_reward=float(getattr(self.hparams, "aed_length_reward", 0.0)),
-                max_decode_ratio=float(getattr(self.hparams, "max_decode_ratio", 1.0)))
+                **options)
         return cache[key]
 
     def decode_exit(self, decoder, exit_index, log_probs, wav_lens, hiddens, stage):

@@ -24,6 +24,7 @@ from speechbrain.decoders import ctc_greedy_decode
 from speechbrain.utils.edit_distance import wer_details_for_batch
 from tqdm import tqdm
 
+from .models.decoders import aed_search_options
 from .models.pipeline import EarlyExitAEDModel, timed_exits
 from .utils import tokens_to_text
 from .exits import (BudgetPolicy, ConfidencePolicy, EntropyPolicy, GreedyPosteriorPolicy,
@@ -83,10 +84,7 @@ def collect_exit_outputs(model, dataset, tokenizer, scorers: Dict[str, Confidenc
 
     def decode_pending():
         for k in range(num_exits):
-            states = [h[k][0] for _, h in pending]
-            frames = torch.tensor([s.shape[0] for s in states], dtype=torch.float32)
-            padded = torch.nn.utils.rnn.pad_sequence(states, batch_first=True)
-            for (u, _), tokens in zip(pending, model.decode_exit(k, padded, frames / padded.shape[1])):
+            for (u, _), tokens in zip(pending, model.decode_states(k, [h[k][0] for _, h in pending])):
                 hyps[u][k] = tokens_to_text(tokenizer, tokens)
         pending.clear()
 
@@ -318,13 +316,7 @@ def build_model(hparams: Dict):
              hparams["ctc_heads"])
     if hparams.get("decoders") is None:
         return EarlyExitCTCModel(*parts)
-    return EarlyExitAEDModel(
-        *parts, hparams["decoders"], bos_index=hparams["bos_index"], eos_index=hparams["eos_index"],
-        blank_index=hparams["blank_index"], beam_size=hparams.get("beam_size", 10),
-        ctc_weight=hparams.get("decode_ctc_weight", 0.4),
-        length_normalization=hparams.get("aed_length_normalization", True),
-        length_reward=hparams.get("aed_length_reward", 0.0),
-        max_decode_ratio=hparams.get("max_decode_ratio", 1.0))
+    return EarlyExitAEDModel(*parts, hparams["decoders"], **aed_search_options(hparams.get))
 
 
 def features_config(hparams: Dict) -> Dict:

@@ -8,7 +8,7 @@ decoder of the exit an utterance stops at runs: :func:`make_aed_searcher`
 builds SpeechBrain's joint CTC/attention beam search for one exit.
 """
 
-from typing import List, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 from speechbrain.lobes.models.transformer.Transformer import (NormalizedEmbedding,
@@ -198,6 +198,20 @@ def make_aed_searcher(decoders: ExitDecoders, ctc_heads, exit_index: int, bos_in
         max_decode_ratio=max_decode_ratio, beam_size=beam_size, scorer=scorer,
         length_normalization=length_normalization, using_eos_threshold=False,
         return_topk=topk > 1, topk=topk)
+
+
+def aed_search_options(get) -> Dict:
+    """:func:`make_aed_searcher`'s options from a recipe's hparams, with their defaults.
+
+    ``get(key, default)`` reads one hyperparameter (``dict.get`` of a loaded
+    YAML, or ``getattr`` on a Brain's ``hparams``).
+    """
+    return dict(bos_index=int(get("bos_index", None)), eos_index=int(get("eos_index", None)),
+                blank_index=int(get("blank_index", 0)), beam_size=int(get("beam_size", 10)),
+                ctc_weight=float(get("decode_ctc_weight", 0.4)),
+                length_normalization=bool(get("aed_length_normalization", True)),
+                length_reward=float(get("aed_length_reward", 0.0)),
+                max_decode_ratio=float(get("max_decode_ratio", 1.0)))
 
 
 def check_search_options(beam_size: int, ctc_weight: float):

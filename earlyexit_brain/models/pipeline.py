@@ -130,16 +130,19 @@ class EarlyExitAEDModel(EarlyExitCTCModel):
         hyps, _, _, _ = self.searcher(exit_index)(hidden, rel_lens.to(hidden.device))
         return [list(map(int, h)) for h in hyps]
 
+    def decode_states(self, exit_index: int, states: List[torch.Tensor]) -> List[List[int]]:
+        """:meth:`decode_exit` of utterances' unpadded states ``(T_b, D)``, padded into one batch."""
+        frames = torch.tensor([s.shape[0] for s in states], dtype=torch.float32)
+        padded = torch.nn.utils.rnn.pad_sequence(states, batch_first=True)
+        return self.decode_exit(exit_index, padded, frames / padded.shape[1])
+
     def decode_dynamic(self, out: DynamicOutput) -> List[List[int]]:
         """Decode a :func:`run_dynamic` output made with ``keep_hidden=True``: the utterances that
         stopped at the same exit are batched through that exit's decoder only."""
         result: List[List[int]] = [[] for _ in out.exits]
         for k in sorted(set(int(e) for e in out.exits)):
             members = [b for b, e in enumerate(out.exits) if int(e) == k]
-            states = [out.hiddens[b] for b in members]
-            frames = torch.tensor([s.shape[0] for s in states], dtype=torch.float32)
-            padded = torch.nn.utils.rnn.pad_sequence(states, batch_first=True)
-            for b, ids in zip(members, self.decode_exit(k, padded, frames / padded.shape[1])):
+            for b, ids in zip(members, self.decode_states(k, [out.hiddens[b] for b in members])):
                 result[b] = ids
         return result
 

@@ -135,7 +135,7 @@ def test_joint_loss_is_the_weighted_sum_of_ctc_and_label_smoothed_ce(weights):
     b = batch()
     pred = brain.compute_forward(b, sb.Stage.TRAIN)
     loss = brain.compute_objectives(pred, b, sb.Stage.TRAIN)
-    log_probs, lens, _, dec_lp = pred
+    log_probs, lens, _, dec_lp, _ = pred
     tokens, token_lens = b.tokens
     _, eos, eos_lens = add_bos_eos(tokens, token_lens, BOS, EOS)
     expected = 0
