@@ -15,11 +15,10 @@ from typing import Dict, List, Optional, Sequence
 import numpy as np
 import speechbrain as sb
 import torch
-from speechbrain.decoders import ctc_greedy_decode
 from speechbrain.utils.checkpoints import (average_checkpoints, mark_as_loader, mark_as_saver,
                                           register_checkpoint_hooks)
 
-from .exits import make_ctc_beam_searcher
+from .exits import CTCDecoder, ctc_beam_options
 from .losses import one_call_blank_index, stacked_ctc_losses
 from .models.decoders import add_bos_eos, aed_search_options, make_aed_searcher
 from .utils import tokens_to_text
@@ -243,17 +242,16 @@ class EarlyExitCTCBrain(sb.Brain):
             return list(getattr(self.hparams, "test_decoders", None) or [self.DEFAULT_DECODER])
         return [getattr(self.hparams, "valid_decoder", None) or self.DEFAULT_DECODER]
 
-    def ctc_beam_searcher(self):
-        """SpeechBrain's CTC prefix beam search (``ctc_beam_size``; a KenLM n-gram when
-        ``ctc_lm_path`` names one, weighted by ``ctc_lm_alpha``/``ctc_lm_beta``)."""
-        if getattr(self, "_ctc_beam", None) is None:
-            self._ctc_beam = make_ctc_beam_searcher(
-                self.tokenizer.sp, self.vocab_size(), self.hparams.blank_index,
-                int(getattr(self.hparams, "ctc_beam_size", 10)), prefix=True, topk=1,
-                kenlm_model_path=getattr(self.hparams, "ctc_lm_path", None),
-                alpha=float(getattr(self.hparams, "ctc_lm_alpha", 0.5)),
-                beta=float(getattr(self.hparams, "ctc_lm_beta", 1.0)))
-        return self._ctc_beam
+    def ctc_decoder(self, name: str) -> CTCDecoder:
+        """The CTC decoder ``name`` (``ctc_greedy``, or ``ctc_beam``: SpeechBrain's CTC
+        prefix beam search with ``ctc_beam_size``, and the n-gram LM ``ctc_lm_path``
+        weighted by ``ctc_lm_alpha``/``ctc_lm_beta`` when there is one), built once."""
+        decoders = self.__dict__.setdefault("_ctc_decoders", {})
+        if name not in decoders:
+            decoders[name] = CTCDecoder(name, self.tokenizer.sp, self.vocab_size(),
+                                        self.hparams.blank_index,
+                                        **ctc_beam_options(lambda k, d: getattr(self.hparams, k, d)))
+        return decoders[name]
 
     def vocab_size(self) -> int:
         heads = getattr(self.modules.ctc_heads, "module", self.modules.ctc_heads)
@@ -262,12 +260,8 @@ class EarlyExitCTCBrain(sb.Brain):
     def decode_exit(self, decoder: str, exit_index: int, log_probs, wav_lens, hiddens,
                     stage) -> List[str]:
         """Texts of one exit's hypotheses for a batch with ``decoder``."""
-        if decoder == "ctc_greedy":
-            ids = ctc_greedy_decode(log_probs, wav_lens, blank_id=self.hparams.blank_index)
-            return [tokens_to_text(self.tokenizer.sp, h) for h in ids]
-        if decoder == "ctc_beam":
-            nbest = self.ctc_beam_searcher()(log_probs.detach().float().cpu(), wav_lens.cpu())
-            return [" ".join(hyps[0].text.split()) if hyps else "" for hyps in nbest]
+        if decoder in ("ctc_greedy", "ctc_beam"):
+            return self.ctc_decoder(decoder)(log_probs, wav_lens)
         raise ValueError(f"test_decoders/valid_decoder: {decoder!r} needs attention decoders; "
                          f"this model has CTC exits only (use ctc_greedy or ctc_beam)")
 

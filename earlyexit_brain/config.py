@@ -174,6 +174,8 @@ _RULES: Dict[str, Rule] = {
                     "null or an existing KenLM file (.arpa or .bin)"),
     "ctc_lm_alpha": (lambda v: _is_num(v) and v >= 0, "a number >= 0"),
     "ctc_lm_beta": (_is_num, "a number"),
+    "ngram_order": (lambda v: v is None or (_is_int(v) and (v == 0 or v >= 2)),
+                    "null or 0 (no n-gram LM), or an integer >= 2"),
     # attention-decoder exits
     "ctc_weight": (lambda v: _is_num(v) and 0 <= v <= 1, "a number in [0, 1]"),
     "decode_ctc_weight": (lambda v: _is_num(v) and 0 <= v <= 1, "a number in [0, 1]"),

@@ -20,15 +20,15 @@ from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Sequence
 
 import torch
-from speechbrain.decoders import ctc_greedy_decode
 from speechbrain.utils.edit_distance import wer_details_for_batch
 from tqdm import tqdm
 
 from .models.decoders import aed_search_options
 from .models.pipeline import EarlyExitAEDModel, timed_exits
 from .utils import tokens_to_text
-from .exits import (BudgetPolicy, ConfidencePolicy, EntropyPolicy, GreedyPosteriorPolicy,
-                    LatencyTable, NBestPosteriorPolicy, make_ctc_beam_searcher, oracle_exits)
+from .exits import (BudgetPolicy, ConfidencePolicy, CTCDecoder, EntropyPolicy, GreedyPosteriorPolicy,
+                    LatencyTable, NBestPosteriorPolicy, ctc_beam_options, make_ctc_beam_searcher,
+                    oracle_exits)
 
 logger = logging.getLogger(__name__)
 
@@ -65,8 +65,11 @@ def build_scorers(tokenizer, vocab_size: int, blank_index: int = 0, beam_size: i
 @torch.no_grad()
 def collect_exit_outputs(model, dataset, tokenizer, scorers: Dict[str, ConfidencePolicy],
                          blank_index: int = 0, sample_rate: int = 16000,
-                         desc: str = "exits", decode_batch: int = 16) -> ExitOutputs:
+                         desc: str = "exits", decode_batch: int = 16,
+                         decoder: Optional[CTCDecoder] = None) -> ExitOutputs:
     """Run every utterance of ``dataset`` (items with ``id``, ``sig``, ``wrd``) through every exit.
+
+    A CTC model's hypotheses come from ``decoder`` (default: greedy CTC).
 
     An :class:`EarlyExitAEDModel`'s hypotheses come from each exit's joint
     CTC/attention beam search, run on the batch-1 encoder states in batches of
@@ -77,6 +80,8 @@ def collect_exit_outputs(model, dataset, tokenizer, scorers: Dict[str, Confidenc
     device = next(model.parameters()).device
     num_exits = model.num_exits
     aed = isinstance(model, EarlyExitAEDModel)
+    if decoder is None:
+        decoder = CTCDecoder("ctc_greedy", tokenizer, model.heads.heads[0].out_features, blank_index)
     ids, durations, hyps, refs, exit_ms = [], [], [], [], []
     scores = {name: [] for name in scorers}
     policy_ms = {name: [] for name in scorers}
@@ -102,8 +107,7 @@ def collect_exit_outputs(model, dataset, tokenizer, scorers: Dict[str, Confidenc
             if len(pending) == decode_batch:
                 decode_pending()
         else:
-            hyps.append([tokens_to_text(tokenizer, ctc_greedy_decode(lp, lens, blank_id=blank_index)[0])
-                         for lp in log_probs])
+            hyps.append([decoder(lp, lens)[0] for lp in log_probs])
         for name, scorer in scorers.items():
             row, row_ms = [], []
             for k in range(num_exits):
@@ -302,6 +306,24 @@ POLICY_DEFAULTS = {
 }
 
 
+def report_decoding(hparams: Dict) -> Dict:
+    """The decoder whose hypotheses the report's per-exit and policy WERs use: the
+    first of ``test_decoders``, with the CTC beam-search options (for CTC models)."""
+    name = (hparams.get("test_decoders") or ["ctc_greedy"])[0]
+    return {"decoder": name, "options": ctc_beam_options(hparams.get) if name == "ctc_beam" else {}}
+
+
+def stored_decoding(decoding: Dict, decoder: Optional[CTCDecoder]) -> Dict:
+    """What is stored with an exported model (and in report.json ``decoding``): the
+    decoder, and for ``ctc_beam`` its beam size and LM weights (``lm``: whether the
+    folder has the n-gram, ``ngram_lm.ckpt``)."""
+    if decoder is None or decoder.name == "ctc_greedy":
+        return {"decoder": decoding["decoder"]}
+    o = decoder.options
+    return {"decoder": "ctc_beam", "beam_size": int(o["beam_size"]), "lm": o["lm_path"] is not None,
+            "alpha": float(o["alpha"]), "beta": float(o["beta"])}
+
+
 def policy_options(hparams: Dict) -> Dict:
     """The policy-evaluation keys of a recipe's hparams, with their defaults."""
     return {key: hparams.get(key, default) for key, default in POLICY_DEFAULTS.items()}
@@ -352,9 +374,14 @@ def run_policy_evaluation(hparams: Dict, tokenizer, valid_data, test_datasets: D
     scorers = build_scorers(tokenizer, vocab, blank, opts["nbest_beam_size"],
                             opts["entropy_normalize"], opts["posterior_greedy_form"])
     scorers = {n: s for n, s in scorers.items() if n in opts["policy_sweep"]}
-    dev = collect_exit_outputs(model, valid_data, tokenizer, scorers, blank, sample_rate, "dev exits")
+    decoding = report_decoding(hparams)
+    decoder = None
+    if decoding["decoder"] in ("ctc_greedy", "ctc_beam") and not isinstance(model, EarlyExitAEDModel):
+        decoder = CTCDecoder(decoding["decoder"], tokenizer, vocab, blank, **decoding["options"])
+    dev = collect_exit_outputs(model, valid_data, tokenizer, scorers, blank, sample_rate, "dev exits",
+                               decoder=decoder)
     sets = {name: collect_exit_outputs(model, ds, tokenizer, scorers, blank, sample_rate,
-                                       f"{name} exits")
+                                       f"{name} exits", decoder=decoder)
             for name, ds in test_datasets.items()}
     result = evaluate_policies(dev, sets, scorers, table, opts["policy_sweep"],
                                opts["calibration_target"], float(opts["calibration_value"]),
@@ -369,9 +396,13 @@ def run_policy_evaluation(hparams: Dict, tokenizer, valid_data, test_datasets: D
                     "posterior_greedy": {"form": opts["posterior_greedy_form"]},
                     "posterior": {"beam_size": int(opts["nbest_beam_size"])}},
         "calibration": result["calibration"],
+        "decoding": stored_decoding(decoding, decoder),
     }
+    lm_path = decoding["options"].get("lm_path") if decoder is not None else None
     folder = export_inference_folder(os.path.join(hparams["output_folder"], "inference"), model,
-                                     features_config(hparams), tokenizer_path, blank, stored, table)
+                                     features_config(hparams), tokenizer_path, blank, stored, table,
+                                     lm_path=lm_path)
+    result["decoding"] = stored["decoding"]
     result["latency_table"] = table.to_json()
     result["inference_folder"] = folder
     return result

@@ -33,8 +33,9 @@ from dataclasses import dataclass
 from typing import Dict, List, Optional, Sequence
 
 import torch
+from speechbrain.decoders import ctc_greedy_decode
 
-from .utils import atomic_write_text, padding_mask, valid_frames
+from .utils import atomic_write_text, padding_mask, tokens_to_text, valid_frames
 
 POLICY_NAMES = ("fixed", "entropy", "posterior", "posterior_greedy", "budget", "oracle")
 
@@ -201,10 +202,58 @@ def make_ctc_beam_searcher(tokenizer, vocab_size: int, blank_index: int = 0,
             raise ValueError(f"ctc_lm_path: decoding with an n-gram LM needs the KenLM bindings and "
                              f"pygtrie (pip install camel-kenlm pygtrie; both are in "
                              f"requirements.txt): {err}") from None
+        from speechbrain.integrations.decoders.kenlm_scorer import load_unigram_set_from_arpa
+
+        # the known words for partial-word scoring, whatever the file is called
+        # (SpeechBrain reads them only from names ending in .arpa)
+        if "unigrams" not in lm_weights and not kenlm_model_path.endswith(".arpa") \
+                and not _is_kenlm_binary(kenlm_model_path):
+            lm_weights["unigrams"] = sorted(load_unigram_set_from_arpa(kenlm_model_path))
     cls = CTCPrefixBeamSearcher if prefix else CTCBeamSearcher
     return cls(blank_index=blank_index, vocab_list=ctc_vocab_list(tokenizer, vocab_size),
                space_token="▁", beam_size=beam_size, topk=topk or beam_size,
                kenlm_model_path=kenlm_model_path, **lm_weights)
+
+
+def _is_kenlm_binary(path: str) -> bool:
+    with open(path, "rb") as fin:
+        return fin.read(32).startswith(b"mmap lm http://kheafield.com")
+
+
+#: How a CTC exit's hypotheses are decoded, with their defaults (recipe keys
+#: ``ctc_beam_size``, ``ctc_lm_path``, ``ctc_lm_alpha``, ``ctc_lm_beta``).
+CTC_BEAM_DEFAULTS = {"beam_size": 10, "lm_path": None, "alpha": 0.5, "beta": 1.0}
+
+
+def ctc_beam_options(get) -> Dict:
+    """The CTC beam-search options of a recipe (``get``: ``hparams.get`` or the like)."""
+    return {"beam_size": int(get("ctc_beam_size", 10)), "lm_path": get("ctc_lm_path", None),
+            "alpha": float(get("ctc_lm_alpha", 0.5)), "beta": float(get("ctc_lm_beta", 1.0))}
+
+
+class CTCDecoder:
+    """Texts of a CTC exit's hypotheses: ``ctc_greedy``, or ``ctc_beam`` (SpeechBrain's CTC
+    prefix beam search, with a KenLM n-gram when ``lm_path`` names one)."""
+
+    def __init__(self, name: str, tokenizer, vocab_size: int, blank_index: int = 0, **beam_options):
+        if name not in ("ctc_greedy", "ctc_beam"):
+            raise ValueError(f"decoder: {name!r} is not a CTC decoder (ctc_greedy or ctc_beam)")
+        self.name, self.tokenizer, self.blank_index = name, tokenizer, blank_index
+        self.options = {**CTC_BEAM_DEFAULTS, **beam_options}
+        self.searcher = None
+        if name == "ctc_beam":
+            o = self.options
+            self.searcher = make_ctc_beam_searcher(
+                tokenizer, vocab_size, blank_index, int(o["beam_size"]), prefix=True, topk=1,
+                kenlm_model_path=o["lm_path"], alpha=float(o["alpha"]), beta=float(o["beta"]))
+
+    def __call__(self, log_probs: torch.Tensor, lengths: torch.Tensor) -> List[str]:
+        """``(B, T, V)`` log-probabilities and relative lengths -> B texts."""
+        if self.searcher is None:
+            ids = ctc_greedy_decode(log_probs, lengths, blank_id=self.blank_index)
+            return [tokens_to_text(self.tokenizer, h) for h in ids]
+        nbest = self.searcher(log_probs.detach().float().cpu(), lengths.detach().float().cpu())
+        return [" ".join(hyps[0].text.split()) if hyps else "" for hyps in nbest]
 
 
 class NBestPosteriorPolicy(ConfidencePolicy):

@@ -11,6 +11,7 @@ from speechbrain.tokenizers.SentencePiece import SentencePiece
 
 from .config import ConfigError, check_hparams_file
 from .evaluation import run_policy_evaluation
+from .ngram import lm_summary, prepare_recipe_lm
 from .report import build_report, write_report
 
 logger = logging.getLogger(__name__)
@@ -32,11 +33,15 @@ def load_recipe_hparams(argv: List[str]):
 
 
 def tokenizer_or_exit(hparams: Dict) -> SentencePiece:
-    """:func:`build_tokenizer`, exiting with the configuration error if there is one."""
+    """:func:`build_tokenizer`, then the recipe's n-gram LM (``ngram_order``, see
+    :func:`earlyexit_brain.ngram.prepare_recipe_lm`), exiting with the
+    configuration error if there is one."""
     try:
-        return build_tokenizer(hparams)
-    except ConfigError as err:
+        tokenizer = build_tokenizer(hparams)
+        prepare_recipe_lm(hparams)
+    except (ConfigError, ValueError) as err:
         sys.exit(f"Configuration error: {err}")
+    return tokenizer
 
 
 def build_tokenizer(hparams: Dict) -> SentencePiece:
@@ -90,6 +95,7 @@ def evaluate_and_report(hparams: Dict, hparams_file: str, brain, tokenizer, vali
                "processes": int(os.environ.get("WORLD_SIZE", "1")),  # DDP processes (torchrun)
                "token_type": hparams["token_type"],
                "test_decoders": brain.stage_decoders(sb.Stage.TEST),
+               "ctc_lm": lm_summary(hparams),
                "vocab_size": tokenizer.sp.vocab_size(),
                "train_utterances": train_utterances,
                # per set: utterances left out for bad audio, files resampled / down-mixed

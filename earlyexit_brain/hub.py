@@ -38,6 +38,7 @@ MODEL_FILES = ("hyperparams.yaml", "model.ckpt", "normalizer.ckpt", "tokenizer.c
 EXAMPLE_FILE = "example.wav"
 PLOT_FILE = "wer_vs_compute.png"
 MAX_EXAMPLE_SECONDS = 10.0
+OPTIONAL_FILES = ("ngram_lm.ckpt",)  # the n-gram LM of models decoded with ctc_beam
 
 _REPO_ID = re.compile(r"^[A-Za-z0-9](?:[A-Za-z0-9._-]{0,94}[A-Za-z0-9])?/"
                       r"[A-Za-z0-9](?:[A-Za-z0-9._-]{0,94}[A-Za-z0-9])?$")
@@ -215,7 +216,8 @@ asr.transcribe_file("example.wav")
 `hyperparams.yaml` (inference configuration), `model.ckpt` (encoder, exit heads and any exit decoders),
 `normalizer.ckpt` (feature statistics), `tokenizer.ckpt` (SentencePiece), `exit_policies.ckpt`
 (calibrated thresholds), `latency_table.ckpt` (per-exit latency measured on the training machine;
-re-measure it on yours for the `budget` policy), `report.json` (every figure above), `example.wav`.
+re-measure it on yours for the `budget` policy), `ngram_lm.ckpt` when the model decodes with CTC
+beam search and a word n-gram (ARPA text), `report.json` (every figure above), `example.wav`.
 
 Published with earlyexit_brain {version}.
 """
@@ -267,8 +269,9 @@ def build_hub_folder(experiment: str, out: str, repo_id: str, license: str = "ap
     exp = read_experiment(experiment)
     out = os.path.abspath(out)
     with atomic_folder(out, prefix=".hub-") as tmp:
-        for name in MODEL_FILES:
-            shutil.copyfile(os.path.join(exp["inference"], name), os.path.join(tmp, name))
+        for name in MODEL_FILES + OPTIONAL_FILES:
+            if name in MODEL_FILES or os.path.isfile(os.path.join(exp["inference"], name)):
+                shutil.copyfile(os.path.join(exp["inference"], name), os.path.join(tmp, name))
         with open(os.path.join(tmp, "exit_policies.ckpt")) as fin:
             policies = json.load(fin)
         plot = os.path.join(experiment, PLOT_FILE)

@@ -29,13 +29,12 @@ from dataclasses import dataclass
 from typing import Dict, List, Optional, Sequence, Union
 
 import torch
-from speechbrain.decoders import ctc_greedy_decode
 from speechbrain.inference.interfaces import Pretrained
 from speechbrain.utils.checkpoints import mark_as_loader, mark_as_saver, register_checkpoint_hooks
 from speechbrain.utils.data_utils import batch_pad_right
 from speechbrain.utils.fetching import FetchConfig, LocalStrategy, fetch
 
-from .exits import (ExitPolicy, LatencyTable, POLICY_NAMES, check_exit, make_ctc_beam_searcher,
+from .exits import (CTCDecoder, ExitPolicy, LatencyTable, POLICY_NAMES, check_exit, make_ctc_beam_searcher,
                     make_policy)
 from .safe_load import check_hparams_text, weights_only_loading
 from .utils import atomic_folder, atomic_write_text, tokens_to_text
@@ -62,6 +61,19 @@ class JsonRecord:
             self.data = json.load(fin)
 
 
+@register_checkpoint_hooks
+class FileRecord:
+    """A file a model needs at inference (its n-gram LM), fetched as a SpeechBrain
+    loadable: loading records where the file is (``.path``)."""
+
+    def __init__(self):
+        self.path: Optional[str] = None
+
+    @mark_as_loader
+    def _load(self, path, end_of_epoch=False):
+        self.path = str(path)
+
+
 @dataclass
 class Transcription:
     """One utterance's result: ``text``, ``exit`` (1-based), ``layers`` computed.
@@ -80,9 +92,12 @@ class Transcription:
 class EarlyExitASR(Pretrained):
     """Early-exit transcription with a fixed exit, a budget or a confidence policy.
 
-    CTC models decode greedily at the chosen exit; attention-decoder (AED)
-    models run the chosen exit's decoder only, with joint CTC/attention beam
-    search (the exit policies read the exits' CTC posteriors).
+    CTC models decode the chosen exit as stored with the model (``decoding`` in
+    ``exit_policies.ckpt``): greedily, or with CTC prefix beam search and the
+    folder's word n-gram LM (``ngram_lm.ckpt``); ``decoder="ctc_greedy"`` or
+    ``"ctc_beam"`` overrides it. Attention-decoder (AED) models run the chosen
+    exit's decoder only, with joint CTC/attention beam search (the exit
+    policies read the exits' CTC posteriors).
 
     ``exit`` is 1-based; ``policy`` is one of ``fixed``, ``entropy``,
     ``posterior``, ``posterior_greedy``, ``budget`` (or an
@@ -141,6 +156,24 @@ class EarlyExitASR(Pretrained):
         record = getattr(self.hparams, "latency_table", None)
         self.latency_table = LatencyTable(**record.data) if record is not None and record.data else None
         self._searcher = None
+        self._ctc_decoders: Dict[str, CTCDecoder] = {}
+
+    def ctc_decoder(self, name: Optional[str] = None) -> CTCDecoder:
+        """The CTC decoder ``name`` (default: the one stored with the model, else greedy)."""
+        stored = dict(self.policies_config.get("decoding") or {"decoder": "ctc_greedy"})
+        name = name or stored["decoder"]
+        if name not in ("ctc_greedy", "ctc_beam"):
+            raise ValueError(f"decoder: {name!r} is not a CTC decoder (ctc_greedy or ctc_beam)")
+        if name not in self._ctc_decoders:
+            options = {}
+            if name == "ctc_beam":
+                record = getattr(self.hparams, "ngram_lm", None)
+                options = {key: stored[key] for key in ("beam_size", "alpha", "beta") if key in stored}
+                options["lm_path"] = record.path if record is not None else None
+            vocab = self.model.heads.heads[0].out_features
+            self._ctc_decoders[name] = CTCDecoder(name, self.tokenizer, vocab, self.hparams.blank_index,
+                                                  **options)
+        return self._ctc_decoders[name]
 
     @property
     def num_exits(self) -> int:
@@ -192,7 +225,8 @@ class EarlyExitASR(Pretrained):
 
     def transcribe_batch(self, wavs: torch.Tensor, wav_lens: Optional[torch.Tensor] = None,
                          exit: Optional[int] = None, policy=None,
-                         threshold: Optional[float] = None) -> List[Transcription]:
+                         threshold: Optional[float] = None,
+                         decoder: Optional[str] = None) -> List[Transcription]:
         """Transcribe a padded batch ``(B, S)`` of 16 kHz mono waveforms (relative ``wav_lens``)."""
         chosen = self.make_policy(policy, threshold, exit)
         wavs = wavs.float().to(self.device)
@@ -201,17 +235,18 @@ class EarlyExitASR(Pretrained):
         wav_lens = wav_lens.float().to(self.device)
         durations = (wav_lens * wavs.shape[1] / self.hparams.sample_rate).cpu()
         aed = hasattr(self.model, "decode_dynamic")  # attention decoders: only the exit's runs
+        if aed and decoder is not None:
+            raise ValueError("decoder: this model decodes with its attention decoders; "
+                             "decoder= applies to CTC models")
+        ctc = None if aed else self.ctc_decoder(decoder)
         with torch.no_grad():
             out = self.model.dynamic(wavs, wav_lens, chosen, durations, keep_hidden=aed)
             if aed:
-                token_lists = self.model.decode_dynamic(out)
+                texts = [tokens_to_text(self.tokenizer, t) for t in self.model.decode_dynamic(out)]
             else:
-                token_lists = [ctc_greedy_decode(lp[None], torch.ones(1),
-                                                 blank_id=self.hparams.blank_index)[0]
-                               for lp in out.log_probs]
-        return [Transcription(text=tokens_to_text(self.tokenizer, tokens), exit=int(out.exits[b]) + 1,
-                              layers=int(out.layers[b]))
-                for b, tokens in enumerate(token_lists)]
+                texts = [ctc(lp[None], torch.ones(1))[0] for lp in out.log_probs]
+        return [Transcription(text=text, exit=int(out.exits[b]) + 1, layers=int(out.layers[b]))
+                for b, text in enumerate(texts)]
 
     def load_checked(self, path: str) -> torch.Tensor:
         """Load, down-mix and resample an audio file; a ValueError names the file if it is unusable."""
@@ -230,16 +265,17 @@ class EarlyExitASR(Pretrained):
         return signal
 
     def transcribe_file(self, path: str, exit: Optional[int] = None, policy=None,
-                        threshold: Optional[float] = None) -> Transcription:
+                        threshold: Optional[float] = None, decoder: Optional[str] = None) -> Transcription:
         """Transcribe one file; a ValueError names the file when it cannot be used."""
         chosen = self.make_policy(policy, threshold, exit)
         signal = self.load_checked(path)
-        result = self.transcribe_batch(signal[None], torch.ones(1), policy=chosen)[0]
+        result = self.transcribe_batch(signal[None], torch.ones(1), policy=chosen, decoder=decoder)[0]
         result.path = path
         return result
 
     def transcribe_files(self, paths: Sequence[str], exit: Optional[int] = None, policy=None,
-                         threshold: Optional[float] = None, batch_size: int = 8) -> List[Transcription]:
+                         threshold: Optional[float] = None, batch_size: int = 8,
+                         decoder: Optional[str] = None) -> List[Transcription]:
         """Transcribe many files in batches; a bad file is reported (``error``) and the rest transcribed."""
         chosen = self.make_policy(policy, threshold, exit)
         results: List[Optional[Transcription]] = [None] * len(paths)
@@ -253,7 +289,7 @@ class EarlyExitASR(Pretrained):
         for start in range(0, len(good), batch_size):
             chunk = good[start:start + batch_size]
             wavs, lens = batch_pad_right([sig for _, sig in chunk])
-            for (i, _), res in zip(chunk, self.transcribe_batch(wavs, lens, policy=chosen)):
+            for (i, _), res in zip(chunk, self.transcribe_batch(wavs, lens, policy=chosen, decoder=decoder)):
                 res.path = paths[i]
                 results[i] = res
         return results
@@ -304,7 +340,7 @@ audio_normalizer: !new:speechbrain.dataio.preprocess.AudioNormalizer
 
 exit_policies: !new:earlyexit_brain.inference.JsonRecord
 latency_table: !new:earlyexit_brain.inference.JsonRecord
-
+{lm_record}
 modules:
     encoder: !ref <encoder>
 
@@ -315,7 +351,7 @@ pretrainer: !new:speechbrain.utils.parameter_transfer.Pretrainer
         tokenizer: !ref <tokenizer>
         exit_policies: !ref <exit_policies>
         latency_table: !ref <latency_table>
-"""
+{lm_loadable}"""
 
 
 def _yaml_block(config: Dict) -> str:
@@ -340,13 +376,15 @@ def _decoder_parts(model) -> Dict[str, str]:
 
 def export_inference_folder(folder: str, model, features_config: Dict, tokenizer_path: str,
                             blank_index: int = 0, policies: Optional[Dict] = None,
-                            latency_table: Optional[LatencyTable] = None) -> str:
+                            latency_table: Optional[LatencyTable] = None,
+                            lm_path: Optional[str] = None) -> str:
     """Write an inference folder that :class:`EarlyExitASR` loads; returns its path.
 
     ``model`` is an :class:`~earlyexit_brain.models.pipeline.EarlyExitCTCModel`
     holding the trained weights; ``features_config`` the Fbank arguments
     (``sample_rate``, ``n_fft``, ``n_mels``, ``hop_length``, ``win_length``);
-    ``tokenizer_path`` the SentencePiece ``.model`` file. The folder is built
+    ``tokenizer_path`` the SentencePiece ``.model`` file; ``lm_path`` a word n-gram
+    (ARPA or KenLM binary) copied as ``ngram_lm.ckpt`` for CTC beam search. The folder is built
     beside its destination and moved into place, so a crash never leaves a
     half-written folder behind.
     """
@@ -370,6 +408,9 @@ def export_inference_folder(folder: str, model, features_config: Dict, tokenizer
             encoder_class=_class_path(model.encoder), encoder=_yaml_block(model.encoder.config),
             heads_class=_class_path(model.heads), heads=_yaml_block(model.heads.config),
             **_decoder_parts(model),
+            lm_record=("ngram_lm: !new:earlyexit_brain.inference.FileRecord   # n-gram LM for ctc_beam\n"
+                       if lm_path else ""),
+            lm_loadable="        ngram_lm: !ref <ngram_lm>\n" if lm_path else "",
         )
         atomic_write_text(os.path.join(tmp, "hyperparams.yaml"), text)
         parts = [model.encoder, model.heads] + ([model.decoders] if hasattr(model, "decoders") else [])
@@ -380,4 +421,6 @@ def export_inference_folder(folder: str, model, features_config: Dict, tokenizer
         JsonRecord(policies or {})._save(os.path.join(tmp, "exit_policies.ckpt"))
         JsonRecord(latency_table.to_json() if latency_table else {})._save(
             os.path.join(tmp, "latency_table.ckpt"))
+        if lm_path:
+            shutil.copyfile(lm_path, os.path.join(tmp, "ngram_lm.ckpt"))
     return folder

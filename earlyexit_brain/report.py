@@ -67,7 +67,12 @@ def report_markdown(report: Dict) -> str:
         lines.append(row)
     lines.append("")
     decoders = report.get("test_decoders") or ["ctc_greedy"]
-    lines.append(f"WER and CER in percent, {DECODER_WORDS.get(decoders[0], decoders[0])} at each exit.")
+    words = DECODER_WORDS.get(decoders[0], decoders[0])
+    lm = report.get("ctc_lm")
+    if decoders[0] == "ctc_beam" and lm:
+        words += (f" with a word {lm['order'] or 'n'}-gram LM ({lm['file']}, alpha {lm['alpha']:g}, "
+                  f"beta {lm['beta']:g})")
+    lines.append(f"WER and CER in percent, {words} at each exit.")
     if len(decoders) > 1 and report["exits"] and "decoders" in report["exits"][0]["sets"][sets[0]]:
         lines += ["", *decoder_markdown(report, decoders, sets)]
     if report.get("policies"):

@@ -23,6 +23,7 @@ import yaml
 ALLOWED_TARGETS = (
     "earlyexit_brain.models.",
     "earlyexit_brain.inference.JsonRecord",
+    "earlyexit_brain.inference.FileRecord",
     "speechbrain.lobes.features.",
     "speechbrain.lobes.models.",
     "speechbrain.nnet.",

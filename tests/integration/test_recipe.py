@@ -5,6 +5,7 @@ import re
 import subprocess
 import sys
 
+import pytest
 
 from smoke import exit_results, run_recipe  # tests/integration/smoke.py
 
@@ -97,6 +98,39 @@ def test_exported_model_transcribes(smoke_run):
     result = asr.transcribe_file(str(wav))  # the calibrated posterior policy
     assert result.exit in (1, 2) and result.layers in (1, 2) and isinstance(result.text, str)
     assert asr.transcribe_file(str(wav), exit=1).layers == 1
+
+
+def test_ngram_lm_estimated_used_and_exported(smoke_run):
+    """smoke.yaml: ngram_order 2 and test_decoders [ctc_beam, ctc_greedy]: the recipe
+    estimates the bigram from train.csv, decodes the report (and the policies) with it,
+    and ships it with the exported model, whose default decoding uses it."""
+    from earlyexit_brain.inference import EarlyExitASR
+    from earlyexit_brain.ngram import arpa_text, manifest_sentences
+
+    out, data, _ = smoke_run
+    lm = out / "save" / "ngram_2.arpa"
+    assert lm.read_text() == arpa_text(manifest_sentences(str(data / "train.csv")), 2)
+    report = json.loads((out / "report.json").read_text())
+    assert report["test_decoders"] == ["ctc_beam", "ctc_greedy"]
+    assert report["ctc_lm"] == {"file": "ngram_2.arpa", "order": 2, "alpha": 0.5, "beta": 1.0}
+    assert report["decoding"] == {"decoder": "ctc_beam", "beam_size": 10, "lm": True,
+                                  "alpha": 0.5, "beta": 1.0}
+    for entry in report["exits"]:  # the headline figures are the first decoder's
+        stats = entry["sets"]["test"]
+        assert stats["wer"] == stats["decoders"]["ctc_beam"]["wer"]
+    assert "CTC prefix beam search with a word 2-gram LM (ngram_2.arpa" in (out / "report.md").read_text()
+    inference = out / "inference"
+    assert (inference / "ngram_lm.ckpt").read_text() == lm.read_text()
+    asr = EarlyExitASR.from_hparams(source=str(inference))
+    decoder = asr.ctc_decoder()
+    assert decoder.name == "ctc_beam" and decoder.options["lm_path"].endswith("ngram_lm.ckpt")
+    assert asr.ctc_decoder("ctc_greedy").searcher is None
+    wav = str(sorted((data / "wavs" / "test").glob("*.wav"))[0])
+    for name in (None, "ctc_greedy", "ctc_beam"):
+        result = asr.transcribe_file(wav, exit=2, decoder=name)
+        assert result.layers == 2 and isinstance(result.text, str)
+    with pytest.raises(ValueError, match="not a CTC decoder"):
+        asr.transcribe_file(wav, exit=2, decoder="aed_beam")
 
 
 def test_evaluate_recipe_on_the_experiment_folder(repo_root, smoke_run):

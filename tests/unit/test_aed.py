@@ -316,7 +316,7 @@ BASE = {"num_layers": 6, "d_model": 144, "nhead": 4, "exit_layers": [2, 4, 6], "
     ("beam_size", 0), ("valid_beam_size", 0), ("ctc_weight", 1.5), ("ctc_weight", -0.1),
     ("decode_ctc_weight", 2.0), ("decoder_d_model", 256), ("decoder_nhead", 5), ("eos_index", 0),
     ("bos_index", 40), ("test_decoders", ["beam"]), ("valid_decoder", "nope"), ("ctc_beam_size", 0),
-    ("label_smoothing", 1.0), ("ctc_lm_path", "/no/such.arpa"),
+    ("label_smoothing", 1.0), ("ctc_lm_path", "/no/such.arpa"), ("ngram_order", 1), ("ngram_order", -1),
 ])
 def test_bad_decoding_keys_are_named(key, value):
     raw = dict(BASE, **{key: value})
