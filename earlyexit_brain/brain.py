@@ -244,7 +244,7 @@ class EarlyExitCTCBrain(sb.Brain):
 
     def ctc_decoder(self, name: str) -> CTCDecoder:
         """The CTC decoder ``name`` (``ctc_greedy``, or ``ctc_beam``: SpeechBrain's CTC
-        prefix beam search with ``ctc_beam_size``, and the n-gram LM ``ctc_lm_path``
+        beam search (``CTCBeamSearcher``) with ``ctc_beam_size``, and the n-gram LM ``ctc_lm_path``
         weighted by ``ctc_lm_alpha``/``ctc_lm_beta`` when there is one), built once."""
         decoders = self.__dict__.setdefault("_ctc_decoders", {})
         if name not in decoders:

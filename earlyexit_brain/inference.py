@@ -93,7 +93,7 @@ class EarlyExitASR(Pretrained):
     """Early-exit transcription with a fixed exit, a budget or a confidence policy.
 
     CTC models decode the chosen exit as stored with the model (``decoding`` in
-    ``exit_policies.ckpt``): greedily, or with CTC prefix beam search and the
+    ``exit_policies.ckpt``): greedily, or with CTC beam search and the
     folder's word n-gram LM (``ngram_lm.ckpt``); ``decoder="ctc_greedy"`` or
     ``"ctc_beam"`` overrides it. Attention-decoder (AED) models run the chosen
     exit's decoder only, with joint CTC/attention beam search (the exit

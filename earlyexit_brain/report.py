@@ -80,7 +80,7 @@ def report_markdown(report: Dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-DECODER_WORDS = {"ctc_greedy": "greedy CTC decoding", "ctc_beam": "CTC prefix beam search",
+DECODER_WORDS = {"ctc_greedy": "greedy CTC decoding", "ctc_beam": "CTC beam search",
                  "aed_beam": "joint CTC/attention beam search"}
 
 

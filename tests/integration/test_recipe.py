@@ -118,7 +118,7 @@ def test_ngram_lm_estimated_used_and_exported(smoke_run):
     for entry in report["exits"]:  # the headline figures are the first decoder's
         stats = entry["sets"]["test"]
         assert stats["wer"] == stats["decoders"]["ctc_beam"]["wer"]
-    assert "CTC prefix beam search with a word 2-gram LM (ngram_2.arpa" in (out / "report.md").read_text()
+    assert "CTC beam search with a word 2-gram LM (ngram_2.arpa" in (out / "report.md").read_text()
     inference = out / "inference"
     assert (inference / "ngram_lm.ckpt").read_text() == lm.read_text()
     asr = EarlyExitASR.from_hparams(source=str(inference))
