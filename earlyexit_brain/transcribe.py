@@ -37,6 +37,9 @@ def parse_args(argv):
     choice.add_argument("--budget-ms", type=float, default=None,
                         help="latency budget in ms: the deepest exit that fits (budget policy)")
     parser.add_argument("--threshold", type=float, default=None, help="threshold for --policy")
+    parser.add_argument("--decoder", choices=["ctc_greedy", "ctc_beam"], default=None,
+                        help="CTC models: override the decoder stored with the model (ctc_beam uses "
+                             "its n-gram LM when it has one)")
     parser.add_argument("--savedir", default=None, help="where Hub files are linked (default: cache)")
     parser.add_argument("--device", default="cpu", help="torch device (default cpu)")
     parser.add_argument("--trust-remote-code", action="store_true",
@@ -70,7 +73,7 @@ def main(argv=None) -> int:
     for path in bar:
         start = time.perf_counter()
         try:
-            result = asr.transcribe_file(path, policy=policy)
+            result = asr.transcribe_file(path, policy=policy, decoder=args.decoder)
         except ValueError as err:
             failed += 1
             tqdm.write(f"Error: {err}", file=sys.stderr)

@@ -337,6 +337,9 @@ def test_transcribe_command_reports_bad_files_and_goes_on(folder, audio, capsys)
     assert transcribe_main([folder, audio["a"], "--budget-ms", "1000"]) == 0
     assert capsys.readouterr().out.split("\t")[1] == "exit 3 (6 layers)"
     assert transcribe_main([folder, audio["a"], "--policy", "entropy", "--threshold", "0.5"]) == 0
+    capsys.readouterr()
+    assert transcribe_main([folder, audio["a"], "--exit", "1", "--decoder", "ctc_beam"]) == 0
+    assert capsys.readouterr().out.split("\t")[1] == "exit 1 (2 layers)"
     assert transcribe_main([folder, audio["a"], "--exit", "9"]) == 2
     assert "exit: the model has exits 1..3, got 9" in capsys.readouterr().err
     with pytest.raises(SystemExit):
