@@ -64,7 +64,7 @@ SECTIONS = ("train-step", "inference", "throughput", "compute", "ddp")
 CONFIGS = {
     # name: (encoder kwargs, early-exit layers, single-exit layers)
     "default (6 layers, d 144)": (dict(num_layers=6, d_model=144, nhead=4, d_ffn=576,
-                                       kernel_size=15), [2, 4, 6], [6]),
+                                       kernel_size=15, frontend_channels=(32, 32)), [2, 4, 6], [6]),
     "paper size (12 layers, d 256)": (dict(num_layers=12, d_model=256, nhead=8, d_ffn=2048,
                                            kernel_size=31), [2, 4, 6, 8, 10, 12], [12]),
 }
