@@ -195,8 +195,9 @@ asr.transcribe_file("example.wav", policy="budget", threshold=50)   # millisecon
 
 From the command line: `python -m earlyexit_brain.transcribe {repo_id} example.wav --exit 1`.
 
-Plain SpeechBrain (no dynamic exits; the default exit, {default_exit}), with `earlyexit_brain`
-installed for the model classes:
+Plain SpeechBrain (no dynamic exits; the default exit, {default_exit}; greedy CTC decoding, so
+without any beam search or n-gram LM listed under Results), with `earlyexit_brain` installed
+for the model classes:
 
 ```python
 from speechbrain.inference.ASR import EncoderASR
