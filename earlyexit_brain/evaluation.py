@@ -187,14 +187,25 @@ def calibrate(outputs: ExitOutputs, scorer: ConfidencePolicy, name: str,
     ``max_wer_increase``: the threshold with the fewest average layers whose
     WER is at most ``value`` points above the last exit's. ``avg_layers``: the
     threshold with the lowest WER whose average depth is at most ``value``
-    layers. Ties go to the more conservative threshold (deeper).
+    layers. Ties go to the more conservative threshold (deeper). When no
+    threshold meets ``max_wer_increase`` (scores at the top of the range always
+    stop), the one with the lowest WER is taken, with a warning.
     """
     last = summarize(outputs, torch.full((len(outputs.ids),), outputs.num_exits - 1))
     never = scorer.valid_range[1] if scorer.higher_is_confident else scorer.valid_range[0]
     points = threshold_points(outputs, scorer, name, [never] + candidate_thresholds(outputs, name).tolist())
     if target == "max_wer_increase":
         ok = [p for p in points if p[1]["wer"] <= last["wer"] + value + 1e-9]
-        best_thr, best = min(ok, key=lambda p: (p[1]["avg_layers"], p[1]["wer"]))
+        if ok:
+            best_thr, best = min(ok, key=lambda p: (p[1]["avg_layers"], p[1]["wer"]))
+        else:
+            # Even the most conservative threshold stops some utterances early: scores at
+            # the top of the policy's range (an N-best posterior of exactly 1 when the beam
+            # holds one hypothesis) always stop. Take the lowest dev WER, deeper on ties.
+            best_thr, best = min(points, key=lambda p: (p[1]["wer"], -p[1]["avg_layers"]))
+            logger.warning("%s: no threshold keeps the dev WER within %.2f points of the last "
+                           "exit (%.2f); using %.4g (dev WER %.2f)", name, value, last["wer"],
+                           best_thr, best["wer"])
     elif target == "avg_layers":
         ok = [p for p in points if p[1]["avg_layers"] <= value + 1e-9]
         if ok:

@@ -267,6 +267,18 @@ def test_calibration_targets():
         calibrate(out, scorer, "posterior_greedy", "speed", 1.0)
 
 
+def test_calibration_when_no_threshold_meets_the_target():
+    """Posterior scores of exactly 1 (a one-hypothesis N-best) stop at every threshold, even
+    the most conservative one: calibration takes the lowest dev WER instead of failing."""
+    out = hand_outputs()
+    conf = out.scores["posterior_greedy"].clone()
+    conf[3, 0] = 1.0  # u3 is sure at exit 1, where it makes 6 errors instead of 2
+    out.scores["posterior_greedy"] = conf
+    cal = calibrate(out, GreedyPosteriorPolicy(0.5), "posterior_greedy", "max_wer_increase", 1.0)
+    assert cal["threshold"] == pytest.approx(1.0)  # every other utterance goes to the last exit
+    assert cal["dev"]["wer"] == 100 * (0 + 1 + 0 + 6) / 40 and cal["dev_last_exit"]["wer"] == 7.5
+
+
 def test_evaluate_policies_structure():
     out = hand_outputs()
     table = fit_latency_table([{"seconds": 1.0, "ms": [1.0, 2.0, 3.0]},
