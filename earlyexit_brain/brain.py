@@ -18,7 +18,7 @@ import torch
 from speechbrain.utils.checkpoints import (average_checkpoints, mark_as_loader, mark_as_saver,
                                           register_checkpoint_hooks)
 
-from .exits import CTCDecoder, ctc_beam_options
+from .exits import CTC_DECODERS, CTCDecoder, ctc_beam_options
 from .losses import one_call_blank_index, stacked_ctc_losses
 from .models.decoders import add_bos_eos, aed_search_options, make_aed_searcher
 from .utils import tokens_to_text
@@ -260,7 +260,7 @@ class EarlyExitCTCBrain(sb.Brain):
     def decode_exit(self, decoder: str, exit_index: int, log_probs, wav_lens, hiddens,
                     stage) -> List[str]:
         """Texts of one exit's hypotheses for a batch with ``decoder``."""
-        if decoder in ("ctc_greedy", "ctc_beam"):
+        if decoder in CTC_DECODERS:
             return self.ctc_decoder(decoder)(log_probs, wav_lens)
         raise ValueError(f"test_decoders/valid_decoder: {decoder!r} needs attention decoders; "
                          f"this model has CTC exits only (use ctc_greedy or ctc_beam)")

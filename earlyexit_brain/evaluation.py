@@ -26,7 +26,7 @@ from tqdm import tqdm
 from .models.decoders import aed_search_options
 from .models.pipeline import EarlyExitAEDModel, timed_exits
 from .utils import tokens_to_text
-from .exits import (BudgetPolicy, ConfidencePolicy, CTCDecoder, EntropyPolicy, GreedyPosteriorPolicy,
+from .exits import (CTC_DECODERS, BudgetPolicy, ConfidencePolicy, CTCDecoder, EntropyPolicy, GreedyPosteriorPolicy,
                     LatencyTable, NBestPosteriorPolicy, ctc_beam_options, make_ctc_beam_searcher,
                     oracle_exits)
 
@@ -387,7 +387,7 @@ def run_policy_evaluation(hparams: Dict, tokenizer, valid_data, test_datasets: D
     scorers = {n: s for n, s in scorers.items() if n in opts["policy_sweep"]}
     decoding = report_decoding(hparams)
     decoder = None
-    if decoding["decoder"] in ("ctc_greedy", "ctc_beam") and not isinstance(model, EarlyExitAEDModel):
+    if decoding["decoder"] in CTC_DECODERS and not isinstance(model, EarlyExitAEDModel):
         decoder = CTCDecoder(decoding["decoder"], tokenizer, vocab, blank, **decoding["options"])
     dev = collect_exit_outputs(model, valid_data, tokenizer, scorers, blank, sample_rate, "dev exits",
                                decoder=decoder)
@@ -409,7 +409,7 @@ def run_policy_evaluation(hparams: Dict, tokenizer, valid_data, test_datasets: D
         "calibration": result["calibration"],
         "decoding": stored_decoding(decoding, decoder),
     }
-    lm_path = decoding["options"].get("lm_path") if decoder is not None else None
+    lm_path = decoder.options["lm_path"] if decoder is not None else None
     folder = export_inference_folder(os.path.join(hparams["output_folder"], "inference"), model,
                                      features_config(hparams), tokenizer_path, blank, stored, table,
                                      lm_path=lm_path)

@@ -220,15 +220,19 @@ def _is_kenlm_binary(path: str) -> bool:
         return fin.read(32).startswith(b"mmap lm http://kheafield.com")
 
 
-#: How a CTC exit's hypotheses are decoded, with their defaults (recipe keys
-#: ``ctc_beam_size``, ``ctc_lm_path``, ``ctc_lm_alpha``, ``ctc_lm_beta``).
+#: The decoders of CTC exits (:class:`CTCDecoder`).
+CTC_DECODERS = ("ctc_greedy", "ctc_beam")
+
+#: How a CTC exit's hypotheses are decoded, with their defaults, and the recipe keys
+#: that set them.
 CTC_BEAM_DEFAULTS = {"beam_size": 10, "lm_path": None, "alpha": 0.5, "beta": 1.0}
+_CTC_BEAM_KEYS = {"beam_size": "ctc_beam_size", "lm_path": "ctc_lm_path", "alpha": "ctc_lm_alpha",
+                  "beta": "ctc_lm_beta"}
 
 
 def ctc_beam_options(get) -> Dict:
     """The CTC beam-search options of a recipe (``get``: ``hparams.get`` or the like)."""
-    return {"beam_size": int(get("ctc_beam_size", 10)), "lm_path": get("ctc_lm_path", None),
-            "alpha": float(get("ctc_lm_alpha", 0.5)), "beta": float(get("ctc_lm_beta", 1.0))}
+    return {option: get(key, CTC_BEAM_DEFAULTS[option]) for option, key in _CTC_BEAM_KEYS.items()}
 
 
 class CTCDecoder:
@@ -238,7 +242,7 @@ class CTCDecoder:
     the synthetic dev set with the same 3-gram)."""
 
     def __init__(self, name: str, tokenizer, vocab_size: int, blank_index: int = 0, **beam_options):
-        if name not in ("ctc_greedy", "ctc_beam"):
+        if name not in CTC_DECODERS:
             raise ValueError(f"decoder: {name!r} is not a CTC decoder (ctc_greedy or ctc_beam)")
         self.name, self.tokenizer, self.blank_index = name, tokenizer, blank_index
         self.options = {**CTC_BEAM_DEFAULTS, **beam_options}

@@ -22,7 +22,7 @@ import time
 
 from tqdm import tqdm
 
-from .exits import POLICY_NAMES
+from .exits import CTC_DECODERS, POLICY_NAMES
 
 
 def parse_args(argv):
@@ -37,7 +37,7 @@ def parse_args(argv):
     choice.add_argument("--budget-ms", type=float, default=None,
                         help="latency budget in ms: the deepest exit that fits (budget policy)")
     parser.add_argument("--threshold", type=float, default=None, help="threshold for --policy")
-    parser.add_argument("--decoder", choices=["ctc_greedy", "ctc_beam"], default=None,
+    parser.add_argument("--decoder", choices=list(CTC_DECODERS), default=None,
                         help="CTC models: override the decoder stored with the model (ctc_beam uses "
                              "its n-gram LM when it has one)")
     parser.add_argument("--savedir", default=None, help="where Hub files are linked (default: cache)")
