@@ -23,6 +23,10 @@ logger = logging.getLogger(__name__)
 PARTIAL_PREFIX = "partial+"
 
 
+class CheckpointMismatchError(RuntimeError):
+    """A checkpoint whose parameters do not fit the model the configuration builds."""
+
+
 class AtomicCheckpointer(Checkpointer):
     """SpeechBrain's ``Checkpointer`` with atomic checkpoint folders (same arguments)."""
 
@@ -44,6 +48,20 @@ class AtomicCheckpointer(Checkpointer):
             if entry.is_dir() and entry.name.startswith(PARTIAL_PREFIX):
                 logger.warning("Removing %s: a checkpoint whose writing did not finish", entry)
                 shutil.rmtree(entry, ignore_errors=True)
+
+    def load_checkpoint(self, checkpoint):
+        try:
+            super().load_checkpoint(checkpoint)
+        except RuntimeError as err:
+            if "Error(s) in loading state_dict" not in str(err):
+                raise
+            detail = str(err).strip().splitlines()
+            raise CheckpointMismatchError(
+                f"{checkpoint.path} was written by a model of another shape than this configuration "
+                f"builds (were model keys such as d_model, exit_layers or frontend_channels changed "
+                f"since?), so it cannot be resumed or tested. Train into a new output_folder, or "
+                f"delete {self.checkpoints_dir} to start this one over. PyTorch: "
+                f"{' '.join(line.strip() for line in detail[:3])}") from err
 
     def save_checkpoint(self, meta={}, end_of_epoch=True, name=None, verbosity=logging.INFO):
         self.remove_partial_checkpoints()

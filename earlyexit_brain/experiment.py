@@ -9,6 +9,7 @@ import speechbrain as sb
 from hyperpyyaml import load_hyperpyyaml
 from speechbrain.tokenizers.SentencePiece import SentencePiece
 
+from .checkpoints import CheckpointMismatchError
 from .config import ConfigError, check_hparams_file
 from .evaluation import run_policy_evaluation
 from .ngram import lm_summary, prepare_recipe_lm
@@ -30,6 +31,16 @@ def load_recipe_hparams(argv: List[str]):
     with open(hparams_file) as fin:
         hparams = load_hyperpyyaml(fin, overrides)
     return hparams_file, run_opts, overrides, hparams
+
+
+def run_recipe(main, argv: List[str]) -> None:
+    """Run a recipe's ``main(argv)``; a checkpoint that does not fit the configuration
+    (:class:`~earlyexit_brain.checkpoints.CheckpointMismatchError`) ends it with its
+    message instead of a traceback."""
+    try:
+        main(argv)
+    except CheckpointMismatchError as err:
+        sys.exit(f"Checkpoint error: {err}")
 
 
 def tokenizer_or_exit(hparams: Dict) -> SentencePiece:

@@ -28,7 +28,7 @@ from earlyexit_brain.brain import brain_class_for  # noqa: E402
 from earlyexit_brain.data.common import CorpusError  # noqa: E402
 from earlyexit_brain.dataio import dataio_prepare  # noqa: E402
 from earlyexit_brain.experiment import (evaluate_and_report, load_recipe_hparams,  # noqa: E402
-                                        tokenizer_or_exit)
+                                        run_recipe, tokenizer_or_exit)
 
 logger = logging.getLogger(__name__)
 
@@ -93,4 +93,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    run_recipe(main, sys.argv[1:])

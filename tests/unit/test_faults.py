@@ -142,3 +142,30 @@ def test_a_checkpoint_killed_while_written_is_never_recovered(tmp_path):
     names = sorted(os.listdir(tmp_path / "atomic"))
     assert len(names) == 1 and names[0].startswith("CKPT+")
     assert [c.meta["n"] for c in ckpt.list_checkpoints()] == [3]
+
+
+def test_a_checkpoint_of_another_model_shape_is_refused_by_name(tmp_path):
+    from earlyexit_brain.checkpoints import AtomicCheckpointer, CheckpointMismatchError
+
+    AtomicCheckpointer(tmp_path, {"model": torch.nn.Linear(2, 3)}).save_checkpoint()
+    other = AtomicCheckpointer(tmp_path, {"model": torch.nn.Linear(2, 4)})
+    with pytest.raises(CheckpointMismatchError) as err:
+        other.recover_if_possible()
+    message = str(err.value)
+    assert str(tmp_path) in message and "CKPT+" in message and "output_folder" in message
+    assert "size mismatch" in message
+    # a matching model still resumes
+    same = torch.nn.Linear(2, 3)
+    assert AtomicCheckpointer(tmp_path, {"model": same}).recover_if_possible() is not None
+
+
+def test_the_recipes_end_on_a_mismatched_checkpoint_with_its_message():
+    from earlyexit_brain.checkpoints import CheckpointMismatchError
+    from earlyexit_brain.experiment import run_recipe
+
+    def main(argv):
+        raise CheckpointMismatchError(f"save/CKPT+x does not fit {argv}")
+
+    with pytest.raises(SystemExit) as err:
+        run_recipe(main, ["a.yaml"])
+    assert err.value.code == "Checkpoint error: save/CKPT+x does not fit ['a.yaml']"
