@@ -111,6 +111,8 @@ TRAIN_VARIANTS = {
                    "stacked_ctc_losses, as EarlyExitCTCBrain now trains: relative lengths copied to the CPU once)",
     "stacked": "the exits' LayerNorms and heads as one batched op each (baddbmm, one log-softmax), "
                "one CTC call for all exits (reduction 'none', lengths on the CPU)",
+    "ctc_stacked_fused": "ctc_stacked with fused AdamW: the step EarlyExitCTCBrain takes with the "
+                         "synthetic recipes (fused: True under opt_class)",
     "stacked_fused": "stacked, with fused AdamW",
     "stacked_bf16": "stacked under bf16 autocast (log-softmax and CTC in fp32)",
     "stacked_cudnn": "stacked with cuDNN's CTC (int32 targets on the CPU; cuDNN needs every input "
@@ -120,7 +122,7 @@ TRAIN_VARIANTS = {
 }
 VARIANT_OPTIONS = {
     "base": {}, "cpu_lengths": {"cpu_lengths": True}, "ctc_stacked": {"ctc_stacked": True},
-    "stacked": {"stacked": True},
+    "stacked": {"stacked": True}, "ctc_stacked_fused": {"ctc_stacked": True, "fused": True},
     "stacked_fused": {"stacked": True, "fused": True}, "stacked_bf16": {"stacked": True, "bf16": True},
     "stacked_cudnn": {"stacked": True, "cudnn": True},
     "graphed": {"stacked": True, "fused": True, "graphed": True},
