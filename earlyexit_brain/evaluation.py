@@ -26,9 +26,9 @@ from tqdm import tqdm
 from .models.decoders import aed_search_options
 from .models.pipeline import EarlyExitAEDModel, timed_exits
 from .utils import tokens_to_text
-from .exits import (CTC_DECODERS, BudgetPolicy, ConfidencePolicy, CTCDecoder, EntropyPolicy, GreedyPosteriorPolicy,
-                    LatencyTable, NBestPosteriorPolicy, ctc_beam_options, make_ctc_beam_searcher,
-                    oracle_exits)
+from .exits import (CTC_DECODERS, BudgetPolicy, ConfidencePolicy, CTCDecoder, EntropyPolicy,
+                    GreedyPosteriorPolicy, LatencyTable, NBestPosteriorPolicy, ctc_beam_options,
+                    make_ctc_beam_searcher, oracle_exits)
 
 logger = logging.getLogger(__name__)
 
