@@ -18,8 +18,8 @@ import torch
 from speechbrain.utils.checkpoints import (average_checkpoints, mark_as_loader, mark_as_saver,
                                           register_checkpoint_hooks)
 
-from .exits import CTC_DECODERS, CTCDecoder, ctc_beam_options
-from .losses import one_call_blank_index, stacked_ctc_losses
+from .exits import CTC_DECODERS, CTCDecoder, ctc_beam_options, frame_mask
+from .losses import exit_distillation_loss, one_call_blank_index, stacked_ctc_losses
 from .models.decoders import add_bos_eos, aed_search_options, make_aed_searcher
 from .utils import tokens_to_text
 
@@ -219,10 +219,26 @@ class EarlyExitCTCBrain(sb.Brain):
         log_probs, wav_lens, hiddens = predictions
         tokens, token_lens = self.targets(batch, stage)
         losses = self.ctc_losses(log_probs, wav_lens, tokens, token_lens)
-        loss = self.record_losses(losses)
+        loss = self.record_losses(losses) + self.distillation(log_probs, wav_lens)
         if stage != sb.Stage.TRAIN:
             self.score_exits(batch, log_probs, wav_lens, hiddens, stage)
         return loss
+
+    def distillation(self, log_probs, wav_lens):
+        """``exit_distillation_weight`` times the earlier exits' KL divergence from the last
+        exit's CTC posteriors (:func:`exit_distillation_loss`) from epoch
+        ``exit_distillation_from_epoch`` on; 0 (the paper's loss) by default.
+
+        From the first update it holds CTC in its all-blank plateau: while the last exit
+        emits blanks, pulling the lower exits towards it pulls the shared layers there too
+        (measured: dev CER 74% after one epoch of the default recipe, against 32%)."""
+        weight = float(getattr(self.hparams, "exit_distillation_weight", 0.0) or 0.0)
+        counter = getattr(self.hparams, "epoch_counter", None)
+        epoch = getattr(counter, "current", None)
+        if weight == 0.0 or len(log_probs) < 2 or (
+                epoch is not None and epoch < int(getattr(self.hparams, "exit_distillation_from_epoch", 1))):
+            return 0.0
+        return weight * exit_distillation_loss(log_probs, frame_mask(log_probs[-1], wav_lens))
 
     def record_losses(self, losses: Sequence[torch.Tensor]) -> torch.Tensor:
         """The multi-exit loss of per-exit losses; each exit's loss is logged too."""
@@ -529,7 +545,7 @@ class EarlyExitSeq2SeqBrain(EarlyExitCTCBrain):
         losses = [weight * c + (1.0 - weight) * sb.nnet.losses.nll_loss(
                       lp, tokens_eos, length=eos_lens, label_smoothing=smoothing)
                   for c, lp in zip(ctc, dec_log_probs)]
-        loss = self.record_losses(losses)
+        loss = self.record_losses(losses) + self.distillation(log_probs, wav_lens)
         if stage != sb.Stage.TRAIN:
             self.score_exits(batch, log_probs, wav_lens, hiddens, stage)
         return loss

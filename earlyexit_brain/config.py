@@ -246,6 +246,14 @@ def check_hparams(raw: Dict[str, Any], source: str = "hparams") -> Dict[str, Any
                     f"{n} non-negative numbers, one per exit {derived['exit_layers']}, "
                     f"not all zero; got {weights!r}"
                 )
+    distill = raw.get("exit_distillation_weight")
+    if distill is not None and not (_is_num(distill) and distill >= 0):
+        raise ConfigError(f"{source}: key 'exit_distillation_weight' must be a non-negative number "
+                          f"(0: the paper's loss), got {distill!r}")
+    start = raw.get("exit_distillation_from_epoch")
+    if start is not None and not (_is_int(start) and start >= 1):
+        raise ConfigError(f"{source}: key 'exit_distillation_from_epoch' must be an epoch number >= 1, "
+                          f"got {start!r}")
     avg, keep = raw.get("avg_checkpoints"), raw.get("checkpoints_to_keep")
     if _is_int(avg) and _is_int(keep) and avg > keep:
         raise ConfigError(f"{source}: key 'avg_checkpoints' ({avg}) cannot exceed "

@@ -67,3 +67,36 @@ def stacked_ctc_losses(log_probs: Sequence[torch.Tensor], targets: torch.Tensor,
         in_lens.repeat(exits), tok_lens.repeat(exits), blank_index, reduction="none", zero_infinity=True)
     per_utterance = losses.view(exits, batch) / tok_lens.clamp_min(1).to(losses)
     return [row.mean() for row in per_utterance]
+
+
+def exit_distillation_loss(log_probs: Sequence[torch.Tensor], frame_weights: torch.Tensor) -> torch.Tensor:
+    """Self-distillation of the earlier exits towards the last one.
+
+    ``sum_{k<K} mean_t KL(p_K(.|t) || p_k(.|t))`` over the valid frames, with the last
+    exit's posteriors ``p_K`` as a fixed target (no gradient flows into it through this
+    term). Every exit must have the last one's frame count.
+
+    Arguments
+    ---------
+    log_probs : list of torch.Tensor
+        One ``(B, T, V)`` log-posterior tensor per exit, the last one the teacher.
+    frame_weights : torch.Tensor
+        ``(B, T)`` mask of the valid frames (1 valid, 0 padding).
+
+    Returns
+    -------
+    torch.Tensor
+        A scalar: the sum over the earlier exits of the per-frame KL averaged over valid frames.
+
+    Example
+    -------
+    >>> lp = torch.randn(2, 5, 4).log_softmax(-1)
+    >>> float(exit_distillation_loss([lp, lp], torch.ones(2, 5)))
+    0.0
+    >>> float(exit_distillation_loss([torch.randn(2, 5, 4).log_softmax(-1), lp], torch.ones(2, 5))) > 0
+    True
+    """
+    teacher = log_probs[-1].detach()
+    students = torch.stack(list(log_probs[:-1]))  # (E-1, B, T, V)
+    kl = (teacher.exp() * (teacher - students)).sum(-1)  # (E-1, B, T)
+    return (kl * frame_weights).sum() / frame_weights.sum().clamp_min(1.0)

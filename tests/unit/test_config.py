@@ -32,6 +32,9 @@ def load_default(repo_root, overrides=None):
         ({"exit_loss_weights": [1.0, 1.0]}, "exit_loss_weights"),  # 2 weights, 3 exits
         ({"exit_loss_weights": [1, -1, 1]}, "exit_loss_weights"),
         ({"exit_loss_weights": [0, 0, 0]}, "exit_loss_weights"),
+        ({"exit_distillation_weight": -0.5}, "exit_distillation_weight"),
+        ({"exit_distillation_weight": "yes"}, "exit_distillation_weight"),
+        ({"exit_distillation_from_epoch": 0}, "exit_distillation_from_epoch"),
         ({"number_of_epochs": "ten"}, "number_of_epochs"),
         ({"ckpt_interval_minutes": -1}, "ckpt_interval_minutes"),
         ({"ckpt_interval_steps": 2.5}, "ckpt_interval_steps"),

@@ -1,4 +1,5 @@
-"""One CTC call for all exits: the same losses and gradients as one SpeechBrain ctc_loss per exit."""
+"""One CTC call for all exits: the same losses and gradients as one SpeechBrain ctc_loss per exit;
+the optional self-distillation term."""
 
 import functools
 
@@ -10,7 +11,7 @@ from speechbrain.nnet.losses import ctc_loss
 from speechbrain.processing.features import InputNormalization
 
 from earlyexit_brain.brain import EarlyExitCTCBrain
-from earlyexit_brain.losses import one_call_blank_index, stacked_ctc_losses
+from earlyexit_brain.losses import exit_distillation_loss, one_call_blank_index, stacked_ctc_losses
 from earlyexit_brain.models.conformer import CTCExitHeads, EarlyExitConformerEncoder
 
 
@@ -45,7 +46,7 @@ def test_one_call_only_for_speechbrain_ctc_with_the_mean_reduction():
     assert one_call_blank_index(lambda *a: ctc_loss(*a, blank_index=0)) is None
 
 
-def brain_objective(ctc_cost):
+def brain_objective(ctc_cost, **extra_hparams):
     """Loss, per-exit loss sums and parameter gradients of one training batch."""
     torch.manual_seed(0)
     enc = EarlyExitConformerEncoder(20, 3, 16, 2, 32, [1, 2, 3], kernel_size=3, dropout=0.0)
@@ -53,7 +54,7 @@ def brain_objective(ctc_cost):
     brain = EarlyExitCTCBrain(
         modules={"encoder": enc, "ctc_heads": heads, "normalize": InputNormalization()},
         hparams=dict(compute_features=Fbank(n_mels=20), blank_index=0, ctc_cost=ctc_cost,
-                     exit_loss_weights=[0.5, 1.0, 2.0]),
+                     exit_loss_weights=[0.5, 1.0, 2.0], **extra_hparams),
         run_opts={"device": "cpu"})
     brain.on_stage_start(sb.Stage.TRAIN)
     data = PaddedBatch([
@@ -75,3 +76,46 @@ def test_brain_objective_is_unchanged_by_the_single_call():
     assert len(one_call[1]) == 3 and all(abs(a - b) <= 1e-6 * abs(b) for a, b in zip(one_call[1], per_exit[1]))
     for g, g0 in zip(one_call[2], per_exit[2]):
         assert torch.allclose(g, g0, rtol=1e-5, atol=1e-7)
+
+
+def test_distillation_is_the_masked_mean_kl_from_the_last_exit():
+    torch.manual_seed(0)
+    exits, batch, frames, vocab = 3, 2, 6, 5
+    x = torch.randn(exits, batch, frames, vocab, dtype=torch.float64, requires_grad=True)
+    log_probs = list(x.log_softmax(-1))
+    mask = torch.tensor([[1.0] * 6, [1.0] * 4 + [0.0] * 2])
+    loss = exit_distillation_loss(log_probs, mask)
+    teacher = log_probs[-1].detach()
+    expected = 0.0
+    for student in log_probs[:-1]:
+        for b, valid in enumerate((6, 4)):
+            expected += torch.nn.functional.kl_div(student[b, :valid], teacher[b, :valid], log_target=True,
+                                                   reduction="sum")
+    assert torch.allclose(loss, expected / 10)
+    loss.backward()
+    assert x.grad[-1].abs().max() == 0  # the last exit is the target: no gradient through this term
+    assert x.grad[:-1, 1, 4:].abs().max() == 0  # padding frames do not count
+    assert x.grad[:-1, 1, :4].abs().max() > 0
+
+
+def test_brain_adds_the_weighted_distillation_only_when_asked():
+    ctc = functools.partial(ctc_loss, blank_index=0)
+    plain = brain_objective(ctc)
+    assert torch.equal(brain_objective(ctc, exit_distillation_weight=0.0)[0], plain[0])
+    half, one = (brain_objective(ctc, exit_distillation_weight=w) for w in (0.5, 1.0))
+    assert one[1] == plain[1]  # the per-exit CTC losses logged are the CTC losses alone
+    distill = one[0] - plain[0]
+    assert distill > 0
+    assert torch.allclose(half[0] - plain[0], distill / 2, rtol=1e-5)
+    assert any(not torch.allclose(g, g0) for g, g0 in zip(one[2], plain[2]))
+
+
+def test_distillation_waits_for_its_first_epoch():
+    ctc = functools.partial(ctc_loss, blank_index=0)
+    plain = brain_objective(ctc)
+    for epoch, applied in ((1, False), (2, True), (3, True)):
+        counter = sb.utils.epoch_loop.EpochCounter(4)
+        counter.current = epoch
+        loss = brain_objective(ctc, exit_distillation_weight=1.0, exit_distillation_from_epoch=2,
+                               epoch_counter=counter)[0]
+        assert (loss > plain[0]) == applied and (loss == plain[0]) != applied
