@@ -184,8 +184,12 @@ def calibrate(outputs: ExitOutputs, scorer: ConfidencePolicy, name: str,
               target: str = "max_wer_increase", value: float = 1.0) -> Dict:
     """Pick a confidence policy's threshold on a dev set.
 
-    ``max_wer_increase``: the threshold with the fewest average layers whose
-    WER is at most ``value`` points above the last exit's. ``avg_layers``: the
+    ``max_wer_increase``: going from the most conservative threshold towards
+    the most aggressive one, the threshold with the fewest average layers before
+    the first whose WER is more than ``value`` points above the last exit's (a
+    threshold beyond one that breaks the target is not taken even when the dev
+    WER dips back within it: such dips are noise on a small dev set, measured in
+    docs/performance.md). ``avg_layers``: the
     threshold with the lowest WER whose average depth is at most ``value``
     layers. Ties go to the more conservative threshold (deeper). When no
     threshold meets ``max_wer_increase`` (scores at the top of the range always
@@ -195,7 +199,11 @@ def calibrate(outputs: ExitOutputs, scorer: ConfidencePolicy, name: str,
     never = scorer.valid_range[1] if scorer.higher_is_confident else scorer.valid_range[0]
     points = threshold_points(outputs, scorer, name, [never] + candidate_thresholds(outputs, name).tolist())
     if target == "max_wer_increase":
-        ok = [p for p in points if p[1]["wer"] <= last["wer"] + value + 1e-9]
+        ok = []
+        for point in sorted(points, key=lambda p: p[0], reverse=scorer.higher_is_confident):
+            if point[1]["wer"] > last["wer"] + value + 1e-9:
+                break
+            ok.append(point)
         if ok:
             best_thr, best = min(ok, key=lambda p: (p[1]["avg_layers"], p[1]["wer"]))
         else:

@@ -267,6 +267,27 @@ def test_calibration_targets():
         calibrate(out, scorer, "posterior_greedy", "speed", 1.0)
 
 
+def test_calibration_stops_at_the_first_threshold_that_breaks_the_target():
+    """A dev WER that dips back within the target beyond a threshold that breaks it is not
+    taken: from the most conservative threshold on, the first violation ends the search."""
+    errors = torch.tensor([[3, 3, 0], [0, 3, 3]], dtype=torch.float64)
+    conf = torch.tensor([[0.1, 0.9, float("nan")], [0.5, 0.2, float("nan")]], dtype=torch.float64)
+    out = ExitOutputs(ids=["u0", "u1"], durations=torch.tensor([1.0, 2.0]),
+                      ref_words=torch.full((2,), 10.0, dtype=torch.float64), errors=errors,
+                      hyps=[["a", "b", "c"], ["d", "e", "f"]],
+                      exit_ms=torch.tensor([[1, 2, 3]] * 2, dtype=torch.float64), exit_layers=[2, 4, 6],
+                      scores={"posterior_greedy": conf},
+                      policy_ms={"posterior_greedy": torch.zeros(2, 3, dtype=torch.float64)})
+    scorer = GreedyPosteriorPolicy(0.5)
+    # 0.9 stops u0 at exit 2 (+3 errors: 30% vs 15%); 0.5 also stops u1 at exit 1 (-3: 15% again,
+    # 3 layers) and 0.1 both at exit 1 (15%, 2 layers): a dip, not a trend
+    assert summarize(out, confidence_exits(out, scorer, "posterior_greedy", 0.1))["wer"] == 15.0
+    cal = calibrate(out, scorer, "posterior_greedy", "max_wer_increase", 1.0)
+    assert cal["threshold"] == pytest.approx(1.0) and cal["dev"]["avg_layers"] == 6.0
+    cal = calibrate(out, scorer, "posterior_greedy", "max_wer_increase", 15.0)  # 0.9 allowed now
+    assert cal["threshold"] == pytest.approx(0.1) and cal["dev"]["avg_layers"] == 2.0
+
+
 def test_calibration_when_no_threshold_meets_the_target():
     """Posterior scores of exactly 1 (a one-hypothesis N-best) stop at every threshold, even
     the most conservative one: calibration takes the lowest dev WER instead of failing."""
