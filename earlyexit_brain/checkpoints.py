@@ -68,11 +68,17 @@ class AtomicCheckpointer(Checkpointer):
         saved = super().save_checkpoint(meta=meta, end_of_epoch=end_of_epoch, name=name,
                                         verbosity=verbosity)
         ddp_barrier()  # every process has written its files
-        if saved is None:  # not the main process
-            return None
-        final = saved.path.parent / saved.path.name[len(PARTIAL_PREFIX):]
-        if final.exists():  # a custom name saved again: replace the old one
-            shutil.rmtree(final)
-        os.replace(saved.path, final)
-        return Checkpoint(final, saved.meta,
-                          {key: final / path.name for key, path in saved.paramfiles.items()})
+        result = None
+        if saved is not None:  # the main process
+            final = saved.path.parent / saved.path.name[len(PARTIAL_PREFIX):]
+            if final.exists():  # a custom name saved again: replace the old one
+                shutil.rmtree(final)
+            os.replace(saved.path, final)
+            result = Checkpoint(final, saved.meta,
+                                {key: final / path.name for key, path in saved.paramfiles.items()})
+        # Every process must see the final name before it lists the checkpoints again:
+        # save_and_keep_only's deletion calls one broadcast per checkpoint it deletes, and a
+        # process that listed the folder before the rename chose other deletions and waited
+        # at a barrier while the main process broadcast: a DDP run hung at its last epoch.
+        ddp_barrier()
+        return result

@@ -169,3 +169,45 @@ def test_the_recipes_end_on_a_mismatched_checkpoint_with_its_message():
     with pytest.raises(SystemExit) as err:
         run_recipe(main, ["a.yaml"])
     assert err.value.code == "Checkpoint error: save/CKPT+x does not fit ['a.yaml']"
+
+
+def _save_and_keep_only_in_ddp(rank, folder, port, rename_delay):
+    """One of two gloo processes saving 3 checkpoints, keeping 1; the main process's rename of
+    each new checkpoint to its final name is delayed to expose a listing that races it."""
+    import datetime
+    import time
+
+    import earlyexit_brain.checkpoints as checkpoints
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
+                      WORLD_SIZE="2")
+    torch.distributed.init_process_group("gloo", rank=rank, world_size=2,
+                                         timeout=datetime.timedelta(seconds=30))
+    replace = checkpoints.os.replace
+
+    def slow_replace(src, dst):
+        time.sleep(rename_delay)
+        replace(src, dst)
+
+    checkpoints.os.replace = slow_replace  # this child process's os module only
+    ckpt = checkpoints.AtomicCheckpointer(folder, {"model": torch.nn.Linear(2, 2)})
+    for _ in range(3):
+        ckpt.save_and_keep_only(num_to_keep=1)
+    torch.distributed.barrier()
+    torch.distributed.destroy_process_group()
+
+
+def test_checkpoints_saved_and_pruned_under_ddp_do_not_hang(tmp_path):
+    """Every process sees the renamed checkpoint before SpeechBrain lists the folder to delete
+    old ones (one broadcast per deleted checkpoint): a process that listed it before the
+    rename deleted nothing and waited at a barrier while the main process broadcast (a hang;
+    here a gloo timeout, which fails the spawn)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    torch.multiprocessing.spawn(_save_and_keep_only_in_ddp, args=(str(tmp_path), port, 0.5), nprocs=2,
+                                join=True)
+    names = sorted(p.name for p in tmp_path.iterdir())
+    assert len(names) == 1 and names[0].startswith("CKPT+"), names
