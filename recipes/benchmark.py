@@ -10,7 +10,9 @@ Currently measured:
   each and the ratio of medians, for the default synthetic configuration and
   for the paper-size encoder (12 layers, d_model 256, exits every 2 layers), and
   each model's peak memory (GPU: peak allocated; CPU: peak resident memory of 3 steps
-  in a fresh process, minus its memory before the model was built).
+  of the first variant in a fresh process, minus its memory before the model was built).
+  The step is ``ctc_stacked_fused`` unless ``--variants`` says otherwise: the synthetic
+  recipes' step (one CTC call for all exits, fused AdamW).
 - ``inference``: batch-1 latency from the waveform to each exit (2, 10 and 30 s of audio)
   against the proportional ideal computed from the same run (front end + k/N
   of the encoder's time), the speed-up of each exit over the full model, and
@@ -129,6 +131,7 @@ VARIANT_OPTIONS = {
 }
 # left out on the CPU: graphed needs CUDA; bf16 without the CPU's bf16 units is emulated (very slow)
 CUDA_ONLY_VARIANTS = {"graphed", "stacked_bf16"}
+DEFAULT_VARIANT = "ctc_stacked_fused"  # the step the synthetic recipes take
 
 
 def make_train_batch(batch, seconds, vocab, device, tokens_per_second=12):
@@ -258,9 +261,9 @@ def bench_train_step(name, batch, seconds, repeats, warmup, vocab=32, device=tor
     result = {"config": name, "variant": variant, "batch": batch, "seconds_per_utterance": seconds,
               "vocab": vocab, "tokens_per_utterance": data["tokens"].shape[1],
               "threads": torch.get_num_threads(), "repeats": repeats, "device": str(device)}
-    if device.type == "cpu" and memory and variant == "base":
+    if device.type == "cpu" and memory:
         for key in steps:  # each model alone in a fresh process
-            result[f"peak_memory_gb_{key}"] = cpu_peak_memory_gb(name, key, batch, seconds, vocab)
+            result[f"peak_memory_gb_{key}"] = cpu_peak_memory_gb(name, key, batch, seconds, vocab, variant)
     if device.type == "cuda":
         for key in steps:  # one more step each, peak memory measured alone
             torch.cuda.synchronize()
@@ -369,26 +372,27 @@ def print_profile(rows):
             print(f"    {k['ms_per_step']:7.3f} ms {k['calls_per_step']:5.1f}x  {k['name']}")
 
 
-def memory_child(name, key, batch, seconds, vocab):
-    """In a fresh process: peak RSS of 3 training steps minus the RSS before the model exists."""
+def memory_child(name, key, batch, seconds, vocab, variant="base"):
+    """In a fresh process: peak RSS of 3 training steps of ``variant`` minus the RSS before the
+    model exists."""
     import resource
 
     enc_kwargs, ee_layers, single_layers = CONFIGS[name]
-    frames = int(seconds * 100)
-    torch.manual_seed(1)
-    feats = torch.randn(batch, frames, 80)
-    tokens = torch.randint(1, vocab, (batch, int(seconds * 12)))
-    token_lens = torch.full((batch,), tokens.shape[1], dtype=torch.long)
+    cpu = torch.device("cpu")
+    data = make_train_batch(batch, seconds, vocab, cpu)
     before = rss_bytes()
-    model = build(enc_kwargs, ee_layers if key == "early_exit" else single_layers, vocab)
+    model = build(enc_kwargs, ee_layers if key == "early_exit" else single_layers, vocab,
+                  fused=VARIANT_OPTIONS[variant].get("fused", False))
+    step = make_train_step(model, variant, data, cpu)
     for _ in range(3):
-        train_step(model, feats, torch.ones(batch), tokens, token_lens)
+        step()
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
     print(json.dumps({"peak_bytes": peak - before}))
 
 
-def cpu_peak_memory_gb(name, key, batch, seconds, vocab):
-    """Peak resident memory of ``key``'s training steps, measured alone in a child process.
+def cpu_peak_memory_gb(name, key, batch, seconds, vocab, variant="base"):
+    """Peak resident memory of ``key``'s training steps in ``variant``, measured alone in a child
+    process.
 
     Linux only (``/proc``, ``ru_maxrss`` in KiB); None elsewhere or if the child fails.
     """
@@ -397,7 +401,7 @@ def cpu_peak_memory_gb(name, key, batch, seconds, vocab):
     if rss_bytes() is None:
         return None
     proc = subprocess.run([sys.executable, os.path.abspath(__file__), "--memory-child",
-                           json.dumps([name, key, batch, seconds, vocab]),
+                           json.dumps([name, key, batch, seconds, vocab, variant]),
                            "--threads", str(torch.get_num_threads())],
                           capture_output=True, text=True, timeout=600)
     if proc.returncode != 0:
@@ -708,9 +712,10 @@ def main(argv=None):
     parser.add_argument("--only", help="run these sections only (comma-separated: " + ", ".join(SECTIONS) + ")")
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
     parser.add_argument("--bf16", action="store_true", help="bf16 autocast for inference")
-    parser.add_argument("--variants", default="base",
-                        help="train-step variants to run side by side (comma-separated, or 'all'): "
-                             + ", ".join(TRAIN_VARIANTS))
+    parser.add_argument("--variants", default=DEFAULT_VARIANT,
+                        help="train-step variants to run side by side (comma-separated, or 'all'; "
+                             "CPU peak memory is measured for the first): " + ", ".join(TRAIN_VARIANTS)
+                             + f"; default {DEFAULT_VARIANT}, the step the synthetic recipes take")
     parser.add_argument("--profile", default="",
                         help="train-step variants to profile with torch.profiler (paper-size cases)")
     parser.add_argument("--repeats", type=int, default=None, help="train-step repeats (default 30, quick 6)")
@@ -799,7 +804,7 @@ def train_cases(quick, device, seconds=None):
     return cases
 
 
-def run_train_step(quick, repeats, warmup, device, variants=("base",), profile=(), seconds=None,
+def run_train_step(quick, repeats, warmup, device, variants=(DEFAULT_VARIANT,), profile=(), seconds=None,
                    save=lambda: None, output=None):
     """Every case x variant, side by side; optional loss/gradient checks and profiles.
 
@@ -824,7 +829,8 @@ def run_train_step(quick, repeats, warmup, device, variants=("base",), profile=(
         for variant in variants:
             try:
                 res = bench_train_step(name, batch=batch, seconds=secs, repeats=repeats, warmup=warmup,
-                                       vocab=vocab, device=device, variant=variant, tokens_per_second=tps)
+                                       vocab=vocab, device=device, variant=variant, tokens_per_second=tps,
+                                       memory=variant == variants[0])
             except Exception as exc:  # reported; the other variants still run
                 res = {"config": name, "variant": variant, "batch": batch, "seconds_per_utterance": secs,
                        "vocab": vocab, "error": f"{type(exc).__name__}: {exc}"}

@@ -30,6 +30,9 @@ def test_cpu_peak_memory_of_a_training_step_in_a_child_process():
     name = next(iter(benchmark.CONFIGS))
     gb = benchmark.cpu_peak_memory_gb(name, "early_exit", 2, 1.0, 32)
     assert gb is not None and 0.001 < gb < 8
+    # the default variant's step (one CTC call, fused AdamW) in the child too
+    gb = benchmark.cpu_peak_memory_gb(name, "single_exit", 2, 1.0, 32, benchmark.DEFAULT_VARIANT)
+    assert gb is not None and 0.001 < gb < 8
 
 
 def test_train_step_variants_match_base_and_are_tabulated():
