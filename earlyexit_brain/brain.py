@@ -236,7 +236,7 @@ class EarlyExitCTCBrain(sb.Brain):
         counter = getattr(self.hparams, "epoch_counter", None)
         epoch = getattr(counter, "current", None)
         if weight == 0.0 or len(log_probs) < 2 or (
-                epoch is not None and epoch < int(getattr(self.hparams, "exit_distillation_from_epoch", 1))):
+                epoch is not None and epoch < int(getattr(self.hparams, "exit_distillation_from_epoch", 1) or 1)):
             return 0.0
         return weight * exit_distillation_loss(log_probs, frame_mask(log_probs[-1], wav_lens))
 

@@ -116,6 +116,10 @@ _RULES: Dict[str, Rule] = {
     "weight_decay": (lambda v: _is_num(v) and v >= 0, "a number >= 0"),
     "dropout": (lambda v: _is_num(v) and 0 <= v < 1, "a number in [0, 1)"),
     "warmup_steps": (lambda v: _is_int(v) and v >= 1, "an integer >= 1"),
+    "exit_distillation_weight": (lambda v: v is None or (_is_num(v) and v >= 0),
+                                 "null or a number >= 0 (0: the paper's loss)"),
+    "exit_distillation_from_epoch": (lambda v: v is None or (_is_int(v) and v >= 1),
+                                     "null (1) or an epoch number >= 1"),
     "max_grad_norm": (lambda v: _is_num(v) and v > 0, "a number > 0"),
     "num_workers": (lambda v: _is_int(v) and v >= 0, "an integer >= 0"),
     "checkpoints_to_keep": (lambda v: _is_int(v) and v >= 1, "an integer >= 1"),
@@ -246,14 +250,6 @@ def check_hparams(raw: Dict[str, Any], source: str = "hparams") -> Dict[str, Any
                     f"{n} non-negative numbers, one per exit {derived['exit_layers']}, "
                     f"not all zero; got {weights!r}"
                 )
-    distill = raw.get("exit_distillation_weight")
-    if distill is not None and not (_is_num(distill) and distill >= 0):
-        raise ConfigError(f"{source}: key 'exit_distillation_weight' must be a non-negative number "
-                          f"(0: the paper's loss), got {distill!r}")
-    start = raw.get("exit_distillation_from_epoch")
-    if start is not None and not (_is_int(start) and start >= 1):
-        raise ConfigError(f"{source}: key 'exit_distillation_from_epoch' must be an epoch number >= 1, "
-                          f"got {start!r}")
     avg, keep = raw.get("avg_checkpoints"), raw.get("checkpoints_to_keep")
     if _is_int(avg) and _is_int(keep) and avg > keep:
         raise ConfigError(f"{source}: key 'avg_checkpoints' ({avg}) cannot exceed "

@@ -1,6 +1,7 @@
 """Shared fixtures: paths and a small synthetic corpus generated once per session."""
 
 import os
+import socket
 import sys
 
 import pytest
@@ -27,3 +28,11 @@ def tiny_corpus(tmp_path_factory):
     folder = str(tmp_path_factory.mktemp("tiny_corpus"))
     manifests = prepare_synthetic(folder, num_workers=2, **TINY_CORPUS)
     return folder, manifests
+
+
+@pytest.fixture
+def free_port():
+    """A TCP port free on this machine now (for a DDP rendezvous)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

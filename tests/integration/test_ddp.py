@@ -2,23 +2,19 @@
 
 import json
 import os
-import socket
 import subprocess
 import sys
 
 from smoke import SMOKE  # tests/integration/smoke.py
 
 
-def test_two_processes_train_prune_checkpoints_and_report(repo_root, smoke_run, tmp_path):
+def test_two_processes_train_prune_checkpoints_and_report(repo_root, smoke_run, tmp_path, free_port):
     """Two epochs, so that the second epoch's checkpoint replaces the first's: the deletion
     that once hung a 2-process run (docs/reliability.md, row 4c). The timeout turns a hang
     into a failure."""
     _, data, _ = smoke_run
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
     out = tmp_path / "ddp"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={port}",
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port}",
            "recipes/train.py", SMOKE, f"--output_folder={out}", f"--data_folder={data}",
            "--number_of_epochs=2", "--policy_evaluation=False", "--distributed_backend=gloo"]
     env = dict(os.environ, OMP_NUM_THREADS="1")

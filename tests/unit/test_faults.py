@@ -197,17 +197,12 @@ def _save_and_keep_only_in_ddp(rank, folder, port, rename_delay):
     torch.distributed.destroy_process_group()
 
 
-def test_checkpoints_saved_and_pruned_under_ddp_do_not_hang(tmp_path):
+def test_checkpoints_saved_and_pruned_under_ddp_do_not_hang(tmp_path, free_port):
     """Every process sees the renamed checkpoint before SpeechBrain lists the folder to delete
     old ones (one broadcast per deleted checkpoint): a process that listed it before the
     rename deleted nothing and waited at a barrier while the main process broadcast (a hang;
     here a gloo timeout, which fails the spawn)."""
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    torch.multiprocessing.spawn(_save_and_keep_only_in_ddp, args=(str(tmp_path), port, 0.5), nprocs=2,
+    torch.multiprocessing.spawn(_save_and_keep_only_in_ddp, args=(str(tmp_path), free_port, 0.5), nprocs=2,
                                 join=True)
     names = sorted(p.name for p in tmp_path.iterdir())
     assert len(names) == 1 and names[0].startswith("CKPT+"), names
