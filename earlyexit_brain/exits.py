@@ -11,6 +11,8 @@ seconds ``(B,)`` (only the budget policy needs them). The last exit always
 stops. :func:`run_dynamic` drives an encoder's incremental interface
 (``start`` / ``advance`` / ``select``) with a policy: utterances that stop leave
 the batch, and layers above the deepest exit still needed are never run.
+Policies that choose every exit before any layer runs (``fixed``, ``budget``:
+:meth:`ExitPolicy.planned_exits`) skip the heads of the exits nobody stops at.
 
 Policies (formulas in docs/exit_policies.md):
 
@@ -66,6 +68,14 @@ class ExitPolicy:
                  durations: Optional[torch.Tensor] = None) -> torch.Tensor:
         raise NotImplementedError
 
+    def planned_exits(self, batch: int, durations: Optional[torch.Tensor],
+                      num_exits: int) -> Optional[torch.Tensor]:
+        """Each utterance's exit ``(B,)`` (0-based) when the policy chooses it before any
+        layer runs, without looking at the posteriors; None (the default) when it must
+        see each exit's output. :func:`run_dynamic` then computes only the exits that
+        some utterance stops at: no norm, head or decision at the others."""
+        return None
+
     def describe(self) -> Dict:
         """JSON-friendly description (name and parameters)."""
         return {"policy": self.name}
@@ -83,6 +93,9 @@ class FixedExit(ExitPolicy):
 
     def __call__(self, exit_index, log_probs, lengths, durations=None):
         return torch.full((log_probs.shape[0],), exit_index >= self.exit_index, dtype=torch.bool)
+
+    def planned_exits(self, batch, durations, num_exits):
+        return torch.full((batch,), min(self.exit_index, num_exits - 1), dtype=torch.long)
 
     def describe(self):
         return {"policy": self.name, "exit": self.exit_index + 1}
@@ -354,8 +367,10 @@ class BudgetPolicy(ExitPolicy):
         self.budget_ms = check_threshold(self.name, budget_ms, 1e-9, float("inf"))
         self.table = table
 
-    def chosen_exits(self, durations: torch.Tensor) -> torch.Tensor:
+    def chosen_exits(self, durations: Optional[torch.Tensor]) -> torch.Tensor:
         """Exit (0-based) chosen for each duration in seconds."""
+        if durations is None:
+            raise ValueError("the budget policy needs the utterance durations in seconds")
         chosen = torch.zeros(len(durations), dtype=torch.long)
         for k in range(1, self.table.num_exits):
             fits = self.table.predict_ms(k, durations.cpu()) <= self.budget_ms
@@ -363,9 +378,10 @@ class BudgetPolicy(ExitPolicy):
         return chosen
 
     def __call__(self, exit_index, log_probs, lengths, durations=None):
-        if durations is None:
-            raise ValueError("the budget policy needs the utterance durations in seconds")
         return self.chosen_exits(durations) <= exit_index
+
+    def planned_exits(self, batch, durations, num_exits):
+        return self.chosen_exits(durations).clamp(max=num_exits - 1)
 
     def describe(self):
         return {"policy": self.name, "threshold": self.budget_ms}
@@ -453,7 +469,8 @@ def run_dynamic(encoder, heads, feats: torch.Tensor, lengths: Optional[torch.Ten
     ``encoder`` follows the incremental interface (``start``, ``advance``,
     ``select``, ``exit_layers``); ``heads.forward_exit(k, hidden)`` gives exit
     ``k``'s log-probabilities. Layers above the deepest exit any utterance
-    still needs are never run. ``trim``: cut the batch's padding to the longest
+    still needs are never run; with a policy that plans its exits (``fixed``,
+    ``budget``) the heads of exits nobody stops at are not computed. ``trim``: cut the batch's padding to the longest
     utterance still running (see the encoder's ``select``). ``keep_hidden``:
     also return each utterance's encoder states at its exit (for an attention
     decoder).
@@ -465,13 +482,19 @@ def run_dynamic(encoder, heads, feats: torch.Tensor, lengths: Optional[torch.Ten
     out_lp: List[Optional[torch.Tensor]] = [None] * batch
     out_hidden: List[Optional[torch.Tensor]] = [None] * batch
     exits = torch.zeros(batch, dtype=torch.long)
+    planner = getattr(policy, "planned_exits", None)  # a plain function decides at every exit
+    plan = planner(batch, durations, num_exits) if planner is not None else None
     for k in range(num_exits):
+        if plan is not None:
+            stop = plan[active] == k
+            if not bool(stop.any()):
+                continue  # nobody stops here: these layers run with the next exit's, no head
         hidden = encoder.advance(state, k)
         log_probs = heads.forward_exit(k, hidden)
-        rel = state.frames.to(log_probs.dtype) / log_probs.shape[1]
-        if k == num_exits - 1:
+        if plan is None and k == num_exits - 1:
             stop = torch.ones(len(active), dtype=torch.bool)
-        else:
+        elif plan is None:
+            rel = state.frames.to(log_probs.dtype) / log_probs.shape[1]
             sub_durations = durations[active] if durations is not None else None
             stop = policy(k, log_probs, rel, sub_durations).cpu()
         for i in torch.nonzero(stop).flatten().tolist():

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from earlyexit_brain.evaluation import ExitOutputs, calibrate, confidence_exits, evaluate_policies, summarize
-from earlyexit_brain.exits import (BudgetPolicy, EntropyPolicy, FixedExit, GreedyPosteriorPolicy,
+from earlyexit_brain.exits import (BudgetPolicy, EntropyPolicy, ExitPolicy, FixedExit, GreedyPosteriorPolicy,
                                    NBestPosteriorPolicy, fit_latency_table, make_policy,
                                    oracle_exits, run_dynamic)
 from earlyexit_brain.models.conformer import CTCExitHeads, EarlyExitConformerEncoder
@@ -158,11 +158,10 @@ def count_layer_calls(enc):
     return calls
 
 
-class StopRows(FixedExit):
+class StopRows(ExitPolicy):
     """Stops the given rows (indices into the original batch order) at exit 0."""
 
     def __init__(self, rows_at_first_exit, batch):
-        super().__init__(2)
         self.mask = torch.zeros(batch, dtype=torch.bool)
         self.mask[list(rows_at_first_exit)] = True
         self.seen = []
@@ -208,6 +207,40 @@ def test_policy_forced_to_exit_k_equals_the_fixed_exit_k_path(k):
     for b in range(3):
         assert torch.equal(out.log_probs[b], fixed[b, : frames[b]])
         assert torch.equal(out.log_probs[b].argmax(-1), fixed[b, : frames[b]].argmax(-1))
+
+
+class Unplanned(BudgetPolicy):
+    """The budget policy deciding at each exit from the posteriors' turn, as a confidence policy does."""
+
+    def planned_exits(self, batch, durations, num_exits):
+        return None
+
+
+@torch.no_grad()
+def test_planned_policies_compute_only_the_exits_they_stop_at():
+    enc, heads = tiny_model()
+    head_calls = [0, 0, 0]
+    for k, head in enumerate(heads.heads):
+        head.register_forward_hook(lambda *args, k=k: head_calls.__setitem__(k, head_calls[k] + 1))
+    calls = count_layer_calls(enc)
+    feats, lengths = torch.randn(3, 41, 20), torch.tensor([1.0, 0.8, 0.6])
+    out = run_dynamic(enc, heads, feats, lengths, FixedExit(1))
+    assert out.exits.tolist() == [1] * 3 and head_calls == [0, 1, 0]
+    assert [len(calls[i]) for i in range(6)] == [1, 1, 1, 1, 0, 0]
+    # budget: 1 s of audio fits the last exit, 10 s only the first (see the table test above)
+    points = [{"seconds": s, "ms": [1 + 2 * s, 2 + 4 * s, 3 + 6 * s]} for s in (1.0, 2.0, 4.0)]
+    table, durations = fit_latency_table(points), torch.tensor([1.0, 10.0, 1.0])
+    head_calls[:] = [0, 0, 0]
+    for c in calls.values():
+        c.clear()
+    out = run_dynamic(enc, heads, feats, lengths, BudgetPolicy(20.0, table), durations, trim=False)
+    assert out.exits.tolist() == [2, 0, 2] and head_calls == [1, 0, 1]
+    assert [calls[i] for i in range(6)] == [[3], [3], [2], [2], [2], [2]]
+    # the same outputs as deciding at every exit
+    ref = run_dynamic(enc, heads, feats, lengths, Unplanned(20.0, table), durations, trim=False)
+    assert ref.exits.tolist() == [2, 0, 2] and head_calls == [2, 1, 2]
+    for b in range(3):
+        assert torch.equal(out.log_probs[b], ref.log_probs[b])
 
 
 @torch.no_grad()
