@@ -65,3 +65,38 @@ def test_unknown_variant_is_refused():
     benchmark = recipe("benchmark")
     with pytest.raises(SystemExit, match="unknown variants"):
         benchmark.main(["--only", "train-step", "--variants", "base,nope"])
+
+
+def test_inference_section_times_the_fixed_and_the_scored_policy_paths():
+    import torch
+
+    benchmark = recipe("benchmark")
+    name = next(iter(benchmark.CONFIGS))
+    res = benchmark.bench_inference(name, 0.5, repeats=1, warmup=0, device=torch.device("cpu"))
+    assert [e["exit"] for e in res["exits"]] == [1, 2, 3]
+    for e in res["exits"]:
+        assert e["forced_over_fixed"] > 0 and e["scored_over_fixed_pairwise"] > 0
+    # the scored policy reaches every exit up to k, and stops at k with the fixed path's output
+    model = benchmark.build_inference_model(name, torch.device("cpu"))
+    wav, lens = 0.05 * torch.randn(1, 8000), torch.ones(1)
+    seen = []
+    policy = benchmark.ScoredFixedExit(1)
+    policy.score = lambda lp, lengths, score=policy.score: seen.append(len(seen)) or score(lp, lengths)
+    with torch.no_grad():
+        out = model.dynamic(wav, lens, policy)
+        fixed = model.exit_log_probs(wav, lens, 1)
+    assert seen == [0, 1] and out.exits.tolist() == [1]
+    assert torch.equal(out.log_probs[0], fixed[0])
+    table = benchmark.markdown({"machine": "test", "inference": [res]})
+    assert "scored / fixed (pairwise)" in table
+
+
+def test_gpu_train_step_cases_include_the_paper_batch_and_the_real_corpus_batch():
+    import torch
+
+    benchmark = recipe("benchmark")
+    cases = benchmark.train_cases(False, torch.device("cuda"))
+    paper = [c for c in cases if c[0].startswith("paper")]
+    # 32 x 3 s (V 32), the paper's 32 x 10 s and 32 x 15 s (~500 s of audio, the real-corpus YAMLs), BPE 256
+    assert [(c[1], c[2], c[3]) for c in paper] == [(32, 3.0, 32), (32, 10.0, 256), (32, 15.0, 256)]
+    assert all(c[2] == 3.0 for c in benchmark.train_cases(False, torch.device("cpu")))
