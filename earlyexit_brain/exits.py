@@ -470,10 +470,10 @@ def run_dynamic(encoder, heads, feats: torch.Tensor, lengths: Optional[torch.Ten
     ``select``, ``exit_layers``); ``heads.forward_exit(k, hidden)`` gives exit
     ``k``'s log-probabilities. Layers above the deepest exit any utterance
     still needs are never run; with a policy that plans its exits (``fixed``,
-    ``budget``) the heads of exits nobody stops at are not computed. ``trim``: cut the batch's padding to the longest
-    utterance still running (see the encoder's ``select``). ``keep_hidden``:
-    also return each utterance's encoder states at its exit (for an attention
-    decoder).
+    ``budget``) the heads of exits nobody stops at are not computed. ``trim``:
+    cut the batch's padding to the longest utterance still running (see the
+    encoder's ``select``). ``keep_hidden``: also return each utterance's encoder
+    states at its exit (for an attention decoder).
     """
     batch = feats.shape[0]
     num_exits = len(encoder.exit_layers)

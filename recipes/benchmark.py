@@ -18,7 +18,8 @@ Currently measured:
   of the encoder's time), the speed-up of each exit over the full model, and
   the overhead of dynamic inference over the fixed-exit-k path, with the fixed
   policy (``forced``) and with a policy that scores every exit it reaches as the
-  entropy policy does and stops at exit k (``scored``). All variants are timed in rotation, so noise hits them alike.
+  entropy policy does and stops at exit k (``scored``). All variants are timed in
+  rotation, so noise hits them alike.
 
 Usage::
 
