@@ -491,12 +491,13 @@ def run_dynamic(encoder, heads, feats: torch.Tensor, lengths: Optional[torch.Ten
                 continue  # nobody stops here: these layers run with the next exit's, no head
         hidden = encoder.advance(state, k)
         log_probs = heads.forward_exit(k, hidden)
-        if plan is None and k == num_exits - 1:
-            stop = torch.ones(len(active), dtype=torch.bool)
-        elif plan is None:
-            rel = state.frames.to(log_probs.dtype) / log_probs.shape[1]
-            sub_durations = durations[active] if durations is not None else None
-            stop = policy(k, log_probs, rel, sub_durations).cpu()
+        if plan is None:
+            if k == num_exits - 1:
+                stop = torch.ones(len(active), dtype=torch.bool)
+            else:
+                rel = state.frames.to(log_probs.dtype) / log_probs.shape[1]
+                sub_durations = durations[active] if durations is not None else None
+                stop = policy(k, log_probs, rel, sub_durations).cpu()
         for i in torch.nonzero(stop).flatten().tolist():
             b = int(active[i])
             out_lp[b] = log_probs[i, : int(state.frames[i])]

@@ -440,18 +440,21 @@ def autocast(device, bf16):
     return torch.autocast(device.type, enabled=False)
 
 
-class ScoredFixedExit(EntropyPolicy):
-    """Stops at exit ``exit_index`` as :class:`FixedExit` does, but first scores every exit
-    it reaches as the entropy policy does (norm, head, score, its copy to the host): the
-    cost of a confidence policy's decisions with the depth held fixed."""
+class ScoredFixedExit(FixedExit):
+    """Stops at exit ``exit_index`` as :class:`FixedExit` does, but decides at every exit it
+    reaches after scoring it as the entropy policy does (norm, head, score, its copy to the
+    host): the cost of a confidence policy's decisions with the depth held fixed."""
 
     def __init__(self, exit_index):
-        super().__init__(threshold=0.5)
-        self.exit_index = exit_index
+        super().__init__(exit_index)
+        self.scorer = EntropyPolicy(threshold=0.5)
+
+    def planned_exits(self, batch, durations, num_exits):
+        return None  # no plan: run_dynamic asks at every exit, as with a confidence policy
 
     def __call__(self, exit_index, log_probs, lengths, durations=None):
-        super().__call__(exit_index, log_probs, lengths, durations)
-        return torch.full((log_probs.shape[0],), exit_index >= self.exit_index, dtype=torch.bool)
+        self.scorer(exit_index, log_probs, lengths, durations)
+        return super().__call__(exit_index, log_probs, lengths, durations)
 
 
 @torch.no_grad()
