@@ -15,8 +15,16 @@ if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ] && .venv/bin/python -c "im
     echo "[setup] .venv is up to date"
     exit 0
 fi
+# PyPI's torch for x86_64 Linux is the CUDA build: about 6 GB once installed.
+# --no-cache-dir keeps pip from also storing the ~3 GB of downloaded wheels.
+need_mb=6800
+free_mb="$(df -Pm . | awk 'NR==2 {print $4}')"
+if [ -n "$free_mb" ] && [ "$free_mb" -lt "$need_mb" ]; then
+    echo "[setup] warning: $(pwd) has ${free_mb} MB free; the install needs about ${need_mb} MB" >&2
+fi
 echo "[setup] installing pinned dependencies (requirements.txt) and earlyexit_brain"
-.venv/bin/python -m pip install --disable-pip-version-check -q -r requirements.txt
-.venv/bin/python -m pip install --disable-pip-version-check -q --no-deps -e .
+pip_install=(.venv/bin/python -m pip install --disable-pip-version-check --no-cache-dir -q)
+"${pip_install[@]}" -r requirements.txt
+"${pip_install[@]}" --no-deps -e .
 echo "$want" > "$stamp"
 echo "[setup] done"
