@@ -162,6 +162,8 @@ _RULES: Dict[str, Rule] = {
     "calibration_target": (lambda v: v in ("max_wer_increase", "avg_layers"),
                            "'max_wer_increase' or 'avg_layers'"),
     "calibration_value": (lambda v: _is_num(v) and v >= 0, "a number >= 0"),
+    "calibration_confidence": (lambda v: v is None or (_is_num(v) and 0 < v < 1),
+                               "null or a number in (0, 1)"),
     "default_policy": (lambda v: v in _CALIBRATED, "one of " + ", ".join(repr(p) for p in _CALIBRATED)),
     "nbest_beam_size": (lambda v: _is_int(v) and v >= 2, "an integer >= 2"),
     "entropy_normalize": (lambda v: isinstance(v, bool), "true or false"),
@@ -259,6 +261,9 @@ def check_hparams(raw: Dict[str, Any], source: str = "hparams") -> Dict[str, Any
     if isinstance(default_policy, str) and isinstance(sweep, list) and default_policy not in sweep:
         raise ConfigError(f"{source}: key 'default_policy' ({default_policy!r}) must be one of the "
                           f"policies in 'policy_sweep' {sweep}, which calibrates its threshold")
+    if raw.get("calibration_confidence") is not None and raw.get("calibration_target") == "avg_layers":
+        raise ConfigError(f"{source}: key 'calibration_confidence' applies to calibration_target "
+                          f"'max_wer_increase' only (set it to null for 'avg_layers')")
     data_folder = raw.get("data_folder")
     if isinstance(data_folder, str):
         must_exist = raw.get("data_folder_must_exist", False)

@@ -180,8 +180,36 @@ def threshold_points(outputs: ExitOutputs, scorer: ConfidencePolicy, name: str,
             for thr in thresholds]
 
 
+class WerIncreaseBootstrap:
+    """Paired bootstrap over utterances of the WER increase (points) over the last exit.
+
+    The same ``resamples`` draws of the utterances (with replacement, fixed
+    ``seed``) serve every threshold, so two thresholds are compared on the same
+    resampled dev sets.
+    """
+
+    def __init__(self, outputs: ExitOutputs, resamples: int = 1000, seed: int = 0):
+        n = len(outputs.ids)
+        gen = torch.Generator().manual_seed(seed)
+        draws = torch.randint(0, n, (resamples, n), generator=gen)
+        self.counts = torch.zeros(resamples, n, dtype=torch.float64)
+        self.counts.scatter_add_(1, draws, torch.ones(resamples, n, dtype=torch.float64))
+        self.outputs = outputs
+        self.words = (self.counts @ outputs.ref_words).clamp(min=1)
+
+    def increases(self, exits: torch.Tensor) -> torch.Tensor:
+        """``(resamples,)`` WER increases of the choice ``exits`` over the last exit."""
+        out = self.outputs
+        diff = out.errors[torch.arange(len(exits)), exits] - out.errors[:, -1]
+        return 100.0 * (self.counts @ diff) / self.words
+
+    def quantile(self, exits: torch.Tensor, q: float) -> float:
+        return float(torch.quantile(self.increases(exits), q))
+
+
 def calibrate(outputs: ExitOutputs, scorer: ConfidencePolicy, name: str,
-              target: str = "max_wer_increase", value: float = 1.0) -> Dict:
+              target: str = "max_wer_increase", value: float = 1.0,
+              confidence: Optional[float] = None, resamples: int = 1000) -> Dict:
     """Pick a confidence policy's threshold on a dev set.
 
     ``max_wer_increase``: going from the most conservative threshold towards
@@ -189,19 +217,36 @@ def calibrate(outputs: ExitOutputs, scorer: ConfidencePolicy, name: str,
     the first whose WER is more than ``value`` points above the last exit's (a
     threshold beyond one that breaks the target is not taken even when the dev
     WER dips back within it: such dips are noise on a small dev set, measured in
-    docs/performance.md). ``avg_layers``: the
+    docs/performance.md). With ``confidence`` (in (0, 1)), a threshold breaks
+    the target when the ``confidence`` quantile of its WER increase under a
+    paired bootstrap over the dev utterances exceeds ``value``, rather than the
+    increase measured on dev itself: the target then holds on resampled dev sets
+    with that probability, at the cost of depth. ``avg_layers``: the
     threshold with the lowest WER whose average depth is at most ``value``
     layers. Ties go to the more conservative threshold (deeper). When no
     threshold meets ``max_wer_increase`` (scores at the top of the range always
     stop), the one with the lowest WER is taken, with a warning.
+
+    The result carries ``dev_increase_interval``: the 5% and 95% bootstrap
+    quantiles of the chosen threshold's dev WER increase over the last exit.
     """
+    if confidence is not None and not 0.0 < confidence < 1.0:
+        raise ValueError(f"calibration_confidence must be null or a number in (0, 1), got {confidence!r}")
+    if confidence is not None and target != "max_wer_increase":
+        raise ValueError("calibration_confidence applies to calibration_target 'max_wer_increase' "
+                         f"only, got target {target!r}")
     last = summarize(outputs, torch.full((len(outputs.ids),), outputs.num_exits - 1))
     never = scorer.valid_range[1] if scorer.higher_is_confident else scorer.valid_range[0]
     points = threshold_points(outputs, scorer, name, [never] + candidate_thresholds(outputs, name).tolist())
+    boot = WerIncreaseBootstrap(outputs, resamples)
     if target == "max_wer_increase":
         ok = []
         for point in sorted(points, key=lambda p: p[0], reverse=scorer.higher_is_confident):
-            if point[1]["wer"] > last["wer"] + value + 1e-9:
+            if confidence is None:
+                increase = point[1]["wer"] - last["wer"]
+            else:
+                increase = boot.quantile(confidence_exits(outputs, scorer, name, point[0]), confidence)
+            if increase > value + 1e-9:
                 break
             ok.append(point)
         if ok:
@@ -212,7 +257,8 @@ def calibrate(outputs: ExitOutputs, scorer: ConfidencePolicy, name: str,
             # holds one hypothesis) always stop. Take the lowest dev WER, deeper on ties.
             best_thr, best = min(points, key=lambda p: (p[1]["wer"], -p[1]["avg_layers"]))
             logger.warning("%s: no threshold keeps the dev WER within %.2f points of the last "
-                           "exit (%.2f); using %.4g (dev WER %.2f)", name, value, last["wer"],
+                           "exit (%.2f)%s; using %.4g (dev WER %.2f)", name, value, last["wer"],
+                           "" if confidence is None else f" at confidence {confidence}",
                            best_thr, best["wer"])
     elif target == "avg_layers":
         ok = [p for p in points if p[1]["avg_layers"] <= value + 1e-9]
@@ -223,7 +269,10 @@ def calibrate(outputs: ExitOutputs, scorer: ConfidencePolicy, name: str,
     else:
         raise ValueError(f"calibration_target: accepted values are 'max_wer_increase' and "
                          f"'avg_layers', got {target!r}")
-    return {"threshold": float(best_thr), "dev": best, "dev_last_exit": last}
+    increases = boot.increases(confidence_exits(outputs, scorer, name, best_thr))
+    interval = [round(float(torch.quantile(increases, q)), 2) for q in (0.05, 0.95)]
+    return {"threshold": float(best_thr), "dev": best, "dev_last_exit": last,
+            "dev_increase_interval": interval}
 
 
 def sweep_thresholds(outputs: ExitOutputs, name: str, points: int) -> List[float]:
@@ -255,7 +304,7 @@ def evaluate_policies(dev: ExitOutputs, sets: Dict[str, ExitOutputs],
                       scorers: Dict[str, ConfidencePolicy], latency_table: Optional[LatencyTable],
                       policies: Sequence[str] = ("entropy", "posterior", "posterior_greedy", "budget"),
                       target: str = "max_wer_increase", value: float = 1.0,
-                      sweep_points: int = 9) -> Dict:
+                      sweep_points: int = 9, confidence: Optional[float] = None) -> Dict:
     """Calibrate on ``dev``, then sweep every policy on every set.
 
     Returns ``{"policies": [...], "calibration": {...}, "depth_matched": {...}}``
@@ -276,7 +325,7 @@ def evaluate_policies(dev: ExitOutputs, sets: Dict[str, ExitOutputs],
         add("fixed", None, lambda out, k=k: torch.full((len(out.ids),), k), exit=k + 1)
     add("oracle", None, lambda out: torch.tensor(oracle_exits(out.hyps)))
 
-    calibration = {"target": target, "value": value, "thresholds": {}}
+    calibration = {"target": target, "value": value, "confidence": confidence, "thresholds": {}}
     for name in policies:
         if name == "budget":
             if latency_table is None:
@@ -289,7 +338,7 @@ def evaluate_policies(dev: ExitOutputs, sets: Dict[str, ExitOutputs],
             raise ValueError(f"policy_sweep: unknown policy {name!r}; accepted: "
                              f"{', '.join(list(scorers) + ['budget'])}")
         scorer = scorers[name]
-        cal = calibrate(dev, scorer, name, target, value)
+        cal = calibrate(dev, scorer, name, target, value, confidence)
         calibration["thresholds"][name] = cal
         thresholds = {t for t in sweep_thresholds(dev, name, sweep_points)
                       if abs(t - cal["threshold"]) > 1e-5} | {cal["threshold"]}
@@ -317,6 +366,7 @@ POLICY_DEFAULTS = {
     "sweep_points": 9,
     "calibration_target": "max_wer_increase",
     "calibration_value": 1.0,
+    "calibration_confidence": None,
     "default_policy": "posterior",
     "nbest_beam_size": 10,
     "entropy_normalize": True,
@@ -404,7 +454,7 @@ def run_policy_evaluation(hparams: Dict, tokenizer, valid_data, test_datasets: D
             for name, ds in test_datasets.items()}
     result = evaluate_policies(dev, sets, scorers, table, opts["policy_sweep"],
                                opts["calibration_target"], float(opts["calibration_value"]),
-                               int(opts["sweep_points"]))
+                               int(opts["sweep_points"]), opts["calibration_confidence"])
     thresholds = {n: c["threshold"] for n, c in result["calibration"]["thresholds"].items()}
     default = opts["default_policy"]
     stored = {

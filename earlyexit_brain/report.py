@@ -119,10 +119,15 @@ def policy_markdown(report: Dict) -> List[str]:
     if cal.get("thresholds"):
         what = ("at most {v} WER points above the last exit" if cal["target"] == "max_wer_increase"
                 else "at most {v} layers on average").format(v=cal["value"])
+        if cal.get("confidence") is not None:
+            what += f" with bootstrap confidence {cal['confidence']}"
         lines.append(f"Thresholds calibrated on dev for {what}:")
         for name, c in cal["thresholds"].items():
+            interval = c.get("dev_increase_interval")
+            spread = (f", increase 90% interval {interval[0]:+.2f} to {interval[1]:+.2f}"
+                      if interval else "")
             lines.append(f"- {name}: {c['threshold']:.4g} (dev WER {c['dev']['wer']:.2f} vs "
-                         f"{c['dev_last_exit']['wer']:.2f} at the last exit, "
+                         f"{c['dev_last_exit']['wer']:.2f} at the last exit{spread}, "
                          f"{c['dev']['avg_layers']:.2f} layers)")
         lines.append("")
     lines.append("| policy |" + "".join(f" {s} WER | {s} avg layers | {s} s |" for s in sets))

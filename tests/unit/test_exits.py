@@ -5,7 +5,8 @@ import math
 import pytest
 import torch
 
-from earlyexit_brain.evaluation import ExitOutputs, calibrate, confidence_exits, evaluate_policies, summarize
+from earlyexit_brain.evaluation import (ExitOutputs, WerIncreaseBootstrap, calibrate, confidence_exits,
+                                       evaluate_policies, summarize)
 from earlyexit_brain.exits import (BudgetPolicy, EntropyPolicy, ExitPolicy, FixedExit, GreedyPosteriorPolicy,
                                    NBestPosteriorPolicy, fit_latency_table, make_policy,
                                    oracle_exits, run_dynamic)
@@ -333,6 +334,40 @@ def test_calibration_when_no_threshold_meets_the_target():
     assert cal["dev"]["wer"] == 100 * (0 + 1 + 0 + 6) / 40 and cal["dev_last_exit"]["wer"] == 7.5
 
 
+def test_calibration_confidence_guards_against_one_costly_utterance():
+    """40 utterances of 10 words; stopping at exit 1 costs nothing except +4 errors for u4 and
+    +1 for u20 (scores descend with the index; exit 2 never stops). On dev itself u4's +4 is
+    exactly +1 point (4 of 400 words), so the plain rule stops u0..u19 early; on resampled dev
+    sets u4 is often drawn twice, so at confidence 0.9 only u0..u3 may stop."""
+    n = 40
+    errors = torch.ones(n, 3, dtype=torch.float64)
+    errors[4, 0], errors[20, 0] = 5.0, 2.0
+    conf = torch.stack([torch.linspace(0.99, 0.6, n, dtype=torch.float64), torch.zeros(n, dtype=torch.float64),
+                        torch.full((n,), float("nan"), dtype=torch.float64)], 1)
+    out = ExitOutputs(ids=[f"u{i}" for i in range(n)], durations=torch.ones(n, dtype=torch.float64),
+                      ref_words=torch.full((n,), 10.0, dtype=torch.float64), errors=errors,
+                      hyps=[["a", "b", "c"]] * n, exit_ms=torch.tensor([[1, 2, 3]] * n, dtype=torch.float64),
+                      exit_layers=[2, 4, 6], scores={"posterior_greedy": conf},
+                      policy_ms={"posterior_greedy": torch.zeros(n, 3, dtype=torch.float64)})
+    scorer = GreedyPosteriorPolicy(0.5)
+    plain = calibrate(out, scorer, "posterior_greedy", "max_wer_increase", 1.0)
+    sure = calibrate(out, scorer, "posterior_greedy", "max_wer_increase", 1.0, confidence=0.9)
+    assert confidence_exits(out, scorer, "posterior_greedy", plain["threshold"]).tolist() == [0] * 20 + [2] * 20
+    assert confidence_exits(out, scorer, "posterior_greedy", sure["threshold"]).tolist() == [0] * 4 + [2] * 36
+    assert plain["dev"]["wer"] - plain["dev_last_exit"]["wer"] == pytest.approx(1.0)
+    assert sure["dev"]["wer"] == sure["dev_last_exit"]["wer"]
+    # the interval brackets the dev increase, and is wide for the plain choice
+    low, high = plain["dev_increase_interval"]
+    assert low <= 1.0 < high and high >= 2.0
+    assert sure["dev_increase_interval"] == [0.0, 0.0]
+    boot = WerIncreaseBootstrap(out)
+    assert boot.quantile(confidence_exits(out, scorer, "posterior_greedy", sure["threshold"]), 0.9) <= 1.0
+    with pytest.raises(ValueError, match="calibration_confidence"):
+        calibrate(out, scorer, "posterior_greedy", "max_wer_increase", 1.0, confidence=1.0)
+    with pytest.raises(ValueError, match="calibration_confidence"):
+        calibrate(out, scorer, "posterior_greedy", "avg_layers", 4.0, confidence=0.9)
+
+
 def test_evaluate_policies_structure():
     out = hand_outputs()
     table = fit_latency_table([{"seconds": 1.0, "ms": [1.0, 2.0, 3.0]},
@@ -347,3 +382,18 @@ def test_evaluate_policies_structure():
     assert sum(p["calibrated"] for p in result["policies"]) == 1
     for p in result["policies"]:
         assert set(p["sets"]["test"]) == {"wer", "avg_layers", "avg_exit", "seconds"}
+
+
+def test_calibration_confidence_reaches_the_report():
+    from earlyexit_brain.report import policy_markdown
+
+    out = hand_outputs()
+    result = evaluate_policies(out, {"test": out}, {"posterior_greedy": GreedyPosteriorPolicy(0.5)},
+                               None, ["posterior_greedy"], value=2.5, sweep_points=3, confidence=0.9)
+    cal = result["calibration"]
+    assert cal["confidence"] == 0.9
+    low, high = cal["thresholds"]["posterior_greedy"]["dev_increase_interval"]
+    assert low <= high
+    md = "\n".join(policy_markdown({**result, "num_layers": 6}))
+    assert "with bootstrap confidence 0.9" in md
+    assert f"increase 90% interval {low:+.2f} to {high:+.2f}" in md
