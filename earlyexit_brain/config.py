@@ -261,9 +261,6 @@ def check_hparams(raw: Dict[str, Any], source: str = "hparams") -> Dict[str, Any
     if isinstance(default_policy, str) and isinstance(sweep, list) and default_policy not in sweep:
         raise ConfigError(f"{source}: key 'default_policy' ({default_policy!r}) must be one of the "
                           f"policies in 'policy_sweep' {sweep}, which calibrates its threshold")
-    if raw.get("calibration_confidence") is not None and raw.get("calibration_target") == "avg_layers":
-        raise ConfigError(f"{source}: key 'calibration_confidence' applies to calibration_target "
-                          f"'max_wer_increase' only (set it to null for 'avg_layers')")
     data_folder = raw.get("data_folder")
     if isinstance(data_folder, str):
         must_exist = raw.get("data_folder_must_exist", False)

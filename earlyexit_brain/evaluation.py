@@ -221,7 +221,8 @@ def calibrate(outputs: ExitOutputs, scorer: ConfidencePolicy, name: str,
     the target when the ``confidence`` quantile of its WER increase under a
     paired bootstrap over the dev utterances exceeds ``value``, rather than the
     increase measured on dev itself: the target then holds on resampled dev sets
-    with that probability, at the cost of depth. ``avg_layers``: the
+    with that probability, at the cost of depth. ``avg_layers`` ignores
+    ``confidence`` and takes the
     threshold with the lowest WER whose average depth is at most ``value``
     layers. Ties go to the more conservative threshold (deeper). When no
     threshold meets ``max_wer_increase`` (scores at the top of the range always
@@ -232,9 +233,6 @@ def calibrate(outputs: ExitOutputs, scorer: ConfidencePolicy, name: str,
     """
     if confidence is not None and not 0.0 < confidence < 1.0:
         raise ValueError(f"calibration_confidence must be null or a number in (0, 1), got {confidence!r}")
-    if confidence is not None and target != "max_wer_increase":
-        raise ValueError("calibration_confidence applies to calibration_target 'max_wer_increase' "
-                         f"only, got target {target!r}")
     last = summarize(outputs, torch.full((len(outputs.ids),), outputs.num_exits - 1))
     never = scorer.valid_range[1] if scorer.higher_is_confident else scorer.valid_range[0]
     points = threshold_points(outputs, scorer, name, [never] + candidate_thresholds(outputs, name).tolist())
@@ -325,7 +323,9 @@ def evaluate_policies(dev: ExitOutputs, sets: Dict[str, ExitOutputs],
         add("fixed", None, lambda out, k=k: torch.full((len(out.ids),), k), exit=k + 1)
     add("oracle", None, lambda out: torch.tensor(oracle_exits(out.hyps)))
 
-    calibration = {"target": target, "value": value, "confidence": confidence, "thresholds": {}}
+    calibration = {"target": target, "value": value,
+                   "confidence": confidence if target == "max_wer_increase" else None,
+                   "thresholds": {}}
     for name in policies:
         if name == "budget":
             if latency_table is None:

@@ -49,7 +49,6 @@ def load_default(repo_root, overrides=None):
         ({"calibration_value": -1}, "calibration_value"),
         ({"calibration_confidence": 1.0}, "calibration_confidence"),
         ({"calibration_confidence": "high"}, "calibration_confidence"),
-        ({"calibration_confidence": 0.9, "calibration_target": "avg_layers"}, "calibration_confidence"),
         ({"posterior_greedy_form": "median"}, "posterior_greedy_form"),
         ({"latency_durations": [2.0]}, "latency_durations"),
         ({"nbest_beam_size": 1}, "nbest_beam_size"),
