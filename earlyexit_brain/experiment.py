@@ -10,7 +10,7 @@ from hyperpyyaml import load_hyperpyyaml
 from speechbrain.tokenizers.SentencePiece import SentencePiece
 
 from .checkpoints import CheckpointMismatchError
-from .config import ConfigError, check_hparams_file
+from .config import ConfigError, check_hparams_file, read_raw_hparams
 from .evaluation import run_policy_evaluation
 from .ngram import lm_summary, prepare_recipe_lm
 from .report import build_report, write_report
@@ -31,6 +31,45 @@ def load_recipe_hparams(argv: List[str]):
     with open(hparams_file) as fin:
         hparams = load_hyperpyyaml(fin, overrides)
     return hparams_file, run_opts, overrides, hparams
+
+
+def changed_hyperparameters(output_folder: str, save_folder: str, hparams_file: str,
+                            overrides=None) -> List[str]:
+    """``"key: old -> new"`` for every top-level key whose value differs between the
+    ``hyperparams.yaml`` that an experiment folder saved and this run's file with its
+    overrides, when the run will resume (``save_folder`` holds a checkpoint); else ``[]``.
+
+    Call it before ``create_experiment_directory``, which overwrites the saved file.
+    Objects (``!new:`` ...) are compared by their class only; their arguments are
+    usually references to top-level keys, which are compared.
+    """
+    saved = os.path.join(output_folder, "hyperparams.yaml")
+    resumes = os.path.isdir(save_folder) and any(n.startswith("CKPT+") for n in os.listdir(save_folder))
+    if not (resumes and os.path.isfile(saved)):
+        return []
+    try:
+        old = read_raw_hparams(saved)
+    except ConfigError:  # a saved file this version cannot read: nothing to compare
+        return []
+    new = read_raw_hparams(hparams_file, overrides)
+    absent = "(absent)"
+
+    def show(value):
+        text = value if value is absent else repr(value)
+        return text if len(text) <= 60 else text[:57] + "..."
+
+    return [f"{key}: {show(old.get(key, absent))} -> {show(new.get(key, absent))}"
+            for key in sorted(set(old) | set(new)) if old.get(key, absent) != new.get(key, absent)]
+
+
+def warn_changed_hyperparameters(output_folder: str, changes: List[str]) -> None:
+    """Log what :func:`changed_hyperparameters` found (main process only)."""
+    if changes and sb.utils.distributed.if_main_process():
+        logger.warning("Resuming the experiment in %s, whose saved hyperparams.yaml differs from "
+                       "this run's in %d key(s):\n  %s\nTraining continues from its last "
+                       "checkpoint with this run's values. To start afresh, choose another "
+                       "output_folder (or seed) or delete that folder.", output_folder,
+                       len(changes), "\n  ".join(changes))
 
 
 def run_recipe(main, argv: List[str]) -> None:

@@ -27,8 +27,9 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from earlyexit_brain.brain import brain_class_for  # noqa: E402
 from earlyexit_brain.data.common import CorpusError  # noqa: E402
 from earlyexit_brain.dataio import dataio_prepare  # noqa: E402
-from earlyexit_brain.experiment import (evaluate_and_report, load_recipe_hparams,  # noqa: E402
-                                        run_recipe, tokenizer_or_exit)
+from earlyexit_brain.experiment import (changed_hyperparameters, evaluate_and_report,  # noqa: E402
+                                        load_recipe_hparams, run_recipe, tokenizer_or_exit,
+                                        warn_changed_hyperparameters)
 
 logger = logging.getLogger(__name__)
 
@@ -37,11 +38,15 @@ def main(argv):
     hparams_file, run_opts, overrides, hparams = load_recipe_hparams(argv)
 
     sb.utils.distributed.ddp_init_group(run_opts)
+    # read before create_experiment_directory overwrites the saved hyperparams.yaml
+    changes = changed_hyperparameters(hparams["output_folder"], hparams["save_folder"],
+                                      hparams_file, overrides)
     sb.create_experiment_directory(
         experiment_directory=hparams["output_folder"],
         hyperparams_to_save=hparams_file,
         overrides=overrides,
     )
+    warn_changed_hyperparameters(hparams["output_folder"], changes)
 
     # Corpus preparation (on the main process only), chosen by the YAML. A corpus
     # with problems stops here, before training, with every problem listed.
