@@ -191,7 +191,7 @@ class WerIncreaseBootstrap:
     def __init__(self, outputs: ExitOutputs, resamples: int = 1000, seed: int = 0):
         n = len(outputs.ids)
         gen = torch.Generator().manual_seed(seed)
-        draws = torch.randint(0, n, (resamples, n), generator=gen)
+        draws = torch.randint(0, max(n, 1), (resamples, n), generator=gen)  # n = 0: no draws
         self.counts = torch.zeros(resamples, n, dtype=torch.float64)
         self.counts.scatter_add_(1, draws, torch.ones(resamples, n, dtype=torch.float64))
         self.outputs = outputs
