@@ -2,7 +2,9 @@
 
 import logging
 import os
+import re
 import sys
+import tempfile
 from typing import Dict, List
 
 import speechbrain as sb
@@ -70,6 +72,39 @@ def warn_changed_hyperparameters(output_folder: str, changes: List[str]) -> None
                        "checkpoint with this run's values. To start afresh, choose another "
                        "output_folder (or seed) or delete that folder.", output_folder,
                        len(changes), "\n  ".join(changes))
+
+
+def relocated_hparams_file(folder: str) -> str:
+    """The ``hyperparams.yaml`` of an experiment ``folder``, its paths pointing into ``folder``.
+
+    SpeechBrain saves the file with every reference resolved, so once the folder is
+    moved or copied, its ``output_folder``, ``save_folder``, ``train_log`` and the
+    checkpointer's and logger's arguments still name the old place: evaluating the
+    copy would read the original's checkpoints and append to its log. When the saved
+    ``output_folder`` is not ``folder``, every path under it is rewritten to lie
+    under ``folder``, in place (or, if the folder is read-only, in a temporary copy
+    whose path is returned), with a warning.
+    """
+    saved = os.path.join(folder, "hyperparams.yaml")
+    old = read_raw_hparams(saved).get("output_folder")
+    if not isinstance(old, str) or os.path.abspath(old) == os.path.abspath(folder):
+        return saved
+    with open(saved) as fin:
+        text = fin.read()
+    target = os.path.normpath(folder)
+    pattern = re.compile(r"(?<![\w./-])" + re.escape(os.path.normpath(old)) + r"(?=[/\s'\"]|$)", re.M)
+    text, count = pattern.subn(lambda _: target, text)
+    try:
+        with open(saved, "w") as fout:
+            fout.write(text)
+        path = saved
+    except OSError:
+        with tempfile.NamedTemporaryFile("w", suffix="_hyperparams.yaml", delete=False) as fout:
+            fout.write(text)
+        path = fout.name
+    logger.warning("%s was saved as %s: %d path(s) in its hyperparams.yaml now point into %s (%s)",
+                   folder, old, count, target, path)
+    return path
 
 
 def run_recipe(main, argv: List[str]) -> None:

@@ -6,7 +6,8 @@ Usage::
     python recipes/evaluate.py results/synthetic/conformer_ctc_ee/1234 [--key=value ...]
     python recipes/evaluate.py hparams/synthetic/conformer_ctc_ee.yaml [--key=value ...]
 
-Given an experiment folder, its saved ``hyperparams.yaml`` is used. The best
+Given an experiment folder, its saved ``hyperparams.yaml`` is used (a folder
+moved or copied since training has its paths rewritten to point into it). The best
 checkpoint (on ``checkpoint_key``) is evaluated at every exit on every test
 set; then, on the dev set, each confidence policy's threshold is calibrated
 (``calibration_target`` / ``calibration_value``), every policy's thresholds
@@ -25,7 +26,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from earlyexit_brain.brain import brain_class_for  # noqa: E402
 from earlyexit_brain.dataio import dataio_prepare  # noqa: E402
 from earlyexit_brain.experiment import (evaluate_and_report, load_recipe_hparams,  # noqa: E402
-                                        run_recipe, tokenizer_or_exit)
+                                        relocated_hparams_file, run_recipe, tokenizer_or_exit)
 
 
 def main(argv):
@@ -33,7 +34,7 @@ def main(argv):
         saved = os.path.join(argv[0], "hyperparams.yaml")
         if not os.path.isfile(saved):
             sys.exit(f"Error: {argv[0]} is not an experiment folder (no hyperparams.yaml in it)")
-        argv = [saved] + argv[1:]
+        argv = [relocated_hparams_file(argv[0])] + argv[1:]
     hparams_file, run_opts, overrides, hparams = load_recipe_hparams(argv)
     for key in ("train_csv", "valid_csv"):
         if not os.path.isfile(hparams[key]):

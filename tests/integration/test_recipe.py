@@ -2,6 +2,7 @@
 
 import json
 import re
+import shutil
 import subprocess
 import sys
 
@@ -133,18 +134,32 @@ def test_ngram_lm_estimated_used_and_exported(smoke_run):
         asr.transcribe_file(wav, exit=2, decoder="aed_beam")
 
 
-def test_evaluate_recipe_on_the_experiment_folder(repo_root, smoke_run):
+def test_evaluate_recipe_on_the_experiment_folder(repo_root, smoke_run, tmp_path):
+    """Evaluated on a copy of the experiment folder: the copy's checkpoints are read and its
+    report written, while the original folder is left untouched."""
     out, _, _ = smoke_run
     before = json.loads((out / "report.json").read_text())
-    proc = subprocess.run([sys.executable, "recipes/evaluate.py", str(out),
-                           "--calibration_target=avg_layers", "--calibration_value=1.5"],
-                          cwd=repo_root, capture_output=True, text=True, timeout=600)
+    original_log = (out / "train_log.txt").read_text()
+    copy = tmp_path / "copied_experiment"
+    shutil.copytree(out, copy)
+    aside = tmp_path / "original_save"  # the copy must not need the original's checkpoints
+    (out / "save").rename(aside)
+    try:
+        proc = subprocess.run([sys.executable, "recipes/evaluate.py", str(copy),
+                               "--calibration_target=avg_layers", "--calibration_value=1.5"],
+                              cwd=repo_root, capture_output=True, text=True, timeout=600)
+    finally:  # (without the rewrite, the copy's evaluation writes into the original's save/)
+        shutil.rmtree(out / "save", ignore_errors=True)
+        aside.rename(out / "save")
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
-    after = json.loads((out / "report.json").read_text())
+    assert "now point into" in proc.stderr
+    assert (out / "train_log.txt").read_text() == original_log
+    assert json.loads((out / "report.json").read_text()) == before
+    after = json.loads((copy / "report.json").read_text())
     assert exit_results(after) == exit_results(before)
     assert after["calibration"]["target"] == "avg_layers"
     for cal in after["calibration"]["thresholds"].values():
         assert cal["dev"]["avg_layers"] <= 1.5
-    bad = subprocess.run([sys.executable, "recipes/evaluate.py", str(out / "save")],
+    bad = subprocess.run([sys.executable, "recipes/evaluate.py", str(copy / "save")],
                          cwd=repo_root, capture_output=True, text=True, timeout=120)
     assert bad.returncode != 0 and "not an experiment folder" in bad.stderr
