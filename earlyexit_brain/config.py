@@ -16,6 +16,7 @@ from typing import Any, Callable, Dict, Optional, Tuple
 
 import yaml
 from hyperpyyaml import resolve_references
+from ruamel.yaml.error import YAMLError
 
 from earlyexit_brain.models.conformer import resolve_exit_layers
 
@@ -48,8 +49,8 @@ def read_raw_hparams(path: str, overrides: Any = None) -> Dict[str, Any]:
     Raises
     ------
     ConfigError
-        When the file is missing, or an override names a key that the file
-        does not have.
+        When the file is missing or not valid YAML, or an override names a
+        key that the file does not have.
     """
     if not os.path.isfile(path):
         raise ConfigError(f"hyperparameter file not found: {path}")
@@ -58,6 +59,8 @@ def read_raw_hparams(path: str, overrides: Any = None) -> Dict[str, Any]:
             resolved = resolve_references(fin, overrides or {}, overrides_must_match=True)
         except KeyError as err:
             raise ConfigError(f"{path}: {err.args[0]} (unknown key in the overrides)") from None
+        except YAMLError as err:
+            raise ConfigError(f"{path}: not valid YAML: {err}") from None
         except ValueError as err:
             match = re.match(r"'(.+)' is a !PLACEHOLDER", str(err))
             if not match:
@@ -65,7 +68,10 @@ def read_raw_hparams(path: str, overrides: Any = None) -> Dict[str, Any]:
             key = match.group(1)
             raise ConfigError(f"{path}: key '{key}' must be given on the command line "
                               f"(--{key}=...): it is a !PLACEHOLDER, e.g. the corpus folder") from None
-    return yaml.load(resolved, Loader=_RawLoader) or {}
+    try:
+        return yaml.load(resolved, Loader=_RawLoader) or {}
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: not valid YAML: {err}") from None
 
 
 def _is_int(v):

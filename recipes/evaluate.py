@@ -24,6 +24,7 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from earlyexit_brain.brain import brain_class_for  # noqa: E402
+from earlyexit_brain.config import ConfigError  # noqa: E402
 from earlyexit_brain.dataio import dataio_prepare  # noqa: E402
 from earlyexit_brain.experiment import (evaluate_and_report, load_recipe_hparams,  # noqa: E402
                                         relocated_hparams_file, run_recipe, tokenizer_or_exit)
@@ -34,7 +35,10 @@ def main(argv):
         saved = os.path.join(argv[0], "hyperparams.yaml")
         if not os.path.isfile(saved):
             sys.exit(f"Error: {argv[0]} is not an experiment folder (no hyperparams.yaml in it)")
-        argv = [relocated_hparams_file(argv[0])] + argv[1:]
+        try:
+            argv = [relocated_hparams_file(argv[0])] + argv[1:]
+        except ConfigError as err:
+            sys.exit(f"Configuration error: {err}")
     hparams_file, run_opts, overrides, hparams = load_recipe_hparams(argv)
     for key in ("train_csv", "valid_csv"):
         if not os.path.isfile(hparams[key]):

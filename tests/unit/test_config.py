@@ -99,6 +99,15 @@ def test_missing_hparams_file():
         read_raw_hparams("no/such/file.yaml")
 
 
+@pytest.mark.parametrize("text", ["a: 1\nb: [unclosed\n", "a: 1\n  b: 2\n- c\n"])
+def test_malformed_yaml_names_the_file_and_line(tmp_path, text):
+    path = tmp_path / "broken.yaml"
+    path.write_text(text)
+    with pytest.raises(ConfigError, match="not valid YAML") as err:
+        read_raw_hparams(str(path))
+    assert str(path) in str(err.value) and "line" in str(err.value)
+
+
 def test_recipe_fails_fast_naming_the_key(repo_root, tmp_path):
     """The recipe stops before generating any data or building the model."""
     data = tmp_path / "data"
