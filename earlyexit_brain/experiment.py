@@ -35,19 +35,18 @@ def load_recipe_hparams(argv: List[str]):
     return hparams_file, run_opts, overrides, hparams
 
 
-def changed_hyperparameters(output_folder: str, save_folder: str, hparams_file: str,
+def changed_hyperparameters(output_folder: str, checkpointer, hparams_file: str,
                             overrides=None) -> List[str]:
     """``"key: old -> new"`` for every top-level key whose value differs between the
     ``hyperparams.yaml`` that an experiment folder saved and this run's file with its
-    overrides, when the run will resume (``save_folder`` holds a checkpoint); else ``[]``.
+    overrides, when the run will resume (``checkpointer`` lists a checkpoint); else ``[]``.
 
     Call it before ``create_experiment_directory``, which overwrites the saved file.
     Objects (``!new:`` ...) are compared by their class only; their arguments are
     usually references to top-level keys, which are compared.
     """
     saved = os.path.join(output_folder, "hyperparams.yaml")
-    resumes = os.path.isdir(save_folder) and any(n.startswith("CKPT+") for n in os.listdir(save_folder))
-    if not (resumes and os.path.isfile(saved)):
+    if not (os.path.isfile(saved) and checkpointer.list_checkpoints()):
         return []
     try:
         old = read_raw_hparams(saved)

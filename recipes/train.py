@@ -39,7 +39,7 @@ def main(argv):
 
     sb.utils.distributed.ddp_init_group(run_opts)
     # read before create_experiment_directory overwrites the saved hyperparams.yaml
-    changes = changed_hyperparameters(hparams["output_folder"], hparams["save_folder"],
+    changes = changed_hyperparameters(hparams["output_folder"], hparams["checkpointer"],
                                       hparams_file, overrides)
     sb.create_experiment_directory(
         experiment_directory=hparams["output_folder"],

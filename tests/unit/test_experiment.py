@@ -3,6 +3,7 @@
 import logging
 import os
 
+from earlyexit_brain.checkpoints import AtomicCheckpointer
 from earlyexit_brain.experiment import (changed_hyperparameters, relocated_hparams_file,
                                         warn_changed_hyperparameters)
 
@@ -33,13 +34,14 @@ calibration_confidence: 0.9
 
 def experiment(tmp_path, checkpoint=True):
     folder = tmp_path / "exp"
-    (folder / "save").mkdir(parents=True)
+    folder.mkdir()
     (folder / "hyperparams.yaml").write_text(SAVED)
+    save = AtomicCheckpointer(str(folder / "save"))
     if checkpoint:
-        (folder / "save" / "CKPT+2026-01-01+00-00-00+00").mkdir()
+        save.save_checkpoint()
     new = tmp_path / "new.yaml"
     new.write_text(NEW)
-    return str(folder), str(folder / "save"), str(new)
+    return str(folder), save, str(new)
 
 
 def test_a_resumed_run_names_every_changed_key(tmp_path, caplog):
@@ -60,10 +62,11 @@ def test_a_resumed_run_names_every_changed_key(tmp_path, caplog):
 def test_nothing_to_say_without_a_checkpoint_or_a_change(tmp_path, caplog):
     folder, save, new = experiment(tmp_path, checkpoint=False)
     assert changed_hyperparameters(folder, save, new) == []  # a fresh start resumes nothing
-    os.mkdir(os.path.join(save, "CKPT+2026-01-01+00-00-00+00"))
+    save.save_checkpoint()
     same = os.path.join(folder, "hyperparams.yaml")
     assert changed_hyperparameters(folder, save, same) == []
     assert changed_hyperparameters(str(os.path.join(folder, "missing")), save, new) == []
+    caplog.clear()  # (the checkpointer's own INFO line)
     with caplog.at_level(logging.WARNING):
         warn_changed_hyperparameters(folder, [])
     assert caplog.text == ""
