@@ -8,12 +8,13 @@ import tempfile
 from typing import Dict, List
 
 import speechbrain as sb
+import yaml
 from hyperpyyaml import load_hyperpyyaml
 from speechbrain.tokenizers.SentencePiece import SentencePiece
 
 from .checkpoints import CheckpointMismatchError
 from .config import ConfigError, check_hparams_file, read_raw_hparams
-from .evaluation import run_policy_evaluation
+from .evaluation import POLICY_DEFAULTS, run_policy_evaluation
 from .ngram import lm_summary, prepare_recipe_lm
 from .report import build_report, write_report
 
@@ -93,17 +94,48 @@ def relocated_hparams_file(folder: str) -> str:
     target = os.path.normpath(folder)
     pattern = re.compile(r"(?<![\w./-])" + re.escape(os.path.normpath(old)) + r"(?=[/\s'\"]|$)", re.M)
     text, count = pattern.subn(lambda _: target, text)
-    try:
-        with open(saved, "w") as fout:
-            fout.write(text)
-        path = saved
-    except OSError:
-        with tempfile.NamedTemporaryFile("w", suffix="_hyperparams.yaml", delete=False) as fout:
-            fout.write(text)
-        path = fout.name
+    path = _rewrite(saved, text)
     logger.warning("%s was saved as %s: %d path(s) in its hyperparams.yaml now point into %s (%s)",
                    folder, old, count, target, path)
     return path
+
+
+def with_policy_defaults(hparams_file: str) -> str:
+    """``hparams_file`` with every exit-policy key this version reads
+    (:data:`~earlyexit_brain.evaluation.POLICY_DEFAULTS`) that it lacks appended with
+    the value the code assumes when it is absent.
+
+    An experiment folder saved before a key existed behaves the same either way, but
+    hyperpyyaml refuses an override of a key the file does not have: with the key
+    added, ``recipes/evaluate.py <old folder> --calibration_confidence=0.9`` works.
+    Written in place (or, if that fails, to a temporary copy whose path is returned);
+    a file that has every key is returned untouched.
+    """
+    raw = read_raw_hparams(hparams_file)
+    absent = {key: value for key, value in POLICY_DEFAULTS.items() if key not in raw}
+    if not absent:
+        return hparams_file
+    with open(hparams_file) as fin:
+        text = fin.read()
+    text = (text.rstrip("\n") + "\n\n# Exit-policy keys added since this experiment was saved, with the "
+            "values the code assumes when they are absent (recipes/evaluate.py)\n"
+            + yaml.safe_dump(absent, default_flow_style=None, sort_keys=False))
+    path = _rewrite(hparams_file, text)
+    logger.info("%s lacked %s: added with their defaults (%s)", hparams_file, ", ".join(absent), path)
+    return path
+
+
+def _rewrite(path: str, text: str) -> str:
+    """Write ``text`` over ``path``, or to a temporary copy if ``path`` cannot be
+    written; returns the path written."""
+    try:
+        with open(path, "w") as fout:
+            fout.write(text)
+        return path
+    except OSError:
+        with tempfile.NamedTemporaryFile("w", suffix="_hyperparams.yaml", delete=False) as fout:
+            fout.write(text)
+        return fout.name
 
 
 def run_recipe(main, argv: List[str]) -> None:

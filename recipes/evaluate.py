@@ -7,7 +7,9 @@ Usage::
     python recipes/evaluate.py hparams/synthetic/conformer_ctc_ee.yaml [--key=value ...]
 
 Given an experiment folder, its saved ``hyperparams.yaml`` is used (a folder
-moved or copied since training has its paths rewritten to point into it). The best
+moved or copied since training has its paths rewritten to point into it, and
+exit-policy keys added since it was saved are added with their defaults, so that
+they can be overridden). The best
 checkpoint (on ``checkpoint_key``) is evaluated at every exit on every test
 set; then, on the dev set, each confidence policy's threshold is calibrated
 (``calibration_target`` / ``calibration_value``), every policy's thresholds
@@ -27,7 +29,8 @@ from earlyexit_brain.brain import brain_class_for  # noqa: E402
 from earlyexit_brain.config import ConfigError  # noqa: E402
 from earlyexit_brain.dataio import dataio_prepare  # noqa: E402
 from earlyexit_brain.experiment import (evaluate_and_report, load_recipe_hparams,  # noqa: E402
-                                        relocated_hparams_file, run_recipe, tokenizer_or_exit)
+                                        relocated_hparams_file, run_recipe, tokenizer_or_exit,
+                                        with_policy_defaults)
 
 
 def main(argv):
@@ -36,7 +39,7 @@ def main(argv):
         if not os.path.isfile(saved):
             sys.exit(f"Error: {argv[0]} is not an experiment folder (no hyperparams.yaml in it)")
         try:
-            argv = [relocated_hparams_file(argv[0])] + argv[1:]
+            argv = [with_policy_defaults(relocated_hparams_file(argv[0]))] + argv[1:]
         except ConfigError as err:
             sys.exit(f"Configuration error: {err}")
     hparams_file, run_opts, overrides, hparams = load_recipe_hparams(argv)
