@@ -119,9 +119,10 @@ def with_policy_defaults(hparams_file: str) -> str:
         text = fin.read()
     text = (text.rstrip("\n") + "\n\n# Exit-policy keys added since this experiment was saved, with the "
             "values the code assumes when they are absent (recipes/evaluate.py)\n"
-            + yaml.safe_dump(absent, default_flow_style=None, sort_keys=False))
+            + yaml.safe_dump(absent, default_flow_style=False, sort_keys=False))
     path = _rewrite(hparams_file, text)
-    logger.info("%s lacked %s: added with their defaults (%s)", hparams_file, ", ".join(absent), path)
+    logger.warning("%s lacked the exit-policy key(s) %s: added with the values assumed when absent (%s)",
+                   hparams_file, ", ".join(absent), path)
     return path
 
 

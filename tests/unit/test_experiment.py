@@ -107,7 +107,7 @@ def test_a_moved_experiment_folder_points_at_itself(tmp_path, caplog):
     assert (moved / "hyperparams.yaml").read_text() == text
 
 
-def test_an_older_experiment_folder_gets_the_policy_keys_it_lacks(tmp_path):
+def test_an_older_experiment_folder_gets_the_policy_keys_it_lacks(tmp_path, caplog):
     """A folder saved before ``calibration_confidence`` existed: hyperpyyaml refuses to
     override a key the file lacks, so the evaluation's keys are added with the values
     the code assumes when they are absent, and the override then works."""
@@ -127,3 +127,12 @@ def test_an_older_experiment_folder_gets_the_policy_keys_it_lacks(tmp_path):
     assert text.startswith(SAVED + "sweep_points: 5\n")
     assert with_policy_defaults(str(saved)) == str(saved)  # nothing left to add
     assert saved.read_text() == text
+    # the common case: only the newest key is missing
+    only = tmp_path / "only" / "hyperparams.yaml"
+    only.parent.mkdir()
+    only.write_text(text.replace("calibration_confidence: null\n", ""))
+    assert "calibration_confidence" not in only.read_text()
+    with caplog.at_level(logging.WARNING):
+        with_policy_defaults(str(only))
+    assert "lacked the exit-policy key(s) calibration_confidence:" in caplog.text
+    assert load_hyperpyyaml(only.read_text(), {"calibration_confidence": 0.9})["calibration_confidence"] == 0.9
