@@ -235,7 +235,11 @@ def calibrate(outputs: ExitOutputs, scorer: ConfidencePolicy, name: str,
         raise ValueError(f"calibration_confidence must be null or a number in (0, 1), got {confidence!r}")
     last = summarize(outputs, torch.full((len(outputs.ids),), outputs.num_exits - 1))
     never = scorer.valid_range[1] if scorer.higher_is_confident else scorer.valid_range[0]
-    points = threshold_points(outputs, scorer, name, [never] + candidate_thresholds(outputs, name).tolist())
+    thresholds = [never] + candidate_thresholds(outputs, name).tolist()
+    chosen = [confidence_exits(outputs, scorer, name, thr) for thr in thresholds]
+    # (threshold, summary, exits): the exits serve both the summary and the bootstrap
+    points = [(thr, summarize(outputs, exits, overhead=name), exits)
+              for thr, exits in zip(thresholds, chosen)]
     boot = WerIncreaseBootstrap(outputs, resamples)
     if target == "max_wer_increase":
         ok = []
@@ -243,17 +247,17 @@ def calibrate(outputs: ExitOutputs, scorer: ConfidencePolicy, name: str,
             if confidence is None:
                 increase = point[1]["wer"] - last["wer"]
             else:
-                increase = boot.quantile(confidence_exits(outputs, scorer, name, point[0]), confidence)
+                increase = boot.quantile(point[2], confidence)
             if increase > value + 1e-9:
                 break
             ok.append(point)
         if ok:
-            best_thr, best = min(ok, key=lambda p: (p[1]["avg_layers"], p[1]["wer"]))
+            best_thr, best, best_exits = min(ok, key=lambda p: (p[1]["avg_layers"], p[1]["wer"]))
         else:
             # Even the most conservative threshold stops some utterances early: scores at
             # the top of the policy's range (an N-best posterior of exactly 1 when the beam
             # holds one hypothesis) always stop. Take the lowest dev WER, deeper on ties.
-            best_thr, best = min(points, key=lambda p: (p[1]["wer"], -p[1]["avg_layers"]))
+            best_thr, best, best_exits = min(points, key=lambda p: (p[1]["wer"], -p[1]["avg_layers"]))
             logger.warning("%s: no threshold keeps the dev WER within %.2f points of the last "
                            "exit (%.2f)%s; using %.4g (dev WER %.2f)", name, value, last["wer"],
                            "" if confidence is None else f" at confidence {confidence}",
@@ -261,13 +265,13 @@ def calibrate(outputs: ExitOutputs, scorer: ConfidencePolicy, name: str,
     elif target == "avg_layers":
         ok = [p for p in points if p[1]["avg_layers"] <= value + 1e-9]
         if ok:
-            best_thr, best = min(ok, key=lambda p: (p[1]["wer"], -p[1]["avg_layers"]))
+            best_thr, best, best_exits = min(ok, key=lambda p: (p[1]["wer"], -p[1]["avg_layers"]))
         else:  # the target is below the first exit: stop as early as the policy can
-            best_thr, best = min(points, key=lambda p: (p[1]["avg_layers"], p[1]["wer"]))
+            best_thr, best, best_exits = min(points, key=lambda p: (p[1]["avg_layers"], p[1]["wer"]))
     else:
         raise ValueError(f"calibration_target: accepted values are 'max_wer_increase' and "
                          f"'avg_layers', got {target!r}")
-    increases = boot.increases(confidence_exits(outputs, scorer, name, best_thr))
+    increases = boot.increases(best_exits)
     interval = [round(float(torch.quantile(increases, q)), 2) for q in (0.05, 0.95)]
     return {"threshold": float(best_thr), "dev": best, "dev_last_exit": last,
             "dev_increase_interval": interval}
