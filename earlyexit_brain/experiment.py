@@ -17,6 +17,7 @@ from .config import ConfigError, check_hparams_file, read_raw_hparams
 from .evaluation import POLICY_DEFAULTS, run_policy_evaluation
 from .ngram import lm_summary, prepare_recipe_lm
 from .report import build_report, write_report
+from .utils import atomic_write_text
 
 logger = logging.getLogger(__name__)
 
@@ -127,11 +128,11 @@ def with_policy_defaults(hparams_file: str) -> str:
 
 
 def _rewrite(path: str, text: str) -> str:
-    """Write ``text`` over ``path``, or to a temporary copy if ``path`` cannot be
-    written; returns the path written."""
+    """Replace ``path`` with ``text`` atomically (a crash leaves the old file or the new
+    one, never a truncated one; the permissions are kept), or write a temporary copy if
+    its folder cannot be written; returns the path written."""
     try:
-        with open(path, "w") as fout:
-            fout.write(text)
+        atomic_write_text(path, text)
         return path
     except OSError:
         with tempfile.NamedTemporaryFile("w", suffix="_hyperparams.yaml", delete=False) as fout:

@@ -9,12 +9,29 @@ from typing import Iterator, Optional
 import torch
 
 
+def _file_mode(path: str) -> int:
+    """The permission bits a file written at ``path`` should have: those of the file it
+    replaces, else what ``open`` would give a new file under the process's umask."""
+    try:
+        return os.stat(path).st_mode & 0o7777
+    except OSError:
+        umask = os.umask(0)
+        os.umask(umask)
+        return 0o666 & ~umask
+
+
 def atomic_write_text(path: str, text: str) -> None:
-    """Write ``text`` to ``path`` so that readers never see a partial file."""
+    """Write ``text`` to ``path`` so that readers never see a partial file.
+
+    The file keeps the permissions of the one it replaces (a new one gets the usual
+    ones under the umask), not the private mode of the temporary file it is written to
+    first, so an experiment folder shared with a group stays readable."""
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
+    mode = _file_mode(path)
     fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=os.path.basename(path))
     try:
+        os.fchmod(fd, mode)
         with os.fdopen(fd, "w") as fout:
             fout.write(text)
             fout.flush()

@@ -136,3 +136,24 @@ def test_an_older_experiment_folder_gets_the_policy_keys_it_lacks(tmp_path, capl
         with_policy_defaults(str(only))
     assert "lacked the exit-policy key(s) calibration_confidence:" in caplog.text
     assert load_hyperpyyaml(only.read_text(), {"calibration_confidence": 0.9})["calibration_confidence"] == 0.9
+
+
+def test_rewritten_and_new_files_keep_their_permissions(tmp_path):
+    """The saved hyperparams.yaml is replaced atomically and keeps its mode (a folder shared
+    with a group stays readable); files the project writes atomically (reports, exported
+    inference folders) get the usual mode under the umask, not the temporary file's 0600."""
+    from earlyexit_brain.utils import atomic_write_text
+
+    saved = tmp_path / "hyperparams.yaml"
+    saved.write_text(SAVED)
+    os.chmod(saved, 0o640)
+    assert with_policy_defaults(str(saved)) == str(saved)
+    assert "calibration_confidence" in saved.read_text()
+    assert os.stat(saved).st_mode & 0o777 == 0o640
+    assert [p.name for p in tmp_path.iterdir()] == ["hyperparams.yaml"]  # no temporary file left
+    old = os.umask(0o022)
+    try:
+        atomic_write_text(str(tmp_path / "report.json"), "{}\n")
+    finally:
+        os.umask(old)
+    assert os.stat(tmp_path / "report.json").st_mode & 0o777 == 0o644
