@@ -9,15 +9,16 @@ from typing import Iterator, Optional
 import torch
 
 
-def _file_mode(path: str) -> int:
-    """The permission bits a file written at ``path`` should have: those of the file it
-    replaces, else what ``open`` would give a new file under the process's umask."""
+def _mode_for(path: str, new: int = 0o666) -> int:
+    """The permission bits for what is written at ``path``: those of the file or folder it
+    replaces, else ``new`` under the process's umask (what ``open``, with 0o666, or
+    ``os.makedirs``, with 0o777, would give), not the private mode of a temporary one."""
     try:
         return os.stat(path).st_mode & 0o7777
     except OSError:
         umask = os.umask(0)
         os.umask(umask)
-        return 0o666 & ~umask
+        return new & ~umask
 
 
 def atomic_write_text(path: str, text: str) -> None:
@@ -28,7 +29,7 @@ def atomic_write_text(path: str, text: str) -> None:
     first, so an experiment folder shared with a group stays readable."""
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
-    mode = _file_mode(path)
+    mode = _mode_for(path)
     fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=os.path.basename(path))
     try:
         os.fchmod(fd, mode)
@@ -47,13 +48,16 @@ def atomic_write_text(path: str, text: str) -> None:
 def atomic_folder(folder: str, prefix: str = ".tmp-") -> Iterator[str]:
     """Build a folder beside ``folder`` (the block writes into the yielded path) and move it
     into place, replacing any previous one, only when the block succeeds; a crash never
-    leaves a half-written ``folder``."""
+    leaves a half-written ``folder``. The folder gets the previous one's permissions, or
+    the usual ones under the umask."""
     folder = os.path.abspath(folder)
     parent = os.path.dirname(folder)
     os.makedirs(parent, exist_ok=True)
+    mode = _mode_for(folder, 0o777)
     tmp = tempfile.mkdtemp(prefix=prefix, dir=parent)
     try:
         yield tmp
+        os.chmod(tmp, mode)  # mkdtemp's 0700 would lock a group out of the folder
         old = None
         if os.path.exists(folder):
             old = tempfile.mkdtemp(prefix=prefix + "old-", dir=parent)

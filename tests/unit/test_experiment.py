@@ -140,9 +140,10 @@ def test_an_older_experiment_folder_gets_the_policy_keys_it_lacks(tmp_path, capl
 
 def test_rewritten_and_new_files_keep_their_permissions(tmp_path):
     """The saved hyperparams.yaml is replaced atomically and keeps its mode (a folder shared
-    with a group stays readable); files the project writes atomically (reports, exported
-    inference folders) get the usual mode under the umask, not the temporary file's 0600."""
-    from earlyexit_brain.utils import atomic_write_text
+    with a group stays readable); files and folders the project writes atomically (reports,
+    exported inference folders) get the usual modes under the umask, not the temporary
+    file's 0600 or folder's 0700, and a replaced folder keeps its mode."""
+    from earlyexit_brain.utils import atomic_folder, atomic_write_text
 
     saved = tmp_path / "hyperparams.yaml"
     saved.write_text(SAVED)
@@ -154,6 +155,14 @@ def test_rewritten_and_new_files_keep_their_permissions(tmp_path):
     old = os.umask(0o022)
     try:
         atomic_write_text(str(tmp_path / "report.json"), "{}\n")
+        with atomic_folder(str(tmp_path / "inference")) as tmp:
+            atomic_write_text(os.path.join(tmp, "hyperparams.yaml"), "a: 1\n")
     finally:
         os.umask(old)
     assert os.stat(tmp_path / "report.json").st_mode & 0o777 == 0o644
+    assert os.stat(tmp_path / "inference").st_mode & 0o777 == 0o755
+    assert os.stat(tmp_path / "inference" / "hyperparams.yaml").st_mode & 0o777 == 0o644
+    os.chmod(tmp_path / "inference", 0o750)
+    with atomic_folder(str(tmp_path / "inference")):  # exported again: the mode stays
+        pass
+    assert os.stat(tmp_path / "inference").st_mode & 0o777 == 0o750
