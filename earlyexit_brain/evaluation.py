@@ -175,9 +175,13 @@ def candidate_thresholds(outputs: ExitOutputs, name: str) -> torch.Tensor:
 
 def threshold_points(outputs: ExitOutputs, scorer: ConfidencePolicy, name: str,
                      thresholds: Sequence[float]) -> List:
-    """``[(threshold, summary), ...]`` of a confidence policy, decision time included."""
-    return [(thr, summarize(outputs, confidence_exits(outputs, scorer, name, thr), overhead=name))
-            for thr in thresholds]
+    """``[(threshold, summary, exits), ...]`` of a confidence policy, decision time included
+    in the summary; ``exits`` (each utterance's chosen exit) is kept for the bootstrap."""
+    points = []
+    for thr in thresholds:
+        exits = confidence_exits(outputs, scorer, name, thr)
+        points.append((thr, summarize(outputs, exits, overhead=name), exits))
+    return points
 
 
 class WerIncreaseBootstrap:
@@ -235,11 +239,7 @@ def calibrate(outputs: ExitOutputs, scorer: ConfidencePolicy, name: str,
         raise ValueError(f"calibration_confidence must be null or a number in (0, 1), got {confidence!r}")
     last = summarize(outputs, torch.full((len(outputs.ids),), outputs.num_exits - 1))
     never = scorer.valid_range[1] if scorer.higher_is_confident else scorer.valid_range[0]
-    thresholds = [never] + candidate_thresholds(outputs, name).tolist()
-    chosen = [confidence_exits(outputs, scorer, name, thr) for thr in thresholds]
-    # (threshold, summary, exits): the exits serve both the summary and the bootstrap
-    points = [(thr, summarize(outputs, exits, overhead=name), exits)
-              for thr, exits in zip(thresholds, chosen)]
+    points = threshold_points(outputs, scorer, name, [never] + candidate_thresholds(outputs, name).tolist())
     boot = WerIncreaseBootstrap(outputs, resamples)
     if target == "max_wer_increase":
         ok = []
@@ -298,7 +298,7 @@ def nearest_depth(outputs: ExitOutputs, scorer: ConfidencePolicy, name: str, avg
     points = threshold_points(outputs, scorer, name, candidate_thresholds(outputs, name).tolist())
     if not points:
         return {}
-    thr, point = min(points, key=lambda p: (abs(p[1]["avg_layers"] - avg_layers), p[1]["wer"]))
+    thr, point, _ = min(points, key=lambda p: (abs(p[1]["avg_layers"] - avg_layers), p[1]["wer"]))
     return {"threshold": thr, **point}
 
 
