@@ -21,7 +21,7 @@ from speechbrain.utils.checkpoints import (average_checkpoints, mark_as_loader, 
 from .exits import CTC_DECODERS, CTCDecoder, ctc_beam_options, frame_mask
 from .losses import exit_distillation_loss, one_call_blank_index, stacked_ctc_losses
 from .models.decoders import add_bos_eos, aed_search_options, make_aed_searcher
-from .utils import tokens_to_text
+from .utils import tokenizer_pieces, tokens_to_text
 
 logger = logging.getLogger(__name__)
 
@@ -562,7 +562,8 @@ class EarlyExitSeq2SeqBrain(EarlyExitCTCBrain):
             cache[key] = make_aed_searcher(
                 getattr(self.modules.decoders, "module", self.modules.decoders),
                 getattr(self.modules.ctc_heads, "module", self.modules.ctc_heads), exit_index,
-                **options)
+                **options, lm_path=getattr(self.hparams, "ctc_lm_path", None),
+                pieces=tokenizer_pieces(self.tokenizer.sp))
         return cache[key]
 
     def decode_exit(self, decoder, exit_index, log_probs, wav_lens, hiddens, stage):

@@ -197,6 +197,9 @@ _RULES: Dict[str, Rule] = {
     "max_decode_ratio": (lambda v: _is_num(v) and v > 0, "a number > 0"),
     "aed_length_normalization": (lambda v: isinstance(v, bool), "true or false"),
     "aed_length_reward": (lambda v: _is_num(v) and v >= 0, "a number >= 0"),
+    "aed_lm_weight": (lambda v: _is_num(v) and v >= 0, "a number >= 0"),
+    "aed_lm_word_bonus": (_is_num, "a number"),
+    "aed_lm_oov_penalty": (lambda v: _is_num(v) and v >= 0, "a number >= 0"),
     "decoder_layers": (lambda v: _is_int(v) and v >= 1, "an integer >= 1"),
     "decoder_d_model": (lambda v: _is_int(v) and v >= 1, "an integer >= 1"),
     "decoder_nhead": (lambda v: _is_int(v) and v >= 1, "an integer >= 1"),
@@ -299,6 +302,14 @@ def _check_decoding(raw: Dict[str, Any], source: str) -> None:
     if uses_aed and "decoders" not in raw:
         raise ConfigError(f"{source}: key 'test_decoders'/'valid_decoder': 'aed_beam' needs attention "
                           f"decoders (a 'decoders' module, e.g. hparams/synthetic/conformer_aed_ee.yaml)")
+    lm_weight = raw.get("aed_lm_weight")
+    if _is_num(lm_weight) and lm_weight > 0:
+        if "decoders" not in raw:
+            raise ConfigError(f"{source}: key 'aed_lm_weight' fuses the n-gram into the attention "
+                              f"decoders' search; this model has no 'decoders' (set it to 0)")
+        if raw.get("ctc_lm_path") is None and not raw.get("ngram_order"):
+            raise ConfigError(f"{source}: key 'aed_lm_weight' ({lm_weight}) needs a word n-gram: set "
+                              f"'ctc_lm_path' or 'ngram_order' (or aed_lm_weight: 0)")
     if "decoders" not in raw:
         return
     indices = {k: raw.get(k) for k in ("blank_index", "bos_index", "eos_index")}

@@ -25,7 +25,7 @@ from tqdm import tqdm
 
 from .models.decoders import aed_search_options
 from .models.pipeline import EarlyExitAEDModel, timed_exits
-from .utils import tokens_to_text
+from .utils import tokenizer_pieces, tokens_to_text
 from .exits import (CTC_DECODERS, BudgetPolicy, ConfidencePolicy, CTCDecoder, EntropyPolicy,
                     GreedyPosteriorPolicy, LatencyTable, NBestPosteriorPolicy, ctc_beam_options,
                     make_ctc_beam_searcher, oracle_exits)
@@ -439,6 +439,9 @@ def run_policy_evaluation(hparams: Dict, tokenizer, valid_data, test_datasets: D
 
     opts = policy_options(hparams)
     model = build_model(hparams).to("cpu").eval()
+    fused = isinstance(model, EarlyExitAEDModel) and model.fuses_lm
+    if fused:  # the attention search fuses the recipe's word n-gram
+        model.use_lm(hparams.get("ctc_lm_path"), tokenizer_pieces(tokenizer))
     blank = int(hparams["blank_index"])
     sample_rate = int(hparams["sample_rate"])
     logger.info("Measuring the per-exit latency table (batch 1, %d threads)", torch.get_num_threads())
@@ -471,7 +474,7 @@ def run_policy_evaluation(hparams: Dict, tokenizer, valid_data, test_datasets: D
         "calibration": result["calibration"],
         "decoding": stored_decoding(decoding, decoder),
     }
-    lm_path = decoder.options["lm_path"] if decoder is not None else None
+    lm_path = decoder.options["lm_path"] if decoder is not None else (model.lm["lm_path"] if fused else None)
     folder = export_inference_folder(os.path.join(hparams["output_folder"], "inference"), model,
                                      features_config(hparams), tokenizer_path, blank, stored, table,
                                      lm_path=lm_path)

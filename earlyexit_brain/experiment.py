@@ -15,6 +15,7 @@ from speechbrain.tokenizers.SentencePiece import SentencePiece
 from .checkpoints import CheckpointMismatchError
 from .config import ConfigError, check_hparams_file, read_raw_hparams
 from .evaluation import POLICY_DEFAULTS, run_policy_evaluation
+from .models.decoders import AED_LM_DEFAULTS
 from .ngram import lm_summary, prepare_recipe_lm
 from .report import build_report, write_report
 from .utils import atomic_write_text
@@ -103,8 +104,9 @@ def relocated_hparams_file(folder: str) -> str:
 
 def with_policy_defaults(hparams_file: str) -> str:
     """``hparams_file`` with every exit-policy key this version reads
-    (:data:`~earlyexit_brain.evaluation.POLICY_DEFAULTS`) that it lacks appended with
-    the value the code assumes when it is absent.
+    (:data:`~earlyexit_brain.evaluation.POLICY_DEFAULTS`; for attention-decoder models
+    also the fused n-gram's, :data:`~earlyexit_brain.models.decoders.AED_LM_DEFAULTS`)
+    that it lacks appended with the value the code assumes when it is absent.
 
     An experiment folder saved before a key existed behaves the same either way, but
     hyperpyyaml refuses an override of a key the file does not have: with the key
@@ -113,16 +115,17 @@ def with_policy_defaults(hparams_file: str) -> str:
     a file that has every key is returned untouched.
     """
     raw = read_raw_hparams(hparams_file)
-    absent = {key: value for key, value in POLICY_DEFAULTS.items() if key not in raw}
+    defaults = dict(POLICY_DEFAULTS, **(AED_LM_DEFAULTS if "decoders" in raw else {}))
+    absent = {key: value for key, value in defaults.items() if key not in raw}
     if not absent:
         return hparams_file
     with open(hparams_file) as fin:
         text = fin.read()
-    text = (text.rstrip("\n") + "\n\n# Exit-policy keys added since this experiment was saved, with the "
+    text = (text.rstrip("\n") + "\n\n# Keys added since this experiment was saved, with the "
             "values the code assumes when they are absent (recipes/evaluate.py)\n"
             + yaml.safe_dump(absent, default_flow_style=False, sort_keys=False))
     path = _rewrite(hparams_file, text)
-    logger.warning("%s lacked the exit-policy key(s) %s: added with the values assumed when absent (%s)",
+    logger.warning("%s lacked the key(s) %s: added with the values assumed when absent (%s)",
                    hparams_file, ", ".join(absent), path)
     return path
 

@@ -37,7 +37,7 @@ from speechbrain.utils.fetching import FetchConfig, LocalStrategy, fetch
 from .exits import (CTCDecoder, ExitPolicy, LatencyTable, POLICY_NAMES, check_exit, make_ctc_beam_searcher,
                     make_policy)
 from .safe_load import check_hparams_text, weights_only_loading
-from .utils import atomic_folder, atomic_write_text, tokens_to_text
+from .utils import atomic_folder, atomic_write_text, tokenizer_pieces, tokens_to_text
 
 logger = logging.getLogger(__name__)
 
@@ -157,6 +157,12 @@ class EarlyExitASR(Pretrained):
         self.latency_table = LatencyTable(**record.data) if record is not None and record.data else None
         self._searcher = None
         self._ctc_decoders: Dict[str, CTCDecoder] = {}
+        if getattr(self.model, "fuses_lm", False):  # the attention search fuses the word n-gram
+            record = getattr(self.hparams, "ngram_lm", None)
+            if record is None:
+                raise ValueError("lm_weight: this model's attention search fuses a word n-gram, "
+                                 "but its folder has no ngram_lm.ckpt")
+            self.model.use_lm(record.path, tokenizer_pieces(self.tokenizer))
 
     def ctc_decoder(self, name: Optional[str] = None) -> CTCDecoder:
         """The CTC decoder ``name`` (default: the one stored with the model, else greedy)."""
@@ -382,7 +388,8 @@ def export_inference_folder(folder: str, model, features_config: Dict, tokenizer
     holding the trained weights; ``features_config`` the Fbank arguments
     (``sample_rate``, ``n_fft``, ``n_mels``, ``hop_length``, ``win_length``);
     ``tokenizer_path`` the SentencePiece ``.model`` file; ``lm_path`` a word n-gram
-    (ARPA or KenLM binary) copied as ``ngram_lm.ckpt`` for CTC beam search. The folder is built
+    (ARPA or KenLM binary) copied as ``ngram_lm.ckpt`` for CTC beam search (or the
+    attention search that fuses it). The folder is built
     beside its destination and moved into place, so a crash never leaves a
     half-written folder behind.
     """
@@ -406,7 +413,7 @@ def export_inference_folder(folder: str, model, features_config: Dict, tokenizer
             encoder_class=_class_path(model.encoder), encoder=_yaml_block(model.encoder.config),
             heads_class=_class_path(model.heads), heads=_yaml_block(model.heads.config),
             **_decoder_parts(model),
-            lm_record=("ngram_lm: !new:earlyexit_brain.inference.FileRecord   # n-gram LM for ctc_beam\n"
+            lm_record=("ngram_lm: !new:earlyexit_brain.inference.FileRecord   # word n-gram (ctc_beam, fused search)\n"
                        if lm_path else ""),
             lm_loadable="        ngram_lm: !ref <ngram_lm>\n" if lm_path else "",
         )

@@ -1,4 +1,4 @@
-"""Word n-gram language models for CTC beam search.
+"""Word n-gram language models for CTC beam search and the attention decoders' search.
 
 A recipe with ``ngram_order: N`` estimates an N-gram model from its training
 transcripts (the ``wrd`` column of ``train_csv``) and writes it in ARPA format,
@@ -23,6 +23,7 @@ weight of ``h``, so every context's distribution sums to one.
 """
 
 import csv
+import functools
 import logging
 import math
 import os
@@ -173,7 +174,8 @@ def prepare_recipe_lm(hparams: Dict) -> Optional[str]:
 
 def lm_summary(hparams: Dict) -> Optional[Dict]:
     """report.json's ``ctc_lm``: the n-gram used by ``ctc_beam`` (file name, order read
-    from an ARPA header, weights), or None without one."""
+    from an ARPA header, weights; ``aed_weight`` and ``aed_word_bonus`` when the attention
+    search fuses it too), or None without one."""
     path = hparams.get("ctc_lm_path")
     if not path:
         return None
@@ -182,6 +184,185 @@ def lm_summary(hparams: Dict) -> Optional[Dict]:
         for _, line in zip(range(20), fin):  # the ARPA header; a binary file has none
             if line.startswith(b"ngram "):
                 order = int(line.split(b"=")[0].split()[1])
-    return {"file": os.path.basename(path), "order": order,
-            "alpha": float(hparams.get("ctc_lm_alpha", 0.5)),
-            "beta": float(hparams.get("ctc_lm_beta", 1.0))}
+    summary = {"file": os.path.basename(path), "order": order,
+               "alpha": float(hparams.get("ctc_lm_alpha", 0.5)),
+               "beta": float(hparams.get("ctc_lm_beta", 1.0))}
+    if float(hparams.get("aed_lm_weight") or 0.0) > 0 and hparams.get("decoders") is not None:
+        summary["aed_weight"] = float(hparams["aed_lm_weight"])
+        summary["aed_word_bonus"] = float(hparams.get("aed_lm_word_bonus", 0.0))
+    return summary
+
+
+def arpa_vocabulary(path: str) -> Optional[List[str]]:
+    """The words of an ARPA file's unigram section (``<s>``, ``</s>``, ``<unk>`` left
+    out), or None for a KenLM binary file, whose vocabulary the bindings do not list."""
+    with open(path, "rb") as fin:
+        if not fin.readline().strip().startswith(b"\\data\\"):
+            return None
+        words, inside = [], False
+        for raw in fin:
+            line = raw.decode("utf-8").strip()
+            if line.startswith("\\"):
+                if inside:
+                    break
+                inside = line == "\\1-grams:"
+                continue
+            if inside and line:
+                word = line.split("\t")[1] if "\t" in line else line.split()[1]
+                if word not in (BOS, EOS, UNK):
+                    words.append(word)
+    return words
+
+
+@functools.lru_cache(maxsize=4)
+def _loaded_ngram(path: str, mtime_ns: int, size: int):
+    """A KenLM model and the prefixes of its words (None for a binary file), loaded once
+    for all the exits' searchers (the file's time and size in the key: a rewritten file
+    is loaded again)."""
+    import kenlm
+
+    words = arpa_vocabulary(path)
+    prefixes = None if words is None else {w[:i] for w in words for i in range(1, len(w) + 1)}
+    return kenlm.Model(path), prefixes
+
+
+class WordNgramScorer:
+    """A word n-gram (KenLM) as a full scorer of SpeechBrain's token-level beam searches.
+
+    SpeechBrain's own ``KenLMScorer`` looks tokens up as the n-gram's words, so it needs
+    an n-gram over tokens; this one fuses a *word* n-gram (the recipes' ``ngram_order``
+    model, ``ctc_lm_path``) into the joint CTC/attention search. Each hypothesis carries
+    its n-gram state (the words it has completed) and the partial word after them. A
+    hypothesis's LM score is
+
+        S(y) = sum over its completed words w_i of ln p(w_i | w_{i-2} w_{i-1})
+               + (ln p(</s> | ...) once it has ended)
+               - oov_penalty   (while its partial word is a prefix of no word of the n-gram)
+
+    and the score of token ``t`` is ``weight * (S(y t) - S(y))``, plus ``word_bonus`` for
+    each word it completes (as ``ctc_lm_alpha`` and ``ctc_lm_beta`` do in CTC beam search): a piece that starts a word
+    (``▁...``) or ``</s>`` completes the partial word and adds its log-probability;
+    a piece inside a word adds nothing unless it leaves the n-gram's vocabulary, which
+    costs ``oov_penalty`` at once instead of only when the word ends (the partial-word
+    rule of CTC decoders such as pyctcdecode; ``<unk>`` counts as such a piece). Tokens
+    that are never text (``<s>``, ids the tokenizer has no piece for) are blocked, as
+    SpeechBrain's CTC scorer blocks the blank: they would be free words otherwise. Without an ARPA vocabulary (KenLM binary
+    files) there is no partial-word penalty. Registered under the name ``wordngram``
+    (see :func:`scorer_builder`).
+    """
+
+    def __init__(self, lm_path: str, pieces: Sequence[str], vocab_size: int, eos_index: int,
+                 weight: float = 0.5, word_bonus: float = 0.0, oov_penalty: float = 10.0):
+        import numpy as np
+
+        try:
+            import kenlm
+        except ImportError as err:
+            raise ValueError("aed_lm_weight: fusing the n-gram into the attention search needs "
+                             "the KenLM bindings (requirements.txt)") from err
+        if not os.path.isfile(lm_path):
+            raise ValueError(f"ctc_lm_path: no such n-gram file: {lm_path}")
+        self.np, self.kenlm = np, kenlm
+        stat = os.stat(lm_path)
+        self.lm, self.prefixes = _loaded_ngram(os.path.abspath(lm_path), stat.st_mtime_ns, stat.st_size)
+        self.ln10 = math.log(10.0)
+        self.weight, self.word_bonus = float(weight), float(word_bonus)
+        self.oov_penalty = float(oov_penalty)
+        # token kinds: 0 is never text (<s>, control pieces, ids without a piece: blocked),
+        # 1 starts a word, 2 continues one (<unk>: a character no word has), 3 is </s>
+        self.vocab_size = int(vocab_size)
+        self.kind = np.zeros(self.vocab_size, dtype=np.int64)
+        self.text = [""] * self.vocab_size
+        for i, piece in enumerate(pieces[:self.vocab_size]):
+            if piece == UNK:
+                self.kind[i], self.text[i] = 2, "\x00"
+            elif not (piece.startswith("<") and piece.endswith(">")):
+                self.kind[i] = 1 if piece.startswith("\u2581") else 2
+                self.text[i] = piece.lstrip("\u2581")
+        self.kind[eos_index] = 3
+        self.never = np.flatnonzero(self.kind == 0)
+        self.starts = np.flatnonzero(self.kind == 1)
+        self.inside = np.flatnonzero(self.kind == 2)
+        self.eos_index = int(eos_index)
+        self.start_penalty = np.array([self._penalty(self.text[i]) for i in self.starts])
+        self._rows: Dict = {}
+        self._words: Dict = {}
+
+    def _penalty(self, partial: str) -> float:
+        if not partial or self.prefixes is None or partial in self.prefixes:
+            return 0.0
+        return -self.oov_penalty
+
+    def _word(self, state, word: str):
+        """(ln p(word | state), the state after it), cached per decoding batch."""
+        key = (state, word)
+        if key not in self._words:
+            out = self.kenlm.State()
+            self._words[key] = (self.lm.BaseScore(state, word, out) * self.ln10, out)
+        return self._words[key]
+
+    def _advance(self, hyp, token: int):
+        state, partial = hyp
+        kind = self.kind[token] if 0 <= token < self.vocab_size else 0
+        if kind == 1:
+            if partial:
+                state = self._word(state, partial)[1]
+            return state, self.text[token]
+        if kind == 2:
+            return state, partial + self.text[token]
+        return hyp
+
+    def _row(self, hyp):
+        """The score of every token after ``hyp`` (cached per decoding batch)."""
+        if hyp not in self._rows:
+            state, partial = hyp
+            np = self.np
+            row = np.zeros(self.vocab_size, dtype=np.float32)
+            before = self._penalty(partial)
+            done, after = (self._word(state, partial) if partial else (0.0, state))
+            row[self.starts] = done + self.start_penalty - before
+            row[self.inside] = [self._penalty(partial + self.text[i]) - before for i in self.inside]
+            row[self.eos_index] = done + self._word(after, EOS)[0] - before
+            row *= self.weight
+            row[self.never] = -1e20  # as SpeechBrain's scorers block tokens
+            if partial:
+                row[self.starts] += self.word_bonus
+                row[self.eos_index] += self.word_bonus
+            self._rows[hyp] = row
+        return self._rows[hyp]
+
+    def score(self, inp_tokens, memory, candidates, attn):
+        """Scores ``(batch x beam, vocab)`` of every next token, and the hypotheses' states
+        after ``inp_tokens`` (the tokens chosen at the previous step)."""
+        import torch
+
+        tokens = inp_tokens.tolist()
+        if memory is None:
+            start = self.kenlm.State()
+            self.lm.BeginSentenceWrite(start)
+            memory = [(start, "")] * len(tokens)
+        hyps = [self._advance(hyp, token) for hyp, token in zip(memory, tokens)]
+        rows = self.np.stack([self._row(hyp) for hyp in hyps])
+        return torch.from_numpy(rows).to(inp_tokens.device), hyps
+
+    def permute_mem(self, memory, index):
+        """The states of the hypotheses the beam kept (``index``: their predecessors)."""
+        return [memory[i] for i in index.tolist()]
+
+    def reset_mem(self, x, enc_lens):
+        """A new batch: forget the cached scores (memory starts at ``<s>`` in :meth:`score`)."""
+        self._rows, self._words = {}, {}
+        return None
+
+
+def scorer_builder(full_scorers, weights):
+    """SpeechBrain's ``ScorerBuilder`` that also accepts :class:`WordNgramScorer` (weight
+    key ``wordngram``, 1: the scorer weighs itself); SpeechBrain admits only its own
+    scorers' names."""
+    from speechbrain.decoders import ScorerBuilder
+
+    class _Builder(ScorerBuilder):
+        def _validate_scorer(self, scorer_names):
+            super()._validate_scorer(list(scorer_names) + ["wordngram"])
+
+    return _Builder(full_scorers=full_scorers, weights=weights)

@@ -72,6 +72,9 @@ def report_markdown(report: Dict) -> str:
     if decoders[0] == "ctc_beam" and lm:
         words += (f" with a word {lm['order'] or 'n'}-gram LM ({lm['file']}, alpha {lm['alpha']:g}, "
                   f"beta {lm['beta']:g})")
+    if decoders[0] == "aed_beam" and lm and "aed_weight" in lm:
+        words += (f" with a word {lm['order'] or 'n'}-gram LM fused ({lm['file']}, weight "
+                  f"{lm['aed_weight']:g}, word bonus {lm['aed_word_bonus']:g})")
     lines.append(f"WER and CER in percent, {words} at each exit.")
     if len(decoders) > 1 and report["exits"] and "decoders" in report["exits"][0]["sets"][sets[0]]:
         lines += ["", *decoder_markdown(report, decoders, sets)]

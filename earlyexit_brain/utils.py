@@ -4,7 +4,7 @@ import contextlib
 import os
 import shutil
 import tempfile
-from typing import Iterator, Optional
+from typing import Iterator, List, Optional
 
 import torch
 
@@ -89,6 +89,11 @@ def tokens_to_text(tokenizer, ids) -> str:
     size = tokenizer.vocab_size()
     ids = [int(i) for i in ids if 0 <= int(i) < size]
     return tokenizer.decode_ids(ids) if ids else ""
+
+
+def tokenizer_pieces(tokenizer) -> List[str]:
+    """Every piece of a SentencePieceProcessor, by id."""
+    return [tokenizer.id_to_piece(i) for i in range(tokenizer.get_piece_size())]
 
 
 def valid_frames(x: torch.Tensor, lengths: Optional[torch.Tensor]) -> torch.Tensor:

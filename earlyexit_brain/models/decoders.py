@@ -169,15 +169,23 @@ def make_aed_searcher(decoders: ExitDecoders, ctc_heads, exit_index: int, bos_in
                       eos_index: int, blank_index: int = 0, beam_size: int = 10,
                       ctc_weight: float = 0.4, length_normalization: bool = True,
                       length_reward: float = 0.0, max_decode_ratio: float = 1.0,
-                      topk: int = 1):
+                      topk: int = 1, lm_path: Optional[str] = None, lm_weight: float = 0.0,
+                      pieces: Optional[Sequence[str]] = None, lm_word_bonus: float = 0.0,
+                      lm_oov_penalty: float = 10.0):
     """SpeechBrain's joint CTC/attention beam search over one exit's decoder and CTC head.
 
     ``ctc_weight`` in [0, 1] weighs the CTC prefix score against the decoder's
     (0: attention only); ``length_reward`` adds a per-token bonus (SpeechBrain's
     ``LengthScorer``; it cannot be combined with ``length_normalization``).
+    ``lm_weight`` > 0 fuses the word n-gram ``lm_path`` into the search
+    (:class:`~earlyexit_brain.ngram.WordNgramScorer` over the tokenizer's ``pieces``),
+    with ``lm_word_bonus`` per word and ``lm_oov_penalty`` for a partial word that no
+    word of the n-gram starts with.
     """
-    from speechbrain.decoders import CTCScorer, S2STransformerBeamSearcher, ScorerBuilder
+    from speechbrain.decoders import CTCScorer, S2STransformerBeamSearcher
     from speechbrain.decoders.scorer import LengthScorer
+
+    from ..ngram import scorer_builder
 
     check_search_options(beam_size, ctc_weight)
     full, weights = [], {}
@@ -191,13 +199,26 @@ def make_aed_searcher(decoders: ExitDecoders, ctc_heads, exit_index: int, bos_in
                              "set one of them off")
         full.append(LengthScorer(vocab_size=decoders.config["vocab_size"]))
         weights["length"] = length_reward
-    scorer = ScorerBuilder(full_scorers=full, weights=weights) if full else None
+    if lm_weight:
+        from ..ngram import WordNgramScorer
+
+        if lm_path is None or pieces is None:
+            raise ValueError("aed_lm_weight: fusing a word n-gram needs the n-gram (ctc_lm_path or "
+                             "ngram_order) and the tokenizer's pieces")
+        full.append(WordNgramScorer(lm_path, pieces, decoders.config["vocab_size"], eos_index,
+                                    lm_weight, lm_word_bonus, lm_oov_penalty))
+        weights["wordngram"] = 1.0
+    scorer = scorer_builder(full_scorers=full, weights=weights) if full else None
     return S2STransformerBeamSearcher(
         modules=[decoders.decoders[exit_index], decoders.out[exit_index]],
         bos_index=bos_index, eos_index=eos_index, min_decode_ratio=0.0,
         max_decode_ratio=max_decode_ratio, beam_size=beam_size, scorer=scorer,
         length_normalization=length_normalization, using_eos_threshold=False,
         return_topk=topk > 1, topk=topk)
+
+
+# the fused word n-gram's keys (``aed_`` + the search option) and their defaults: not fused
+AED_LM_DEFAULTS = {"aed_lm_weight": 0.0, "aed_lm_word_bonus": 0.0, "aed_lm_oov_penalty": 10.0}
 
 
 def aed_search_options(get) -> Dict:
@@ -211,7 +232,8 @@ def aed_search_options(get) -> Dict:
                 ctc_weight=float(get("decode_ctc_weight", 0.4)),
                 length_normalization=bool(get("aed_length_normalization", True)),
                 length_reward=float(get("aed_length_reward", 0.0)),
-                max_decode_ratio=float(get("max_decode_ratio", 1.0)))
+                max_decode_ratio=float(get("max_decode_ratio", 1.0)),
+                **{key[4:]: float(get(key, default)) for key, default in AED_LM_DEFAULTS.items()})
 
 
 def check_search_options(beam_size: int, ctc_weight: float):

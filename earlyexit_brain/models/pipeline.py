@@ -99,7 +99,8 @@ class EarlyExitAEDModel(EarlyExitCTCModel):
     def __init__(self, compute_features, normalize, encoder, heads, decoders, bos_index: int,
                  eos_index: int, blank_index: int = 0, beam_size: int = 10, ctc_weight: float = 0.4,
                  length_normalization: bool = True, length_reward: float = 0.0,
-                 max_decode_ratio: float = 1.0, default_exit: Optional[int] = None):
+                 max_decode_ratio: float = 1.0, lm_weight: float = 0.0, lm_word_bonus: float = 0.0,
+                 lm_oov_penalty: float = 10.0, default_exit: Optional[int] = None):
         super().__init__(compute_features, normalize, encoder, heads, default_exit)
         if decoders.num_exits != self.num_exits:
             raise ValueError(f"decoders: {decoders.num_exits} decoders for {self.num_exits} exits")
@@ -109,8 +110,22 @@ class EarlyExitAEDModel(EarlyExitCTCModel):
                                    ctc_weight=float(ctc_weight),
                                    length_normalization=bool(length_normalization),
                                    length_reward=float(length_reward),
-                                   max_decode_ratio=float(max_decode_ratio))
+                                   max_decode_ratio=float(max_decode_ratio),
+                                   lm_weight=float(lm_weight), lm_word_bonus=float(lm_word_bonus),
+                                   lm_oov_penalty=float(lm_oov_penalty))
         self._searchers: Dict[int, torch.nn.Module] = {}  # not registered: no extra weights
+        self.lm: Dict = {}
+
+    @property
+    def fuses_lm(self) -> bool:
+        """Whether the search fuses a word n-gram (search option ``lm_weight`` > 0)."""
+        return self.search_options["lm_weight"] > 0
+
+    def use_lm(self, lm_path: Optional[str], pieces: Sequence[str]):
+        """The word n-gram file and the tokenizer's pieces that a search with
+        ``lm_weight`` > 0 fuses (the weights are search options)."""
+        self.lm = {"lm_path": lm_path, "pieces": list(pieces)}
+        self._searchers = {}
 
     def searcher(self, exit_index: int):
         """The joint CTC/attention beam searcher of one exit (built once)."""
@@ -118,7 +133,7 @@ class EarlyExitAEDModel(EarlyExitCTCModel):
             from .decoders import make_aed_searcher
 
             self._searchers[exit_index] = make_aed_searcher(self.decoders, self.heads, exit_index,
-                                                            **self.search_options)
+                                                            **self.search_options, **self.lm)
         return self._searchers[exit_index]
 
     @torch.no_grad()

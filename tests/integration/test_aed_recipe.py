@@ -35,6 +35,9 @@ def test_report_has_every_decoder_at_every_exit(aed_run, smoke_run):
     assert report["exits"][0]["params_to_exit"] > ctc_report["exits"][0]["params_to_exit"]
     md = (out / "report.md").read_text()
     assert "joint CTC/attention beam search" in md and "## Decoders" in md
+    # the word 2-gram is fused into the joint search (smoke_aed.yaml's aed_lm_weight)
+    assert report["ctc_lm"]["aed_weight"] == 0.5 and report["ctc_lm"]["aed_word_bonus"] == 1.0
+    assert "2-gram LM fused" in md
     assert "WER_ctc_beam_exit1" in (out / "train_log.txt").read_text()
 
 
@@ -53,6 +56,8 @@ def test_exported_aed_model_transcribes_at_each_exit(aed_run):
     out, data, _ = aed_run
     asr = EarlyExitASR.from_hparams(source=str(out / "inference"))
     assert isinstance(asr.model, EarlyExitAEDModel)
+    assert asr.model.search_options["lm_weight"] == 0.5  # it fuses the n-gram it ships
+    assert (out / "inference" / "ngram_lm.ckpt").is_file() and asr.model.lm["lm_path"]
     wav = sorted((data / "wavs" / "test").glob("*.wav"))[0]
     for exit_ in (1, 2):
         result = asr.transcribe_file(str(wav), exit=exit_)

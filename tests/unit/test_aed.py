@@ -391,3 +391,138 @@ def test_ctc_beam_search_with_an_ngram_lm_prefers_the_lm_word(sp, tmp_path):
     text = lambda s: " ".join(s(log_probs, torch.ones(1))[0][0].text.split())  # noqa: E731
     assert greedy.startswith("THE CAP") and text(plain) == "THE CAP"
     assert text(with_lm) == "THE CAT"
+
+
+# ------------------------------------------------- word n-gram in the search
+LM_TEXT = ["THE CAT SAT ON THE MAT", "THE DOG SAT", "A CAT SAT ON A MAT", "THE FOX SAT ON THE DOG"]
+
+
+@pytest.fixture(scope="module")
+def arpa(tmp_path_factory):
+    from earlyexit_brain.ngram import arpa_text
+
+    path = tmp_path_factory.mktemp("lm") / "lm3.arpa"
+    path.write_text(arpa_text(LM_TEXT, 3))
+    return str(path)
+
+
+def scored_sentence(scorer, ids):
+    """Feed ``ids`` then </s> through the scorer one step at a time (two copies of the
+    hypothesis, the beam's rows swapped after each step); each step's scores of the next token."""
+    memory, inp, steps = None, torch.tensor([BOS, BOS]), []
+    for token in list(ids) + [EOS]:
+        scores, memory = scorer.score(inp, memory, None, None)
+        assert torch.equal(scores[0], scores[1])
+        steps.append(float(scores[0, token]))
+        memory = scorer.permute_mem(memory, torch.tensor([1, 0]))
+        inp = torch.tensor([token, token])
+    return steps
+
+
+def test_word_ngram_scores_add_up_to_the_weighted_sentence_log_probability(sp, arpa):
+    import kenlm
+
+    from earlyexit_brain.ngram import WordNgramScorer
+    from earlyexit_brain.utils import tokenizer_pieces
+
+    lm = kenlm.Model(arpa)
+    scorer = WordNgramScorer(arpa, tokenizer_pieces(sp), 32, EOS, weight=0.7, word_bonus=0.5,
+                             oov_penalty=10.0)
+    scorer.reset_mem(torch.zeros(2, 3, 16), torch.ones(2))
+    ln10 = 2.302585092994046
+    steps = scored_sentence(scorer, sp.encode_as_ids("THE CAT SAT"))
+    expected = 0.7 * ln10 * lm.score("THE CAT SAT") + 0.5 * 3
+    assert sum(steps) == pytest.approx(expected, abs=1e-4)
+    # a piece inside a word costs nothing while the word can still become one of the LM's ...
+    ids = sp.encode_as_ids("THE CQT")
+    steps = scored_sentence(scorer, ids)
+    assert steps[5] == 0.0  # "C": CAT still possible
+    # ... and the penalty as soon as it cannot, taken back when the word ends as <unk>
+    assert steps[6] == pytest.approx(-0.7 * 10.0)
+    unk = lm.score("THE CQT")  # KenLM scores the unknown word as <unk>
+    assert sum(steps) == pytest.approx(0.7 * ln10 * unk + 0.5 * 2, abs=1e-4)
+
+
+def test_fused_search_hypotheses_are_words_of_the_ngram(sp, arpa):
+    from earlyexit_brain.utils import tokenizer_pieces
+
+    enc, heads, decoders = parts(seed=3)
+    torch.manual_seed(3)
+    hidden = torch.randn(2, 40, 16)
+    words = {w for s in LM_TEXT for w in s.split()}
+
+    def decode(**lm):
+        searcher = make_aed_searcher(decoders, heads, 1, BOS, EOS, beam_size=4, ctc_weight=0.4,
+                                     max_decode_ratio=0.5, **lm)
+        with torch.no_grad():
+            hyps = searcher(hidden, torch.ones(2))[0]
+        return [tokens_to_text(sp, h).split() for h in hyps]
+
+    def starts_a_word(w):  # the search may stop at its length limit inside a word
+        return any(v.startswith(w) for v in words)
+
+    plain = decode()
+    assert not all(starts_a_word(w) for h in plain for w in h)  # the untrained decoder's text
+    fused = decode(lm_path=arpa, lm_weight=5.0, pieces=tokenizer_pieces(sp))
+    assert all(len(h) > 1 and all(w in words for w in h[:-1]) and starts_a_word(h[-1])
+               for h in fused), fused
+    with pytest.raises(ValueError, match="aed_lm_weight"):
+        make_aed_searcher(decoders, heads, 1, BOS, EOS, lm_weight=0.5)  # no n-gram given
+
+
+def test_exported_model_with_a_fused_ngram_loads_and_uses_it(sp, sp_path, arpa, tmp_path):
+    from earlyexit_brain.utils import tokenizer_pieces
+
+    enc, heads, decoders = parts()
+    normalize = InputNormalization(norm_type="global")
+    fbank = Fbank(n_mels=20)
+    normalize(fbank(torch.randn(2, SR)), torch.ones(2))
+    model = EarlyExitAEDModel(fbank, normalize, enc, heads, decoders, bos_index=BOS, eos_index=EOS,
+                              beam_size=3, max_decode_ratio=0.5, lm_weight=2.0,
+                              lm_word_bonus=0.5).eval()
+    model.use_lm(arpa, tokenizer_pieces(sp))
+    features = {"sample_rate": SR, "n_fft": 400, "n_mels": 20, "hop_length": 10, "win_length": 25}
+    policies = {"default": {"policy": "fixed", "exit": 2}}
+    folder = export_inference_folder(str(tmp_path / "inference"), model, features, sp_path, 0,
+                                     policies, lm_path=arpa)
+    asr = EarlyExitASR.from_hparams(source=folder, savedir=str(tmp_path / "saved"))
+    assert asr.model.search_options["lm_weight"] == 2.0 and asr.model.lm["lm_path"]
+    wav = torch.from_numpy(tone(1.0, seed=3)).float()[None]
+    res = asr.transcribe_batch(wav, exit=2)[0]
+    with torch.no_grad():
+        hidden = model.encoder(model.features(wav, torch.ones(1)), torch.ones(1))[1]
+    assert res.text == tokens_to_text(sp, model.decode_exit(1, hidden)[0])
+    # a folder whose model fuses an n-gram it does not ship cannot load
+    bare = export_inference_folder(str(tmp_path / "bare"), model, features, sp_path, 0, policies)
+    with pytest.raises(ValueError, match="ngram_lm"):
+        EarlyExitASR.from_hparams(source=bare, savedir=str(tmp_path / "saved_bare"))
+
+
+def test_the_brain_fuses_the_recipe_ngram_into_its_test_search(sp, arpa):
+    brain = seq2seq_brain()
+    brain.tokenizer = types.SimpleNamespace(sp=sp)
+    brain.hparams.beam_size = 2
+    brain.hparams.ctc_lm_path = arpa
+    assert "wordngram" not in brain.aed_searcher(0, sb.Stage.TEST).scorer.full_scorers
+    brain.hparams.aed_lm_weight = 0.5
+    del brain._aed_searchers
+    scorer = brain.aed_searcher(0, sb.Stage.TEST).scorer.full_scorers["wordngram"]
+    assert scorer.weight == 0.5
+
+
+@pytest.mark.parametrize("key, value", [("aed_lm_weight", -0.5), ("aed_lm_oov_penalty", -1.0),
+                                        ("aed_lm_word_bonus", "x")])
+def test_bad_fusion_keys_are_named(key, value):
+    with pytest.raises(ConfigError, match=key):
+        check_hparams(dict(BASE, **{key: value}))
+
+
+def test_fusion_needs_an_ngram_and_decoders():
+    with pytest.raises(ConfigError, match="aed_lm_weight.*ngram_order"):
+        check_hparams(dict(BASE, aed_lm_weight=0.5, ngram_order=0))
+    raw = dict(BASE, aed_lm_weight=0.5, ngram_order=3, test_decoders=["ctc_greedy"],
+               valid_decoder="ctc_greedy")
+    check_hparams(raw)
+    del raw["decoders"]
+    with pytest.raises(ConfigError, match="aed_lm_weight.*decoders"):
+        check_hparams(raw)

@@ -134,8 +134,16 @@ def test_an_older_experiment_folder_gets_the_policy_keys_it_lacks(tmp_path, capl
     assert "calibration_confidence" not in only.read_text()
     with caplog.at_level(logging.WARNING):
         with_policy_defaults(str(only))
-    assert "lacked the exit-policy key(s) calibration_confidence:" in caplog.text
+    assert "lacked the key(s) calibration_confidence:" in caplog.text
     assert load_hyperpyyaml(only.read_text(), {"calibration_confidence": 0.9})["calibration_confidence"] == 0.9
+    assert "aed_lm_weight" not in only.read_text()  # a CTC model has no attention search
+    # an attention-decoder experiment saved before the fused n-gram's keys gets them too
+    aed = tmp_path / "aed" / "hyperparams.yaml"
+    aed.parent.mkdir()
+    aed.write_text(text + "decoders: null\n")
+    with_policy_defaults(str(aed))
+    loaded = load_hyperpyyaml(aed.read_text(), {"aed_lm_weight": 0.9})
+    assert loaded["aed_lm_weight"] == 0.9 and loaded["aed_lm_oov_penalty"] == 10.0
 
 
 def test_rewritten_and_new_files_keep_their_permissions(tmp_path):
