@@ -38,7 +38,7 @@ MODEL_FILES = ("hyperparams.yaml", "model.ckpt", "normalizer.ckpt", "tokenizer.c
 EXAMPLE_FILE = "example.wav"
 PLOT_FILE = "wer_vs_compute.png"
 MAX_EXAMPLE_SECONDS = 10.0
-OPTIONAL_FILES = ("ngram_lm.ckpt",)  # the n-gram LM of models decoded with ctc_beam
+OPTIONAL_FILES = ("ngram_lm.ckpt",)  # the n-gram of models decoded with ctc_beam or a fused aed_beam
 
 _REPO_ID = re.compile(r"^[A-Za-z0-9](?:[A-Za-z0-9._-]{0,94}[A-Za-z0-9])?/"
                       r"[A-Za-z0-9](?:[A-Za-z0-9._-]{0,94}[A-Za-z0-9])?$")
@@ -218,7 +218,8 @@ asr.transcribe_file("example.wav")
 `normalizer.ckpt` (feature statistics), `tokenizer.ckpt` (SentencePiece), `exit_policies.ckpt`
 (calibrated thresholds), `latency_table.ckpt` (per-exit latency measured on the training machine;
 re-measure it on yours for the `budget` policy), `ngram_lm.ckpt` when the model decodes with CTC
-beam search and a word n-gram (ARPA text), `report.json` (every figure above), `example.wav`.
+beam search and a word n-gram, or fuses one into its attention search (ARPA text), `report.json`
+(every figure above), `example.wav`.
 
 Published with earlyexit_brain {version}.
 """
