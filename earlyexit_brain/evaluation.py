@@ -474,7 +474,8 @@ def run_policy_evaluation(hparams: Dict, tokenizer, valid_data, test_datasets: D
         "calibration": result["calibration"],
         "decoding": stored_decoding(decoding, decoder),
     }
-    lm_path = decoder.options["lm_path"] if decoder is not None else (model.lm["lm_path"] if fused else None)
+    lm_path = (decoder.options["lm_path"] if decoder is not None
+               else model.lm["lm_path"] if fused else None)
     folder = export_inference_folder(os.path.join(hparams["output_folder"], "inference"), model,
                                      features_config(hparams), tokenizer_path, blank, stored, table,
                                      lm_path=lm_path)

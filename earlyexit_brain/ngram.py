@@ -240,13 +240,14 @@ class WordNgramScorer:
                - oov_penalty   (while its partial word is a prefix of no word of the n-gram)
 
     and the score of token ``t`` is ``weight * (S(y t) - S(y))``, plus ``word_bonus`` for
-    each word it completes (as ``ctc_lm_alpha`` and ``ctc_lm_beta`` do in CTC beam search): a piece that starts a word
-    (``▁...``) or ``</s>`` completes the partial word and adds its log-probability;
-    a piece inside a word adds nothing unless it leaves the n-gram's vocabulary, which
-    costs ``oov_penalty`` at once instead of only when the word ends (the partial-word
-    rule of CTC decoders such as pyctcdecode; ``<unk>`` counts as such a piece). Tokens
-    that are never text (``<s>``, ids the tokenizer has no piece for) are blocked, as
-    SpeechBrain's CTC scorer blocks the blank: they would be free words otherwise. Without an ARPA vocabulary (KenLM binary
+    each word it completes (as ``ctc_lm_alpha`` and ``ctc_lm_beta`` do in CTC beam
+    search). A piece that starts a word (``▁...``) or ``</s>`` completes the partial
+    word and adds its log-probability; a piece inside a word adds nothing unless it
+    leaves the n-gram's vocabulary, which costs ``oov_penalty`` at once instead of only
+    when the word ends (the partial-word rule of CTC decoders such as pyctcdecode;
+    ``<unk>`` counts as such a piece). Tokens that are never text (``<s>``, ids the
+    tokenizer has no piece for) are blocked, as SpeechBrain's CTC scorer blocks the
+    blank: they would be free tokens otherwise. Without an ARPA vocabulary (KenLM binary
     files) there is no partial-word penalty. Registered under the name ``wordngram``
     (see :func:`scorer_builder`).
     """

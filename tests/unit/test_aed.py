@@ -419,12 +419,14 @@ def scored_sentence(scorer, ids):
     return steps
 
 
-def test_word_ngram_scores_add_up_to_the_weighted_sentence_log_probability(sp, arpa):
+def test_word_ngram_scores_add_up_to_the_weighted_sentence_log_probability(sp, sp_path, arpa):
     import kenlm
 
-    from earlyexit_brain.ngram import WordNgramScorer
+    from earlyexit_brain.ngram import WordNgramScorer, arpa_vocabulary
     from earlyexit_brain.utils import tokenizer_pieces
 
+    assert sorted(arpa_vocabulary(arpa)) == sorted({w for s in LM_TEXT for w in s.split()})
+    assert arpa_vocabulary(sp_path) is None  # not ARPA (a KenLM binary): no vocabulary
     lm = kenlm.Model(arpa)
     scorer = WordNgramScorer(arpa, tokenizer_pieces(sp), 32, EOS, weight=0.7, word_bonus=0.5,
                              oov_penalty=10.0)
