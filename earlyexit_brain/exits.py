@@ -37,7 +37,9 @@ from typing import Dict, List, Optional, Sequence
 import torch
 from speechbrain.decoders import ctc_greedy_decode
 
-from .utils import atomic_write_text, padding_mask, tokens_to_text, valid_frames
+from .ngram import is_kenlm_binary
+from .utils import (atomic_write_text, padding_mask, tokenizer_pieces, tokens_to_text,
+                    valid_frames)
 
 POLICY_NAMES = ("fixed", "entropy", "posterior", "posterior_greedy", "budget", "oracle")
 
@@ -187,7 +189,7 @@ class GreedyPosteriorPolicy(ConfidencePolicy):
 
 def ctc_vocab_list(tokenizer, size: int) -> List[str]:
     """SentencePiece pieces as a CTC beam searcher's vocabulary, padded to ``size``."""
-    vocab = [tokenizer.id_to_piece(i) for i in range(tokenizer.vocab_size())]
+    vocab = tokenizer_pieces(tokenizer)
     vocab += [f"<unused{i}>" for i in range(size - len(vocab))]
     return vocab
 
@@ -220,17 +222,12 @@ def make_ctc_beam_searcher(tokenizer, vocab_size: int, blank_index: int = 0,
         # the known words for partial-word scoring, whatever the file is called
         # (SpeechBrain reads them only from names ending in .arpa)
         if "unigrams" not in lm_weights and not kenlm_model_path.endswith(".arpa") \
-                and not _is_kenlm_binary(kenlm_model_path):
+                and not is_kenlm_binary(kenlm_model_path):
             lm_weights["unigrams"] = sorted(load_unigram_set_from_arpa(kenlm_model_path))
     cls = CTCPrefixBeamSearcher if prefix else CTCBeamSearcher
     return cls(blank_index=blank_index, vocab_list=ctc_vocab_list(tokenizer, vocab_size),
                space_token="▁", beam_size=beam_size, topk=topk or beam_size,
                kenlm_model_path=kenlm_model_path, **lm_weights)
-
-
-def _is_kenlm_binary(path: str) -> bool:
-    with open(path, "rb") as fin:
-        return fin.read(32).startswith(b"mmap lm http://kheafield.com")
 
 
 #: The decoders of CTC exits (:class:`CTCDecoder`).

@@ -28,7 +28,7 @@ import logging
 import math
 import os
 from collections import Counter, defaultdict
-from typing import Dict, Iterable, List, Optional, Sequence, Tuple
+from typing import Dict, Iterable, List, Optional, Sequence, Set, Tuple
 
 from .utils import atomic_write_text
 
@@ -193,25 +193,21 @@ def lm_summary(hparams: Dict) -> Optional[Dict]:
     return summary
 
 
-def arpa_vocabulary(path: str) -> Optional[List[str]]:
-    """The words of an ARPA file's unigram section (``<s>``, ``</s>``, ``<unk>`` left
-    out), or None for a KenLM binary file, whose vocabulary the bindings do not list."""
+def is_kenlm_binary(path: str) -> bool:
+    """Whether ``path`` is a KenLM binary file (else ARPA text)."""
     with open(path, "rb") as fin:
-        if not fin.readline().strip().startswith(b"\\data\\"):
-            return None
-        words, inside = [], False
-        for raw in fin:
-            line = raw.decode("utf-8").strip()
-            if line.startswith("\\"):
-                if inside:
-                    break
-                inside = line == "\\1-grams:"
-                continue
-            if inside and line:
-                word = line.split("\t")[1] if "\t" in line else line.split()[1]
-                if word not in (BOS, EOS, UNK):
-                    words.append(word)
-    return words
+        return fin.read(32).startswith(b"mmap lm http://kheafield.com")
+
+
+def arpa_vocabulary(path: str) -> Optional[Set[str]]:
+    """The words of an n-gram file's unigrams (SpeechBrain's ARPA reader; ``<s>``,
+    ``</s>`` and ``<unk>`` left out), or None for a KenLM binary file, whose
+    vocabulary the bindings do not list."""
+    if is_kenlm_binary(path):
+        return None
+    from speechbrain.integrations.decoders.kenlm_scorer import load_unigram_set_from_arpa
+
+    return load_unigram_set_from_arpa(path) - {BOS, EOS, UNK}
 
 
 @functools.lru_cache(maxsize=4)

@@ -93,7 +93,7 @@ def tokens_to_text(tokenizer, ids) -> str:
 
 def tokenizer_pieces(tokenizer) -> List[str]:
     """Every piece of a SentencePieceProcessor, by id."""
-    return [tokenizer.id_to_piece(i) for i in range(tokenizer.get_piece_size())]
+    return [tokenizer.id_to_piece(i) for i in range(tokenizer.vocab_size())]
 
 
 def valid_frames(x: torch.Tensor, lengths: Optional[torch.Tensor]) -> torch.Tensor:

@@ -419,14 +419,16 @@ def scored_sentence(scorer, ids):
     return steps
 
 
-def test_word_ngram_scores_add_up_to_the_weighted_sentence_log_probability(sp, sp_path, arpa):
+def test_word_ngram_scores_add_up_to_the_weighted_sentence_log_probability(sp, arpa, tmp_path):
     import kenlm
 
     from earlyexit_brain.ngram import WordNgramScorer, arpa_vocabulary
     from earlyexit_brain.utils import tokenizer_pieces
 
     assert sorted(arpa_vocabulary(arpa)) == sorted({w for s in LM_TEXT for w in s.split()})
-    assert arpa_vocabulary(sp_path) is None  # not ARPA (a KenLM binary): no vocabulary
+    binary = tmp_path / "lm.bin"  # KenLM's binary header: the bindings list no vocabulary
+    binary.write_bytes(b"mmap lm http://kheafield.com" + bytes(64))
+    assert arpa_vocabulary(str(binary)) is None
     lm = kenlm.Model(arpa)
     scorer = WordNgramScorer(arpa, tokenizer_pieces(sp), 32, EOS, weight=0.7, word_bonus=0.5,
                              oov_penalty=10.0)
