@@ -102,8 +102,8 @@ def relocated_hparams_file(folder: str) -> str:
     return path
 
 
-def with_policy_defaults(hparams_file: str) -> str:
-    """``hparams_file`` with every exit-policy key this version reads
+def with_evaluation_defaults(hparams_file: str) -> str:
+    """``hparams_file`` with every evaluation key this version reads: the exit policies'
     (:data:`~earlyexit_brain.evaluation.POLICY_DEFAULTS`; for attention-decoder models
     also the fused n-gram's, :data:`~earlyexit_brain.models.decoders.AED_LM_DEFAULTS`)
     that it lacks appended with the value the code assumes when it is absent.

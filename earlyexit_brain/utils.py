@@ -16,9 +16,22 @@ def _mode_for(path: str, new: int = 0o666) -> int:
     try:
         return os.stat(path).st_mode & 0o7777
     except OSError:
-        umask = os.umask(0)
-        os.umask(umask)
-        return new & ~umask
+        return new & ~current_umask()
+
+
+def current_umask() -> int:
+    """The process's umask, read from ``/proc/self/status`` where Linux gives it (setting
+    and restoring it, the only portable way, would race with other threads' files)."""
+    try:
+        with open("/proc/self/status") as fin:
+            for line in fin:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    umask = os.umask(0)
+    os.umask(umask)
+    return umask
 
 
 def atomic_write_text(path: str, text: str) -> None:

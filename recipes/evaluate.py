@@ -30,7 +30,7 @@ from earlyexit_brain.config import ConfigError  # noqa: E402
 from earlyexit_brain.dataio import dataio_prepare  # noqa: E402
 from earlyexit_brain.experiment import (evaluate_and_report, load_recipe_hparams,  # noqa: E402
                                         relocated_hparams_file, run_recipe, tokenizer_or_exit,
-                                        with_policy_defaults)
+                                        with_evaluation_defaults)
 
 
 def main(argv):
@@ -39,7 +39,7 @@ def main(argv):
         if not os.path.isfile(saved):
             sys.exit(f"Error: {argv[0]} is not an experiment folder (no hyperparams.yaml in it)")
         try:
-            argv = [with_policy_defaults(relocated_hparams_file(argv[0]))] + argv[1:]
+            argv = [with_evaluation_defaults(relocated_hparams_file(argv[0]))] + argv[1:]
         except ConfigError as err:
             sys.exit(f"Configuration error: {err}")
     hparams_file, run_opts, overrides, hparams = load_recipe_hparams(argv)
