@@ -1,6 +1,7 @@
 """Experiment reports: report.json, report.md and a WER-vs-compute plot."""
 
 import json
+import logging
 import os
 from typing import Dict, List, Optional
 
@@ -154,8 +155,18 @@ def policy_markdown(report: Dict) -> List[str]:
     return lines
 
 
+def quiet_matplotlib() -> None:
+    """Keep matplotlib's DEBUG records (hundreds of font-lookup lines per plot) out of an
+    experiment's log.txt, where SpeechBrain logs every logger at DEBUG; a level the user
+    set on the ``matplotlib`` logger is left alone."""
+    mpl_logger = logging.getLogger("matplotlib")
+    if mpl_logger.level == logging.NOTSET:
+        mpl_logger.setLevel(logging.INFO)
+
+
 def plot_wer_vs_compute(report: Dict, path: str) -> Optional[str]:
     """WER of every test set against the fraction of encoder layers computed."""
+    quiet_matplotlib()  # before the import, which logs its paths at DEBUG
     try:
         import matplotlib
 

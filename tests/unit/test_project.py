@@ -57,6 +57,31 @@ def test_report_json_and_markdown(tmp_path):
     assert not [p for p in os.listdir(tmp_path) if "tmp" in p]
 
 
+def test_plot_keeps_matplotlib_debug_records_out_of_the_log(tmp_path, caplog):
+    """SpeechBrain logs every logger at DEBUG into log.txt: drawing the plot must not add
+    matplotlib's font-lookup records there (they were more than half of a run's log)."""
+    import logging
+
+    enc = EarlyExitConformerEncoder(20, 4, 16, 2, 32, [2, 4], kernel_size=3)
+    heads = CTCExitHeads(16, 10, 2)
+    report = build_report(enc, heads, {"test": [{"exit": 1, "wer": 30.0, "cer": 10.0, "n": 5},
+                                                {"exit": 2, "wer": 20.0, "cer": 5.0, "n": 5}]},
+                          {"epochs": 1, "seconds": 1.0})
+    mpl_logger = logging.getLogger("matplotlib")
+    saved = mpl_logger.level
+    mpl_logger.setLevel(logging.NOTSET)
+    caplog.set_level(logging.DEBUG)
+    try:
+        write_report(report, str(tmp_path))
+        assert logging.getLogger("matplotlib.font_manager").getEffectiveLevel() >= logging.INFO
+        assert not [r for r in caplog.records if r.name.startswith("matplotlib") and r.levelno < logging.INFO]
+        mpl_logger.setLevel(logging.DEBUG)  # a level the user chose is kept
+        write_report(report, str(tmp_path))
+        assert mpl_logger.level == logging.DEBUG
+    finally:
+        mpl_logger.setLevel(saved)
+
+
 def test_reliability_table_cites_tests_that_exist(repo_root):
     text = open(os.path.join(repo_root, "docs", "reliability.md")).read()
     rows = [line for line in text.splitlines() if re.match(r"\| \d+ \|", line)]
