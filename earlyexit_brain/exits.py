@@ -30,14 +30,13 @@ Policies (formulas in docs/exit_policies.md):
 
 import json
 import math
-import os
 from dataclasses import dataclass
 from typing import Dict, List, Optional, Sequence
 
 import torch
 from speechbrain.decoders import ctc_greedy_decode
 
-from .ngram import is_kenlm_binary
+from .ngram import check_lm_file, is_kenlm_binary
 from .utils import (atomic_write_text, padding_mask, tokenizer_pieces, tokens_to_text,
                     valid_frames)
 
@@ -208,8 +207,7 @@ def make_ctc_beam_searcher(tokenizer, vocab_size: int, blank_index: int = 0,
     if not isinstance(beam_size, int) or beam_size < 1:
         raise ValueError(f"beam_size: must be an integer >= 1, got {beam_size!r}")
     if kenlm_model_path is not None:
-        if not os.path.isfile(kenlm_model_path):
-            raise ValueError(f"ctc_lm_path: no such n-gram file: {kenlm_model_path}")
+        check_lm_file(kenlm_model_path)
         try:
             import kenlm  # noqa: F401
             import speechbrain.integrations.decoders.kenlm_scorer  # noqa: F401  (needs pygtrie)

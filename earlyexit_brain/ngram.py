@@ -193,6 +193,12 @@ def lm_summary(hparams: Dict) -> Optional[Dict]:
     return summary
 
 
+def check_lm_file(path: str) -> None:
+    """Raise a ValueError naming ``ctc_lm_path`` when the n-gram file ``path`` is missing."""
+    if not os.path.isfile(path):
+        raise ValueError(f"ctc_lm_path: no such n-gram file: {path}")
+
+
 def is_kenlm_binary(path: str) -> bool:
     """Whether ``path`` is a KenLM binary file (else ARPA text)."""
     with open(path, "rb") as fin:
@@ -257,8 +263,7 @@ class WordNgramScorer:
         except ImportError as err:
             raise ValueError("aed_lm_weight: fusing the n-gram into the attention search needs "
                              "the KenLM bindings (requirements.txt)") from err
-        if not os.path.isfile(lm_path):
-            raise ValueError(f"ctc_lm_path: no such n-gram file: {lm_path}")
+        check_lm_file(lm_path)
         self.np, self.kenlm = np, kenlm
         stat = os.stat(lm_path)
         self.lm, self.prefixes = _loaded_ngram(os.path.abspath(lm_path), stat.st_mtime_ns, stat.st_size)

@@ -419,6 +419,19 @@ def scored_sentence(scorer, ids):
     return steps
 
 
+def test_a_missing_ngram_file_is_named_by_both_searches(sp, tmp_path):
+    """The CTC beam search and the fused attention search refuse a missing n-gram file
+    with the same error, naming the key."""
+    from earlyexit_brain.ngram import WordNgramScorer
+    from earlyexit_brain.utils import tokenizer_pieces
+
+    missing = str(tmp_path / "no.arpa")
+    with pytest.raises(ValueError, match=r"ctc_lm_path: no such n-gram file: .*no\.arpa"):
+        make_ctc_beam_searcher(sp, 32, kenlm_model_path=missing)
+    with pytest.raises(ValueError, match=r"ctc_lm_path: no such n-gram file: .*no\.arpa"):
+        WordNgramScorer(missing, tokenizer_pieces(sp), 32, EOS)
+
+
 def test_word_ngram_scores_add_up_to_the_weighted_sentence_log_probability(sp, arpa, tmp_path):
     import kenlm
 

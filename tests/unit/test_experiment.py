@@ -176,7 +176,6 @@ def test_rewritten_and_new_files_keep_their_permissions(tmp_path):
     assert os.stat(tmp_path / "inference").st_mode & 0o777 == 0o750
 
 
-
 def test_new_files_follow_the_umask_without_it_being_set(tmp_path):
     """The umask is read, never set and restored (that would race with other threads'
     files): under a group's 0o027 a new report gets 0o640, and the umask is unchanged."""

@@ -38,12 +38,17 @@ def test_pins_live_in_one_place(repo_root):
     assert "requirements.txt" in setup_sh
 
 
-def test_report_json_and_markdown(tmp_path):
+def tiny_report():
+    """A two-exit encoder, its heads and the report of made-up per-exit results."""
     enc = EarlyExitConformerEncoder(20, 4, 16, 2, 32, [2, 4], kernel_size=3)
     heads = CTCExitHeads(16, 10, 2)
     results = {"test": [{"exit": 1, "wer": 30.0, "cer": 10.0, "n": 5},
                         {"exit": 2, "wer": 20.0, "cer": 5.0, "n": 5}]}
-    report = build_report(enc, heads, results, {"epochs": 2, "seconds": 12.34})
+    return enc, heads, build_report(enc, heads, results, {"epochs": 2, "seconds": 12.34})
+
+
+def test_report_json_and_markdown(tmp_path):
+    enc, heads, report = tiny_report()
     assert report["params_total"] == sum(p.numel() for p in enc.parameters()) + sum(
         p.numel() for p in heads.parameters())
     assert [e["layer"] for e in report["exits"]] == [2, 4]
@@ -62,11 +67,7 @@ def test_plot_keeps_matplotlib_debug_records_out_of_the_log(tmp_path, caplog):
     matplotlib's font-lookup records there (they were more than half of a run's log)."""
     import logging
 
-    enc = EarlyExitConformerEncoder(20, 4, 16, 2, 32, [2, 4], kernel_size=3)
-    heads = CTCExitHeads(16, 10, 2)
-    report = build_report(enc, heads, {"test": [{"exit": 1, "wer": 30.0, "cer": 10.0, "n": 5},
-                                                {"exit": 2, "wer": 20.0, "cer": 5.0, "n": 5}]},
-                          {"epochs": 1, "seconds": 1.0})
+    report = tiny_report()[2]
     mpl_logger = logging.getLogger("matplotlib")
     saved = mpl_logger.level
     mpl_logger.setLevel(logging.NOTSET)
