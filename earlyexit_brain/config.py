@@ -172,6 +172,8 @@ _RULES: Dict[str, Rule] = {
                                "null or a number in (0, 1)"),
     "default_policy": (lambda v: v in _CALIBRATED, "one of " + ", ".join(repr(p) for p in _CALIBRATED)),
     "nbest_beam_size": (lambda v: _is_int(v) and v >= 2, "an integer >= 2"),
+    "nbest_token_prune_logp": (lambda v: v is None or (_is_num(v) and v < 0),
+                               "null or a negative number (a log-probability)"),
     "entropy_normalize": (lambda v: isinstance(v, bool), "true or false"),
     "posterior_greedy_form": (lambda v: v in ("mean", "geometric"), "'mean' or 'geometric'"),
     "latency_durations": (lambda v: isinstance(v, list) and len(v) >= 2

@@ -52,12 +52,14 @@ class ExitOutputs:
 
 
 def build_scorers(tokenizer, vocab_size: int, blank_index: int = 0, beam_size: int = 10,
-                  entropy_normalize: bool = True, greedy_form: str = "mean") -> Dict[str, ConfidencePolicy]:
+                  entropy_normalize: bool = True, greedy_form: str = "mean",
+                  token_prune_min_logp: Optional[float] = None) -> Dict[str, ConfidencePolicy]:
     """The confidence policies whose scores are recorded (thresholds set later)."""
     return {
         "entropy": EntropyPolicy(0.5, normalize=entropy_normalize, vocab_size=vocab_size),
         "posterior": NBestPosteriorPolicy(
-            0.5, make_ctc_beam_searcher(tokenizer, vocab_size, blank_index, beam_size)),
+            0.5, make_ctc_beam_searcher(tokenizer, vocab_size, blank_index, beam_size,
+                                        token_prune_min_logp=token_prune_min_logp)),
         "posterior_greedy": GreedyPosteriorPolicy(0.5, form=greedy_form),
     }
 
@@ -373,6 +375,7 @@ POLICY_DEFAULTS = {
     "calibration_confidence": None,
     "default_policy": "posterior",
     "nbest_beam_size": 10,
+    "nbest_token_prune_logp": None,
     "entropy_normalize": True,
     "posterior_greedy_form": "mean",
     "latency_durations": [2.0, 5.0, 10.0, 20.0],
@@ -400,6 +403,15 @@ def stored_decoding(decoding: Dict, decoder: Optional[CTCDecoder]) -> Dict:
 def policy_options(hparams: Dict) -> Dict:
     """The policy-evaluation keys of a recipe's hparams, with their defaults."""
     return {key: hparams.get(key, default) for key, default in POLICY_DEFAULTS.items()}
+
+
+def nbest_options(opts: Dict) -> Dict:
+    """The N-best posterior's search options stored with an exported model (a folder
+    without ``token_prune_min_logp`` was calibrated with SpeechBrain's default)."""
+    options = {"beam_size": int(opts["nbest_beam_size"])}
+    if opts["nbest_token_prune_logp"] is not None:
+        options["token_prune_min_logp"] = float(opts["nbest_token_prune_logp"])
+    return options
 
 
 def build_model(hparams: Dict):
@@ -448,7 +460,8 @@ def run_policy_evaluation(hparams: Dict, tokenizer, valid_data, test_datasets: D
     table = measure_latency_table(model, sample_rate, opts["latency_durations"])
     vocab = model.heads.heads[0].out_features
     scorers = build_scorers(tokenizer, vocab, blank, opts["nbest_beam_size"],
-                            opts["entropy_normalize"], opts["posterior_greedy_form"])
+                            opts["entropy_normalize"], opts["posterior_greedy_form"],
+                            opts["nbest_token_prune_logp"])
     scorers = {n: s for n, s in scorers.items() if n in opts["policy_sweep"]}
     decoding = report_decoding(hparams)
     decoder = None
@@ -470,7 +483,7 @@ def run_policy_evaluation(hparams: Dict, tokenizer, valid_data, test_datasets: D
         "thresholds": thresholds,
         "options": {"entropy": {"normalize": bool(opts["entropy_normalize"])},
                     "posterior_greedy": {"form": opts["posterior_greedy_form"]},
-                    "posterior": {"beam_size": int(opts["nbest_beam_size"])}},
+                    "posterior": nbest_options(opts)},
         "calibration": result["calibration"],
         "decoding": stored_decoding(decoding, decoder),
     }

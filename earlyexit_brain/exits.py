@@ -193,14 +193,24 @@ def ctc_vocab_list(tokenizer, size: int) -> List[str]:
     return vocab
 
 
+def check_token_prune(value) -> float:
+    """A CTC beam search's ``token_prune_min_logp``: a negative number (a log-probability)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value < 0:
+        raise ValueError(f"token_prune_min_logp: must be a negative log-probability, got {value!r}")
+    return float(value)
+
+
 def make_ctc_beam_searcher(tokenizer, vocab_size: int, blank_index: int = 0,
                            beam_size: int = 10, prefix: bool = False, topk: Optional[int] = None,
-                           kenlm_model_path: Optional[str] = None, **lm_weights):
+                           kenlm_model_path: Optional[str] = None,
+                           token_prune_min_logp: Optional[float] = None, **lm_weights):
     """SpeechBrain CTC beam searcher returning the ``topk``-best list (default: the whole beam).
 
     ``kenlm_model_path``: an n-gram LM (KenLM ``.arpa`` or ``.bin``; needs the
     ``kenlm`` module, from the ``camel-kenlm`` wheels, and ``pygtrie``), weighted by
-    ``alpha``/``beta`` in ``lm_weights``.
+    ``alpha``/``beta`` in ``lm_weights``. ``token_prune_min_logp``: at each frame the
+    search extends its hypotheses only with the tokens whose log-probability is above
+    it (and the best token); None keeps SpeechBrain's default (-5).
     """
     from speechbrain.decoders.ctc import CTCBeamSearcher, CTCPrefixBeamSearcher
 
@@ -222,6 +232,8 @@ def make_ctc_beam_searcher(tokenizer, vocab_size: int, blank_index: int = 0,
         if "unigrams" not in lm_weights and not kenlm_model_path.endswith(".arpa") \
                 and not is_kenlm_binary(kenlm_model_path):
             lm_weights["unigrams"] = sorted(load_unigram_set_from_arpa(kenlm_model_path))
+    if token_prune_min_logp is not None:
+        lm_weights["token_prune_min_logp"] = check_token_prune(token_prune_min_logp)
     cls = CTCPrefixBeamSearcher if prefix else CTCBeamSearcher
     return cls(blank_index=blank_index, vocab_list=ctc_vocab_list(tokenizer, vocab_size),
                space_token="▁", beam_size=beam_size, topk=topk or beam_size,

@@ -189,9 +189,11 @@ class EarlyExitASR(Pretrained):
 
     def _nbest_searcher(self):
         if self._searcher is None:
-            beam = self.policies_config.get("options", {}).get("posterior", {}).get("beam_size", 10)
+            options = self.policies_config.get("options", {}).get("posterior", {})
             vocab = self.model.heads.heads[0].out_features
-            self._searcher = make_ctc_beam_searcher(self.tokenizer, vocab, self.hparams.blank_index, beam)
+            self._searcher = make_ctc_beam_searcher(
+                self.tokenizer, vocab, self.hparams.blank_index, options.get("beam_size", 10),
+                token_prune_min_logp=options.get("token_prune_min_logp"))
         return self._searcher
 
     def make_policy(self, policy: Union[str, ExitPolicy, None] = None, threshold: Optional[float] = None,

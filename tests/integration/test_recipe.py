@@ -95,6 +95,9 @@ def test_exported_model_transcribes(smoke_run):
     asr = EarlyExitASR.from_hparams(source=str(out / "inference"))
     stored = json.loads((out / "inference" / "exit_policies.ckpt").read_text())
     assert stored["default"]["policy"] == "posterior"
+    # the N-best search is configured as calibrated (smoke.yaml's nbest_* keys)
+    assert stored["options"]["posterior"] == {"beam_size": 10, "token_prune_min_logp": -3.0}
+    assert asr._nbest_searcher().token_prune_min_logp == -3.0
     wav = sorted((data / "wavs" / "test").glob("*.wav"))[0]
     result = asr.transcribe_file(str(wav))  # the calibrated posterior policy
     assert result.exit in (1, 2) and result.layers in (1, 2) and isinstance(result.text, str)

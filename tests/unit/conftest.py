@@ -40,7 +40,7 @@ POLICIES = {
     "default": {"policy": "posterior_greedy", "threshold": 0.05},
     "thresholds": {"entropy": 0.99, "posterior": 0.5, "posterior_greedy": 0.05},
     "options": {"entropy": {"normalize": True}, "posterior_greedy": {"form": "mean"},
-                "posterior": {"beam_size": 4}},
+                "posterior": {"beam_size": 4, "token_prune_min_logp": -3.0}},
 }
 
 

@@ -52,6 +52,8 @@ def load_default(repo_root, overrides=None):
         ({"posterior_greedy_form": "median"}, "posterior_greedy_form"),
         ({"latency_durations": [2.0]}, "latency_durations"),
         ({"nbest_beam_size": 1}, "nbest_beam_size"),
+        ({"nbest_token_prune_logp": 0}, "nbest_token_prune_logp"),
+        ({"nbest_token_prune_logp": "low"}, "nbest_token_prune_logp"),
         ({"number_of_epochs": 0}, "number_of_epochs"),
         ({"lr": "fast"}, "lr"),
         ({"dropout": 1.5}, "dropout"),

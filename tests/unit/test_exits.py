@@ -87,6 +87,21 @@ def test_nbest_posterior_with_speechbrain_beam_search():
     assert policy.score(sharp, None).item() > 0.9
     assert policy.score(flat, None).item() < policy.score(sharp, None).item()
 
+    # token pruning: in the middle frame SpeechBrain's -5 searches every token ("A" at
+    # log 0.1 = -2.3, "▁" and "B" at -3.0 besides the blank), -2 only the best (the blank)
+    lp = log_probs_of([[[0.01, 0.01, 0.97, 0.01], [0.8, 0.05, 0.1, 0.05],
+                        [0.01, 0.01, 0.01, 0.97]]])
+    full = NBestPosteriorPolicy(0.5, make_ctc_beam_searcher(Pieces(), vocab_size=4, beam_size=4))
+    pruned = NBestPosteriorPolicy(0.5, make_ctc_beam_searcher(Pieces(), vocab_size=4, beam_size=4,
+                                                              token_prune_min_logp=-2.0))
+    assert full.searcher.token_prune_min_logp == -5.0  # SpeechBrain's default
+    assert pruned.searcher.token_prune_min_logp == -2.0
+    assert len(pruned.searcher(lp, torch.ones(1))[0]) < len(full.searcher(lp, torch.ones(1))[0])
+    assert pruned.score(lp, None).item() > full.score(lp, None).item()
+    for bad in (0, 1.5, float("nan"), "low", True):
+        with pytest.raises(ValueError, match="token_prune_min_logp"):
+            make_ctc_beam_searcher(Pieces(), vocab_size=4, token_prune_min_logp=bad)
+
 
 # --------------------------------------------------------------- arguments
 @pytest.mark.parametrize("make, words", [

@@ -1,5 +1,8 @@
 """EarlyExitASR on an exported inference folder (tiny random model, generated audio)."""
 
+import json
+import shutil
+
 import pytest
 import sentencepiece as spm
 import soundfile as sf
@@ -56,6 +59,18 @@ def test_budget_policy_uses_the_stored_latency_table(asr, audio):
     assert asr.transcribe_file(audio["a"], policy="budget", threshold=1000.0).exit == 3
     assert asr.transcribe_file(audio["a"], policy="budget", threshold=3.0).exit == 2
     assert asr.transcribe_file(audio["a"], policy="budget", threshold=0.5).exit == 1
+
+
+def test_posterior_nbest_search_options_come_from_the_folder(asr, folder, tmp_path):
+    assert asr._nbest_searcher().beam_size == 4
+    assert asr._nbest_searcher().token_prune_min_logp == -3.0
+    # a folder stored without the pruning option (calibrated with SpeechBrain's default)
+    older = tmp_path / "older"
+    shutil.copytree(folder, older)
+    stored = json.loads((older / "exit_policies.ckpt").read_text())
+    stored["options"]["posterior"] = {"beam_size": 4}
+    (older / "exit_policies.ckpt").write_text(json.dumps(stored))
+    assert EarlyExitASR.from_hparams(source=str(older))._nbest_searcher().token_prune_min_logp == -5.0
 
 
 def test_posterior_nbest_policy_runs(asr, audio):
