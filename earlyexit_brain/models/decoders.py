@@ -16,6 +16,7 @@ from speechbrain.lobes.models.transformer.Transformer import (NormalizedEmbeddin
                                                                TransformerDecoder,
                                                                get_lookahead_mask)
 from speechbrain.dataio.dataio import length_to_mask
+from speechbrain.decoders.seq2seq import S2STransformerBeamSearcher
 from speechbrain.nnet.linear import Linear
 from torch import nn
 
@@ -165,13 +166,120 @@ class _ExitLogits(nn.Module):
         return self.heads.forward_exit(self.exit_index, hidden)
 
 
+def _heads(x: torch.Tensor, nhead: int) -> torch.Tensor:
+    """``(B, L, D)`` -> ``(B, H, L, D / H)``."""
+    return x.view(x.shape[0], x.shape[1], nhead, -1).transpose(1, 2)
+
+
+def _attend(att: nn.MultiheadAttention, x: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
+            keep: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+    """One query position ``x`` ``(B, 1, D)`` through ``att`` (torch's multi-head attention,
+    as SpeechBrain's ``MultiheadAttention`` wraps it) over projected ``keys``/``values``
+    ``(B, H, L, D / H)``; ``keep`` ``(B, 1, 1, L)``: the keys to attend to. Returns the
+    output ``(B, 1, D)`` and the weights averaged over heads ``(B, 1, L)``."""
+    d = x.shape[-1]
+    q = _heads(nn.functional.linear(x, att.in_proj_weight[:d], att.in_proj_bias[:d]), att.num_heads)
+    scores = torch.matmul(q * (q.shape[-1] ** -0.5), keys.transpose(-2, -1))
+    if keep is not None:
+        scores = scores.masked_fill(~keep, float("-inf"))
+    weights = torch.softmax(scores, dim=-1)
+    out = torch.matmul(weights, values).transpose(1, 2).reshape(x.shape[0], 1, d)
+    return att.out_proj(out), weights.mean(dim=1)
+
+
+def _keys_values(att: nn.MultiheadAttention, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """The key and value projections of ``x`` ``(B, L, D)``, split into heads."""
+    d = x.shape[-1]
+    w, b = att.in_proj_weight, att.in_proj_bias
+    return (_heads(nn.functional.linear(x, w[d:2 * d], b[d:2 * d]), att.num_heads),
+            _heads(nn.functional.linear(x, w[2 * d:], b[2 * d:]), att.num_heads))
+
+
+class _SearchMemory:
+    """What :class:`CachedTransformerBeamSearcher` carries from step to step: the tokens so
+    far, each layer's self-attention keys and values for them, and each layer's
+    projection of the encoder states (computed once per search)."""
+
+    def __init__(self, tokens, self_kv, cross_kv, keep):
+        self.tokens, self.self_kv, self.cross_kv, self.keep = tokens, self_kv, cross_kv, keep
+
+
+def _cacheable(decoder) -> bool:
+    """Whether ``decoder`` (an :class:`ExitDecoder`) has the pre-norm, regular multi-head
+    attention layers that :class:`CachedTransformerBeamSearcher` steps incrementally."""
+    from speechbrain.nnet.attention import MultiheadAttention
+
+    layers = getattr(getattr(decoder, "decoder", None), "layers", None)
+    return bool(layers) and all(
+        layer.normalize_before and isinstance(layer.self_attn, MultiheadAttention)
+        and isinstance(layer.multihead_attn, MultiheadAttention)
+        and layer.self_attn.att.in_proj_weight is not None
+        and layer.multihead_attn.att.in_proj_weight is not None for layer in layers)
+
+
+class CachedTransformerBeamSearcher(S2STransformerBeamSearcher):
+    """SpeechBrain's ``S2STransformerBeamSearcher`` stepping an :class:`ExitDecoder`
+    incrementally: each step runs only the new token through the decoder, reusing
+    the earlier tokens' self-attention keys and values and the encoder states'
+    cross-attention projections, instead of the whole prefix and the encoder
+    states' projections again at every step (what the stock searcher does). The
+    decoder is causal, so the result is the same up to float rounding. The
+    attention it returns is the last layer's cross-attention of the new token
+    ``(B, 1, T)``. In training mode, or for a decoder it cannot step, it falls back
+    to the stock step."""
+
+    def reset_mem(self, batch_size, device):
+        return None
+
+    def permute_mem(self, memory, index):
+        if not isinstance(memory, _SearchMemory):
+            return super().permute_mem(memory, index)
+        # the encoder-state projections need no permuting: a hypothesis's
+        # predecessor is a hypothesis of the same utterance, with the same states
+        return _SearchMemory(memory.tokens.index_select(0, index),
+                             [(k.index_select(0, index), v.index_select(0, index))
+                              for k, v in memory.self_kv], memory.cross_kv, memory.keep)
+
+    def forward_step(self, inp_tokens, memory, enc_states, enc_lens):
+        model = self.model
+        if model.training or not _cacheable(model) or not (
+                memory is None or isinstance(memory, _SearchMemory)):
+            return super().forward_step(inp_tokens, memory, enc_states, enc_lens)
+        layers = model.decoder.layers
+        if memory is None:  # first step: project the encoder states once
+            keep = None
+            if enc_lens is not None:
+                keep = length_to_mask(enc_lens, max_len=enc_states.shape[1]).bool()[:, None, None]
+            memory = _SearchMemory(inp_tokens.new_zeros((inp_tokens.shape[0], 0)), [None] * len(layers),
+                                   [_keys_values(layer.multihead_attn.att, enc_states)
+                                    for layer in layers], keep)
+        position = memory.tokens.shape[1]
+        tokens = torch.cat([memory.tokens, inp_tokens.unsqueeze(1)], dim=1)
+        x = model.embedding(inp_tokens.unsqueeze(1))
+        x = x + model.positions.pe[:, position:position + 1].to(x.dtype)
+        self_kv, attn = [], None
+        for layer, past, (ck, cv) in zip(layers, memory.self_kv, memory.cross_kv):
+            h = layer.norm1(x)
+            k, v = _keys_values(layer.self_attn.att, h)
+            if past is not None:
+                k, v = torch.cat([past[0], k], dim=2), torch.cat([past[1], v], dim=2)
+            self_kv.append((k, v))
+            x = x + _attend(layer.self_attn.att, h, k, v)[0]
+            out, attn = _attend(layer.multihead_attn.att, layer.norm2(x), ck, cv, memory.keep)
+            x = x + out
+            x = x + layer.pos_ffn(layer.norm3(x))
+        x = model.decoder.norm(x)
+        log_probs = self.softmax(self.fc(x[:, -1]) / self.temperature)
+        return log_probs, _SearchMemory(tokens, self_kv, memory.cross_kv, memory.keep), attn
+
+
 def make_aed_searcher(decoders: ExitDecoders, ctc_heads, exit_index: int, bos_index: int,
                       eos_index: int, blank_index: int = 0, beam_size: int = 10,
                       ctc_weight: float = 0.4, length_normalization: bool = True,
                       length_reward: float = 0.0, max_decode_ratio: float = 1.0,
                       topk: int = 1, lm_path: Optional[str] = None, lm_weight: float = 0.0,
                       pieces: Optional[Sequence[str]] = None, lm_word_bonus: float = 0.0,
-                      lm_oov_penalty: float = 10.0):
+                      lm_oov_penalty: float = 10.0, cached: bool = True):
     """SpeechBrain's joint CTC/attention beam search over one exit's decoder and CTC head.
 
     ``ctc_weight`` in [0, 1] weighs the CTC prefix score against the decoder's
@@ -180,9 +288,11 @@ def make_aed_searcher(decoders: ExitDecoders, ctc_heads, exit_index: int, bos_in
     ``lm_weight`` > 0 fuses the word n-gram ``lm_path`` into the search
     (:class:`~earlyexit_brain.ngram.WordNgramScorer` over the tokenizer's ``pieces``),
     with ``lm_word_bonus`` per word and ``lm_oov_penalty`` for a partial word that no
-    word of the n-gram starts with.
+    word of the n-gram starts with. ``cached``: step the decoder incrementally
+    (``CachedTransformerBeamSearcher``, the same hypotheses in a fraction of the time);
+    False: SpeechBrain's searcher, which runs the whole prefix at every step.
     """
-    from speechbrain.decoders import CTCScorer, S2STransformerBeamSearcher
+    from speechbrain.decoders import CTCScorer
     from speechbrain.decoders.scorer import LengthScorer
 
     from ..ngram import scorer_builder
@@ -209,7 +319,8 @@ def make_aed_searcher(decoders: ExitDecoders, ctc_heads, exit_index: int, bos_in
                                     lm_weight, lm_word_bonus, lm_oov_penalty))
         weights["wordngram"] = 1.0
     scorer = scorer_builder(full_scorers=full, weights=weights) if full else None
-    return S2STransformerBeamSearcher(
+    searcher_class = CachedTransformerBeamSearcher if cached else S2STransformerBeamSearcher
+    return searcher_class(
         modules=[decoders.decoders[exit_index], decoders.out[exit_index]],
         bos_index=bos_index, eos_index=eos_index, min_decode_ratio=0.0,
         max_decode_ratio=max_decode_ratio, beam_size=beam_size, scorer=scorer,

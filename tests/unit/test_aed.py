@@ -191,6 +191,49 @@ def test_search_option_errors_name_the_key():
         make_ctc_beam_searcher(None, 8, 0, kenlm_model_path="/no/such/lm.arpa")
 
 
+def test_the_cached_search_steps_like_the_stock_searcher():
+    """The incremental decoder step gives the stock searcher's log-probabilities at every
+    step (2 decoder layers, padded encoder states, beams reordered between steps), and
+    the same hypotheses and scores."""
+    from speechbrain.decoders import S2STransformerBeamSearcher
+
+    from earlyexit_brain.models.decoders import CachedTransformerBeamSearcher
+
+    torch.manual_seed(5)
+    decoders = ExitDecoders(16, 32, 2, num_layers=2, nhead=2, d_ffn=32, dropout=0.0).eval()
+    heads = CTCExitHeads(16, 32, 2)
+    hidden, lens = torch.randn(3, 30, 16), torch.tensor([1.0, 0.7, 0.4])
+    searchers = {cached: make_aed_searcher(decoders, heads, 1, BOS, EOS, beam_size=4,
+                                           ctc_weight=0.4, max_decode_ratio=0.5, topk=4,
+                                           cached=cached) for cached in (False, True)}
+    assert type(searchers[False]) is S2STransformerBeamSearcher
+    assert isinstance(searchers[True], CachedTransformerBeamSearcher)
+
+    # step by step, with the beams permuted between steps as the search does
+    abs_lens = torch.round(lens * 30).int().repeat_interleave(4)
+    states, tokens = hidden.repeat_interleave(4, dim=0), torch.full((12,), BOS)
+    memories = {False: searchers[False].reset_mem(12, "cpu"), True: searchers[True].reset_mem(12, "cpu")}
+    for step in range(6):
+        out = {}
+        with torch.no_grad():
+            for cached, searcher in searchers.items():
+                out[cached], memories[cached], attn = searcher.forward_step(
+                    tokens, memories[cached], states, abs_lens)
+        assert torch.allclose(out[True], out[False], atol=1e-5), step
+        assert attn.shape == (12, 1, 30) and torch.allclose(attn.sum(-1), torch.ones(12, 1))
+        assert attn[8:, 0, 12:].abs().max() == 0  # the third utterance's 12 frames only
+        order = torch.randperm(4).repeat(3) + torch.arange(3).repeat_interleave(4) * 4
+        tokens = torch.randint(3, 32, (12,))
+        memories = {c: searchers[c].permute_mem(m, order) for c, m in memories.items()}
+
+    with torch.no_grad():
+        results = {c: searcher(hidden, lens) for c, searcher in searchers.items()}
+    hyps, lengths, scores = (results[True][i] for i in range(3))
+    assert torch.equal(hyps, results[False][0]) and torch.equal(lengths, results[False][1])
+    assert torch.allclose(scores, results[False][2], atol=1e-4)
+    assert hyps.shape[:2] == (3, 4) and float(lengths.min()) > 0  # 4 hypotheses each
+
+
 def test_joint_beam_search_returns_one_hypothesis_per_utterance(aed_model):
     hidden = torch.randn(3, 12, 16)
     ids = aed_model.decode_exit(1, hidden, torch.tensor([1.0, 0.75, 0.5]))
@@ -228,7 +271,8 @@ class CallCounter:
 def test_only_the_chosen_exits_decoder_and_layers_run(aed_model):
     wavs = torch.stack([torch.from_numpy(tone(1.0, seed=s)).float() for s in (1, 2)])
     layer_calls = CallCounter(aed_model.encoder.layers)
-    decoder_calls = CallCounter([d.decoder for d in aed_model.decoders.decoders])
+    # every decoder step ends with the decoder's final norm (stepped or run whole)
+    decoder_calls = CallCounter([d.decoder.norm for d in aed_model.decoders.decoders])
     with torch.no_grad():
         out = aed_model.dynamic(wavs, torch.ones(2), FixedExit(0), keep_hidden=True)
         dynamic = aed_model.decode_dynamic(out)
