@@ -196,12 +196,17 @@ def _keys_values(att: nn.MultiheadAttention, x: torch.Tensor) -> Tuple[torch.Ten
 
 
 class _SearchMemory:
-    """What :class:`CachedTransformerBeamSearcher` carries from step to step: the tokens so
-    far, each layer's self-attention keys and values for them, and each layer's
-    projection of the encoder states (computed once per search)."""
+    """What :class:`CachedTransformerBeamSearcher` carries from step to step: each layer's
+    self-attention keys and values for the tokens so far (None before the first token),
+    and each layer's projection of the encoder states (computed once per search)."""
 
-    def __init__(self, tokens, self_kv, cross_kv, keep):
-        self.tokens, self.self_kv, self.cross_kv, self.keep = tokens, self_kv, cross_kv, keep
+    def __init__(self, self_kv, cross_kv, keep):
+        self.self_kv, self.cross_kv, self.keep = self_kv, cross_kv, keep
+
+    @property
+    def position(self) -> int:
+        """How many tokens the decoder has read: the next token's position."""
+        return 0 if self.self_kv[0] is None else self.self_kv[0][0].shape[2]
 
 
 def _cacheable(decoder) -> bool:
@@ -236,25 +241,25 @@ class CachedTransformerBeamSearcher(S2STransformerBeamSearcher):
             return super().permute_mem(memory, index)
         # the encoder-state projections need no permuting: a hypothesis's
         # predecessor is a hypothesis of the same utterance, with the same states
-        return _SearchMemory(memory.tokens.index_select(0, index),
-                             [(k.index_select(0, index), v.index_select(0, index))
+        return _SearchMemory([(k.index_select(0, index), v.index_select(0, index))
                               for k, v in memory.self_kv], memory.cross_kv, memory.keep)
 
     def forward_step(self, inp_tokens, memory, enc_states, enc_lens):
         model = self.model
-        if model.training or not _cacheable(model) or not (
-                memory is None or isinstance(memory, _SearchMemory)):
+        # whether the decoder can be stepped is decided once, at a search's first step: a
+        # search that started with the stock step carries its token tensor as memory
+        if model.training or not (isinstance(memory, _SearchMemory)
+                                  or (memory is None and _cacheable(model))):
             return super().forward_step(inp_tokens, memory, enc_states, enc_lens)
         layers = model.decoder.layers
         if memory is None:  # first step: project the encoder states once
             keep = None
             if enc_lens is not None:
                 keep = length_to_mask(enc_lens, max_len=enc_states.shape[1]).bool()[:, None, None]
-            memory = _SearchMemory(inp_tokens.new_zeros((inp_tokens.shape[0], 0)), [None] * len(layers),
+            memory = _SearchMemory([None] * len(layers),
                                    [_keys_values(layer.multihead_attn.att, enc_states)
                                     for layer in layers], keep)
-        position = memory.tokens.shape[1]
-        tokens = torch.cat([memory.tokens, inp_tokens.unsqueeze(1)], dim=1)
+        position = memory.position
         x = model.embedding(inp_tokens.unsqueeze(1))
         x = x + model.positions.pe[:, position:position + 1].to(x.dtype)
         self_kv, attn = [], None
@@ -270,7 +275,7 @@ class CachedTransformerBeamSearcher(S2STransformerBeamSearcher):
             x = x + layer.pos_ffn(layer.norm3(x))
         x = model.decoder.norm(x)
         log_probs = self.softmax(self.fc(x[:, -1]) / self.temperature)
-        return log_probs, _SearchMemory(tokens, self_kv, memory.cross_kv, memory.keep), attn
+        return log_probs, _SearchMemory(self_kv, memory.cross_kv, memory.keep), attn
 
 
 def make_aed_searcher(decoders: ExitDecoders, ctc_heads, exit_index: int, bos_index: int,
