@@ -24,7 +24,7 @@ Currently measured:
 Usage::
 
     python recipes/benchmark.py [--quick] [--out bench.json] [--threads 2]
-                                [--only train-step,inference,throughput,compute,ddp]
+                                [--only train-step,inference,throughput,compute,frontend,ddp]
                                 [--device cuda] [--bf16]
                                 [--variants base,ctc_stacked,...|all] [--profile base,...]
 
@@ -40,6 +40,11 @@ Usage::
 - ``throughput``: audio seconds per second at every exit for a batch of 16.
 - ``compute``: parameters and multiply-accumulates to every exit
   (torch.utils.flop_counter), to compare measured time with the compute bound.
+- ``frontend``: the convolutional front end (features -> ``(B, T', F', C)``) computed by
+  SpeechBrain's ``ConvolutionFrontEnd.forward`` and by the encoder's own channels-last
+  forward (``ChannelsLastFrontEnd``, same parameters), side by side: a training pass
+  (forward and backward) on the train-step batch and batch-1 inference on 10 s, with the
+  ratio of medians and the largest difference between the two outputs.
 - ``ddp``: training throughput of the smoke recipe with 1 process (2 threads) and
   2 processes (1 thread each, gloo), CPU only; on 2 cores expect little gain.
   ``--quick`` skips it unless ``--only ddp`` asks for it.
@@ -60,11 +65,13 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from earlyexit_brain.exits import EntropyPolicy, FixedExit  # noqa: E402
 from earlyexit_brain.losses import stacked_ctc_losses  # noqa: E402
+from speechbrain.lobes.models.convolution import ConvolutionFrontEnd  # noqa: E402
+
 from earlyexit_brain.models.conformer import CTCExitHeads, EarlyExitConformerEncoder  # noqa: E402
 from earlyexit_brain.models.pipeline import EarlyExitCTCModel  # noqa: E402
 from earlyexit_brain.utils import rss_bytes  # noqa: E402
 
-SECTIONS = ("train-step", "inference", "throughput", "compute", "ddp")
+SECTIONS = ("train-step", "inference", "throughput", "compute", "frontend", "ddp")
 
 CONFIGS = {
     # name: (encoder kwargs, early-exit layers, single-exit layers)
@@ -525,6 +532,43 @@ def bench_compute(name, seconds=10.0, vocab=32):
     return {"config": name, "audio_seconds": seconds, "exits": rows}
 
 
+def bench_frontend(name, batch, seconds, repeats, warmup, device):
+    """SpeechBrain's front-end forward against the channels-last one (same module), in rotation."""
+    enc_kwargs, ee_layers, _ = CONFIGS[name]
+    torch.manual_seed(0)
+    frontend = EarlyExitConformerEncoder(input_size=80, exit_layers=ee_layers, dropout=0.0,
+                                         **enc_kwargs).frontend.to(device)
+    forwards = {"speechbrain": lambda x: ConvolutionFrontEnd.forward(frontend, x), "channels_last": frontend}
+    result = {"config": name, "device": str(device), "threads": torch.get_num_threads(), "passes": []}
+    for kind, shape in (("train", (batch, int(seconds * 100))), ("inference", (1, 1000))):
+        feats = torch.randn(*shape, 80, device=device)
+        with torch.no_grad():
+            diff = (forwards["speechbrain"](feats) - forwards["channels_last"](feats)).abs().max().item()
+
+        def run(key):
+            if kind == "train":
+                x = feats.clone().requires_grad_()
+                forwards[key](x).square().mean().backward()
+            else:
+                with torch.no_grad():
+                    forwards[key](feats)
+
+        times = {k: [] for k in forwards}
+        for i in range(warmup + repeats):
+            for key in (list(forwards) if i % 2 == 0 else list(forwards)[::-1]):
+                t = timed(lambda: run(key), device)
+                if i >= warmup:
+                    times[key].append(t)
+        frontend.zero_grad(set_to_none=True)
+        entry = {"pass": kind, "batch": shape[0], "audio_seconds": shape[1] / 100, "max_abs_diff": diff}
+        entry.update({k: stats(v) for k, v in times.items()})
+        entry["ratio"] = entry["channels_last"]["median_ms"] / entry["speechbrain"]["median_ms"]
+        entry["ratio_pairwise_median"] = statistics.median(
+            a / b for a, b in zip(times["channels_last"], times["speechbrain"]))
+        result["passes"].append(entry)
+    return result
+
+
 @torch.no_grad()
 def bench_throughput(name, batch, seconds, repeats, warmup, device, bf16=False):
     """Audio seconds transcribed per second at every exit, for a batch of equal-length utterances."""
@@ -704,6 +748,16 @@ def markdown(output):
                        ["configuration", "exit (layer)", "params", "GMACs", "achieved GFLOP/s"], rows,
                        ["GMACs from torch.utils.flop_counter; GFLOP/s = 2 x GMACs / the measured batch-1 "
                         "latency at 10 s above."])
+    if output.get("frontend"):
+        rows = [[r["config"], p["pass"], f"{p['batch']} x {p['audio_seconds']:g} s", fmt_ms(p["speechbrain"]),
+                 fmt_ms(p["channels_last"]), f"{p['ratio']:.3f}", f"{p['ratio_pairwise_median']:.3f}",
+                 f"{p['max_abs_diff']:.1e}"]
+                for r in output["frontend"] for p in r["passes"]]
+        lines += table("Convolutional front end: SpeechBrain's forward vs the channels-last one",
+                       ["configuration", "pass", "batch", "SpeechBrain ms [min-max]", "channels-last ms [min-max]",
+                        "ratio", "pairwise", "largest output difference"], rows,
+                       ["Train: forward and backward on the train-step batch; inference: forward, batch 1, "
+                        "no gradient. Same module and parameters, timed in rotation."])
     if "ddp" in output:
         d = output["ddp"]
         rows = [[f"{r['processes']} x {r['threads_per_process']}", f"{r['train_seconds']:.1f}",
@@ -806,6 +860,17 @@ def main(argv=None):
             print(f"compute, {res['config']}, 10 s: " + ", ".join(
                 f"exit {e['exit']} {e['params'] / 1e6:.2f} M params {e['gmacs']:.2f} GMACs"
                 for e in res["exits"]), flush=True)
+    if "frontend" in run:
+        output["frontend"] = []
+        for name, batch, secs, _, _ in train_cases(quick, device)[:len(CONFIGS)]:
+            res = bench_frontend(name, batch, secs, 5 if quick else 20, 2 if quick else 3, device)
+            for p in res["passes"]:
+                print(f"front end, {name}, {p['pass']} {p['batch']} x {p['audio_seconds']:g} s: SpeechBrain "
+                      f"{fmt_ms(p['speechbrain'])} ms, channels-last {fmt_ms(p['channels_last'])} ms, ratio "
+                      f"{p['ratio']:.3f} (pairwise {p['ratio_pairwise_median']:.3f}), largest output "
+                      f"difference {p['max_abs_diff']:.1e}", flush=True)
+            output["frontend"].append(res)
+            save()
     if "ddp" in run and device.type == "cpu" and ("ddp" in (args.only or "") or not quick):
         import tempfile
 

@@ -3,7 +3,10 @@
 import pytest
 import torch
 
+from speechbrain.lobes.models.convolution import ConvolutionFrontEnd
+
 from earlyexit_brain.models.conformer import (
+    ChannelsLastFrontEnd,
     CTCExitHeads,
     EarlyExitConformerEncoder,
     count_exits,
@@ -130,3 +133,41 @@ def test_constructor_errors():
         EarlyExitConformerEncoder(20, 2, 30, 4, 64, [2])
     with pytest.raises(ValueError, match="attention_type"):
         EarlyExitConformerEncoder(20, 2, 32, 4, 64, [2], attention_type="foo")
+
+
+def front_ends(channels, strides, residual=False):
+    """Our front end and SpeechBrain's, with the same arguments and parameters."""
+    kw = dict(input_shape=[None, None, 20], num_blocks=len(channels), num_layers_per_block=1,
+              out_channels=list(channels), kernel_sizes=[3] * len(channels), strides=list(strides),
+              residuals=[residual] * len(channels), dropout=0.0)
+    torch.manual_seed(0)
+    ours = ChannelsLastFrontEnd(**kw)
+    theirs = ConvolutionFrontEnd(**kw)
+    assert list(ours.state_dict()) == list(theirs.state_dict())  # older checkpoints load
+    theirs.load_state_dict(ours.state_dict())
+    return ours, theirs
+
+
+@pytest.mark.parametrize("channels, strides", [([32, 32], [2, 2]), ([16, 8, 12], [2, 1, 2]), ([8], [1])])
+def test_the_channels_last_front_end_computes_speechbrains(channels, strides):
+    ours, theirs = front_ends(channels, strides)
+    assert ours.channels_last
+    feats = torch.randn(3, 37, 20)
+    feats[2, 25:] = 0.0  # padding, reflected at the edge as SpeechBrain does
+    a, b = feats.clone().requires_grad_(), feats.clone().requires_grad_()
+    out, ref = ours(a), theirs(b)
+    assert out.shape == ref.shape and out.is_contiguous()
+    assert torch.allclose(out, ref, atol=1e-5)
+    weight = torch.randn_like(ref)
+    (out * weight).sum().backward()
+    (ref * weight).sum().backward()
+    assert torch.allclose(a.grad, b.grad, atol=1e-4)
+    for (name, p), q in zip(ours.named_parameters(), theirs.parameters()):
+        assert torch.allclose(p.grad, q.grad, atol=1e-3, rtol=1e-4), name
+
+
+def test_the_front_end_falls_back_to_speechbrains_forward():
+    ours, theirs = front_ends([8, 8], [2, 2], residual=True)
+    assert not ours.channels_last
+    feats = torch.randn(2, 30, 20)
+    assert torch.equal(ours(feats), theirs(feats))
