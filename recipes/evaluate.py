@@ -34,7 +34,9 @@ from earlyexit_brain.experiment import (evaluate_and_report, load_recipe_hparams
 
 
 def main(argv):
+    folder = None
     if argv and os.path.isdir(argv[0]):
+        folder = argv[0]
         saved = os.path.join(argv[0], "hyperparams.yaml")
         if not os.path.isfile(saved):
             sys.exit(f"Error: {argv[0]} is not an experiment folder (no hyperparams.yaml in it)")
@@ -43,6 +45,11 @@ def main(argv):
         except ConfigError as err:
             sys.exit(f"Configuration error: {err}")
     hparams_file, run_opts, overrides, hparams = load_recipe_hparams(argv)
+    if folder is not None and os.path.abspath(hparams["output_folder"]) != os.path.abspath(folder):
+        # its checkpoints, log and save folder stay where they are: copy the folder instead
+        sys.exit(f"Error: key 'output_folder': an experiment folder is evaluated in place; to keep "
+                 f"{folder}'s report, copy the folder and evaluate the copy (cp -r {folder} "
+                 f"{hparams['output_folder']} && python recipes/evaluate.py {hparams['output_folder']})")
     for key in ("train_csv", "valid_csv"):
         if not os.path.isfile(hparams[key]):
             sys.exit(f"Error: key '{key}': manifest not found: {hparams[key]} (prepare the corpus "

@@ -166,3 +166,9 @@ def test_evaluate_recipe_on_the_experiment_folder(repo_root, smoke_run, tmp_path
     bad = subprocess.run([sys.executable, "recipes/evaluate.py", str(copy / "save")],
                          cwd=repo_root, capture_output=True, text=True, timeout=120)
     assert bad.returncode != 0 and "not an experiment folder" in bad.stderr
+    # another output folder is refused before any work (the folder is evaluated in place)
+    elsewhere = tmp_path / "elsewhere"
+    bad = subprocess.run([sys.executable, "recipes/evaluate.py", str(copy), f"--output_folder={elsewhere}"],
+                         cwd=repo_root, capture_output=True, text=True, timeout=120)
+    assert bad.returncode != 0 and "output_folder" in bad.stderr and "cp -r" in bad.stderr
+    assert not elsewhere.exists()
