@@ -101,3 +101,17 @@ def test_gpu_train_step_cases_include_the_paper_batch_and_the_real_corpus_batch(
     # 32 x 3 s (V 32), the paper's 32 x 10 s and 32 x 15 s (~500 s of audio, the real-corpus YAMLs), BPE 256
     assert [(c[1], c[2], c[3]) for c in paper] == [(32, 3.0, 32), (32, 10.0, 256), (32, 15.0, 256)]
     assert all(c[2] == 3.0 for c in benchmark.train_cases(False, torch.device("cpu")))
+
+
+def test_frontend_section_times_both_forwards_of_one_front_end():
+    import torch
+
+    benchmark = recipe("benchmark")
+    name = next(iter(benchmark.CONFIGS))
+    res = benchmark.bench_frontend(name, batch=2, seconds=0.5, repeats=1, warmup=0, device=torch.device("cpu"))
+    assert [p["pass"] for p in res["passes"]] == ["train", "inference"]
+    for p in res["passes"]:
+        assert p["max_abs_diff"] < 1e-4  # the same front end, computed two ways
+        assert p["ratio"] > 0 and p["speechbrain"]["median_ms"] > 0 and p["channels_last"]["median_ms"] > 0
+    table = benchmark.markdown({"machine": "test", "frontend": [res]})
+    assert "channels-last ms" in table and f"| {name} | train | 2 x 0.5 s |" in table
