@@ -60,13 +60,12 @@ import sys
 import time
 
 import torch
+from speechbrain.lobes.models.convolution import ConvolutionFrontEnd
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from earlyexit_brain.exits import EntropyPolicy, FixedExit  # noqa: E402
 from earlyexit_brain.losses import stacked_ctc_losses  # noqa: E402
-from speechbrain.lobes.models.convolution import ConvolutionFrontEnd  # noqa: E402
-
 from earlyexit_brain.models.conformer import CTCExitHeads, EarlyExitConformerEncoder  # noqa: E402
 from earlyexit_brain.models.pipeline import EarlyExitCTCModel  # noqa: E402
 from earlyexit_brain.utils import rss_bytes  # noqa: E402

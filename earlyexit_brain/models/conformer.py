@@ -15,9 +15,9 @@ from typing import Iterator, List, Optional, Sequence, Tuple, Union
 
 import torch
 from speechbrain.lobes.models.convolution import ConvolutionFrontEnd
-from speechbrain.nnet.CNN import Conv2d, get_padding_elem
 from speechbrain.lobes.models.transformer.Conformer import ConformerEncoderLayer
 from speechbrain.lobes.models.transformer.TransformerASR import make_transformer_src_mask
+from speechbrain.nnet.CNN import Conv2d, get_padding_elem
 from speechbrain.nnet.activations import Swish
 from speechbrain.nnet.attention import RelPosEncXL
 from speechbrain.nnet.normalization import LayerNorm
@@ -119,8 +119,8 @@ class ChannelsLastFrontEnd(ConvolutionFrontEnd):
     in memory, which is PyTorch's ``channels_last`` layout of a convolution
     over ``(T, F)``, and each kernel is transposed to match: the products are
     the same, summed in another order (outputs equal to about 1e-6). On 2 CPU
-    threads a training step's front end (forward and backward) takes about a
-    third of SpeechBrain's time (docs/performance.md).
+    threads a training step's front end (forward and backward) takes about
+    half of SpeechBrain's time (docs/performance.md).
 
     Blocks that this forward does not cover (a residual branch, another
     convolution class, a padding other than ``"same"``, a one-channel output
