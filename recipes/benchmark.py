@@ -253,6 +253,19 @@ def timed(fn, device):
     return time.perf_counter() - start
 
 
+def time_in_rotation(variants, repeats, warmup, device):
+    """Seconds of each call of every callable in ``variants``, ``warmup`` rounds left out;
+    the order rotates from round to round, so that machine noise hits them alike."""
+    names = list(variants)
+    times = {key: [] for key in names}
+    for i in range(warmup + repeats):
+        for key in names[i % len(names):] + names[: i % len(names)]:
+            t = timed(variants[key], device)
+            if i >= warmup:
+                times[key].append(t)
+    return times
+
+
 def bench_train_step(name, batch, seconds, repeats, warmup, vocab=32, device=torch.device("cpu"),
                      variant="base", tokens_per_second=12, memory=True):
     enc_kwargs, ee_layers, single_layers = CONFIGS[name]
@@ -261,12 +274,7 @@ def bench_train_step(name, batch, seconds, repeats, warmup, vocab=32, device=tor
     steps = {key: make_train_step(build(enc_kwargs, layers, vocab, device=device, fused=fused),
                                   variant, data, device)
              for key, layers in (("early_exit", ee_layers), ("single_exit", single_layers))}
-    times = {k: [] for k in steps}
-    for i in range(warmup + repeats):
-        for key in (("early_exit", "single_exit") if i % 2 == 0 else ("single_exit", "early_exit")):
-            t = timed(steps[key], device)
-            if i >= warmup:
-                times[key].append(t)
+    times = time_in_rotation(steps, repeats, warmup, device)
     result = {"config": name, "variant": variant, "batch": batch, "seconds_per_utterance": seconds,
               "vocab": vocab, "tokens_per_utterance": data["tokens"].shape[1],
               "threads": torch.get_num_threads(), "repeats": repeats, "device": str(device)}
@@ -481,15 +489,8 @@ def bench_inference(name, seconds, repeats, warmup, device, bf16=False, forced=T
         if forced:
             variants[f"forced_{k + 1}"] = lambda k=k: model.dynamic(wav, lens, FixedExit(k))
             variants[f"scored_{k + 1}"] = lambda k=k: model.dynamic(wav, lens, ScoredFixedExit(k))
-    times = {key: [] for key in variants}
-    names = list(variants)
     with autocast(device, bf16):
-        for i in range(warmup + repeats):
-            order = names[i % len(names):] + names[: i % len(names)]  # rotate the order
-            for key in order:
-                t = timed(variants[key], device)
-                if i >= warmup:
-                    times[key].append(t)
+        times = time_in_rotation(variants, repeats, warmup, device)
     med = {k: statistics.median(v) for k, v in times.items()}
     full, front_t = med[f"fixed_{num_exits}"], med["front_end"]
     exits = []
@@ -552,12 +553,7 @@ def bench_frontend(name, batch, seconds, repeats, warmup, device):
                 with torch.no_grad():
                     forwards[key](feats)
 
-        times = {k: [] for k in forwards}
-        for i in range(warmup + repeats):
-            for key in (list(forwards) if i % 2 == 0 else list(forwards)[::-1]):
-                t = timed(lambda: run(key), device)
-                if i >= warmup:
-                    times[key].append(t)
+        times = time_in_rotation({key: lambda key=key: run(key) for key in forwards}, repeats, warmup, device)
         frontend.zero_grad(set_to_none=True)
         entry = {"pass": kind, "batch": shape[0], "audio_seconds": shape[1] / 100, "max_abs_diff": diff}
         entry.update({k: stats(v) for k, v in times.items()})
