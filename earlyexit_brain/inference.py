@@ -36,7 +36,7 @@ from speechbrain.utils.fetching import FetchConfig, LocalStrategy, fetch
 
 from .exits import (CTCDecoder, ExitPolicy, LatencyTable, POLICY_NAMES, check_exit, make_ctc_beam_searcher,
                     make_policy)
-from .safe_load import check_hparams_text, weights_only_loading
+from .safe_load import check_alias_expansion, check_hparams_text, weights_only_loading
 from .utils import atomic_folder, atomic_write_text, tokenizer_pieces, tokens_to_text
 
 logger = logging.getLogger(__name__)
@@ -119,9 +119,11 @@ class EarlyExitASR(Pretrained):
 
         Unless ``trust_remote_code`` is True, the hyperparams file is refused if
         it builds or calls anything outside the allowlist of
-        :mod:`earlyexit_brain.safe_load`; checkpoints always load with
-        ``weights_only=True``. Offline (``HF_HUB_OFFLINE=1``), a Hub id loads
-        from the local Hugging Face cache.
+        :mod:`earlyexit_brain.safe_load` or names files outside the model's
+        folder; an alias bomb is refused whatever the trust, and checkpoints
+        always load with ``weights_only=True`` (one that holds code raises
+        :class:`~earlyexit_brain.safe_load.UnsafeCheckpointError`). Offline
+        (``HF_HUB_OFFLINE=1``), a Hub id loads from the local Hugging Face cache.
         """
         from huggingface_hub.errors import EntryNotFoundError, RepositoryNotFoundError
 
@@ -131,13 +133,17 @@ class EarlyExitASR(Pretrained):
                 and not looks_like_repo_id(str(source)):
             raise ValueError(f"{source}: no such model folder, and not a Hub id OWNER/NAME")
         try:
-            if not trust_remote_code:
-                local = fetch(filename=hparams_file, source=source, savedir=kwargs.get("savedir"),
-                              save_filename=None,
-                              local_strategy=kwargs.get("local_strategy", LocalStrategy.SYMLINK),
-                              fetch_config=kwargs.get("fetch_config", FetchConfig()))
-                with open(local, encoding="utf-8") as fin:
-                    check_hparams_text(fin.read(), f"{source}/{hparams_file}")
+            local = fetch(filename=hparams_file, source=source, savedir=kwargs.get("savedir"),
+                          save_filename=None,
+                          local_strategy=kwargs.get("local_strategy", LocalStrategy.SYMLINK),
+                          fetch_config=kwargs.get("fetch_config", FetchConfig()))
+            with open(local, encoding="utf-8") as fin:
+                text = fin.read()
+            origin = f"{source}/{hparams_file}"
+            if trust_remote_code:
+                check_alias_expansion(text, origin)  # a trusted source can still be a bomb
+            else:
+                check_hparams_text(text, origin)
             with weights_only_loading():
                 return super().from_hparams(source, hparams_file=hparams_file, **kwargs)
         except (EntryNotFoundError, RepositoryNotFoundError) as err:

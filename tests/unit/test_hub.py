@@ -281,22 +281,6 @@ def test_trust_remote_code_loads_what_the_allowlist_refuses(folder, tmp_path):
     assert asr.num_exits == 3
 
 
-class Payload:
-    """Not a tensor: unpickling it needs arbitrary globals."""
-
-
-def test_checkpoints_load_weights_only(folder, tmp_path, monkeypatch):
-    copy = tmp_path / "pickled"
-    shutil.copytree(folder, copy)
-    state = torch.load(copy / "model.ckpt", weights_only=True)
-    state["payload"] = Payload()
-    torch.save(state, copy / "model.ckpt")
-    monkeypatch.setenv("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD", "1")  # the loader overrides this
-    with pytest.raises(Exception, match="[Ww]eights only load failed|weights_only"):
-        EarlyExitASR.from_hparams(source=str(copy), trust_remote_code=True)
-    assert os.environ["TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD"] == "1"  # restored
-
-
 # ------------------------------------------------------- Hub ids and the command
 def fake_hub_cache(cache, repo_id, folder):
     """The Hugging Face cache layout of one downloaded revision of ``repo_id``."""
