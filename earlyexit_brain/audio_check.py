@@ -5,18 +5,20 @@ Two layers, chosen by the YAML key ``bad_audio`` (``skip``, the default, or
 
 - Before training, :func:`check_manifest_audio` reads every file's header
   (no decoding): a missing file, a zero-byte file, an unreadable header, no
-  samples, a segment outside its file, or audio longer than
-  ``max_audio_seconds`` is a problem. ``skip`` leaves those utterances out with
-  one warning listing them (and a count in report.json); ``fail`` stops with
-  one error listing them all. A sample rate other than ``sample_rate`` and
-  several channels are not problems: they are counted and the audio is
-  resampled and down-mixed when read.
+  samples, a WAV file holding less data than its header promises (truncated),
+  a segment outside its file, or audio longer than ``max_audio_seconds`` is a
+  problem. ``skip`` leaves those utterances out with one warning listing them
+  (and a count in report.json); ``fail`` stops with one error listing them
+  all. A sample rate other than ``sample_rate`` and several channels are not
+  problems: they are counted and the audio is resampled and down-mixed when
+  read.
 - While reading, :func:`read_utterance` decodes, down-mixes (mean of the
-  channels) and resamples. A file that fails to decode or holds NaN/inf
-  samples raises naming the file (``fail``) or is logged and replaced
-  (``skip``): in training by a non-finite signal, so that the batch is skipped
-  by the Brain's non-finite-loss rule (counted in the epoch's ``skipped``);
-  in evaluation by silence, so the utterance counts as errors.
+  channels) and resamples. A file that fails to decode, a truncated WAV file
+  or one holding NaN/inf samples raises naming the file (``fail``) or is
+  logged and replaced (``skip``): in training by a non-finite signal, so that
+  the batch is skipped by the Brain's non-finite-loss rule (counted in the
+  epoch's ``skipped``); in evaluation by silence, so the utterance counts as
+  errors.
 
 Header checks are cached per manifest in ``<save_folder>/audio_check/``
 (keyed by the manifest's content and the options).
@@ -26,13 +28,14 @@ import hashlib
 import json
 import logging
 import os
+import struct
 from typing import Dict, List, Optional
 
 import soundfile as sf
 import torch
 import torchaudio
 
-from .utils import atomic_write_text
+from .files import atomic_write_text
 
 logger = logging.getLogger(__name__)
 
@@ -45,6 +48,54 @@ class BadAudioError(ValueError):
     """Bad audio with ``bad_audio: fail``; the message names every file."""
 
 
+#: WAV format tags whose block (``block_align`` bytes) is one sample of every channel:
+#: integer PCM, IEEE float, A-law, mu-law, extensible
+_PCM_TAGS = (1, 3, 6, 7, 0xFFFE)
+_UNKNOWN_SIZES = (0, 0xFFFFFFFF)  # what streaming writers put before the size is known
+
+
+def wav_truncation(path: str) -> Optional[str]:
+    """``"truncated: ..."`` when a WAV file holds less audio data than its header promises.
+
+    libsndfile reads such a file up to the cut without a word and reports the
+    samples it holds, so the data chunk's size is compared with the bytes that
+    follow it (RIFF, RIFX and RF64 files; others, and a size a streaming writer
+    left unset, give None).
+    """
+    try:
+        size = os.path.getsize(path)
+        with open(path, "rb") as fin:
+            head = fin.read(12)
+            if len(head) < 12 or head[:4] not in (b"RIFF", b"RIFX", b"RF64") or head[8:] != b"WAVE":
+                return None
+            order = ">" if head[:4] == b"RIFX" else "<"
+            pos, tag, block, data64 = 12, None, 0, None
+            while pos + 8 <= size:
+                fin.seek(pos)
+                chunk_id, chunk_size = struct.unpack(order + "4sI", fin.read(8))
+                if chunk_id == b"ds64":  # RF64: riffSize, dataSize, sampleCount (64 bits each)
+                    data64 = struct.unpack("<QQ", fin.read(16))[1]
+                elif chunk_id == b"fmt ":
+                    fmt = fin.read(14)
+                    if len(fmt) == 14:
+                        tag, block = struct.unpack(order + "H10xH", fmt)
+                elif chunk_id == b"data":
+                    if data64 is not None and chunk_size == 0xFFFFFFFF:
+                        chunk_size = data64
+                    held = size - pos - 8
+                    if chunk_size in _UNKNOWN_SIZES or held >= chunk_size:
+                        return None
+                    if tag in _PCM_TAGS and block:
+                        return (f"truncated: the header promises {chunk_size // block} samples, "
+                                f"the file holds {held // block}")
+                    return (f"truncated: the header promises {chunk_size} bytes of audio, "
+                            f"the file holds {held}")
+                pos += 8 + chunk_size + (chunk_size & 1)  # chunks are padded to even sizes
+    except (OSError, struct.error):
+        return None  # unreadable: the decoder reports it
+    return None
+
+
 def _header(path: str):
     """``(frames, sample_rate, channels, problem)`` of an audio file, from its header."""
     if not os.path.isfile(path):
@@ -55,7 +106,7 @@ def _header(path: str):
         info = sf.info(path)
     except Exception as err:  # soundfile raises LibsndfileError, RuntimeError, OSError...
         return None, None, None, f"unreadable or corrupt header ({err})"
-    return int(info.frames), int(info.samplerate), int(info.channels), None
+    return int(info.frames), int(info.samplerate), int(info.channels), wav_truncation(path)
 
 
 def row_segment(start, stop):
@@ -158,15 +209,16 @@ def make_reader(sample_rate: int, bad_audio: str, training: bool):
     """``read(wav, start, stop) -> signal`` applying the run-time rule of ``bad_audio``."""
 
     def read(wav: str, start: int = 0, stop: Optional[int] = None) -> torch.Tensor:
-        try:
-            signal = read_utterance(wav, start, stop, sample_rate)
-            problem = None
-            if signal.numel() == 0:
-                problem = "no samples"
-            elif not bool(torch.isfinite(signal).all()):
-                problem = "NaN or infinite samples"
-        except Exception as err:  # decoding errors come in several types
-            problem = f"cannot be decoded ({type(err).__name__}: {err})"
+        problem = wav_truncation(wav)  # decoded, it would give the samples before the cut
+        if problem is None:
+            try:
+                signal = read_utterance(wav, start, stop, sample_rate)
+                if signal.numel() == 0:
+                    problem = "no samples"
+                elif not bool(torch.isfinite(signal).all()):
+                    problem = "NaN or infinite samples"
+            except Exception as err:  # decoding errors come in several types
+                problem = f"cannot be decoded ({type(err).__name__}: {err})"
         if problem is None:
             return signal
         if bad_audio == "fail":
@@ -180,4 +232,4 @@ def make_reader(sample_rate: int, bad_audio: str, training: bool):
 
 
 __all__: List[str] = ["BAD_AUDIO", "BadAudioError", "check_manifest_audio", "check_rows",
-                      "make_reader", "read_utterance", "row_segment"]
+                      "make_reader", "read_utterance", "row_segment", "wav_truncation"]

@@ -382,3 +382,32 @@ def check_hparams_file(path: str, overrides: Optional[Any] = None) -> Dict[str, 
     check_hparams(raw, source=os.path.basename(path))
     return raw
 
+
+def check_device(device: str) -> str:
+    """``device`` when this machine can compute on it, else a :class:`ConfigError` naming ``--device``.
+
+    Called before anything is loaded, so that a missing GPU is one message
+    instead of a traceback from the first tensor moved there.
+    """
+    import torch
+
+    try:
+        parsed = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ConfigError(f"--device: {device!r} is not a torch device (e.g. cpu, cuda, cuda:1)") from None
+    if parsed.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise ConfigError(f"--device {device}: no CUDA GPU is available on this machine; "
+                              f"use --device cpu")
+        if parsed.index is not None and parsed.index >= count:
+            raise ConfigError(f"--device {device}: this machine has {count} CUDA GPU(s), "
+                              f"cuda:0 to cuda:{count - 1}")
+    if parsed.type == "mps" and not torch.backends.mps.is_available():
+        raise ConfigError(f"--device {device}: no MPS (Apple GPU) backend on this machine; use --device cpu")
+    try:  # any other kind (xpu, ...): can a tensor live there?
+        torch.empty(0, device=parsed)
+    except (RuntimeError, AssertionError) as err:
+        reason = (str(err).strip().splitlines() or [type(err).__name__])[0].split(". ")[0]
+        raise ConfigError(f"--device {device}: cannot be used on this machine ({reason})") from None
+    return device

@@ -10,6 +10,7 @@ down-mixed and resampled to ``sample_rate`` when read; bad audio is handled as
 the ``bad_audio`` key says (see :mod:`earlyexit_brain.audio_check`).
 """
 
+import csv
 import logging
 import os
 from typing import Dict, List, Optional, Tuple
@@ -22,6 +23,9 @@ from speechbrain.dataio.sampler import DynamicBatchSampler
 from .audio_check import check_manifest_audio, make_reader, row_segment
 
 logger = logging.getLogger(__name__)
+
+#: The columns the pipelines read (``ID`` keys the utterances).
+REQUIRED_COLUMNS = ("ID", "duration", "wav", "wrd")
 
 
 def ctc_required_frames(tokens: List[int]) -> int:
@@ -56,14 +60,22 @@ def has_segments(dataset: DynamicItemDataset) -> bool:
 
 
 def _load(csv_path: str, data_folder: str) -> DynamicItemDataset:
+    """A manifest as a dataset; an error names the file when it is missing, lacks a
+    column the pipelines read, or has a value SpeechBrain cannot parse."""
     try:
-        return DynamicItemDataset.from_csv(csv_path=csv_path, replacements={"data_root": data_folder})
+        with open(csv_path, newline="", encoding="utf-8") as fin:
+            header = {name.strip() for name in next(csv.reader(fin), [])}
     except FileNotFoundError:
         raise FileNotFoundError(f"manifest not found: {csv_path}") from None
-    except KeyError as err:
-        raise ValueError(
-            f"manifest {csv_path} lacks a column {err}; expected ID,duration,wav,spk_id,wrd"
-        ) from None
+    missing = [name for name in REQUIRED_COLUMNS if name not in header]
+    if missing:
+        raise ValueError(f"manifest {csv_path}: no {', '.join(repr(m) for m in missing)} "
+                         f"column{'s' if len(missing) > 1 else ''}; a manifest needs the columns "
+                         f"{','.join(REQUIRED_COLUMNS)} (spk_id, start and stop are optional)")
+    try:
+        return DynamicItemDataset.from_csv(csv_path=csv_path, replacements={"data_root": data_folder})
+    except (KeyError, ValueError) as err:  # e.g. a duration that is not a number, a repeated ID
+        raise ValueError(f"manifest {csv_path}: {err}") from None
 
 
 def dataio_prepare(hparams: Dict, tokenizer, encoder) -> Tuple[DynamicItemDataset, DynamicItemDataset, Dict, Dict]:

@@ -37,8 +37,8 @@ import torch
 from speechbrain.decoders import ctc_greedy_decode
 
 from .ngram import check_lm_file, is_kenlm_binary
-from .utils import (atomic_write_text, padding_mask, tokenizer_pieces, tokens_to_text,
-                    valid_frames)
+from .files import atomic_write_text
+from .utils import padding_mask, tokenizer_pieces, tokens_to_text, valid_frames
 
 POLICY_NAMES = ("fixed", "entropy", "posterior", "posterior_greedy", "budget", "oracle")
 

@@ -13,12 +13,12 @@ from hyperpyyaml import load_hyperpyyaml
 from speechbrain.tokenizers.SentencePiece import SentencePiece
 
 from .checkpoints import CheckpointMismatchError
-from .config import ConfigError, check_hparams_file, read_raw_hparams
+from .config import ConfigError, check_device, check_hparams_file, read_raw_hparams
 from .evaluation import POLICY_DEFAULTS, run_policy_evaluation
+from .files import OWNER_MARKER, NotOurFolderError, atomic_write_text, claim_folder, owned
 from .models.decoders import AED_LM_DEFAULTS
 from .ngram import lm_summary, prepare_recipe_lm
 from .report import build_report, write_report
-from .utils import atomic_write_text
 
 logger = logging.getLogger(__name__)
 
@@ -30,6 +30,8 @@ def load_recipe_hparams(argv: List[str]):
     """
     hparams_file, run_opts, overrides = sb.parse_arguments(argv)
     try:
+        if run_opts.get("device"):
+            check_device(run_opts["device"])
         check_hparams_file(hparams_file, overrides)
     except ConfigError as err:
         sys.exit(f"Configuration error: {err}")
@@ -143,14 +145,41 @@ def _rewrite(path: str, text: str) -> str:
         return fout.name
 
 
+#: Files that only an experiment folder of an earlier version (without the marker) holds
+#: (``save/`` with checkpoints in it: building the YAML's checkpointer creates it empty).
+EXPERIMENT_LEGACY = ("train_log.txt", "report.json", "save/")
+
+
+def claim_experiment_folder(folder: str) -> None:
+    """Create or accept ``output_folder`` as an experiment folder (main process only): one
+    that is not empty and that this package did not make is refused
+    (:class:`~earlyexit_brain.files.NotOurFolderError`), before SpeechBrain writes its
+    ``hyperparams.yaml`` and logs into it."""
+    sb.utils.distributed.run_on_main(claim_folder, args=[folder, "experiment", "output_folder",
+                                                         EXPERIMENT_LEGACY])
+
+
+def check_experiment_folder(folder: str) -> None:
+    """Exit with an error unless ``folder`` is an experiment folder this package made."""
+    if not os.path.isfile(os.path.join(folder, "hyperparams.yaml")):
+        sys.exit(f"Error: {folder} is not an experiment folder (no hyperparams.yaml in it)")
+    if not owned(folder, "experiment", EXPERIMENT_LEGACY):
+        sys.exit(f"Error: {folder} is not an experiment folder made by recipes/train.py (no "
+                 f"{OWNER_MARKER}, train_log.txt, report.json or save/ in it); refusing to "
+                 f"rewrite its hyperparams.yaml")
+
+
 def run_recipe(main, argv: List[str]) -> None:
     """Run a recipe's ``main(argv)``; a checkpoint that does not fit the configuration
-    (:class:`~earlyexit_brain.checkpoints.CheckpointMismatchError`) ends it with its
-    message instead of a traceback."""
+    (:class:`~earlyexit_brain.checkpoints.CheckpointMismatchError`) or a folder the recipe
+    may not write into (:class:`~earlyexit_brain.files.NotOurFolderError`) ends it with
+    its message instead of a traceback."""
     try:
         main(argv)
     except CheckpointMismatchError as err:
         sys.exit(f"Checkpoint error: {err}")
+    except NotOurFolderError as err:
+        sys.exit(f"Error: {err}")
 
 
 def tokenizer_or_exit(hparams: Dict) -> SentencePiece:

@@ -21,14 +21,14 @@ import os
 import re
 import shutil
 import tempfile
-from typing import Dict, List, Optional, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 import soundfile
 
 from . import __version__
 from .config import ConfigError, read_raw_hparams
 from .report import report_markdown
-from .utils import atomic_folder, atomic_write_text
+from .files import OWNER_MARKER, atomic_folder, atomic_write_text
 
 logger = logging.getLogger(__name__)
 
@@ -88,7 +88,7 @@ def read_experiment(folder: str) -> Dict:
         raise PublishError(f"{report_path}: no per-exit results (the evaluation did not finish; "
                            f"run recipes/evaluate.py {folder})")
     try:
-        hparams = read_raw_hparams(hparams_path)
+        hparams = resolve_training_paths(read_raw_hparams(hparams_path), folder)
     except ConfigError as err:
         raise PublishError(str(err)) from None
     inference = os.path.join(folder, "inference")
@@ -102,6 +102,54 @@ def read_experiment(folder: str) -> Dict:
     return {"report": report, "hparams": hparams, "inference": inference}
 
 
+#: hyperparams keys naming data paths (``test_csv`` maps test sets to manifests)
+DATA_PATH_KEYS = ("data_folder", "train_csv", "valid_csv", "test_csv")
+
+
+def training_directory(folder: str, hparams: Dict) -> Optional[str]:
+    """The directory training ran in, or None when it cannot be told.
+
+    Relative paths in an experiment's ``hyperparams.yaml`` (e.g.
+    ``results/synthetic/data/test.csv``) are relative to it. It is known when
+    ``output_folder`` is relative and ``folder`` still ends with it: ``folder``
+    minus that suffix.
+    """
+    output = hparams.get("output_folder")
+    if not isinstance(output, str) or not output or os.path.isabs(output):
+        return None
+    here, suffix = os.path.abspath(folder), os.path.normpath(output)
+    if suffix.startswith(os.pardir) or not here.endswith(os.sep + suffix):
+        return None
+    return here[:-len(suffix) - 1] or os.sep
+
+
+def resolve_training_paths(hparams: Dict, folder: str) -> Dict:
+    """``hparams`` with its relative data paths (:data:`DATA_PATH_KEYS`) made absolute
+    against the directory training ran in, so publishing works from any directory."""
+    base = training_directory(folder, hparams)
+    if base is None:
+        return hparams
+
+    def resolve(path: Any) -> Any:
+        relative = isinstance(path, str) and path and not os.path.isabs(path)
+        return os.path.join(base, path) if relative else path
+
+    resolved = dict(hparams)
+    for key in set(DATA_PATH_KEYS) & set(hparams):
+        value = hparams[key]
+        resolved[key] = {k: resolve(v) for k, v in value.items()} if isinstance(value, dict) \
+            else resolve(value)
+    return resolved
+
+
+def _not_found_cause(path: str) -> str:
+    """Why a path named by the experiment is missing, as the error's remedy says it."""
+    if os.path.isabs(path):
+        return "the corpus was moved or deleted"
+    return (f"a path relative to the directory training ran in, which the experiment folder does "
+            f"not tell, and not found from this one, {os.getcwd()}: run from that directory")
+
+
 def corpus_info(hparams: Dict) -> Tuple[str, str]:
     """(Hub dataset id, readable name) of the corpus an experiment was trained on."""
     prepare = str(hparams.get("prepare_corpus", ""))
@@ -113,9 +161,12 @@ def corpus_info(hparams: Dict) -> Tuple[str, str]:
 
 def _manifest_rows(path: str, data_folder: str) -> List[Dict]:
     with open(path, newline="") as fin:
-        rows = list(csv.DictReader(fin))
+        reader = csv.DictReader(fin)
+        rows = list(reader)
+    if rows and "wav" not in (reader.fieldnames or []):
+        raise PublishError(f"{path}: no 'wav' column; pass --example AUDIO")
     for row in rows:
-        row["wav"] = row.get("wav", "").replace("$data_root", data_folder)
+        row["wav"] = row["wav"].replace("$data_root", data_folder)
     return rows
 
 
@@ -137,13 +188,16 @@ def write_example_audio(hparams: Dict, path: str, source: Optional[str] = None) 
             raise PublishError("the experiment's hyperparams.yaml names no test set; pass --example AUDIO")
         manifest = test_csv[names[0]]
         if not os.path.isfile(manifest):
-            raise PublishError(f"test manifest not found: {manifest} (the corpus was moved or "
-                               f"deleted); pass --example AUDIO")
+            raise PublishError(f"test manifest not found: {manifest} ({_not_found_cause(manifest)}); "
+                               f"pass --example AUDIO")
         rows = _manifest_rows(manifest, str(hparams.get("data_folder", "")))
         if not rows:
             raise PublishError(f"{manifest}: no utterance; pass --example AUDIO")
         row = next((r for r in rows if float(r.get("duration", 0) or 0) <= MAX_EXAMPLE_SECONDS), rows[0])
         source, label, hint = row["wav"], row["wav"], "; pass --example AUDIO"
+        if not os.path.isfile(source):
+            raise PublishError(f"{manifest}: audio not found: {source} ({_not_found_cause(source)}); "
+                               f"pass --example AUDIO")
         segment = row_segment(row.get("start"), row.get("stop"))
     elif not os.path.isfile(source):
         raise PublishError(f"--example: {source}: no such audio file")
@@ -266,11 +320,16 @@ def build_model_card(report: Dict, repo_id: str, dataset: Tuple[str, str], polic
 
 def build_hub_folder(experiment: str, out: str, repo_id: str, license: str = "apache-2.0",
                      language: str = "en", example: Optional[str] = None) -> str:
-    """Build the Hub folder for ``experiment`` at ``out`` (replaced atomically); returns ``out``."""
+    """Build the Hub folder for ``experiment`` at ``out``; returns ``out``.
+
+    ``out`` is replaced atomically, and only if it is absent, empty or a Hub folder this
+    function built (:func:`~earlyexit_brain.files.atomic_folder`): ``--out .`` or any
+    other folder is refused with a :class:`~earlyexit_brain.files.NotOurFolderError`.
+    """
     check_repo_id(repo_id)
     exp = read_experiment(experiment)
     out = os.path.abspath(out)
-    with atomic_folder(out, prefix=".hub-") as tmp:
+    with atomic_folder(out, "hub_folder", "--out", prefix=".hub-", legacy=("exit_policies.ckpt",)) as tmp:
         for name in MODEL_FILES + OPTIONAL_FILES:
             if name in MODEL_FILES or os.path.isfile(os.path.join(exp["inference"], name)):
                 shutil.copyfile(os.path.join(exp["inference"], name), os.path.join(tmp, name))
@@ -368,5 +427,6 @@ def upload_hub_folder(folder: str, repo_id: str, private: bool = False, exist_ok
     url = api.create_repo(repo_id, repo_type="model", private=private, exist_ok=exist_ok)
     logger.info("uploading %s to %s", folder, url)
     commit = api.upload_folder(folder_path=folder, repo_id=repo_id, repo_type="model",
-                               commit_message=message or f"Upload early-exit model ({__version__})")
+                               commit_message=message or f"Upload early-exit model ({__version__})",
+                               ignore_patterns=[OWNER_MARKER])
     return str(getattr(commit, "commit_url", commit))

@@ -34,10 +34,12 @@ from speechbrain.utils.checkpoints import mark_as_loader, mark_as_saver, registe
 from speechbrain.utils.data_utils import batch_pad_right
 from speechbrain.utils.fetching import FetchConfig, LocalStrategy, fetch
 
+from .audio_check import wav_truncation
 from .exits import (CTCDecoder, ExitPolicy, LatencyTable, POLICY_NAMES, check_exit, make_ctc_beam_searcher,
                     make_policy)
 from .safe_load import check_alias_expansion, check_hparams_text, weights_only_loading
-from .utils import atomic_folder, atomic_write_text, tokenizer_pieces, tokens_to_text
+from .files import atomic_folder, atomic_write_text
+from .utils import tokenizer_pieces, tokens_to_text
 
 logger = logging.getLogger(__name__)
 
@@ -79,7 +81,9 @@ class Transcription:
     """One utterance's result: ``text``, ``exit`` (1-based), ``layers`` computed.
 
     For :meth:`EarlyExitASR.transcribe_files`, a file that could not be read
-    has ``text`` None and ``error`` naming the file and the reason.
+    has ``text`` None and ``error`` naming the file and the reason; for
+    :meth:`EarlyExitASR.transcribe_batch`, a row that cannot be transcribed has
+    ``text`` None and ``error`` naming the row and the reason.
     """
 
     text: Optional[str]
@@ -204,8 +208,19 @@ class EarlyExitASR(Pretrained):
 
     def make_policy(self, policy: Union[str, ExitPolicy, None] = None, threshold: Optional[float] = None,
                     exit: Optional[int] = None) -> ExitPolicy:
-        """Resolve ``exit`` / ``policy`` / ``threshold`` (with the stored defaults) into a policy."""
+        """Resolve ``exit`` / ``policy`` / ``threshold`` (with the stored defaults) into a policy.
+
+        A ``threshold`` needs the ``policy`` it is for (as the command line's
+        ``--threshold`` needs ``--policy``): it is never applied to the stored
+        default policy, whichever that is.
+        """
+        if threshold is not None and policy is None:
+            raise ValueError("threshold: give policy= with threshold= (the policy it is for: entropy, "
+                             "posterior, posterior_greedy or budget)")
         if isinstance(policy, ExitPolicy):
+            if threshold is not None:
+                raise ValueError("threshold: an ExitPolicy object carries its own threshold; "
+                                 "do not pass threshold= with it")
             return policy
         if exit is not None and policy not in (None, "fixed"):
             raise ValueError(f"exit: give either an exit or the policy {policy!r}, not both")
@@ -214,9 +229,7 @@ class EarlyExitASR(Pretrained):
             if default is None:
                 exit = self.num_exits
             else:
-                policy = default["policy"]
-                threshold = default.get("threshold") if threshold is None else threshold
-                exit = default.get("exit")
+                policy, threshold, exit = default["policy"], default.get("threshold"), default.get("exit")
         if policy is None:
             policy = "fixed"
         if not isinstance(policy, str) or policy not in POLICY_NAMES:
@@ -239,18 +252,42 @@ class EarlyExitASR(Pretrained):
                          exit: Optional[int] = None, policy=None,
                          threshold: Optional[float] = None,
                          decoder: Optional[str] = None) -> List[Transcription]:
-        """Transcribe a padded batch ``(B, S)`` of 16 kHz mono waveforms (relative ``wav_lens``)."""
+        """Transcribe a padded batch ``(B, S)`` of 16 kHz mono waveforms (relative ``wav_lens``).
+
+        A row that cannot be transcribed (empty, shorter than the model's
+        ``min_samples``, NaN or infinite samples) gets ``text`` None and ``error``
+        saying why; the other rows are transcribed as a batch of their own, cut
+        to the longest of them, so one bad row never costs the others.
+        """
         chosen = self.make_policy(policy, threshold, exit)
-        wavs = wavs.float().to(self.device)
-        if wav_lens is None:
-            wav_lens = torch.ones(wavs.shape[0])
-        wav_lens = wav_lens.float().to(self.device)
-        durations = (wav_lens * wavs.shape[1] / self.hparams.sample_rate).cpu()
         aed = hasattr(self.model, "decode_dynamic")  # attention decoders: only the exit's runs
         if aed and decoder is not None:
             raise ValueError("decoder: this model decodes with its attention decoders; "
                              "decoder= applies to CTC models")
         ctc = None if aed else self.ctc_decoder(decoder)
+        wavs = wavs.float()
+        if wav_lens is None:
+            wav_lens = torch.ones(wavs.shape[0])
+        wav_lens = wav_lens.float().cpu()
+        samples = (wav_lens * wavs.shape[1]).round().long().tolist()
+        problems = [self.signal_problem(wavs[b, :n]) for b, n in enumerate(samples)]
+        results: List[Transcription] = [Transcription(text=None, error=f"row {b}: {problem}")
+                                        for b, problem in enumerate(problems)]
+        keep = [b for b, problem in enumerate(problems) if problem is None]
+        if not keep:
+            return results
+        if len(keep) < len(samples):
+            longest = max(samples[b] for b in keep)
+            wavs, wav_lens = wavs[keep, :longest], torch.tensor([samples[b] / longest for b in keep])
+        for b, result in zip(keep, self._transcribe_rows(wavs, wav_lens, chosen, aed, ctc)):
+            results[b] = result
+        return results
+
+    def _transcribe_rows(self, wavs: torch.Tensor, wav_lens: torch.Tensor, chosen: ExitPolicy, aed: bool,
+                         ctc: Optional[CTCDecoder]) -> List[Transcription]:
+        """:meth:`transcribe_batch` of rows that are known to be usable."""
+        wavs, wav_lens = wavs.to(self.device), wav_lens.to(self.device)
+        durations = (wav_lens * wavs.shape[1] / self.hparams.sample_rate).cpu()
         with torch.no_grad():
             out = self.model.dynamic(wavs, wav_lens, chosen, durations, keep_hidden=aed)
             if aed:
@@ -260,18 +297,41 @@ class EarlyExitASR(Pretrained):
         return [Transcription(text=text, exit=int(out.exits[b]) + 1, layers=int(out.layers[b]))
                 for b, text in enumerate(texts)]
 
+    def signal_problem(self, signal: torch.Tensor) -> Optional[str]:
+        """Why a mono waveform at the model's rate cannot be transcribed, or None.
+
+        Empty, shorter than the model's ``min_samples`` (its front end's
+        convolutions would fail on it) or holding NaN or infinite samples.
+        """
+        if signal.numel() == 0:
+            return "the audio is empty (no samples)"
+        if not bool(torch.isfinite(signal).all()):
+            return "the audio contains NaN or infinite samples"
+        needed = int(getattr(self.model, "min_samples", 1))
+        if signal.numel() < needed:
+            return (f"the audio is too short: {signal.numel()} samples, the model needs at least "
+                    f"{needed} ({1000.0 * needed / self.hparams.sample_rate:.0f} ms)")
+        return None
+
     def load_checked(self, path: str) -> torch.Tensor:
-        """Load, down-mix and resample an audio file; a ValueError names the file if it is unusable."""
+        """Load, down-mix and resample an audio file; a ValueError names the file if it is unusable.
+
+        Unusable: missing, undecodable, a WAV file cut short of what its header
+        promises (decoders read it up to the cut without a word), or a waveform
+        :meth:`signal_problem` refuses, or silent.
+        """
         if not os.path.isfile(path):
             raise ValueError(f"{path}: no such audio file")
+        truncated = wav_truncation(path)
+        if truncated is not None:
+            raise ValueError(f"{path}: {truncated}")
         try:
             signal = self.load_audio(path)
         except Exception as err:  # soundfile raises several types
             raise ValueError(f"{path}: cannot be decoded as audio ({err})") from err
-        if signal.numel() == 0:
-            raise ValueError(f"{path}: the audio is empty (no samples)")
-        if not bool(torch.isfinite(signal).all()):
-            raise ValueError(f"{path}: the audio contains NaN or infinite samples")
+        problem = self.signal_problem(signal)
+        if problem is not None:
+            raise ValueError(f"{path}: {problem}")
         if float(signal.abs().max()) < SILENCE_PEAK:
             raise ValueError(f"{path}: the audio is silent (peak amplitude below {SILENCE_PEAK})")
         return signal
@@ -389,7 +449,7 @@ def _decoder_parts(model) -> Dict[str, str]:
 def export_inference_folder(folder: str, model, features_config: Dict, tokenizer_path: str,
                             blank_index: int = 0, policies: Optional[Dict] = None,
                             latency_table: Optional[LatencyTable] = None,
-                            lm_path: Optional[str] = None) -> str:
+                            lm_path: Optional[str] = None, key: str = "inference folder") -> str:
     """Write an inference folder that :class:`EarlyExitASR` loads; returns its path.
 
     ``model`` is an :class:`~earlyexit_brain.models.pipeline.EarlyExitCTCModel`
@@ -399,7 +459,9 @@ def export_inference_folder(folder: str, model, features_config: Dict, tokenizer
     (ARPA or KenLM binary) copied as ``ngram_lm.ckpt`` for CTC beam search (or the
     attention search that fuses it). The folder is built
     beside its destination and moved into place, so a crash never leaves a
-    half-written folder behind.
+    half-written folder behind. An existing ``folder`` is replaced only if this
+    function made it (:func:`~earlyexit_brain.files.atomic_folder`); otherwise a
+    :class:`~earlyexit_brain.files.NotOurFolderError` names ``key`` and the folder.
     """
     folder = os.path.abspath(folder)
     # Fbank + global InputNormalization (the Conformer), or modules that carry their own
@@ -412,7 +474,8 @@ def export_inference_folder(folder: str, model, features_config: Dict, tokenizer
         features_class, features = _class_path(model.compute_features), dict(model.compute_features.config)
     if hasattr(model.normalize, "config"):
         normalize_class, normalize_config = _class_path(model.normalize), dict(model.normalize.config)
-    with atomic_folder(folder, prefix=".inference-") as tmp:
+    with atomic_folder(folder, "inference_folder", key, prefix=".inference-",
+                       legacy=("exit_policies.ckpt",)) as tmp:
         text = INFERENCE_YAML.format(
             sample_rate=int(features_config["sample_rate"]), blank_index=int(blank_index),
             default_exit=int(model.default_exit), features=_yaml_block(features),

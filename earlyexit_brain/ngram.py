@@ -30,7 +30,7 @@ import os
 from collections import Counter, defaultdict
 from typing import Dict, Iterable, List, Optional, Sequence, Set, Tuple
 
-from .utils import atomic_write_text
+from .files import atomic_write_text
 
 logger = logging.getLogger(__name__)
 

@@ -5,7 +5,7 @@ import logging
 import os
 from typing import Dict, List, Optional
 
-from earlyexit_brain.utils import atomic_write_text
+from earlyexit_brain.files import atomic_write_text
 
 
 def build_report(encoder, heads, test_results: Dict[str, List[Dict]], train: Dict,

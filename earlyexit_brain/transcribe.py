@@ -11,8 +11,10 @@ folder) or a Hugging Face Hub id ``OWNER/NAME``. Without ``--exit``,
 ``--policy`` or ``--budget-ms`` the model's stored default policy is used.
 Prints one tab-separated line per file: the path, the exit used (and encoder
 layers computed), the time in milliseconds and the text. A file that cannot be
-transcribed is reported on stderr and the others are still transcribed; the
-exit code is 1 if any file failed, 2 for a usage or model-loading error.
+transcribed (missing, undecodable, truncated, empty, silent, shorter than
+the model's front end takes) is reported on stderr and the others are still
+transcribed; the exit code is 1 if any file failed, 2 for a usage or
+model-loading error or a ``--device`` this machine cannot use.
 """
 
 import argparse
@@ -54,9 +56,11 @@ def main(argv=None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("speechbrain").setLevel(logging.WARNING)  # no per-file fetch messages
+    from .config import check_device
     from .inference import EarlyExitASR
 
     try:
+        check_device(args.device)
         asr = EarlyExitASR.from_hparams(source=args.model, savedir=args.savedir,
                                         run_opts={"device": args.device},
                                         trust_remote_code=args.trust_remote_code)
@@ -64,7 +68,7 @@ def main(argv=None) -> int:
             policy = asr.make_policy("budget", threshold=args.budget_ms)
         else:
             policy = asr.make_policy(args.policy, args.threshold, args.exit)
-    except (ValueError, OSError) as err:
+    except (ValueError, OSError, RuntimeError) as err:  # RuntimeError: e.g. torch's device errors
         print(f"Error: {err}", file=sys.stderr)
         return 2
     failed = 0
@@ -77,6 +81,10 @@ def main(argv=None) -> int:
         except ValueError as err:
             failed += 1
             tqdm.write(f"Error: {err}", file=sys.stderr)
+            continue
+        except RuntimeError as err:  # one file's failure inside the model never stops the list
+            failed += 1
+            tqdm.write(f"Error: {path}: {type(err).__name__}: {err}", file=sys.stderr)
             continue
         ms = 1000.0 * (time.perf_counter() - start)
         tqdm.write(f"{path}\texit {result.exit} ({result.layers} layers)\t{ms:.0f} ms\t{result.text}",

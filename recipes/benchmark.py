@@ -64,7 +64,9 @@ from speechbrain.lobes.models.convolution import ConvolutionFrontEnd
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from earlyexit_brain.config import ConfigError, check_device  # noqa: E402
 from earlyexit_brain.exits import EntropyPolicy, FixedExit  # noqa: E402
+from earlyexit_brain.files import NotOurFolderError, check_overwritable_file, is_own_json  # noqa: E402
 from earlyexit_brain.losses import stacked_ctc_losses  # noqa: E402
 from earlyexit_brain.models.conformer import CTCExitHeads, EarlyExitConformerEncoder  # noqa: E402
 from earlyexit_brain.models.pipeline import EarlyExitCTCModel  # noqa: E402
@@ -669,6 +671,15 @@ def table(title, columns, rows, notes=()):
     return lines + [""]
 
 
+def is_own_markdown(path: str) -> bool:
+    """Whether ``path`` is a results table this command wrote (its first line)."""
+    try:
+        with open(path) as fin:
+            return fin.readline().rstrip("\n") == "# Benchmark results"
+    except (OSError, UnicodeDecodeError):
+        return False
+
+
 def markdown(output):
     """bench.md: every table of the run."""
     lines = ["# Benchmark results", "", f"Machine: {output['machine']}", ""]
@@ -806,7 +817,10 @@ def main(argv=None):
     if args.memory_child:
         memory_child(*json.loads(args.memory_child))
         return
-    device = torch.device(args.device)
+    try:
+        device = torch.device(check_device(args.device))
+    except ConfigError as err:
+        raise SystemExit(f"Error: {err}") from None
     quick = args.quick
     repeats, warmup = (6, 2) if quick else (30, 3)
     if args.repeats is not None:
@@ -817,8 +831,13 @@ def main(argv=None):
     profile = parse_list(args.profile, variants, "profiled variants") if args.profile else []
     output = {"machine": machine_description(device), "quick": quick}
     run = parse_list(args.only, SECTIONS, "sections") if args.only else list(SECTIONS)
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     md_path = os.path.splitext(args.out)[0] + ".md"
+    try:  # overwrite only results this command wrote
+        check_overwritable_file(args.out, "--out", lambda p: is_own_json(p, "machine"))
+        check_overwritable_file(md_path, "--out", is_own_markdown)
+    except NotOurFolderError as err:
+        raise SystemExit(f"Error: {err}") from None
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
 
     def save():
         with open(args.out, "w") as fout:

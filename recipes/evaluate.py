@@ -28,7 +28,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from earlyexit_brain.brain import brain_class_for  # noqa: E402
 from earlyexit_brain.config import ConfigError  # noqa: E402
 from earlyexit_brain.dataio import dataio_prepare  # noqa: E402
-from earlyexit_brain.experiment import (evaluate_and_report, load_recipe_hparams,  # noqa: E402
+from earlyexit_brain.experiment import (check_experiment_folder, claim_experiment_folder,  # noqa: E402
+                                        evaluate_and_report, load_recipe_hparams,
                                         relocated_hparams_file, run_recipe, tokenizer_or_exit,
                                         with_evaluation_defaults)
 
@@ -37,14 +38,14 @@ def main(argv):
     folder = None
     if argv and os.path.isdir(argv[0]):
         folder = argv[0]
-        saved = os.path.join(argv[0], "hyperparams.yaml")
-        if not os.path.isfile(saved):
-            sys.exit(f"Error: {argv[0]} is not an experiment folder (no hyperparams.yaml in it)")
+        check_experiment_folder(folder)
         try:
             argv = [with_evaluation_defaults(relocated_hparams_file(argv[0]))] + argv[1:]
         except ConfigError as err:
             sys.exit(f"Configuration error: {err}")
     hparams_file, run_opts, overrides, hparams = load_recipe_hparams(argv)
+    if folder is None and os.path.isdir(hparams["output_folder"]):
+        claim_experiment_folder(hparams["output_folder"])  # its report and inference/ are rewritten
     if folder is not None and os.path.abspath(hparams["output_folder"]) != os.path.abspath(folder):
         # its checkpoints, log and save folder stay where they are: copy the folder instead
         sys.exit(f"Error: key 'output_folder': an experiment folder is evaluated in place; to keep "

@@ -24,6 +24,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from earlyexit_brain.files import NotOurFolderError  # noqa: E402
 from earlyexit_brain.hub import (PublishError, build_hub_folder, check_repo_id,  # noqa: E402
                                  hub_token, upload_hub_folder, validate_hub_folder)
 
@@ -77,7 +78,7 @@ def main(argv) -> int:
                                 api=api, message=args.message)
         print(f"Uploaded to https://huggingface.co/{args.repo_id} ({url})")
         return 0
-    except PublishError as err:
+    except (PublishError, NotOurFolderError) as err:
         print(f"Error: {err}", file=sys.stderr)
         return 1
 

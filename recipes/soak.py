@@ -31,6 +31,7 @@ from tqdm import tqdm
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from earlyexit_brain.files import NotOurFolderError, check_overwritable_file, is_own_json  # noqa: E402
 from earlyexit_brain.inference import EarlyExitASR  # noqa: E402
 from earlyexit_brain.utils import rss_bytes  # noqa: E402
 
@@ -68,6 +69,10 @@ def main(argv=None):
     args = parser.parse_args(argv)
     if args.files < 10:
         parser.error("--files must be at least 10")
+    try:  # overwrite only a result this command wrote
+        check_overwritable_file(args.out, "--out", lambda p: is_own_json(p, "rss_growth_mb"))
+    except NotOurFolderError as err:
+        parser.error(str(err))
     torch.set_num_threads(args.threads)
     asr = EarlyExitASR.from_hparams(source=args.model)
     policy = asr.make_policy(args.policy)
@@ -86,7 +91,7 @@ def main(argv=None):
               "policy": policy.describe(), "rss": samples,
               "rss_warm_mb": warm, "rss_end_mb": end, "rss_growth_mb": round(end - warm, 1),
               "exit_counts": {str(k): exits.count(k) for k in sorted(set(exits))}}
-    with open(args.out, "w") as fout:
+    with open(args.out, "w") as fout:  # checked before the run: only a soak.py result
         json.dump(result, fout, indent=2)
     print("| files | RSS MiB | seconds |")
     print("|---|---|---|")

@@ -27,7 +27,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from earlyexit_brain.brain import brain_class_for  # noqa: E402
 from earlyexit_brain.data.common import CorpusError  # noqa: E402
 from earlyexit_brain.dataio import dataio_prepare  # noqa: E402
-from earlyexit_brain.experiment import (changed_hyperparameters, evaluate_and_report,  # noqa: E402
+from earlyexit_brain.experiment import (changed_hyperparameters, claim_experiment_folder,  # noqa: E402
+                                        evaluate_and_report,
                                         load_recipe_hparams, run_recipe, tokenizer_or_exit,
                                         warn_changed_hyperparameters)
 
@@ -38,6 +39,7 @@ def main(argv):
     hparams_file, run_opts, overrides, hparams = load_recipe_hparams(argv)
 
     sb.utils.distributed.ddp_init_group(run_opts)
+    claim_experiment_folder(hparams["output_folder"])  # never another folder of the user's
     # read before create_experiment_directory overwrites the saved hyperparams.yaml
     changes = changed_hyperparameters(hparams["output_folder"], hparams["checkpointer"],
                                       hparams_file, overrides)

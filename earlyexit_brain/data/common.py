@@ -22,7 +22,7 @@ import logging
 import os
 from typing import Dict, Iterable, List, Optional, Sequence
 
-from earlyexit_brain.utils import atomic_write_text
+from earlyexit_brain.files import atomic_write_text
 
 logger = logging.getLogger(__name__)
 

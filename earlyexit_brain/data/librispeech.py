@@ -36,6 +36,7 @@ from typing import Dict, List, Optional, Sequence
 from earlyexit_brain.data.common import (CorpusError, Problems, Stamp, check_common_options,
                                          check_split_list, file_fingerprint, read_headers,
                                          write_manifest)
+from earlyexit_brain.files import claim_folder
 
 logger = logging.getLogger(__name__)
 
@@ -129,7 +130,8 @@ def prepare_librispeech(
     if not os.path.isdir(data_folder):
         raise CorpusError(f"LibriSpeech data_folder is not a folder: {data_folder}")
     data_folder = os.path.abspath(data_folder)
-    os.makedirs(manifest_folder, exist_ok=True)
+    # only ever a folder this function made: it deletes and rewrites the manifests there
+    claim_folder(manifest_folder, "manifest_folder", "manifest_folder", legacy=(STAMP,))
 
     outputs: Dict[str, List[str]] = {}
     if train_splits:

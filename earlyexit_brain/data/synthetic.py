@@ -40,7 +40,7 @@ from earlyexit_brain.data.text import (
     find_fortune_file,
     restrict_vocabulary,
 )
-from earlyexit_brain.utils import atomic_write_text
+from earlyexit_brain.files import atomic_write_text, claim_folder
 
 logger = logging.getLogger(__name__)
 
@@ -313,7 +313,10 @@ def prepare_synthetic(
     ---------
     data_folder : str
         Where the WAV files (``wavs/<split>/``) and the manifests
-        (``<split>.csv``) are written. Created if missing.
+        (``<split>.csv``) are written. Created if missing; an existing folder must be
+        empty or a synthetic corpus this function made (marked with
+        :data:`~earlyexit_brain.files.OWNER_MARKER`), else
+        :class:`~earlyexit_brain.files.NotOurFolderError` names it.
     num_workers : int, optional
         Parallel synthesis processes (default: number of CPUs).
     **options
@@ -336,9 +339,9 @@ def prepare_synthetic(
         if isinstance(opts[key], tuple):
             opts[key] = list(opts[key])
     _check_options(opts)
-    if os.path.exists(data_folder) and not os.path.isdir(data_folder):
-        raise NotADirectoryError(f"data_folder: {data_folder} exists and is not a folder")
-    os.makedirs(data_folder, exist_ok=True)
+    # only ever a folder this function made: it deletes wavs/ and rewrites the manifests
+    claim_folder(data_folder, "synthetic_corpus", "data_folder",
+                 legacy=("synthetic_corpus.json", "synthetic_corpus.partial.json"))
     manifests = {s: os.path.join(data_folder, f"{s}.csv") for s in SPLITS}
     key = dict(opts, corpus_version=CORPUS_VERSION)
     digest = _hash(key)

@@ -46,6 +46,7 @@ from typing import Dict, List, Optional, Sequence
 from earlyexit_brain.data.common import (CorpusError, Problems, Stamp, check_common_options,
                                          check_split_list, file_fingerprint, read_headers,
                                          write_manifest)
+from earlyexit_brain.files import claim_folder
 
 logger = logging.getLogger(__name__)
 
@@ -168,7 +169,8 @@ def prepare_tedlium(
     if not os.path.isdir(data_folder):
         raise CorpusError(f"TED-LIUM data_folder is not a folder: {data_folder}")
     data_folder = os.path.abspath(data_folder)
-    os.makedirs(manifest_folder, exist_ok=True)
+    # only ever a folder this function made: it deletes and rewrites the manifests there
+    claim_folder(manifest_folder, "manifest_folder", "manifest_folder", legacy=(STAMP,))
     paths = {split: os.path.join(manifest_folder, f"{split}.csv") for split in splits}
 
     problems = Problems("TED-LIUM")

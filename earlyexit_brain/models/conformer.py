@@ -385,6 +385,27 @@ class EarlyExitConformerEncoder(IncrementalExits, nn.Module):
         """Number of exits."""
         return len(self.exit_layers)
 
+    @property
+    def min_input_length(self) -> int:
+        """Fewest feature frames the front end takes.
+
+        Working back from one output frame, each convolution needs enough input
+        frames for the frames the next one takes, and its reflect padding (the
+        default of SpeechBrain's ``Conv2d``) needs more input frames than it pads:
+        shorter inputs fail inside PyTorch's padding.
+        """
+        convs = [layer for block in self.frontend.children() for layer in block.convs.children()
+                 if isinstance(layer, Conv2d)]
+        need = 1
+        for layer in reversed(convs):  # the time axis is the kernels' last
+            k, s, d = layer.kernel_size[-1], layer.stride[-1], layer.dilation[-1]
+            side = get_padding_elem(1, s, k, d)[0] if layer.padding == "same" else 0
+            added = 2 * side if layer.padding == "same" else d * (k - 1) if layer.padding == "causal" else 0
+            need = max(1, (need - 1) * s + d * (k - 1) + 1 - added)
+            if side and layer.padding_mode == "reflect":
+                need = max(need, side + 1)
+        return need
+
     def output_frames(self, input_frames: int) -> int:
         """Number of encoder frames produced for ``input_frames`` feature frames."""
         frames = input_frames

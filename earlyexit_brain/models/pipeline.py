@@ -45,6 +45,7 @@ class EarlyExitCTCModel(nn.Module):
         if not 1 <= default_exit <= num_exits:
             raise ValueError(f"default_exit: the model has exits 1..{num_exits}, got {default_exit}")
         self.default_exit = default_exit
+        self._min_samples: Optional[int] = None
 
     def _apply(self, fn, *args, **kwargs):
         # SpeechBrain's InputNormalization keeps its statistics in plain tensor
@@ -64,6 +65,32 @@ class EarlyExitCTCModel(nn.Module):
     @property
     def num_exits(self) -> int:
         return len(self.encoder.exit_layers)
+
+    @property
+    def min_samples(self) -> int:
+        """Fewest waveform samples the model transcribes (shorter audio fails in the front end).
+
+        The encoder's ``min_input_length`` (feature frames, or samples for an encoder
+        that reads the waveform) is turned into samples by finding the shortest
+        input for which ``compute_features`` gives that many frames, whatever the
+        features' window, hop and padding.
+        """
+        if self._min_samples is None:
+            need = int(getattr(self.encoder, "min_input_length", 1))
+            device = next(self.parameters()).device
+
+            def frames(samples: int) -> int:
+                return int(self.compute_features(torch.zeros(1, samples, device=device)).shape[1])
+
+            low, high = 1, 1
+            with torch.no_grad():
+                while frames(high) < need:
+                    low, high = high + 1, 2 * high
+                while low < high:  # frames grow with the samples: the first that is enough
+                    mid = (low + high) // 2
+                    low, high = (low, mid) if frames(mid) >= need else (mid + 1, high)
+            self._min_samples = high
+        return self._min_samples
 
     def features(self, wavs: torch.Tensor, wav_lens: torch.Tensor) -> torch.Tensor:
         """Normalised features ``(B, T, F)``."""

@@ -243,6 +243,15 @@ class EarlyExitSSLEncoder(IncrementalExits, nn.Module):
     def layers(self) -> nn.ModuleList:
         return self.model.encoder.layers
 
+    @property
+    def min_input_length(self) -> int:
+        """Fewest waveform samples the convolutional feature extractor turns into one frame."""
+        cfg = self.model.config
+        need = 1
+        for kernel, stride in reversed(list(zip(cfg.conv_kernel, cfg.conv_stride))):
+            need = (need - 1) * int(stride) + int(kernel)
+        return need
+
     def output_frames(self, input_samples: int) -> int:
         """Encoder frames for ``input_samples`` waveform samples (the conv feature extractor)."""
         return int(self.model._get_feat_extract_output_lengths(torch.tensor(input_samples)))

@@ -151,7 +151,7 @@ def test_rewritten_and_new_files_keep_their_permissions(tmp_path):
     with a group stays readable); files and folders the project writes atomically (reports,
     exported inference folders) get the usual modes under the umask, not the temporary
     file's 0600 or folder's 0700, and a replaced folder keeps its mode."""
-    from earlyexit_brain.utils import atomic_folder, atomic_write_text
+    from earlyexit_brain.files import atomic_folder, atomic_write_text
 
     saved = tmp_path / "hyperparams.yaml"
     saved.write_text(SAVED)
@@ -163,7 +163,7 @@ def test_rewritten_and_new_files_keep_their_permissions(tmp_path):
     old = os.umask(0o022)
     try:
         atomic_write_text(str(tmp_path / "report.json"), "{}\n")
-        with atomic_folder(str(tmp_path / "inference")) as tmp:
+        with atomic_folder(str(tmp_path / "inference"), "inference_folder", "test") as tmp:
             atomic_write_text(os.path.join(tmp, "hyperparams.yaml"), "a: 1\n")
     finally:
         os.umask(old)
@@ -171,7 +171,7 @@ def test_rewritten_and_new_files_keep_their_permissions(tmp_path):
     assert os.stat(tmp_path / "inference").st_mode & 0o777 == 0o755
     assert os.stat(tmp_path / "inference" / "hyperparams.yaml").st_mode & 0o777 == 0o644
     os.chmod(tmp_path / "inference", 0o750)
-    with atomic_folder(str(tmp_path / "inference")):  # exported again: the mode stays
+    with atomic_folder(str(tmp_path / "inference"), "inference_folder", "test"):  # exported again: the mode stays
         pass
     assert os.stat(tmp_path / "inference").st_mode & 0o777 == 0o750
 
@@ -179,7 +179,7 @@ def test_rewritten_and_new_files_keep_their_permissions(tmp_path):
 def test_new_files_follow_the_umask_without_it_being_set(tmp_path):
     """The umask is read, never set and restored (that would race with other threads'
     files): under a group's 0o027 a new report gets 0o640, and the umask is unchanged."""
-    from earlyexit_brain.utils import atomic_write_text, current_umask
+    from earlyexit_brain.files import atomic_write_text, current_umask
 
     old = os.umask(0o027)
     try:

@@ -18,6 +18,7 @@ import torch
 from huggingface_hub import ModelCard
 
 from earlyexit_brain import hub
+from earlyexit_brain.files import OWNER_MARKER
 from earlyexit_brain.inference import EarlyExitASR
 from earlyexit_brain.report import build_report, write_report
 from earlyexit_brain.safe_load import UnsafeHparamsError, unsafe_tags
@@ -90,8 +91,13 @@ class RecordingApi:
         self.calls.append(("create_repo", repo_id, private, exist_ok))
         return f"https://huggingface.co/{repo_id}"
 
-    def upload_folder(self, folder_path, repo_id, repo_type=None, commit_message=None):
-        self.calls.append(("upload_folder", folder_path, repo_id, sorted(os.listdir(folder_path))))
+    def upload_folder(self, folder_path, repo_id, repo_type=None, commit_message=None,
+                      ignore_patterns=()):
+        import fnmatch
+
+        sent = [name for name in sorted(os.listdir(folder_path))
+                if not any(fnmatch.fnmatch(name, pattern) for pattern in ignore_patterns)]
+        self.calls.append(("upload_folder", folder_path, repo_id, sent))
         return type("Commit", (), {"commit_url": f"https://huggingface.co/{repo_id}/commit/abc"})()
 
 
@@ -114,7 +120,7 @@ def publish(*args):
 def test_folder_has_what_the_hub_and_speechbrain_need(built):
     _, out = built
     assert sorted(os.listdir(out)) == sorted(list(hub.MODEL_FILES) + [
-        "README.md", "config.json", "example.wav", "report.json", "wer_vs_compute.png"])
+        "README.md", "config.json", "example.wav", "report.json", "wer_vs_compute.png", OWNER_MARKER])
     config = json.load(open(os.path.join(out, "config.json")))
     assert config["speechbrain"]["interface"] == "EncoderASR"
     assert config["earlyexit_brain"]["interface"] == "earlyexit_brain.inference.EarlyExitASR"
@@ -193,6 +199,7 @@ def test_upload_goes_through_hfapi_and_never_shows_the_token(tmp_path, experimen
     assert names == ["repo_exists", "repo_exists", "create_repo", "upload_folder"]
     assert api.calls[2] == ("create_repo", "alice/tiny-ee", True, False)
     assert api.calls[3][1] == str(tmp_path / "h") and "model.ckpt" in api.calls[3][3]
+    assert OWNER_MARKER not in api.calls[3][3]  # the folder's marker is not uploaded
     captured = capsys.readouterr()
     assert "Uploaded to https://huggingface.co/alice/tiny-ee" in captured.out
     assert SECRET not in captured.out + captured.err + caplog.text

@@ -31,9 +31,11 @@ def greedy_text(model, tokenizer_path, wav, exit_index):
 def test_folder_contents(folder):
     import os
 
+    from earlyexit_brain.files import OWNER_MARKER
+
     assert sorted(os.listdir(folder)) == sorted(
         ["hyperparams.yaml", "model.ckpt", "normalizer.ckpt", "tokenizer.ckpt",
-         "exit_policies.ckpt", "latency_table.ckpt"])
+         "exit_policies.ckpt", "latency_table.ckpt", OWNER_MARKER])
 
 
 def test_fixed_exit_transcription_matches_the_model(asr, model, tokenizer_path, audio):

@@ -17,6 +17,7 @@ from earlyexit_brain.data.librispeech import prepare_librispeech
 from earlyexit_brain.data.tedlium import normalize_words, prepare_tedlium
 from earlyexit_brain.audio_check import read_utterance, row_segment
 from earlyexit_brain.dataio import dataio_prepare
+from earlyexit_brain.files import OWNER_MARKER
 from tests.real_corpora import LIBRI_UTTS, SR, TED_SEGMENTS, make_librispeech, make_tedlium
 
 TRAIN = ["train-clean-100", "train-other-500"]
@@ -145,7 +146,7 @@ def test_librispeech_bad_input_lists_every_problem(libri):
     assert f"{bad_id_file}:{LIBRI_UTTS + 1}: utterance ID '99-999-0000'" in msg
     assert "on_error: skip" in msg
     # nothing left that could pass for a finished manifest
-    assert os.listdir(out) == []
+    assert os.listdir(out) == [OWNER_MARKER]  # no manifest, only the folder's marker
 
 
 def test_librispeech_skip_mode_warns_and_leaves_out(libri, caplog):
@@ -251,7 +252,7 @@ def test_tedlium_bad_input_lists_every_problem(ted):
     assert f"{dev_stm}:2: audio file not found: " in msg
     assert "BobTalk_2012X.sph: cannot read the audio header" in msg
     assert "split folder 'legacy/test' (with stm/ and sph/) not found" in msg
-    assert not os.path.exists(out) or os.listdir(out) == []
+    assert not os.path.exists(out) or os.listdir(out) == [OWNER_MARKER]
     # skip mode keeps the good segments of the good talks
     manifests = prepare_tedlium(root, out, on_error="skip")
     assert sorted(manifests) == ["train"]
