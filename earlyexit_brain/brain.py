@@ -18,10 +18,11 @@ import torch
 from speechbrain.utils.checkpoints import (average_checkpoints, mark_as_loader, mark_as_saver,
                                           register_checkpoint_hooks)
 
-from .exits import CTC_DECODERS, CTCDecoder, ctc_beam_options, frame_mask
+from .decoding.ctc import ctc_beam_options, CTC_DECODERS, CTCDecoder
 from .losses import exit_distillation_loss, one_call_blank_index, stacked_ctc_losses
-from .models.decoders import add_bos_eos, aed_search_options, make_aed_searcher
-from .utils import tokenizer_pieces, tokens_to_text
+from .models.decoders import add_bos_eos
+from .decoding.attention import aed_search_options, make_aed_searcher
+from .utils import frame_mask, tokenizer_pieces, tokens_to_text, uses_decoders
 
 logger = logging.getLogger(__name__)
 
@@ -576,4 +577,4 @@ class EarlyExitSeq2SeqBrain(EarlyExitCTCBrain):
 def brain_class_for(hparams: Dict):
     """The Brain a recipe's hparams need: :class:`EarlyExitSeq2SeqBrain` when its ``modules``
     have attention ``decoders``, else :class:`EarlyExitCTCBrain`."""
-    return EarlyExitSeq2SeqBrain if "decoders" in hparams["modules"] else EarlyExitCTCBrain
+    return EarlyExitSeq2SeqBrain if uses_decoders(hparams) else EarlyExitCTCBrain

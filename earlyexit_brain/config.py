@@ -19,6 +19,7 @@ from hyperpyyaml import resolve_references
 from ruamel.yaml.error import YAMLError
 
 from earlyexit_brain.models.conformer import resolve_exit_layers
+from earlyexit_brain.models.ssl import SUPPORTED_MODEL_TYPES, check_source
 
 
 class ConfigError(ValueError):
@@ -344,7 +345,6 @@ def _check_ssl(raw: Dict[str, Any], source: str) -> None:
     A Hub id is checked when the model loads, still before training starts."""
     if "ssl_source" not in raw or isinstance(raw["ssl_source"], _Tagged):
         return
-    from earlyexit_brain.models.ssl import SUPPORTED_MODEL_TYPES, check_source
 
     try:
         local = check_source(raw["ssl_source"], "'ssl_source'")

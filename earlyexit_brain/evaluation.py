@@ -23,12 +23,17 @@ import torch
 from speechbrain.utils.edit_distance import wer_details_for_batch
 from tqdm import tqdm
 
-from .models.decoders import aed_search_options
-from .models.pipeline import EarlyExitAEDModel, timed_exits
-from .utils import tokenizer_pieces, tokens_to_text
-from .exits import (CTC_DECODERS, BudgetPolicy, ConfidencePolicy, CTCDecoder, EntropyPolicy,
-                    GreedyPosteriorPolicy, LatencyTable, NBestPosteriorPolicy, ctc_beam_options,
-                    make_ctc_beam_searcher, oracle_exits)
+from .decoding.attention import aed_search_options
+from .models.pipeline import EarlyExitAEDModel
+from .latency import timed_exits
+from .utils import tokenizer_pieces, tokens_to_text, uses_decoders
+from .decoding.ctc import ctc_beam_options, CTC_DECODERS, CTCDecoder, make_ctc_beam_searcher
+from .policies import (BudgetPolicy, ConfidencePolicy, EntropyPolicy, GreedyPosteriorPolicy, NBestPosteriorPolicy, oracle_exits)
+from .latency import LatencyTable
+from .decoding.attention import decode_states
+from .export import export_inference_folder
+from .latency import measure_latency_table
+from .models.pipeline import EarlyExitCTCModel
 
 logger = logging.getLogger(__name__)
 
@@ -81,7 +86,7 @@ def collect_exit_outputs(model, dataset, tokenizer, scorers: Dict[str, Confidenc
     model.eval()
     device = next(model.parameters()).device
     num_exits = model.num_exits
-    aed = isinstance(model, EarlyExitAEDModel)
+    aed = model.has_decoders
     if decoder is None:
         decoder = CTCDecoder("ctc_greedy", tokenizer, model.heads.heads[0].out_features, blank_index)
     ids, durations, hyps, refs, exit_ms = [], [], [], [], []
@@ -91,7 +96,7 @@ def collect_exit_outputs(model, dataset, tokenizer, scorers: Dict[str, Confidenc
 
     def decode_pending():
         for k in range(num_exits):
-            for (u, _), tokens in zip(pending, model.decode_states(k, [h[k][0] for _, h in pending])):
+            for (u, _), tokens in zip(pending, decode_states(model, k, [h[k][0] for _, h in pending])):
                 hyps[u][k] = tokens_to_text(tokenizer, tokens)
         pending.clear()
 
@@ -417,11 +422,9 @@ def nbest_options(opts: Dict) -> Dict:
 def build_model(hparams: Dict):
     """An :class:`EarlyExitCTCModel` over a recipe's (trained) modules, or an
     :class:`EarlyExitAEDModel` when the recipe has attention ``decoders``."""
-    from .models.pipeline import EarlyExitCTCModel
-
     parts = (hparams["compute_features"], hparams["normalize"], hparams["encoder"],
              hparams["ctc_heads"])
-    if hparams.get("decoders") is None:
+    if not uses_decoders(hparams):
         return EarlyExitCTCModel(*parts)
     return EarlyExitAEDModel(*parts, hparams["decoders"], **aed_search_options(hparams.get))
 
@@ -446,12 +449,10 @@ def run_policy_evaluation(hparams: Dict, tokenizer, valid_data, test_datasets: D
     report.json: ``policies``, ``calibration``, ``depth_matched``,
     ``latency_table`` and ``inference_folder``.
     """
-    from .inference import export_inference_folder
-    from .models.pipeline import measure_latency_table
 
     opts = policy_options(hparams)
     model = build_model(hparams).to("cpu").eval()
-    fused = isinstance(model, EarlyExitAEDModel) and model.fuses_lm
+    fused = model.has_decoders and model.fuses_lm
     if fused:  # the attention search fuses the recipe's word n-gram
         model.use_lm(hparams.get("ctc_lm_path"), tokenizer_pieces(tokenizer))
     blank = int(hparams["blank_index"])
@@ -465,7 +466,7 @@ def run_policy_evaluation(hparams: Dict, tokenizer, valid_data, test_datasets: D
     scorers = {n: s for n, s in scorers.items() if n in opts["policy_sweep"]}
     decoding = report_decoding(hparams)
     decoder = None
-    if decoding["decoder"] in CTC_DECODERS and not isinstance(model, EarlyExitAEDModel):
+    if decoding["decoder"] in CTC_DECODERS and not model.has_decoders:
         decoder = CTCDecoder(decoding["decoder"], tokenizer, vocab, blank, **decoding["options"])
     dev = collect_exit_outputs(model, valid_data, tokenizer, scorers, blank, sample_rate, "dev exits",
                                decoder=decoder)

@@ -16,9 +16,10 @@ from .checkpoints import CheckpointMismatchError
 from .config import ConfigError, check_device, check_hparams_file, read_raw_hparams
 from .evaluation import POLICY_DEFAULTS, run_policy_evaluation
 from .files import OWNER_MARKER, NotOurFolderError, atomic_write_text, claim_folder, owned
-from .models.decoders import AED_LM_DEFAULTS
-from .ngram import lm_summary, prepare_recipe_lm
+from .decoding.attention import AED_LM_DEFAULTS
+from .decoding.ngram import lm_summary, prepare_recipe_lm
 from .report import build_report, write_report
+from .utils import uses_decoders
 
 logger = logging.getLogger(__name__)
 
@@ -117,7 +118,7 @@ def with_evaluation_defaults(hparams_file: str) -> str:
     a file that has every key is returned untouched.
     """
     raw = read_raw_hparams(hparams_file)
-    defaults = dict(POLICY_DEFAULTS, **(AED_LM_DEFAULTS if "decoders" in raw else {}))
+    defaults = dict(POLICY_DEFAULTS, **(AED_LM_DEFAULTS if uses_decoders(raw) else {}))
     absent = {key: value for key, value in defaults.items() if key not in raw}
     if not absent:
         return hparams_file
@@ -184,7 +185,7 @@ def run_recipe(main, argv: List[str]) -> None:
 
 def tokenizer_or_exit(hparams: Dict) -> SentencePiece:
     """:func:`build_tokenizer`, then the recipe's n-gram LM (``ngram_order``, see
-    :func:`earlyexit_brain.ngram.prepare_recipe_lm`), exiting with the
+    :func:`earlyexit_brain.decoding.ngram.prepare_recipe_lm`), exiting with the
     configuration error if there is one."""
     try:
         tokenizer = build_tokenizer(hparams)

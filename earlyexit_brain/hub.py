@@ -18,7 +18,6 @@ import csv
 import json
 import logging
 import os
-import re
 import shutil
 import tempfile
 from typing import Any, Dict, List, Optional, Tuple
@@ -29,6 +28,9 @@ from . import __version__
 from .config import ConfigError, read_raw_hparams
 from .report import report_markdown
 from .files import OWNER_MARKER, atomic_folder, atomic_write_text
+from .audio_check import read_utterance, row_segment
+from .inference import EarlyExitASR
+from .utils import looks_like_repo_id
 
 logger = logging.getLogger(__name__)
 
@@ -40,8 +42,6 @@ PLOT_FILE = "wer_vs_compute.png"
 MAX_EXAMPLE_SECONDS = 10.0
 OPTIONAL_FILES = ("ngram_lm.ckpt",)  # the n-gram of models decoded with ctc_beam or a fused aed_beam
 
-_REPO_ID = re.compile(r"^[A-Za-z0-9](?:[A-Za-z0-9._-]{0,94}[A-Za-z0-9])?/"
-                      r"[A-Za-z0-9](?:[A-Za-z0-9._-]{0,94}[A-Za-z0-9])?$")
 
 #: corpus (matched in the prepare function's module) -> (Hub dataset id, name)
 CORPORA = {
@@ -53,12 +53,6 @@ CORPORA = {
 
 class PublishError(ValueError):
     """The experiment cannot be published as asked; the message says why."""
-
-
-def looks_like_repo_id(text: str) -> bool:
-    """Whether ``text`` has the form of a Hub model id ``OWNER/NAME``."""
-    return bool(isinstance(text, str) and _REPO_ID.match(text) and ".." not in text
-                and "--" not in text)
 
 
 def check_repo_id(repo_id: str) -> str:
@@ -177,7 +171,6 @@ def write_example_audio(hparams: Dict, path: str, source: Optional[str] = None) 
     10 s of the experiment's first test set (segments are cut by their
     ``start``/``stop`` samples). Returns the file it came from.
     """
-    from .audio_check import read_utterance, row_segment
 
     sample_rate = int(hparams.get("sample_rate", 16000))
     segment, label, hint = (0, None), f"--example: {source}", ""
@@ -374,7 +367,6 @@ def validate_hub_folder(folder: str) -> Dict[str, str]:
     """
     from speechbrain.inference.ASR import EncoderASR
 
-    from .inference import EarlyExitASR
 
     example = os.path.join(folder, EXAMPLE_FILE)
     for name in MODEL_FILES + (EXAMPLE_FILE, "README.md", "config.json"):

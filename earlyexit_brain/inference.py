@@ -1,6 +1,6 @@
 """Transcribe with an early-exit model: :class:`EarlyExitASR`, and the folder it loads.
 
-An inference folder (written by :func:`export_inference_folder` at the end of
+An inference folder (written by :func:`earlyexit_brain.export.export_inference_folder` at the end of
 training or by ``recipes/evaluate.py``) holds ``hyperparams.yaml``,
 ``model.ckpt`` (encoder and exit heads), ``normalizer.ckpt``,
 ``tokenizer.ckpt``, ``exit_policies.ckpt`` (calibrated thresholds, JSON) and
@@ -21,59 +21,28 @@ the default exit's log-probabilities, so SpeechBrain's stock ``EncoderASR``
 loads the same folder and transcribes at the default exit.
 """
 
-import json
 import logging
 import os
-import shutil
 from dataclasses import dataclass
 from typing import Dict, List, Optional, Sequence, Union
 
 import torch
 from speechbrain.inference.interfaces import Pretrained
-from speechbrain.utils.checkpoints import mark_as_loader, mark_as_saver, register_checkpoint_hooks
 from speechbrain.utils.data_utils import batch_pad_right
 from speechbrain.utils.fetching import FetchConfig, LocalStrategy, fetch
 
 from .audio_check import wav_truncation
-from .exits import (CTCDecoder, ExitPolicy, LatencyTable, POLICY_NAMES, check_exit, make_ctc_beam_searcher,
-                    make_policy)
+from .decoding.ctc import CTCDecoder, make_ctc_beam_searcher
+from .policies import check_exit, ExitPolicy, make_policy, POLICY_NAMES
+from .latency import LatencyTable
 from .safe_load import check_alias_expansion, check_hparams_text, weights_only_loading
-from .files import atomic_folder, atomic_write_text
-from .utils import tokenizer_pieces, tokens_to_text
+from .records import FileRecord, JsonRecord  # noqa: F401  (older inference folders name them here)
+from .utils import looks_like_repo_id, tokenizer_pieces, tokens_to_text
+from .dynamic import decode_dynamic, run_model
 
 logger = logging.getLogger(__name__)
 
 SILENCE_PEAK = 1e-5  # peak amplitude below which a file counts as silent (-100 dBFS)
-
-
-@register_checkpoint_hooks
-class JsonRecord:
-    """A JSON document loaded and saved as a SpeechBrain loadable (``.data``)."""
-
-    def __init__(self, data: Optional[Dict] = None):
-        self.data = data or {}
-
-    @mark_as_saver
-    def _save(self, path):
-        atomic_write_text(str(path), json.dumps(self.data, indent=2) + "\n")
-
-    @mark_as_loader
-    def _load(self, path, end_of_epoch=False):
-        with open(path) as fin:
-            self.data = json.load(fin)
-
-
-@register_checkpoint_hooks
-class FileRecord:
-    """A file a model needs at inference (its n-gram LM), fetched as a SpeechBrain
-    loadable: loading records where the file is (``.path``)."""
-
-    def __init__(self):
-        self.path: Optional[str] = None
-
-    @mark_as_loader
-    def _load(self, path, end_of_epoch=False):
-        self.path = str(path)
 
 
 @dataclass
@@ -105,7 +74,7 @@ class EarlyExitASR(Pretrained):
 
     ``exit`` is 1-based; ``policy`` is one of ``fixed``, ``entropy``,
     ``posterior``, ``posterior_greedy``, ``budget`` (or an
-    :class:`~earlyexit_brain.exits.ExitPolicy`); ``threshold`` defaults to the
+    :class:`~earlyexit_brain.policies.ExitPolicy`); ``threshold`` defaults to the
     threshold calibrated on the dev set and stored with the model (milliseconds
     for ``budget``). With neither exit nor policy, the stored default policy is
     used (the last exit when there is none). Layers above the exit an
@@ -130,8 +99,6 @@ class EarlyExitASR(Pretrained):
         (``HF_HUB_OFFLINE=1``), a Hub id loads from the local Hugging Face cache.
         """
         from huggingface_hub.errors import EntryNotFoundError, RepositoryNotFoundError
-
-        from .hub import looks_like_repo_id
 
         if isinstance(source, (str, os.PathLike)) and not os.path.isdir(source) \
                 and not looks_like_repo_id(str(source)):
@@ -260,7 +227,7 @@ class EarlyExitASR(Pretrained):
         to the longest of them, so one bad row never costs the others.
         """
         chosen = self.make_policy(policy, threshold, exit)
-        aed = hasattr(self.model, "decode_dynamic")  # attention decoders: only the exit's runs
+        aed = self.model.has_decoders  # attention decoders: only the exit's runs
         if aed and decoder is not None:
             raise ValueError("decoder: this model decodes with its attention decoders; "
                              "decoder= applies to CTC models")
@@ -289,9 +256,9 @@ class EarlyExitASR(Pretrained):
         wavs, wav_lens = wavs.to(self.device), wav_lens.to(self.device)
         durations = (wav_lens * wavs.shape[1] / self.hparams.sample_rate).cpu()
         with torch.no_grad():
-            out = self.model.dynamic(wavs, wav_lens, chosen, durations, keep_hidden=aed)
+            out = run_model(self.model, wavs, wav_lens, chosen, durations, keep_hidden=aed)
             if aed:
-                texts = [tokens_to_text(self.tokenizer, t) for t in self.model.decode_dynamic(out)]
+                texts = [tokens_to_text(self.tokenizer, t) for t in decode_dynamic(self.model, out)]
             else:
                 texts = [ctc(lp[None], torch.ones(1))[0] for lp in out.log_probs]
         return [Transcription(text=text, exit=int(out.exits[b]) + 1, layers=int(out.layers[b]))
@@ -365,138 +332,3 @@ class EarlyExitASR(Pretrained):
                 res.path = paths[i]
                 results[i] = res
         return results
-
-
-# ---------------------------------------------------------------- export
-INFERENCE_YAML = """\
-# ############################################################################
-# Inference hyperparameters of an early-exit model (earlyexit_brain).
-# Load with earlyexit_brain.inference.EarlyExitASR.from_hparams(source=<folder>)
-# or, at the default exit only, with speechbrain.inference.ASR.EncoderASR.
-# Written by earlyexit_brain.inference.export_inference_folder.
-# ############################################################################
-
-sample_rate: {sample_rate}
-blank_index: {blank_index}
-default_exit: {default_exit}     # exit (1-based) used by the module's forward
-
-compute_features: !new:{features_class}
-{features}
-
-normalize: !new:{normalize_class}
-{normalize}
-
-ee_encoder: !new:{encoder_class}
-{encoder}
-
-ctc_heads: !new:{heads_class}
-{heads}
-{decoders}
-encoder: !new:earlyexit_brain.models.pipeline.{model_class}
-    compute_features: !ref <compute_features>
-    normalize: !ref <normalize>
-    encoder: !ref <ee_encoder>
-    heads: !ref <ctc_heads>
-    default_exit: !ref <default_exit>
-{search}
-model: !new:torch.nn.ModuleList
-    - [!ref <ee_encoder>, !ref <ctc_heads>{decoders_ref}]
-
-decoding_function: !name:speechbrain.decoders.ctc_greedy_decode
-    blank_id: !ref <blank_index>
-
-tokenizer: !new:sentencepiece.SentencePieceProcessor
-
-audio_normalizer: !new:speechbrain.dataio.preprocess.AudioNormalizer
-    sample_rate: !ref <sample_rate>
-
-exit_policies: !new:earlyexit_brain.inference.JsonRecord
-latency_table: !new:earlyexit_brain.inference.JsonRecord
-{lm_record}
-modules:
-    encoder: !ref <encoder>
-
-pretrainer: !new:speechbrain.utils.parameter_transfer.Pretrainer
-    loadables:
-        model: !ref <model>
-        normalizer: !ref <normalize>
-        tokenizer: !ref <tokenizer>
-        exit_policies: !ref <exit_policies>
-        latency_table: !ref <latency_table>
-{lm_loadable}"""
-
-
-def _yaml_block(config: Dict) -> str:
-    return "\n".join(f"    {key}: {json.dumps(value)}" for key, value in config.items())
-
-
-def _class_path(obj) -> str:
-    return f"{type(obj).__module__}.{type(obj).__qualname__}"
-
-
-def _decoder_parts(model) -> Dict[str, str]:
-    """The inference YAML's pieces that differ between CTC and attention-decoder (AED) models."""
-    if not hasattr(model, "decoders"):
-        return {"decoders": "", "model_class": "EarlyExitCTCModel", "search": "",
-                "decoders_ref": ""}
-    return {"decoders": f"\ndecoders: !new:{_class_path(model.decoders)}\n"
-                        f"{_yaml_block(model.decoders.config)}\n",
-            "model_class": "EarlyExitAEDModel",
-            "search": "    decoders: !ref <decoders>\n" + _yaml_block(model.search_options) + "\n",
-            "decoders_ref": ", !ref <decoders>"}
-
-
-def export_inference_folder(folder: str, model, features_config: Dict, tokenizer_path: str,
-                            blank_index: int = 0, policies: Optional[Dict] = None,
-                            latency_table: Optional[LatencyTable] = None,
-                            lm_path: Optional[str] = None, key: str = "inference folder") -> str:
-    """Write an inference folder that :class:`EarlyExitASR` loads; returns its path.
-
-    ``model`` is an :class:`~earlyexit_brain.models.pipeline.EarlyExitCTCModel`
-    holding the trained weights; ``features_config`` the Fbank arguments
-    (``sample_rate``, ``n_fft``, ``n_mels``, ``hop_length``, ``win_length``);
-    ``tokenizer_path`` the SentencePiece ``.model`` file; ``lm_path`` a word n-gram
-    (ARPA or KenLM binary) copied as ``ngram_lm.ckpt`` for CTC beam search (or the
-    attention search that fuses it). The folder is built
-    beside its destination and moved into place, so a crash never leaves a
-    half-written folder behind. An existing ``folder`` is replaced only if this
-    function made it (:func:`~earlyexit_brain.files.atomic_folder`); otherwise a
-    :class:`~earlyexit_brain.files.NotOurFolderError` names ``key`` and the folder.
-    """
-    folder = os.path.abspath(folder)
-    # Fbank + global InputNormalization (the Conformer), or modules that carry their own
-    # ``config`` (the SSL encoders' WaveformFeatures / WaveformNormalization)
-    features_class, normalize_class = "speechbrain.lobes.features.Fbank", \
-        "speechbrain.processing.features.InputNormalization"
-    features = dict(features_config)
-    normalize_config: Dict = {"norm_type": "global"}
-    if hasattr(model.compute_features, "config"):
-        features_class, features = _class_path(model.compute_features), dict(model.compute_features.config)
-    if hasattr(model.normalize, "config"):
-        normalize_class, normalize_config = _class_path(model.normalize), dict(model.normalize.config)
-    with atomic_folder(folder, "inference_folder", key, prefix=".inference-",
-                       legacy=("exit_policies.ckpt",)) as tmp:
-        text = INFERENCE_YAML.format(
-            sample_rate=int(features_config["sample_rate"]), blank_index=int(blank_index),
-            default_exit=int(model.default_exit), features=_yaml_block(features),
-            features_class=features_class, normalize_class=normalize_class,
-            normalize=_yaml_block(normalize_config),
-            encoder_class=_class_path(model.encoder), encoder=_yaml_block(model.encoder.config),
-            heads_class=_class_path(model.heads), heads=_yaml_block(model.heads.config),
-            **_decoder_parts(model),
-            lm_record=("ngram_lm: !new:earlyexit_brain.inference.FileRecord   # word n-gram (ctc_beam, fused search)\n"
-                       if lm_path else ""),
-            lm_loadable="        ngram_lm: !ref <ngram_lm>\n" if lm_path else "",
-        )
-        atomic_write_text(os.path.join(tmp, "hyperparams.yaml"), text)
-        parts = [model.encoder, model.heads] + ([model.decoders] if hasattr(model, "decoders") else [])
-        weights = torch.nn.ModuleList(parts).state_dict()
-        torch.save(weights, os.path.join(tmp, "model.ckpt"))
-        model.normalize._save(os.path.join(tmp, "normalizer.ckpt"))
-        shutil.copyfile(tokenizer_path, os.path.join(tmp, "tokenizer.ckpt"))
-        JsonRecord(policies or {})._save(os.path.join(tmp, "exit_policies.ckpt"))
-        JsonRecord(latency_table.to_json() if latency_table else {})._save(
-            os.path.join(tmp, "latency_table.ckpt"))
-        if lm_path:
-            shutil.copyfile(lm_path, os.path.join(tmp, "ngram_lm.ckpt"))
-    return folder

@@ -65,8 +65,8 @@ LAYER_MODULES = (
 #: Other objects a model's hyperparams.yaml may build or call, by the name of
 #: the module that defines them and their qualified name.
 ALLOWED_OBJECTS = (
-    "earlyexit_brain.inference.JsonRecord",
-    "earlyexit_brain.inference.FileRecord",
+    "earlyexit_brain.records.JsonRecord",
+    "earlyexit_brain.records.FileRecord",
     "speechbrain.dataio.preprocess.AudioNormalizer",
     "speechbrain.decoders.ctc.ctc_greedy_decode",
     "speechbrain.utils.parameter_transfer.Pretrainer",

@@ -24,7 +24,10 @@ import time
 
 from tqdm import tqdm
 
-from .exits import CTC_DECODERS, POLICY_NAMES
+from .decoding.ctc import CTC_DECODERS
+from .policies import POLICY_NAMES
+from .config import check_device
+from .inference import EarlyExitASR
 
 
 def parse_args(argv):
@@ -56,8 +59,6 @@ def main(argv=None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("speechbrain").setLevel(logging.WARNING)  # no per-file fetch messages
-    from .config import check_device
-    from .inference import EarlyExitASR
 
     try:
         check_device(args.device)

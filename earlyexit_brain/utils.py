@@ -1,6 +1,7 @@
 """Small helpers shared by the library and the recipes."""
 
 import os
+import re
 from typing import List, Optional
 
 import torch
@@ -46,3 +47,26 @@ def valid_frames(x: torch.Tensor, lengths: Optional[torch.Tensor]) -> torch.Tens
 def padding_mask(frames: torch.Tensor, t: int) -> torch.Tensor:
     """``(B, t)`` bool mask, True on the frames beyond each utterance's ``frames``."""
     return torch.arange(t, device=frames.device)[None, :] >= frames[:, None]
+
+
+def frame_mask(log_probs: torch.Tensor, lengths: Optional[torch.Tensor]) -> torch.Tensor:
+    """``(B, T)`` float mask of valid frames."""
+    frames = valid_frames(log_probs, lengths)
+    return (~padding_mask(frames, log_probs.shape[1])).to(log_probs.dtype)
+
+
+_REPO_ID = re.compile(r"^[A-Za-z0-9](?:[A-Za-z0-9._-]{0,94}[A-Za-z0-9])?/"
+                      r"[A-Za-z0-9](?:[A-Za-z0-9._-]{0,94}[A-Za-z0-9])?$")
+
+
+def looks_like_repo_id(text: str) -> bool:
+    """Whether ``text`` has the form of a Hub model id ``OWNER/NAME``."""
+    return bool(isinstance(text, str) and _REPO_ID.match(text) and ".." not in text
+                and "--" not in text)
+
+
+def uses_decoders(hparams) -> bool:
+    """Whether a recipe's hyperparameters (a loaded or raw mapping) give the exits attention
+    decoders (a top-level ``decoders`` entry): the one place that answers it for
+    hyperparameters; a model answers it with ``has_decoders``."""
+    return "decoders" in hparams

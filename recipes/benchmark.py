@@ -65,12 +65,13 @@ from speechbrain.lobes.models.convolution import ConvolutionFrontEnd
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from earlyexit_brain.config import ConfigError, check_device  # noqa: E402
-from earlyexit_brain.exits import EntropyPolicy, FixedExit  # noqa: E402
+from earlyexit_brain.policies import EntropyPolicy, FixedExit  # noqa: E402
 from earlyexit_brain.files import NotOurFolderError, check_overwritable_file, is_own_json  # noqa: E402
 from earlyexit_brain.losses import stacked_ctc_losses  # noqa: E402
 from earlyexit_brain.models.conformer import CTCExitHeads, EarlyExitConformerEncoder  # noqa: E402
 from earlyexit_brain.models.pipeline import EarlyExitCTCModel  # noqa: E402
 from earlyexit_brain.utils import rss_bytes  # noqa: E402
+from earlyexit_brain.dynamic import run_model  # noqa: E402
 
 SECTIONS = ("train-step", "inference", "throughput", "compute", "frontend", "ddp")
 
@@ -489,8 +490,8 @@ def bench_inference(name, seconds, repeats, warmup, device, bf16=False, forced=T
     for k in range(num_exits):
         variants[f"fixed_{k + 1}"] = lambda k=k: model.exit_log_probs(wav, lens, k)
         if forced:
-            variants[f"forced_{k + 1}"] = lambda k=k: model.dynamic(wav, lens, FixedExit(k))
-            variants[f"scored_{k + 1}"] = lambda k=k: model.dynamic(wav, lens, ScoredFixedExit(k))
+            variants[f"forced_{k + 1}"] = lambda k=k: run_model(model, wav, lens, FixedExit(k))
+            variants[f"scored_{k + 1}"] = lambda k=k: run_model(model, wav, lens, ScoredFixedExit(k))
     with autocast(device, bf16):
         times = time_in_rotation(variants, repeats, warmup, device)
     med = {k: statistics.median(v) for k, v in times.items()}

@@ -17,7 +17,8 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from earlyexit_brain.models.conformer import CTCExitHeads, EarlyExitConformerEncoder  # noqa: E402
-from earlyexit_brain.models.pipeline import EarlyExitCTCModel, timed_exits  # noqa: E402
+from earlyexit_brain.models.pipeline import EarlyExitCTCModel  # noqa: E402
+from earlyexit_brain.latency import timed_exits  # noqa: E402
 from earlyexit_brain.models.ssl import (EarlyExitSSLEncoder, WaveformFeatures,  # noqa: E402
                                         WaveformNormalization)
 

@@ -109,7 +109,7 @@ def test_ngram_lm_estimated_used_and_exported(smoke_run):
     estimates the bigram from train.csv, decodes the report (and the policies) with it,
     and ships it with the exported model, whose default decoding uses it."""
     from earlyexit_brain.inference import EarlyExitASR
-    from earlyexit_brain.ngram import arpa_text, manifest_sentences
+    from earlyexit_brain.decoding.ngram import arpa_text, manifest_sentences
 
     out, data, _ = smoke_run
     lm = out / "save" / "ngram_2.arpa"

@@ -9,8 +9,9 @@ import torch
 from speechbrain.lobes.features import Fbank
 from speechbrain.processing.features import InputNormalization
 
-from earlyexit_brain.exits import fit_latency_table
-from earlyexit_brain.inference import EarlyExitASR, export_inference_folder
+from earlyexit_brain.latency import fit_latency_table
+from earlyexit_brain.inference import EarlyExitASR
+from earlyexit_brain.export import export_inference_folder
 from earlyexit_brain.models.conformer import CTCExitHeads, EarlyExitConformerEncoder
 from earlyexit_brain.models.pipeline import EarlyExitCTCModel
 

@@ -18,14 +18,19 @@ from speechbrain.utils.metric_stats import ErrorRateStats
 
 from earlyexit_brain.brain import EarlyExitCTCBrain, EarlyExitSeq2SeqBrain
 from earlyexit_brain.config import ConfigError, check_hparams
-from earlyexit_brain.exits import FixedExit, make_ctc_beam_searcher
-from earlyexit_brain.inference import EarlyExitASR, export_inference_folder
+from earlyexit_brain.policies import FixedExit
+from earlyexit_brain.decoding.ctc import make_ctc_beam_searcher
+from earlyexit_brain.inference import EarlyExitASR
+from earlyexit_brain.export import export_inference_folder
 from earlyexit_brain.models.conformer import CTCExitHeads, EarlyExitConformerEncoder
-from earlyexit_brain.models.decoders import ExitDecoders, add_bos_eos, make_aed_searcher
+from earlyexit_brain.models.decoders import add_bos_eos, ExitDecoders
+from earlyexit_brain.decoding.attention import make_aed_searcher
 from earlyexit_brain.models.pipeline import EarlyExitAEDModel
 from earlyexit_brain.utils import tokens_to_text
 
 from signals import SR, tone  # tests/unit/signals.py
+from earlyexit_brain.decoding.attention import decode_exit
+from earlyexit_brain.dynamic import decode_dynamic, run_model
 from tokenizer_helpers import char_tokenizer  # tests/unit/tokenizer_helpers.py
 
 BOS, EOS = 1, 2
@@ -197,7 +202,7 @@ def test_the_cached_search_steps_like_the_stock_searcher():
     the same hypotheses and scores."""
     from speechbrain.decoders import S2STransformerBeamSearcher
 
-    from earlyexit_brain.models.decoders import CachedTransformerBeamSearcher
+    from earlyexit_brain.decoding.attention import CachedTransformerBeamSearcher
 
     torch.manual_seed(5)
     decoders = ExitDecoders(16, 32, 2, num_layers=2, nhead=2, d_ffn=32, dropout=0.0).eval()
@@ -236,7 +241,7 @@ def test_the_cached_search_steps_like_the_stock_searcher():
 
 def test_joint_beam_search_returns_one_hypothesis_per_utterance(aed_model):
     hidden = torch.randn(3, 12, 16)
-    ids = aed_model.decode_exit(1, hidden, torch.tensor([1.0, 0.75, 0.5]))
+    ids = decode_exit(aed_model, 1, hidden, torch.tensor([1.0, 0.75, 0.5]))
     assert len(ids) == 3
     assert all(len(h) <= 6 for h in ids)  # max_decode_ratio 0.5 of 12 frames
     assert all(EOS not in h for h in ids)
@@ -274,15 +279,15 @@ def test_only_the_chosen_exits_decoder_and_layers_run(aed_model):
     # every decoder step ends with the decoder's final norm (stepped or run whole)
     decoder_calls = CallCounter([d.decoder.norm for d in aed_model.decoders.decoders])
     with torch.no_grad():
-        out = aed_model.dynamic(wavs, torch.ones(2), FixedExit(0), keep_hidden=True)
-        dynamic = aed_model.decode_dynamic(out)
+        out = run_model(aed_model, wavs, torch.ones(2), FixedExit(0), keep_hidden=True)
+        dynamic = decode_dynamic(aed_model, out)
     assert layer_calls.counts == [1, 1, 0, 0]  # layers 3-4 never computed
     assert decoder_calls.counts[1] == 0 and decoder_calls.counts[0] > 0
     # the same hypotheses as decoding exit 1 of a full pass
     with torch.no_grad():
         feats = aed_model.features(wavs, torch.ones(2))
         hidden = aed_model.encoder(feats, torch.ones(2))[0]
-        assert dynamic == aed_model.decode_exit(0, hidden, torch.ones(2))
+        assert dynamic == decode_exit(aed_model, 0, hidden, torch.ones(2))
 
 
 def test_exported_aed_model_loads_and_transcribes(aed_model, sp_path, tmp_path):
@@ -304,7 +309,7 @@ def test_exported_aed_model_loads_and_transcribes(aed_model, sp_path, tmp_path):
         with torch.no_grad():
             feats = aed_model.features(wav, torch.ones(1))
             hidden = aed_model.encoder(feats, torch.ones(1))[exit_ - 1]
-            expected = tokens_to_text(asr.tokenizer, aed_model.decode_exit(exit_ - 1, hidden)[0])
+            expected = tokens_to_text(asr.tokenizer, decode_exit(aed_model, exit_ - 1, hidden)[0])
         assert res.text == expected
     # stock SpeechBrain EncoderASR still loads it (CTC, default exit)
     from speechbrain.inference.ASR import EncoderASR
@@ -389,7 +394,7 @@ def test_policy_evaluation_records_each_exits_beam_search_hypothesis(aed_model, 
             wav = item["sig"][None]
             hiddens = aed_model.encoder(aed_model.features(wav, torch.ones(1)), torch.ones(1))
         for k in range(2):
-            assert hyps[k] == tokens_to_text(sp, aed_model.decode_exit(k, hiddens[k])[0])
+            assert hyps[k] == tokens_to_text(sp, decode_exit(aed_model, k, hiddens[k])[0])
 
 
 ARPA = """\\data\\
@@ -443,7 +448,7 @@ LM_TEXT = ["THE CAT SAT ON THE MAT", "THE DOG SAT", "A CAT SAT ON A MAT", "THE F
 
 @pytest.fixture(scope="module")
 def arpa(tmp_path_factory):
-    from earlyexit_brain.ngram import arpa_text
+    from earlyexit_brain.decoding.ngram import arpa_text
 
     path = tmp_path_factory.mktemp("lm") / "lm3.arpa"
     path.write_text(arpa_text(LM_TEXT, 3))
@@ -466,7 +471,7 @@ def scored_sentence(scorer, ids):
 def test_a_missing_ngram_file_is_named_by_both_searches(sp, tmp_path):
     """The CTC beam search and the fused attention search refuse a missing n-gram file
     with the same error, naming the key."""
-    from earlyexit_brain.ngram import WordNgramScorer
+    from earlyexit_brain.decoding.ngram import WordNgramScorer
     from earlyexit_brain.utils import tokenizer_pieces
 
     missing = str(tmp_path / "no.arpa")
@@ -479,7 +484,7 @@ def test_a_missing_ngram_file_is_named_by_both_searches(sp, tmp_path):
 def test_word_ngram_scores_add_up_to_the_weighted_sentence_log_probability(sp, arpa, tmp_path):
     import kenlm
 
-    from earlyexit_brain.ngram import WordNgramScorer, arpa_vocabulary
+    from earlyexit_brain.decoding.ngram import arpa_vocabulary, WordNgramScorer
     from earlyexit_brain.utils import tokenizer_pieces
 
     assert sorted(arpa_vocabulary(arpa)) == sorted({w for s in LM_TEXT for w in s.split()})
@@ -552,7 +557,7 @@ def test_exported_model_with_a_fused_ngram_loads_and_uses_it(sp, sp_path, arpa, 
     res = asr.transcribe_batch(wav, exit=2)[0]
     with torch.no_grad():
         hidden = model.encoder(model.features(wav, torch.ones(1)), torch.ones(1))[1]
-    assert res.text == tokens_to_text(sp, model.decode_exit(1, hidden)[0])
+    assert res.text == tokens_to_text(sp, decode_exit(model, 1, hidden)[0])
     # a folder whose model fuses an n-gram it does not ship cannot load
     bare = export_inference_folder(str(tmp_path / "bare"), model, features, sp_path, 0, policies)
     with pytest.raises(ValueError, match="ngram_lm"):

@@ -16,7 +16,7 @@ from speechbrain.processing.features import InputNormalization
 
 from earlyexit_brain.audio_check import BadAudioError, check_rows, make_reader, wav_truncation
 from earlyexit_brain.dataio import dataio_prepare
-from earlyexit_brain.exits import GreedyPosteriorPolicy
+from earlyexit_brain.policies import GreedyPosteriorPolicy
 from earlyexit_brain.models.conformer import CTCExitHeads, EarlyExitConformerEncoder
 from earlyexit_brain.models.pipeline import EarlyExitCTCModel
 from earlyexit_brain.models.ssl import EarlyExitSSLEncoder, WaveformFeatures, WaveformNormalization
@@ -24,6 +24,7 @@ from earlyexit_brain.report import build_report, write_report
 from earlyexit_brain.transcribe import main as transcribe_main
 from recipe_modules import recipe
 from signals import SR, tone
+from earlyexit_brain.dynamic import run_model
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 MIN_SAMPLES = 320  # the fixture model: 10 ms hop, two stride-2 convolutions with reflect padding
@@ -135,7 +136,7 @@ def test_a_batch_without_bad_rows_is_unchanged(asr, model):
     wavs, lens = pad([torch.tensor(tone(1.0, seed=1)), torch.tensor(tone(0.6, freq=300, seed=2))])
     policy = GreedyPosteriorPolicy(0.05)
     with torch.no_grad():
-        direct = model.dynamic(wavs, lens, policy, lens * wavs.shape[1] / SR)
+        direct = run_model(model, wavs, lens, policy, lens * wavs.shape[1] / SR)
     results = asr.transcribe_batch(wavs, lens, policy=policy)
     assert [r.exit for r in results] == [int(e) + 1 for e in direct.exits]
     decode = asr.ctc_decoder()

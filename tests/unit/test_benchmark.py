@@ -7,6 +7,7 @@ import sys
 import pytest
 
 from recipe_modules import recipe
+from earlyexit_brain.dynamic import run_model
 
 
 def test_compute_section_and_tables(repo_root, tmp_path):
@@ -84,7 +85,7 @@ def test_inference_section_times_the_fixed_and_the_scored_policy_paths():
     scorer = policy.scorer
     scorer.score = lambda lp, lengths, score=scorer.score: seen.append(len(seen)) or score(lp, lengths)
     with torch.no_grad():
-        out = model.dynamic(wav, lens, policy)
+        out = run_model(model, wav, lens, policy)
         fixed = model.exit_log_probs(wav, lens, 1)
     assert seen == [0, 1] and out.exits.tolist() == [1]
     assert torch.equal(out.log_probs[0], fixed[0])

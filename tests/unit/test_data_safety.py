@@ -18,7 +18,7 @@ from earlyexit_brain.data.synthetic import prepare_synthetic
 from earlyexit_brain.data.tedlium import prepare_tedlium
 from earlyexit_brain.files import (OWNER_MARKER, NotOurFolderError, atomic_folder, claim_folder,
                                    folder_kind)
-from earlyexit_brain.inference import export_inference_folder
+from earlyexit_brain.export import export_inference_folder
 from recipe_modules import recipe
 from tests.real_corpora import make_librispeech, make_tedlium
 from test_hub import make_experiment

@@ -12,7 +12,7 @@ MODULES = sorted(m.name for m in pkgutil.walk_packages(earlyexit_brain.__path__,
 
 
 def test_every_module_is_collected():
-    assert "earlyexit_brain.models.conformer" in MODULES and "earlyexit_brain.exits" in MODULES
+    assert "earlyexit_brain.models.conformer" in MODULES and "earlyexit_brain.policies" in MODULES
 
 
 @pytest.mark.parametrize("name", MODULES)

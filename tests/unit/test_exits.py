@@ -7,9 +7,9 @@ import torch
 
 from earlyexit_brain.evaluation import (ExitOutputs, WerIncreaseBootstrap, calibrate, confidence_exits,
                                        evaluate_policies, summarize)
-from earlyexit_brain.exits import (BudgetPolicy, EntropyPolicy, ExitPolicy, FixedExit, GreedyPosteriorPolicy,
-                                   NBestPosteriorPolicy, fit_latency_table, make_policy,
-                                   oracle_exits, run_dynamic)
+from earlyexit_brain.policies import (BudgetPolicy, EntropyPolicy, ExitPolicy, FixedExit, GreedyPosteriorPolicy, NBestPosteriorPolicy, make_policy, oracle_exits)
+from earlyexit_brain.latency import fit_latency_table
+from earlyexit_brain.dynamic import run_dynamic
 from earlyexit_brain.models.conformer import CTCExitHeads, EarlyExitConformerEncoder
 
 
@@ -68,7 +68,7 @@ def test_nbest_posterior_is_softmax_of_nbest_scores():
 
 
 def test_nbest_posterior_with_speechbrain_beam_search():
-    from earlyexit_brain.exits import make_ctc_beam_searcher
+    from earlyexit_brain.decoding.ctc import make_ctc_beam_searcher
 
     class Pieces:  # the two methods of a SentencePieceProcessor the searcher needs
         pieces = ["<unk>", "▁", "A", "B"]
@@ -143,7 +143,7 @@ def test_latency_table_fit_and_budget_choice():
 
 
 def test_latency_table_round_trip(tmp_path):
-    from earlyexit_brain.exits import LatencyTable
+    from earlyexit_brain.latency import LatencyTable
 
     table = fit_latency_table([{"seconds": 1.0, "ms": [1.0, 2.0]}, {"seconds": 2.0, "ms": [2.0, 4.0]}])
     table.save(str(tmp_path / "t.json"))

@@ -12,7 +12,7 @@ from speechbrain.lobes.features import Fbank
 from speechbrain.processing.features import InputNormalization
 
 from earlyexit_brain.evaluation import collect_exit_outputs, confidence_exits
-from earlyexit_brain.exits import GreedyPosteriorPolicy
+from earlyexit_brain.policies import GreedyPosteriorPolicy
 from earlyexit_brain.inference import EarlyExitASR
 from earlyexit_brain.models.conformer import CTCExitHeads, EarlyExitConformerEncoder
 from earlyexit_brain.models.pipeline import EarlyExitCTCModel

@@ -5,7 +5,7 @@ import torch
 
 transformers = pytest.importorskip("transformers")
 
-from earlyexit_brain.exits import run_dynamic  # noqa: E402
+from earlyexit_brain.dynamic import run_dynamic  # noqa: E402
 from earlyexit_brain.models.conformer import CTCExitHeads  # noqa: E402
 from earlyexit_brain.models.ssl import (EarlyExitSSLEncoder, WaveformNormalization,  # noqa: E402
                                         check_source, init_heads_from_shared)

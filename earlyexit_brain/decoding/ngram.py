@@ -30,7 +30,8 @@ import os
 from collections import Counter, defaultdict
 from typing import Dict, Iterable, List, Optional, Sequence, Set, Tuple
 
-from .files import atomic_write_text
+from ..files import atomic_write_text
+from ..utils import uses_decoders
 
 logger = logging.getLogger(__name__)
 
@@ -187,7 +188,7 @@ def lm_summary(hparams: Dict) -> Optional[Dict]:
     summary = {"file": os.path.basename(path), "order": order,
                "alpha": float(hparams.get("ctc_lm_alpha", 0.5)),
                "beta": float(hparams.get("ctc_lm_beta", 1.0))}
-    if float(hparams.get("aed_lm_weight") or 0.0) > 0 and hparams.get("decoders") is not None:
+    if float(hparams.get("aed_lm_weight") or 0.0) > 0 and uses_decoders(hparams):
         summary["aed_weight"] = float(hparams["aed_lm_weight"])
         summary["aed_word_bonus"] = float(hparams.get("aed_lm_word_bonus", 0.0))
     return summary
