@@ -163,11 +163,8 @@ def claim_folder(folder: str, kind: str, key: str, legacy: Sequence[str] = ()) -
     it; a folder that is not ours raises :class:`NotOurFolderError` naming ``key``.
     Returns the absolute path."""
     folder = os.path.abspath(folder)
-    if os.path.exists(folder) and not os.path.isdir(folder):
-        raise NotADirectoryError(f"{key}: {folder} exists and is not a folder")
+    check_replaceable(folder, kind, key, legacy)
     os.makedirs(folder, exist_ok=True)
-    if not owned(folder, kind, legacy):
-        raise _refusal(folder, kind, key)
     if folder_kind(folder) != kind:
         _mark(folder, kind)
     return folder

@@ -102,14 +102,19 @@ def test_the_synthetic_corpus_touches_only_a_folder_it_made(tmp_path, files):
     assert snapshot(target) == before
 
 
+def train_smoke(cwd, data_folder, output_folder):
+    """``recipes/train.py`` on the smoke configuration with these folders, in a subprocess."""
+    return subprocess.run(
+        [sys.executable, os.path.join(ROOT, "recipes", "train.py"),
+         os.path.join(ROOT, "hparams", "synthetic", "smoke.yaml"), f"--data_folder={data_folder}",
+         f"--output_folder={output_folder}"],
+        capture_output=True, text=True, timeout=600, cwd=str(cwd))
+
+
 def test_the_synthetic_recipe_refuses_a_users_data_folder(tmp_path):
     target = str(tmp_path / "mine")
     before = users_folder(target)
-    proc = subprocess.run(
-        [sys.executable, os.path.join(ROOT, "recipes", "train.py"),
-         os.path.join(ROOT, "hparams", "synthetic", "smoke.yaml"), f"--data_folder={target}",
-         f"--output_folder={tmp_path / 'exp'}"],
-        capture_output=True, text=True, timeout=600, cwd=str(tmp_path))
+    proc = train_smoke(tmp_path, data_folder=target, output_folder=tmp_path / "exp")
     assert proc.returncode != 0
     assert f"data_folder: {target}: refusing" in proc.stderr and "Traceback" not in proc.stderr
     assert snapshot(target) == before
@@ -119,11 +124,7 @@ def test_the_synthetic_recipe_refuses_a_users_data_folder(tmp_path):
 def test_training_refuses_a_users_output_folder(tmp_path):
     target = str(tmp_path / "project")
     before = users_folder(target, {"hyperparams.yaml": "mine: 1\n", "log.txt": "my log\n"})
-    proc = subprocess.run(
-        [sys.executable, os.path.join(ROOT, "recipes", "train.py"),
-         os.path.join(ROOT, "hparams", "synthetic", "smoke.yaml"), f"--output_folder={target}",
-         f"--data_folder={tmp_path / 'data'}"],
-        capture_output=True, text=True, timeout=600, cwd=str(tmp_path))
+    proc = train_smoke(tmp_path, data_folder=tmp_path / "data", output_folder=target)
     assert proc.returncode != 0
     assert f"output_folder: {target}: refusing" in proc.stderr and "Traceback" not in proc.stderr
     assert snapshot(target) == before and not (tmp_path / "data").exists()
