@@ -22,13 +22,10 @@ calibrated thresholds and its latency table are exported to
 import os
 import sys
 
-
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from earlyexit_brain.brain import brain_class_for  # noqa: E402
-from earlyexit_brain.config import ConfigError  # noqa: E402
-from earlyexit_brain.dataio import dataio_prepare  # noqa: E402
-from earlyexit_brain.experiment import (check_experiment_folder, claim_experiment_folder,  # noqa: E402
+from earlyexit_brain.brain import brain_class_for
+from earlyexit_brain.config import ConfigError
+from earlyexit_brain.dataio import dataio_prepare
+from earlyexit_brain.experiment import (check_experiment_folder, claim_experiment_folder,
                                         evaluate_and_report, load_recipe_hparams,
                                         relocated_hparams_file, run_recipe, tokenizer_or_exit,
                                         with_evaluation_defaults)

@@ -22,10 +22,9 @@ import logging
 import os
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from earlyexit_brain.files import NotOurFolderError  # noqa: E402
-from earlyexit_brain.hub import (PublishError, build_hub_folder, check_repo_id, hub_token, upload_hub_folder, validate_hub_folder)
+from earlyexit_brain.files import NotOurFolderError
+from earlyexit_brain.hub import (PublishError, build_hub_folder, check_repo_id, hub_token, upload_hub_folder,
+                                 validate_hub_folder)
 
 
 def parse_args(argv):

@@ -22,12 +22,10 @@ import sys
 import speechbrain as sb
 from speechbrain.utils.distributed import run_on_main
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from earlyexit_brain.brain import brain_class_for  # noqa: E402
-from earlyexit_brain.data.common import CorpusError  # noqa: E402
-from earlyexit_brain.dataio import dataio_prepare  # noqa: E402
-from earlyexit_brain.experiment import (changed_hyperparameters, claim_experiment_folder,  # noqa: E402
+from earlyexit_brain.brain import brain_class_for
+from earlyexit_brain.data.common import CorpusError
+from earlyexit_brain.dataio import dataio_prepare
+from earlyexit_brain.experiment import (changed_hyperparameters, claim_experiment_folder,
                                         evaluate_and_report,
                                         load_recipe_hparams, run_recipe, tokenizer_or_exit,
                                         warn_changed_hyperparameters)

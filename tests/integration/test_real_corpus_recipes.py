@@ -2,7 +2,6 @@
 TED-LIUM trees (SpeechBrain debug mode, sizes overridden small), the paper
 configuration's size, and the smoke recipe under torchrun (2 processes, gloo)."""
 
-import importlib.util
 import json
 import os
 import socket
@@ -12,6 +11,7 @@ import sys
 import pytest
 from hyperpyyaml import load_hyperpyyaml
 
+from benchmarks.ddp import run_smoke_recipe
 from tests.real_corpora import LIBRI_UTTS, TED_SEGMENTS, make_librispeech, make_tedlium
 from earlyexit_brain.files import OWNER_MARKER
 
@@ -137,7 +137,7 @@ def test_paper_configuration_size(repo_root, tmp_path, path, exits):
 def test_paper_aed_configuration(repo_root, tmp_path):
     with open(os.path.join(repo_root, "hparams/librispeech/conformer_aed_ee.yaml")) as fin:
         hp = load_hyperpyyaml(fin, {"data_folder": str(tmp_path), "output_folder": str(tmp_path / "o")})
-    enc, heads, decoders = hp["encoder"], hp["ctc_heads"], hp["decoders"]
+    enc, decoders = hp["encoder"], hp["decoders"]
     assert enc.exit_layers == [2, 4, 6, 8, 10, 12] and enc.d_model == 256
     assert decoders.num_exits == 6
     assert all(len(d.decoder.layers) == 4 for d in decoders.decoders)  # the paper: 4 layers
@@ -152,14 +152,10 @@ def free_port():
         return s.getsockname()[1]
 
 
-def test_smoke_recipe_under_torchrun_two_processes(repo_root, tmp_path):
-    """The benchmark's DDP launcher: torchrun --nproc_per_node=2, gloo, on the CPU."""
-    spec = importlib.util.spec_from_file_location("benchmark", os.path.join(repo_root, "recipes",
-                                                                            "benchmark.py"))
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
-    report = bench.run_smoke_recipe(2, str(tmp_path / "out"), str(tmp_path / "data"), 1,
-                                    timeout=600, master_port=free_port())
+def test_smoke_recipe_under_torchrun_two_processes(tmp_path):
+    """The benchmark's DDP launcher (benchmarks.ddp): torchrun --nproc_per_node=2, gloo, on the CPU."""
+    report = run_smoke_recipe(2, str(tmp_path / "out"), str(tmp_path / "data"), 1,
+                              timeout=600, master_port=free_port())
     assert report["processes"] == 2
     assert report["train"]["epochs"] == 1 and report["train_utterances"] > 0
     assert [e["layer"] for e in report["exits"]] == [1, 2]

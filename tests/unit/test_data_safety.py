@@ -12,6 +12,8 @@ import sys
 
 import pytest
 
+from benchmarks import soak
+from benchmarks.__main__ import main as benchmarks_main
 from earlyexit_brain import hub
 from earlyexit_brain.data.librispeech import prepare_librispeech
 from earlyexit_brain.data.synthetic import prepare_synthetic
@@ -192,15 +194,15 @@ def test_publish_rebuilds_its_own_hub_folder(tmp_path, folder, model):
 
 
 # ------------------------------------------------------------------ result files
-@pytest.mark.parametrize("name, args", [
-    ("benchmark", ["--only", "frontend", "--quick"]),
-    ("soak", ["MODEL", "--files", "10"]),
+@pytest.mark.parametrize("main, args", [
+    (benchmarks_main, ["--only", "frontend", "--quick"]),
+    (soak.main, ["MODEL", "--files", "10"]),
 ])
-def test_result_files_of_the_tools_overwrite_only_their_own(tmp_path, name, args, folder):
+def test_result_files_of_the_tools_overwrite_only_their_own(tmp_path, main, args, folder):
     target = tmp_path / "results.json"
     target.write_text(json.dumps({"my": "data"}))
     args = [folder if a == "MODEL" else a for a in args]
     with pytest.raises(SystemExit) as err:
-        recipe(name).main(args + ["--out", str(target)])
+        main(args + ["--out", str(target)])
     assert err.value.code != 0
     assert json.loads(target.read_text()) == {"my": "data"}

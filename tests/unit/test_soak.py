@@ -1,12 +1,11 @@
-"""recipes/soak.py on the tiny exported model: it transcribes every file and reports RSS."""
+"""benchmarks.soak on the tiny exported model: it transcribes every file and reports RSS."""
 
 import json
 
-from recipe_modules import recipe
+from benchmarks import soak
 
 
 def test_soak_reports_memory_every_tenth(folder, tmp_path, capsys):
-    soak = recipe("soak")
     out = tmp_path / "soak.json"
     result = soak.main([folder, "--files", "20", "--seconds", "0.5", "--policy", "entropy",
                         "--out", str(out)])

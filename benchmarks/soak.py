@@ -1,9 +1,8 @@
-#!/usr/bin/env python3
 """Soak test: transcribe many short files in one process and watch its memory.
 
 Usage::
 
-    python recipes/soak.py MODEL [--files 2000] [--seconds 1.5] [--policy posterior] [--out soak.json]
+    python -m benchmarks.soak MODEL [--files 2000] [--seconds 1.5] [--policy posterior] [--out soak.json]
 
 ``MODEL`` is an inference folder or a Hub id. The command writes ``--files``
 generated utterances (tones with noise, lengths varying around ``--seconds``)
@@ -20,7 +19,6 @@ import json
 import math
 import os
 import resource
-import sys
 import tempfile
 import time
 
@@ -29,11 +27,9 @@ import soundfile as sf
 import torch
 from tqdm import tqdm
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from earlyexit_brain.files import NotOurFolderError, check_overwritable_file, is_own_json  # noqa: E402
-from earlyexit_brain.inference import EarlyExitASR  # noqa: E402
-from earlyexit_brain.utils import rss_bytes  # noqa: E402
+from earlyexit_brain.files import NotOurFolderError, check_overwritable_file, is_own_json
+from earlyexit_brain.inference import EarlyExitASR
+from earlyexit_brain.utils import rss_bytes
 
 
 def rss_mb() -> float:
@@ -41,7 +37,7 @@ def rss_mb() -> float:
     current = rss_bytes()
     if current is None:
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    return current / 2 ** 20
+    return current / 2**20
 
 
 def write_files(folder: str, n: int, seconds: float, sample_rate: int, seed: int = 0):
@@ -84,22 +80,32 @@ def main(argv=None):
         for i, path in enumerate(tqdm(paths, desc="soak", unit="file"), start=1):
             exits.append(asr.transcribe_file(path, policy=policy).exit)
             if i in checkpoints:
-                samples.append({"files": i, "rss_mb": round(rss_mb(), 1),
-                                "seconds": round(time.perf_counter() - start, 1)})
+                samples.append(
+                    {"files": i, "rss_mb": round(rss_mb(), 1), "seconds": round(time.perf_counter() - start, 1)}
+                )
     warm, end = samples[0]["rss_mb"], samples[-1]["rss_mb"]
-    result = {"model": args.model, "files": args.files, "mean_seconds": args.seconds,
-              "policy": policy.describe(), "rss": samples,
-              "rss_warm_mb": warm, "rss_end_mb": end, "rss_growth_mb": round(end - warm, 1),
-              "exit_counts": {str(k): exits.count(k) for k in sorted(set(exits))}}
-    with open(args.out, "w") as fout:  # checked before the run: only a soak.py result
+    result = {
+        "model": args.model,
+        "files": args.files,
+        "mean_seconds": args.seconds,
+        "policy": policy.describe(),
+        "rss": samples,
+        "rss_warm_mb": warm,
+        "rss_end_mb": end,
+        "rss_growth_mb": round(end - warm, 1),
+        "exit_counts": {str(k): exits.count(k) for k in sorted(set(exits))},
+    }
+    with open(args.out, "w") as fout:  # checked before the run: only a soak result
         json.dump(result, fout, indent=2)
     print("| files | RSS MiB | seconds |")
     print("|---|---|---|")
     for s in samples:
         print(f"| {s['files']} | {s['rss_mb']:.1f} | {s['seconds']:.1f} |")
-    print(f"RSS after warm-up {warm:.1f} MiB, at the end {end:.1f} MiB "
-          f"(growth {end - warm:+.1f} MiB over {args.files - samples[0]['files']} files); "
-          f"exits used: {result['exit_counts']}; written to {args.out}")
+    print(
+        f"RSS after warm-up {warm:.1f} MiB, at the end {end:.1f} MiB "
+        f"(growth {end - warm:+.1f} MiB over {args.files - samples[0]['files']} files); "
+        f"exits used: {result['exit_counts']}; written to {args.out}"
+    )
     return result
 
 

@@ -1,0 +1,15 @@
+"""Side-by-side benchmarks and measurement tools of earlyexit_brain (ratios measured in one run, never
+timed assertions).
+
+Run from the repository root (the package is not installed with earlyexit_brain: the ``ddp`` section runs
+the repository's recipes/train.py and its hparams)::
+
+    python -m benchmarks [--quick] [--only SECTIONS] [--out bench.json]   # bench.json and bench.md
+    python -m benchmarks.soak MODEL [--files 2000]                       # memory over many files
+    python -m benchmarks.ssl_exit_timing [--seconds 5]                   # SSL encoders vs the Conformer
+
+Modules: ``__main__`` (the command and its sections), ``train_step``, ``inference`` (latency, dynamic
+inference, throughput), ``frontend``, ``compute``, ``ddp``, ``memory`` (peak RSS in a child process),
+``tables`` (bench.md), ``timing`` (configurations, the inference model, timing in rotation), ``soak`` and
+``ssl_exit_timing``.
+"""
