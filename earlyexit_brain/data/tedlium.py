@@ -219,7 +219,7 @@ def prepare_tedlium(
     readable = [a for a in talks if a not in missing]
     headers = dict(zip(readable, read_headers(readable, num_workers,
                                               f"TED-LIUM: reading {len(readable)} talk headers")))
-    for audio, (frames, rate, err) in headers.items():
+    for audio, (_frames, rate, err) in headers.items():
         path, line = talks[audio]["first"]
         if err is not None:
             problems.add(audio, f"{err} (stm {path}:{line})")

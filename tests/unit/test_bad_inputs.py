@@ -249,7 +249,7 @@ def test_a_device_the_machine_lacks_is_exit_2_with_a_message(folder, audio, caps
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     assert transcribe_main([folder, audio["a"], "--device", device]) == 2
     captured = capsys.readouterr()
-    assert captured.err.startswith(f"Error: --device") and words in captured.err and captured.out == ""
+    assert captured.err.startswith("Error: --device") and words in captured.err and captured.out == ""
     with pytest.raises(SystemExit, match=f"Configuration error: --device.*{words}"):  # the recipes
         recipe("train").main([os.path.join(ROOT, "hparams", "synthetic", "smoke.yaml"), "--device", device])
 

@@ -7,7 +7,8 @@ import torch
 
 from earlyexit_brain.evaluation import (ExitOutputs, WerIncreaseBootstrap, calibrate, confidence_exits,
                                        evaluate_policies, summarize)
-from earlyexit_brain.policies import (BudgetPolicy, EntropyPolicy, ExitPolicy, FixedExit, GreedyPosteriorPolicy, NBestPosteriorPolicy, make_policy, oracle_exits)
+from earlyexit_brain.policies import (BudgetPolicy, EntropyPolicy, ExitPolicy, FixedExit, GreedyPosteriorPolicy,
+                                      NBestPosteriorPolicy, make_policy, oracle_exits)
 from earlyexit_brain.latency import fit_latency_table
 from earlyexit_brain.dynamic import run_dynamic
 from earlyexit_brain.models.conformer import CTCExitHeads, EarlyExitConformerEncoder

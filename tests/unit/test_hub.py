@@ -14,7 +14,6 @@ import sys
 import numpy as np
 import pytest
 import soundfile as sf
-import torch
 from huggingface_hub import ModelCard
 
 from earlyexit_brain import hub

@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from earlyexit_brain.decoding.ctc import CTCDecoder
-from earlyexit_brain.decoding.ngram import (FALLBACK_DISCOUNTS, adjusted_counts, arpa_text, build_ngram_lm, count_ngrams, discounts, prepare_recipe_lm)
+from earlyexit_brain.decoding.ngram import (FALLBACK_DISCOUNTS, adjusted_counts, arpa_text, build_ngram_lm,
+                                            count_ngrams, discounts, prepare_recipe_lm)
 from tests.unit.tokenizer_helpers import char_tokenizer
 
 kenlm = pytest.importorskip("kenlm")  # installed from requirements.txt (camel-kenlm)

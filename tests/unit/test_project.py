@@ -1,10 +1,10 @@
-"""Project contracts: the README's two commands, CI, and the report format."""
+"""Project contracts: the README's two commands, CI, the linter, and the report format."""
 
 import json
 import os
 import re
-
-import torch
+import subprocess
+import sys
 
 from earlyexit_brain.models.conformer import CTCExitHeads, EarlyExitConformerEncoder
 from earlyexit_brain.report import build_report, report_markdown, write_report
@@ -36,6 +36,18 @@ def test_pins_live_in_one_place(repo_root):
         assert pin in pins
     setup_sh = open(os.path.join(repo_root, "scripts", "setup.sh")).read()
     assert "requirements.txt" in setup_sh
+
+
+#: What ruff checks (pyproject.toml configures it): the package, the recipes, the benchmarks, scripts, tests.
+LINTED = ["earlyexit_brain", "recipes", "benchmarks", "scripts", "tests", "setup.py"]
+
+
+def test_ruff_finds_no_lint_error(repo_root):
+    """ruff, pinned in requirements.txt, with the rules of pyproject.toml: a lint error fails the tests."""
+    proc = subprocess.run([sys.executable, "-m", "ruff", "check", "--no-cache", "--output-format", "concise",
+                           *LINTED], cwd=repo_root, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, (f"ruff check {' '.join(LINTED)} (pip install -r requirements.txt installs "
+                                  f"it):\n{proc.stdout[-4000:]}{proc.stderr[-2000:]}")
 
 
 def tiny_report():
