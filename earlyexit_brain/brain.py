@@ -18,11 +18,10 @@ import torch
 from speechbrain.utils.checkpoints import (average_checkpoints, mark_as_loader, mark_as_saver,
                                           register_checkpoint_hooks)
 
-from .decoding.ctc import ctc_beam_options, CTC_DECODERS, CTCDecoder
-from .losses import exit_distillation_loss, one_call_blank_index, stacked_ctc_losses
+from .decoding.ctc import CTC_DECODERS, CTCDecoder, CTCDecodingOptions
 from .models.decoders import add_bos_eos
-from .decoding.attention import aed_search_options, make_aed_searcher
-from .utils import frame_mask, tokenizer_pieces, tokens_to_text, uses_decoders
+from .decoding.attention import AEDSearchOptions, make_aed_searcher
+from .utils import tokenizer_pieces, tokens_to_text, uses_decoders
 
 logger = logging.getLogger(__name__)
 
@@ -77,24 +76,6 @@ class RandomState:
             torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def multi_exit_loss(per_exit_losses: Sequence[torch.Tensor], weights: Sequence[float]) -> torch.Tensor:
-    """The multi-exit objective ``sum_k w_k * L_k``.
-
-    Example
-    -------
-    >>> multi_exit_loss([torch.tensor(2.0), torch.tensor(3.0)], [1.0, 0.5])
-    tensor(3.5000)
-    """
-    if len(per_exit_losses) != len(weights):
-        raise ValueError(
-            f"exit_loss_weights: {len(weights)} weights for {len(per_exit_losses)} exits"
-        )
-    total = per_exit_losses[0] * weights[0]
-    for loss, weight in zip(per_exit_losses[1:], weights[1:]):
-        total = total + loss * weight
-    return total
-
-
 def load_average_of_best(checkpointer, model: torch.nn.Module, n: int,
                          min_key: Optional[str] = None, max_key: Optional[str] = None,
                          recoverable: str = "model") -> List:
@@ -123,8 +104,9 @@ class EarlyExitCTCBrain(sb.Brain):
     Expected ``modules``: ``encoder`` (an early-exit encoder whose forward
     returns one hidden state per exit), ``ctc_heads`` (one log-softmax head
     per exit) and ``normalize`` (feature normalisation). Expected hparams:
-    ``compute_features``, ``ctc_cost``, ``blank_index``, ``exit_loss_weights``
-    (None or one weight per exit), and optionally:
+    ``compute_features``, ``blank_index``, ``epoch_counter`` and ``loss``
+    (:class:`earlyexit_brain.losses.MultiExitLoss`: per-exit CTC, exit weights,
+    distillation), and optionally:
 
     - ``wav_augment``: applied to the waveforms in training, called as
       ``wavs, lens = wav_augment(wavs, lens)`` (SpeechBrain's ``Augmenter``,
@@ -150,13 +132,6 @@ class EarlyExitCTCBrain(sb.Brain):
         encoder = self.modules.encoder
         encoder = getattr(encoder, "module", encoder)  # DDP
         return len(encoder.exit_layers)
-
-    def exit_weights(self) -> List[float]:
-        """Per-exit loss weights (the plain sum when the YAML gives none)."""
-        weights = getattr(self.hparams, "exit_loss_weights", None)
-        if weights is None:
-            return [1.0] * self.num_exits
-        return [float(w) for w in weights]
 
     def _train_loader_specifics(self, dataset, loader_kwargs):
         loader_kwargs = super()._train_loader_specifics(dataset, loader_kwargs)
@@ -208,46 +183,25 @@ class EarlyExitCTCBrain(sb.Brain):
                     token_lens = augmenter.replicate_labels(token_lens)
         return tokens, token_lens
 
-    def ctc_losses(self, log_probs, wav_lens, tokens, token_lens) -> List[torch.Tensor]:
-        """One CTC loss per exit (from one CTC call for all exits when ``ctc_cost`` allows it)."""
-        ctc_blank = one_call_blank_index(self.hparams.ctc_cost)
-        if ctc_blank is not None and len({lp.shape for lp in log_probs}) == 1:  # one CTC call for all exits
-            return stacked_ctc_losses(log_probs, tokens, wav_lens, token_lens, ctc_blank)
-        return [self.hparams.ctc_cost(lp, tokens, wav_lens, token_lens) for lp in log_probs]
+    def epoch(self) -> Optional[int]:
+        """The current epoch (1-based; None before training), for the loss's distillation schedule."""
+        return getattr(self.hparams.epoch_counter, "current", None)
 
     def compute_objectives(self, predictions, batch, stage):
-        """Weighted sum of per-exit CTC losses; per-exit WER/CER outside training."""
+        """The multi-exit loss (``hparams.loss``); per-exit WER/CER outside training."""
         log_probs, wav_lens, hiddens = predictions
         tokens, token_lens = self.targets(batch, stage)
-        losses = self.ctc_losses(log_probs, wav_lens, tokens, token_lens)
-        loss = self.record_losses(losses) + self.distillation(log_probs, wav_lens)
+        losses = self.hparams.loss(log_probs, wav_lens, tokens, token_lens, epoch=self.epoch())
+        self.record_losses(losses.per_exit)
         if stage != sb.Stage.TRAIN:
             self.score_exits(batch, log_probs, wav_lens, hiddens, stage)
-        return loss
+        return losses.total
 
-    def distillation(self, log_probs, wav_lens):
-        """``exit_distillation_weight`` times the earlier exits' KL divergence from the last
-        exit's CTC posteriors (:func:`exit_distillation_loss`) from epoch
-        ``exit_distillation_from_epoch`` on; 0 (the paper's loss) by default.
-
-        From the first update it holds CTC in its all-blank plateau: while the last exit
-        emits blanks, pulling the lower exits towards it pulls the shared layers there too
-        (measured: dev CER 74% after one epoch of the default recipe, against 32%)."""
-        weight = float(getattr(self.hparams, "exit_distillation_weight", 0.0) or 0.0)
-        counter = getattr(self.hparams, "epoch_counter", None)
-        epoch = getattr(counter, "current", None)
-        if weight == 0.0 or len(log_probs) < 2 or (
-                epoch is not None and epoch < int(getattr(self.hparams, "exit_distillation_from_epoch", 1) or 1)):
-            return 0.0
-        return weight * exit_distillation_loss(log_probs, frame_mask(log_probs[-1], wav_lens))
-
-    def record_losses(self, losses: Sequence[torch.Tensor]) -> torch.Tensor:
-        """The multi-exit loss of per-exit losses; each exit's loss is logged too."""
-        loss = multi_exit_loss(losses, self.exit_weights())
-        for k, l in enumerate(torch.stack(losses).detach().cpu().tolist()):  # one copy, not one per exit
-            self._exit_loss_sum[k] += l
+    def record_losses(self, losses: Sequence[torch.Tensor]) -> None:
+        """Add each exit's loss to the stage's running per-exit losses (logged as ``loss_exit<k>``)."""
+        for k, value in enumerate(torch.stack(losses).detach().cpu().tolist()):  # one copy, not one per exit
+            self._exit_loss_sum[k] += value
         self._exit_loss_count += 1
-        return loss
 
     # --------------------------------------------------------------- decoding
     DEFAULT_DECODER = "ctc_greedy"
@@ -265,9 +219,8 @@ class EarlyExitCTCBrain(sb.Brain):
         weighted by ``ctc_lm_alpha``/``ctc_lm_beta`` when there is one), built once."""
         decoders = self.__dict__.setdefault("_ctc_decoders", {})
         if name not in decoders:
-            decoders[name] = CTCDecoder(name, self.tokenizer.sp, self.vocab_size(),
-                                        self.hparams.blank_index,
-                                        **ctc_beam_options(lambda k, d: getattr(self.hparams, k, d)))
+            decoders[name] = CTCDecoder(name, self.tokenizer.sp, self.vocab_size(), self.hparams.blank_index,
+                                        CTCDecodingOptions.from_hparams(self.hparams))
         return decoders[name]
 
     def vocab_size(self) -> int:
@@ -508,12 +461,10 @@ class EarlyExitSeq2SeqBrain(EarlyExitCTCBrain):
 
     On top of :class:`EarlyExitCTCBrain`'s modules it expects ``decoders``
     (:class:`earlyexit_brain.models.decoders.ExitDecoders`) and the hparams
-    ``bos_index``, ``eos_index``, ``ctc_weight`` and optionally
-    ``label_smoothing``. The loss of exit ``k`` is
-    ``ctc_weight * CTC_k + (1 - ctc_weight) * CE_k``, where ``CE_k`` is the
-    decoder's teacher-forced cross-entropy (bos prepended to its input, eos
-    appended to its target, padding ignored, label smoothing); the exits'
-    losses are summed with ``exit_loss_weights`` as in the CTC Brain.
+    ``bos_index`` and ``eos_index``. The loss object gets the decoders'
+    teacher-forced outputs too (bos prepended to their input, eos appended to
+    their target): exit ``k``'s loss is ``ctc_weight * CTC_k + (1 - ctc_weight) * CE_k``
+    (:class:`earlyexit_brain.losses.MultiExitLoss`).
 
     Decoding (``valid_decoder``, ``test_decoders``) adds ``aed_beam``:
     SpeechBrain's joint CTC/attention beam search over the exit's decoder and
@@ -537,33 +488,27 @@ class EarlyExitSeq2SeqBrain(EarlyExitCTCBrain):
         return log_probs, wav_lens, hiddens, dec_log_probs, (tokens, token_lens, tokens_eos, eos_lens)
 
     def compute_objectives(self, predictions, batch, stage):
-        """Per exit ``ctc_weight * CTC + (1 - ctc_weight) * CE``, summed over exits."""
+        """The multi-exit loss of CTC and the decoders' cross-entropy; per-exit WER/CER outside training."""
         log_probs, wav_lens, hiddens, dec_log_probs, targets = predictions
         tokens, token_lens, tokens_eos, eos_lens = targets
-        ctc = self.ctc_losses(log_probs, wav_lens, tokens, token_lens)
-        weight = float(self.hparams.ctc_weight)
-        smoothing = float(getattr(self.hparams, "label_smoothing", 0.0))
-        losses = [weight * c + (1.0 - weight) * sb.nnet.losses.nll_loss(
-                      lp, tokens_eos, length=eos_lens, label_smoothing=smoothing)
-                  for c, lp in zip(ctc, dec_log_probs)]
-        loss = self.record_losses(losses) + self.distillation(log_probs, wav_lens)
+        losses = self.hparams.loss(log_probs, wav_lens, tokens, token_lens, epoch=self.epoch(),
+                                   decoder_log_probs=dec_log_probs, tokens_eos=tokens_eos, eos_lens=eos_lens)
+        self.record_losses(losses.per_exit)
         if stage != sb.Stage.TRAIN:
             self.score_exits(batch, log_probs, wav_lens, hiddens, stage)
-        return loss
+        return losses.total
 
     def aed_searcher(self, exit_index: int, stage):
         """The (cached) joint CTC/attention beam searcher of one exit for a stage."""
-        beam = int(self.hparams.beam_size if stage == sb.Stage.TEST
-                   else getattr(self.hparams, "valid_beam_size", self.hparams.beam_size))
+        options = AEDSearchOptions.from_hparams(self.hparams)
+        beam = int(options.beam_size if stage == sb.Stage.TEST else options.valid_beam_size or options.beam_size)
         key = (exit_index, beam)
         cache = self.__dict__.setdefault("_aed_searchers", {})
         if key not in cache:
-            options = aed_search_options(lambda name, default: getattr(self.hparams, name, default))
-            options["beam_size"] = beam
             cache[key] = make_aed_searcher(
                 getattr(self.modules.decoders, "module", self.modules.decoders),
                 getattr(self.modules.ctc_heads, "module", self.modules.ctc_heads), exit_index,
-                **options, lm_path=getattr(self.hparams, "ctc_lm_path", None),
+                **options.searcher_kwargs(beam), lm_path=CTCDecodingOptions.from_hparams(self.hparams).lm_path,
                 pieces=tokenizer_pieces(self.tokenizer.sp))
         return cache[key]
 

@@ -18,12 +18,15 @@ import yaml
 from hyperpyyaml import resolve_references
 from ruamel.yaml.error import YAMLError
 
+from earlyexit_brain.decoding.attention import AEDSearchOptions
+from earlyexit_brain.decoding.ctc import CTCDecodingOptions
+from earlyexit_brain.evaluation import PolicyEvaluationOptions
+from earlyexit_brain.losses import MultiExitLoss
 from earlyexit_brain.models.conformer import resolve_exit_layers
 from earlyexit_brain.models.ssl import SUPPORTED_MODEL_TYPES, check_source
+from earlyexit_brain.options import ConfigError, is_int as _is_int, is_num as _is_num
 
-
-class ConfigError(ValueError):
-    """A hyperparameter has a wrong type or value; the message names the key."""
+__all__ = ["ConfigError", "check_hparams", "check_hparams_file", "check_device", "read_raw_hparams"]
 
 
 class _Tagged(str):
@@ -75,17 +78,7 @@ def read_raw_hparams(path: str, overrides: Any = None) -> Dict[str, Any]:
         raise ConfigError(f"{path}: not valid YAML: {err}") from None
 
 
-def _is_int(v):
-    return isinstance(v, int) and not isinstance(v, bool)
-
-
-def _is_num(v):
-    return isinstance(v, (int, float)) and not isinstance(v, bool)
-
-
-_CALIBRATED = ("entropy", "posterior", "posterior_greedy")
 _DECODERS = ("ctc_greedy", "ctc_beam", "aed_beam")
-_SWEEPABLE = _CALIBRATED + ("budget",)
 
 Rule = Tuple[Callable[[Any], bool], str]  # (predicate, accepted values in words)
 
@@ -123,10 +116,6 @@ _RULES: Dict[str, Rule] = {
     "weight_decay": (lambda v: _is_num(v) and v >= 0, "a number >= 0"),
     "dropout": (lambda v: _is_num(v) and 0 <= v < 1, "a number in [0, 1)"),
     "warmup_steps": (lambda v: _is_int(v) and v >= 1, "an integer >= 1"),
-    "exit_distillation_weight": (lambda v: v is None or (_is_num(v) and v >= 0),
-                                 "null or a number >= 0 (0: the paper's loss)"),
-    "exit_distillation_from_epoch": (lambda v: v is None or (_is_int(v) and v >= 1),
-                                     "null (1) or an epoch number >= 1"),
     "max_grad_norm": (lambda v: _is_num(v) and v > 0, "a number > 0"),
     "num_workers": (lambda v: _is_int(v) and v >= 0, "an integer >= 0"),
     "checkpoints_to_keep": (lambda v: _is_int(v) and v >= 1, "an integer >= 1"),
@@ -163,54 +152,23 @@ _RULES: Dict[str, Rule] = {
                   and all(isinstance(s, str) for s in v), "a non-empty list of set names"),
     # exit-policy evaluation (recipes/evaluate.py, end of recipes/train.py)
     "policy_evaluation": (lambda v: isinstance(v, bool), "true or false"),
-    "policy_sweep": (lambda v: isinstance(v, list) and all(p in _SWEEPABLE for p in v),
-                     "a list of policies among " + ", ".join(repr(p) for p in _SWEEPABLE)),
-    "sweep_points": (lambda v: _is_int(v) and v >= 2, "an integer >= 2"),
-    "calibration_target": (lambda v: v in ("max_wer_increase", "avg_layers"),
-                           "'max_wer_increase' or 'avg_layers'"),
-    "calibration_value": (lambda v: _is_num(v) and v >= 0, "a number >= 0"),
-    "calibration_confidence": (lambda v: v is None or (_is_num(v) and 0 < v < 1),
-                               "null or a number in (0, 1)"),
-    "default_policy": (lambda v: v in _CALIBRATED, "one of " + ", ".join(repr(p) for p in _CALIBRATED)),
-    "nbest_beam_size": (lambda v: _is_int(v) and v >= 2, "an integer >= 2"),
-    "nbest_token_prune_logp": (lambda v: v is None or (_is_num(v) and v < 0),
-                               "null or a negative number (a log-probability)"),
-    "entropy_normalize": (lambda v: isinstance(v, bool), "true or false"),
-    "posterior_greedy_form": (lambda v: v in ("mean", "geometric"), "'mean' or 'geometric'"),
-    "latency_durations": (lambda v: isinstance(v, list) and len(v) >= 2
-                          and all(_is_num(d) and d > 0 for d in v),
-                          "a list of at least two durations in seconds > 0"),
     # decoding (EarlyExitCTCBrain / EarlyExitSeq2SeqBrain)
     "valid_decoder": (lambda v: v in _DECODERS, "one of " + ", ".join(repr(d) for d in _DECODERS)),
     "test_decoders": (lambda v: isinstance(v, list) and len(v) > 0 and all(d in _DECODERS for d in v),
                       "a non-empty list among " + ", ".join(repr(d) for d in _DECODERS)),
-    "ctc_beam_size": (lambda v: _is_int(v) and v >= 1, "an integer >= 1"),
-    "ctc_lm_path": (lambda v: v is None or (isinstance(v, str) and os.path.isfile(v)),
-                    "null or an existing KenLM file (.arpa or .bin)"),
-    "ctc_lm_alpha": (lambda v: _is_num(v) and v >= 0, "a number >= 0"),
-    "ctc_lm_beta": (_is_num, "a number"),
     "ngram_order": (lambda v: v is None or (_is_int(v) and (v == 0 or v >= 2)),
                     "null or 0 (no n-gram LM), or an integer >= 2"),
     # attention-decoder exits
-    "ctc_weight": (lambda v: _is_num(v) and 0 <= v <= 1, "a number in [0, 1]"),
-    "decode_ctc_weight": (lambda v: _is_num(v) and 0 <= v <= 1, "a number in [0, 1]"),
-    "label_smoothing": (lambda v: _is_num(v) and 0 <= v < 1, "a number in [0, 1)"),
-    "beam_size": (lambda v: _is_int(v) and v >= 1, "an integer >= 1"),
-    "valid_beam_size": (lambda v: _is_int(v) and v >= 1, "an integer >= 1"),
-    "max_decode_ratio": (lambda v: _is_num(v) and v > 0, "a number > 0"),
-    "aed_length_normalization": (lambda v: isinstance(v, bool), "true or false"),
-    "aed_length_reward": (lambda v: _is_num(v) and v >= 0, "a number >= 0"),
-    "aed_lm_weight": (lambda v: _is_num(v) and v >= 0, "a number >= 0"),
-    "aed_lm_word_bonus": (_is_num, "a number"),
-    "aed_lm_oov_penalty": (lambda v: _is_num(v) and v >= 0, "a number >= 0"),
     "decoder_layers": (lambda v: _is_int(v) and v >= 1, "an integer >= 1"),
     "decoder_d_model": (lambda v: _is_int(v) and v >= 1, "an integer >= 1"),
     "decoder_nhead": (lambda v: _is_int(v) and v >= 1, "an integer >= 1"),
     "decoder_d_ffn": (lambda v: _is_int(v) and v >= 1, "an integer >= 1"),
     "share_embedding": (lambda v: isinstance(v, bool), "true or false"),
-    "bos_index": (lambda v: _is_int(v) and v >= 0, "an integer >= 0"),
-    "eos_index": (lambda v: _is_int(v) and v >= 0, "an integer >= 0"),
 }
+# the keys of the typed options (the loss, CTC decoding, the attention search, the policy evaluation):
+# each rule is defined beside its default, in the option class
+for _options in (MultiExitLoss, CTCDecodingOptions, AEDSearchOptions, PolicyEvaluationOptions):
+    _RULES.update(_options.rules())
 
 
 def _check_rules(values: Dict[str, Any], rules: Dict[str, Rule], source: str, prefix: str = "") -> None:

@@ -32,7 +32,7 @@ from speechbrain.utils.data_utils import batch_pad_right
 from speechbrain.utils.fetching import FetchConfig, LocalStrategy, fetch
 
 from .audio_check import wav_truncation
-from .decoding.ctc import CTCDecoder, make_ctc_beam_searcher
+from .decoding.ctc import CTCDecoder, CTCDecodingOptions, make_ctc_beam_searcher
 from .policies import check_exit, ExitPolicy, make_policy, POLICY_NAMES
 from .latency import LatencyTable
 from .safe_load import check_alias_expansion, check_hparams_text, weights_only_loading
@@ -146,14 +146,14 @@ class EarlyExitASR(Pretrained):
         stored = dict(self.policies_config.get("decoding") or {"decoder": "ctc_greedy"})
         name = name or stored["decoder"]
         if name not in self._ctc_decoders:  # CTCDecoder refuses a name that is not a CTC decoder
-            options = {}
+            options = CTCDecodingOptions()
             if name == "ctc_beam":
                 record = getattr(self.hparams, "ngram_lm", None)
-                options = {key: stored[key] for key in ("beam_size", "alpha", "beta") if key in stored}
-                options["lm_path"] = record.path if record is not None else None
+                options = CTCDecodingOptions(**{key: stored[key] for key in ("beam_size", "alpha", "beta")
+                                                if key in stored},
+                                             lm_path=record.path if record is not None else None)
             vocab = self.model.heads.heads[0].out_features
-            self._ctc_decoders[name] = CTCDecoder(name, self.tokenizer, vocab, self.hparams.blank_index,
-                                                  **options)
+            self._ctc_decoders[name] = CTCDecoder(name, self.tokenizer, vocab, self.hparams.blank_index, options)
         return self._ctc_decoders[name]
 
     @property

@@ -10,6 +10,7 @@ the word n-gram fused in when ``lm_weight`` > 0. :func:`decode_exit` and
 exit (built once per model and exit).
 """
 
+import dataclasses
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
@@ -18,6 +19,7 @@ from speechbrain.decoders.seq2seq import S2STransformerBeamSearcher
 from torch import nn
 
 from ..models.decoders import ExitDecoders
+from ..options import is_int, is_num, option, Options
 from .ngram import WordNgramScorer, scorer_builder
 
 
@@ -195,23 +197,65 @@ def make_aed_searcher(decoders: ExitDecoders, ctc_heads, exit_index: int, bos_in
         return_topk=topk > 1, topk=topk)
 
 
-# the fused word n-gram's keys (``aed_`` + the search option) and their defaults: not fused
-AED_LM_DEFAULTS = {"aed_lm_weight": 0.0, "aed_lm_word_bonus": 0.0, "aed_lm_oov_penalty": 10.0}
+def _num_at_least(low: float):
+    return lambda v: is_num(v) and v >= low
 
 
-def aed_search_options(get) -> Dict:
-    """:func:`make_aed_searcher`'s options from a recipe's hparams, with their defaults.
+@dataclasses.dataclass(frozen=True)
+class AEDSearchOptions(Options):
+    """The joint CTC/attention beam search of attention-decoder exits (:func:`make_aed_searcher`);
+    the recipe YAML key of each field in brackets.
 
-    ``get(key, default)`` reads one hyperparameter (``dict.get`` of a loaded
-    YAML, or ``getattr`` on a Brain's ``hparams``).
+    Arguments
+    ---------
+    bos_index, eos_index : int
+        The decoders' begin and end tokens (``bos_index``, ``eos_index``).
+    blank_index : int
+        The CTC blank (``blank_index``).
+    beam_size : int
+        The beam in test and in the exported model (``beam_size``).
+    valid_beam_size : int, optional
+        The beam in validation (``valid_beam_size``; null: ``beam_size``).
+    ctc_weight : float
+        The CTC prefix score's weight in [0, 1] (``decode_ctc_weight``; 0: attention only).
+    length_normalization : bool
+        Divide the scores by the hypothesis length (``aed_length_normalization``).
+    length_reward : float
+        A per-token bonus (``aed_length_reward``; not with length normalisation).
+    max_decode_ratio : float
+        The longest hypothesis in tokens per encoder frame (``max_decode_ratio``).
+    lm_weight, lm_word_bonus, lm_oov_penalty : float
+        The fused word n-gram's weight (0: not fused), per-word bonus and the penalty of a partial
+        word no n-gram word starts with (``aed_lm_weight``, ``aed_lm_word_bonus``, ``aed_lm_oov_penalty``).
     """
-    return dict(bos_index=int(get("bos_index", None)), eos_index=int(get("eos_index", None)),
-                blank_index=int(get("blank_index", 0)), beam_size=int(get("beam_size", 10)),
-                ctc_weight=float(get("decode_ctc_weight", 0.4)),
-                length_normalization=bool(get("aed_length_normalization", True)),
-                length_reward=float(get("aed_length_reward", 0.0)),
-                max_decode_ratio=float(get("max_decode_ratio", 1.0)),
-                **{key[4:]: float(get(key, default)) for key, default in AED_LM_DEFAULTS.items()})
+
+    bos_index: int = option("bos_index", dataclasses.MISSING, lambda v: is_int(v) and v >= 0, "an integer >= 0")
+    eos_index: int = option("eos_index", dataclasses.MISSING, lambda v: is_int(v) and v >= 0, "an integer >= 0")
+    blank_index: int = option("blank_index", 0, lambda v: is_int(v) and v >= 0, "an integer >= 0")
+    beam_size: int = option("beam_size", 10, lambda v: is_int(v) and v >= 1, "an integer >= 1")
+    valid_beam_size: Optional[int] = option("valid_beam_size", None, lambda v: v is None or (is_int(v) and v >= 1),
+                                            "an integer >= 1")
+    ctc_weight: float = option("decode_ctc_weight", 0.4, lambda v: is_num(v) and 0 <= v <= 1, "a number in [0, 1]")
+    length_normalization: bool = option("aed_length_normalization", True, lambda v: isinstance(v, bool),
+                                        "true or false")
+    length_reward: float = option("aed_length_reward", 0.0, _num_at_least(0), "a number >= 0")
+    max_decode_ratio: float = option("max_decode_ratio", 1.0, lambda v: is_num(v) and v > 0, "a number > 0")
+    lm_weight: float = option("aed_lm_weight", 0.0, _num_at_least(0), "a number >= 0")
+    lm_word_bonus: float = option("aed_lm_word_bonus", 0.0, is_num, "a number")
+    lm_oov_penalty: float = option("aed_lm_oov_penalty", 10.0, _num_at_least(0), "a number >= 0")
+
+    def searcher_kwargs(self, beam_size: Optional[int] = None) -> Dict:
+        """:func:`make_aed_searcher`'s (and ``EarlyExitAEDModel``'s) keyword arguments, with
+        ``beam_size`` instead of the option's when given."""
+        return dict(bos_index=int(self.bos_index), eos_index=int(self.eos_index), blank_index=int(self.blank_index),
+                    beam_size=int(beam_size or self.beam_size), ctc_weight=float(self.ctc_weight),
+                    length_normalization=bool(self.length_normalization), length_reward=float(self.length_reward),
+                    max_decode_ratio=float(self.max_decode_ratio), lm_weight=float(self.lm_weight),
+                    lm_word_bonus=float(self.lm_word_bonus), lm_oov_penalty=float(self.lm_oov_penalty))
+
+
+#: The fused word n-gram's YAML keys and their defaults (not fused).
+AED_LM_DEFAULTS = {key: value for key, value in AEDSearchOptions.defaults().items() if key.startswith("aed_lm_")}
 
 
 def check_search_options(beam_size: int, ctc_weight: float):

@@ -6,11 +6,13 @@ SpeechBrain searcher that ``ctc_beam`` and the N-best posterior policy use.
 Why the word-level searcher and not the prefix searcher: docs/performance.md.
 """
 
-from typing import Dict, List, Optional
+import dataclasses
+from typing import List, Optional
 
 import torch
 from speechbrain.decoders import ctc_greedy_decode
 
+from ..options import is_int, is_num, null_or_file, option, Options
 from ..utils import tokenizer_pieces, tokens_to_text
 from .ngram import check_lm_file, is_kenlm_binary
 
@@ -73,18 +75,25 @@ def make_ctc_beam_searcher(tokenizer, vocab_size: int, blank_index: int = 0,
 CTC_DECODERS = ("ctc_greedy", "ctc_beam")
 
 
-#: How a CTC exit's hypotheses are decoded, with their defaults, and the recipe keys
-#: that set them.
-CTC_BEAM_DEFAULTS = {"beam_size": 10, "lm_path": None, "alpha": 0.5, "beta": 1.0}
+@dataclasses.dataclass(frozen=True)
+class CTCDecodingOptions(Options):
+    """How ``ctc_beam`` decodes a CTC exit (the recipe YAML key of each field in brackets).
 
+    Arguments
+    ---------
+    beam_size : int
+        The beam (``ctc_beam_size``).
+    lm_path : str, optional
+        A KenLM word n-gram, ``.arpa`` or ``.bin`` (``ctc_lm_path``; the recipes build one from
+        ``train_csv`` with ``ngram_order``); None: no LM.
+    alpha, beta : float
+        The LM's weight and the word insertion bonus (``ctc_lm_alpha``, ``ctc_lm_beta``).
+    """
 
-_CTC_BEAM_KEYS = {"beam_size": "ctc_beam_size", "lm_path": "ctc_lm_path", "alpha": "ctc_lm_alpha",
-                  "beta": "ctc_lm_beta"}
-
-
-def ctc_beam_options(get) -> Dict:
-    """The CTC beam-search options of a recipe (``get``: ``hparams.get`` or the like)."""
-    return {option: get(key, CTC_BEAM_DEFAULTS[option]) for option, key in _CTC_BEAM_KEYS.items()}
+    beam_size: int = option("ctc_beam_size", 10, lambda v: is_int(v) and v >= 1, "an integer >= 1")
+    lm_path: Optional[str] = option("ctc_lm_path", None, null_or_file, "null or an existing KenLM file (.arpa or .bin)")
+    alpha: float = option("ctc_lm_alpha", 0.5, lambda v: is_num(v) and v >= 0, "a number >= 0")
+    beta: float = option("ctc_lm_beta", 1.0, is_num, "a number")
 
 
 class CTCDecoder:
@@ -92,17 +101,18 @@ class CTCDecoder:
     beam search, ``CTCBeamSearcher``, with a KenLM n-gram when ``lm_path`` names one; its
     word-level LM scoring decodes better than the prefix searcher's: docs/performance.md)."""
 
-    def __init__(self, name: str, tokenizer, vocab_size: int, blank_index: int = 0, **beam_options):
+    def __init__(self, name: str, tokenizer, vocab_size: int, blank_index: int = 0,
+                 options: Optional[CTCDecodingOptions] = None):
         if name not in CTC_DECODERS:
             raise ValueError(f"decoder: {name!r} is not a CTC decoder (ctc_greedy or ctc_beam)")
         self.name, self.tokenizer, self.blank_index = name, tokenizer, blank_index
-        self.options = {**CTC_BEAM_DEFAULTS, **beam_options}
+        self.options = options or CTCDecodingOptions()
         self.searcher = None
         if name == "ctc_beam":
             o = self.options
             self.searcher = make_ctc_beam_searcher(
-                tokenizer, vocab_size, blank_index, int(o["beam_size"]), prefix=False, topk=1,
-                kenlm_model_path=o["lm_path"], alpha=float(o["alpha"]), beta=float(o["beta"]))
+                tokenizer, vocab_size, blank_index, int(o.beam_size), prefix=False, topk=1,
+                kenlm_model_path=o.lm_path, alpha=float(o.alpha), beta=float(o.beta))
 
     def __call__(self, log_probs: torch.Tensor, lengths: torch.Tensor) -> List[str]:
         """``(B, T, V)`` log-probabilities and relative lengths -> B texts."""

@@ -127,7 +127,7 @@ def test_ngram_lm_estimated_used_and_exported(smoke_run):
     assert (inference / "ngram_lm.ckpt").read_text() == lm.read_text()
     asr = EarlyExitASR.from_hparams(source=str(inference))
     decoder = asr.ctc_decoder()
-    assert decoder.name == "ctc_beam" and decoder.options["lm_path"].endswith("ngram_lm.ckpt")
+    assert decoder.name == "ctc_beam" and decoder.options.lm_path.endswith("ngram_lm.ckpt")
     assert asr.ctc_decoder("ctc_greedy").searcher is None
     wav = str(sorted((data / "wavs" / "test").glob("*.wav"))[0])
     for name in (None, "ctc_greedy", "ctc_beam"):

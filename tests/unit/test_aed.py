@@ -16,6 +16,7 @@ from speechbrain.nnet.losses import ctc_loss, nll_loss
 from speechbrain.processing.features import InputNormalization
 from speechbrain.utils.metric_stats import ErrorRateStats
 
+from earlyexit_brain.losses import MultiExitLoss
 from earlyexit_brain.brain import EarlyExitCTCBrain, EarlyExitSeq2SeqBrain
 from earlyexit_brain.config import ConfigError, check_hparams
 from earlyexit_brain.policies import FixedExit
@@ -115,8 +116,9 @@ def test_decoder_width_and_heads_errors_name_the_key():
 def seq2seq_brain(ctc_weight=0.3, smoothing=0.1, weights=None):
     enc, heads, decoders = parts()
     hparams = dict(compute_features=Fbank(n_mels=20), blank_index=0, bos_index=BOS, eos_index=EOS,
-                   ctc_cost=functools.partial(ctc_loss, blank_index=0), ctc_weight=ctc_weight,
-                   label_smoothing=smoothing, exit_loss_weights=weights)
+                   epoch_counter=sb.utils.epoch_loop.EpochCounter(1),
+                   loss=MultiExitLoss(blank_index=0, exit_weights=weights, ctc_weight=ctc_weight,
+                                      label_smoothing=smoothing))
     normalize = InputNormalization()
     normalize(torch.randn(2, 50, 20), torch.ones(2))  # statistics, so eval mode works
     return EarlyExitSeq2SeqBrain(modules={"encoder": enc, "ctc_heads": heads, "decoders": decoders,

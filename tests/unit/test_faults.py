@@ -1,6 +1,5 @@
 """Fault injection in training: non-finite losses, checkpoints killed while written."""
 
-import functools
 import logging
 import os
 
@@ -9,11 +8,11 @@ import speechbrain as sb
 import torch
 from speechbrain.dataio.batch import PaddedBatch
 from speechbrain.lobes.features import Fbank
-from speechbrain.nnet.losses import ctc_loss
 from speechbrain.nnet.schedulers import LinearWarmupScheduler
 from speechbrain.processing.features import InputNormalization
 from speechbrain.utils.checkpoints import mark_as_loader, mark_as_saver, register_checkpoint_hooks
 
+from earlyexit_brain.losses import MultiExitLoss
 from earlyexit_brain.brain import EarlyExitCTCBrain
 from earlyexit_brain.models.conformer import CTCExitHeads, EarlyExitConformerEncoder
 
@@ -23,8 +22,8 @@ def make_brain(patience=3):
     modules = {"encoder": EarlyExitConformerEncoder(20, 2, 16, 2, 32, [1, 2], kernel_size=3),
                "ctc_heads": CTCExitHeads(16, 6, 2),
                "normalize": InputNormalization(norm_type="global")}
-    hparams = {"compute_features": Fbank(n_mels=20), "blank_index": 0, "exit_loss_weights": None,
-               "ctc_cost": functools.partial(ctc_loss, blank_index=0),
+    hparams = {"compute_features": Fbank(n_mels=20), "blank_index": 0,
+               "epoch_counter": sb.utils.epoch_loop.EpochCounter(1), "loss": MultiExitLoss(blank_index=0),
                "lr_annealing": LinearWarmupScheduler(0.01, 10, 100)}
     brain = EarlyExitCTCBrain(modules=modules, hparams=hparams,
                               opt_class=lambda p: torch.optim.AdamW(p, lr=0.01),

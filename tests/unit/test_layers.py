@@ -9,7 +9,8 @@ ROOT = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.absp
 
 #: Layers, lowest first (docs/architecture.md); a module is matched by its longest prefix.
 LAYERS = [
-    ["earlyexit_brain", "earlyexit_brain.utils", "earlyexit_brain.files", "earlyexit_brain.safe_load",
+    ["earlyexit_brain", "earlyexit_brain.utils", "earlyexit_brain.options", "earlyexit_brain.files",
+     "earlyexit_brain.safe_load",
      "earlyexit_brain.records", "earlyexit_brain.checkpoints"],
     ["earlyexit_brain.data", "earlyexit_brain.audio_check", "earlyexit_brain.dataio"],
     ["earlyexit_brain.models"],

@@ -7,7 +7,7 @@ import pytest
 import torch
 from speechbrain.nnet.losses import ctc_loss
 
-from earlyexit_brain.brain import multi_exit_loss
+from earlyexit_brain.losses import MultiExitLoss
 from earlyexit_brain.dataio import ctc_required_frames, dataio_prepare, encoder_frames
 from earlyexit_brain.models.conformer import CTCExitHeads, EarlyExitConformerEncoder
 
@@ -21,28 +21,56 @@ def per_exit_ctc(seed=0):
     tokens = torch.tensor([[1, 2, 3, 4], [2, 2, 5, 0]])
     token_lens = torch.tensor([1.0, 0.75])
     log_probs = heads(enc(feats, lens))
-    return [ctc_loss(lp, tokens, lens, token_lens, blank_index=0) for lp in log_probs], heads
+    reference = [ctc_loss(lp, tokens, lens, token_lens, blank_index=0) for lp in log_probs]
+    return log_probs, (lens, tokens, token_lens), reference, heads
 
 
 def test_plain_sum_is_the_default_objective():
-    losses, _ = per_exit_ctc()
-    total = multi_exit_loss(losses, [1.0, 1.0, 1.0])
-    assert torch.allclose(total, losses[0] + losses[1] + losses[2])
+    log_probs, inputs, reference, _ = per_exit_ctc()
+    out = MultiExitLoss(blank_index=0)(log_probs, *inputs)
+    assert torch.allclose(torch.stack(out.per_exit), torch.stack(reference), rtol=1e-6)
+    assert torch.allclose(out.total, reference[0] + reference[1] + reference[2], rtol=1e-6)
+    assert out.distillation == 0.0
 
 
 def test_weights_scale_each_exit_and_zero_weight_cuts_its_gradient():
-    losses, heads = per_exit_ctc()
-    total = multi_exit_loss(losses, [0.0, 2.0, 0.5])
-    assert torch.allclose(total, 2.0 * losses[1] + 0.5 * losses[2])
-    total.backward()
+    log_probs, inputs, reference, heads = per_exit_ctc()
+    out = MultiExitLoss(blank_index=0, exit_weights=[0.0, 2.0, 0.5])(log_probs, *inputs)
+    assert torch.allclose(out.total, 2.0 * reference[1] + 0.5 * reference[2], rtol=1e-6)
+    out.total.backward()
     assert heads.heads[0].weight.grad is None or heads.heads[0].weight.grad.abs().sum() == 0
     assert heads.heads[1].weight.grad.abs().sum() > 0
 
 
+def test_one_call_and_per_exit_ctc_agree():
+    log_probs, inputs, reference, _ = per_exit_ctc()
+    one_call = MultiExitLoss(blank_index=0, ctc="one_call")(log_probs, *inputs)
+    per_exit = MultiExitLoss(blank_index=0, ctc="per_exit")(log_probs, *inputs)
+    assert [float(x) for x in per_exit.per_exit] == [float(x) for x in reference]  # SpeechBrain's own calls
+    assert torch.allclose(one_call.total, per_exit.total, rtol=1e-6)
+
+
+def test_one_call_refuses_exits_of_different_frame_counts():
+    log_probs, inputs, _, _ = per_exit_ctc()
+    with pytest.raises(ValueError, match="per_exit"):
+        MultiExitLoss(blank_index=0)([log_probs[0], log_probs[1][:, :-2]], *inputs)
+
+
 def test_weight_count_must_match_exits():
-    losses, _ = per_exit_ctc()
-    with pytest.raises(ValueError, match="exit_loss_weights"):
-        multi_exit_loss(losses, [1.0, 1.0])
+    log_probs, inputs, _, _ = per_exit_ctc()
+    with pytest.raises(ValueError, match="exit_loss_weights: 2 weights for 3 exits"):
+        MultiExitLoss(blank_index=0, exit_weights=[1.0, 1.0])(log_probs, *inputs)
+
+
+@pytest.mark.parametrize("kwargs, key", [
+    ({"exit_weights": [1, -1]}, "exit_loss_weights"), ({"exit_weights": [0, 0]}, "exit_loss_weights"),
+    ({"ctc": "fast"}, "key .ctc. must be"), ({"ctc_weight": 1.5}, "ctc_weight"),
+    ({"label_smoothing": 1.0}, "label_smoothing"), ({"distillation_weight": -1}, "exit_distillation_weight"),
+    ({"distillation_from_epoch": 0}, "exit_distillation_from_epoch"), ({"blank_index": -1}, "blank_index"),
+])
+def test_bad_loss_options_name_the_key(kwargs, key):
+    with pytest.raises(ValueError, match=key):
+        MultiExitLoss(**{"blank_index": 0, **kwargs})
 
 
 def test_ctc_required_frames_counts_repeats():

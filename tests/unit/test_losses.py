@@ -1,8 +1,6 @@
 """One CTC call for all exits: the same losses and gradients as one SpeechBrain ctc_loss per exit;
 the optional self-distillation term."""
 
-import functools
-
 import speechbrain as sb
 import torch
 from speechbrain.dataio.batch import PaddedBatch
@@ -11,7 +9,7 @@ from speechbrain.nnet.losses import ctc_loss
 from speechbrain.processing.features import InputNormalization
 
 from earlyexit_brain.brain import EarlyExitCTCBrain
-from earlyexit_brain.losses import exit_distillation_loss, one_call_blank_index, stacked_ctc_losses
+from earlyexit_brain.losses import exit_distillation_loss, MultiExitLoss, stacked_ctc_losses
 from earlyexit_brain.models.conformer import CTCExitHeads, EarlyExitConformerEncoder
 
 
@@ -38,23 +36,19 @@ def test_stacked_losses_and_gradients_equal_per_exit_calls():
     assert torch.allclose(grad, ref_grad, rtol=1e-10, atol=1e-14)
 
 
-def test_one_call_only_for_speechbrain_ctc_with_the_mean_reduction():
-    assert one_call_blank_index(functools.partial(ctc_loss, blank_index=3)) == 3
-    assert one_call_blank_index(functools.partial(ctc_loss, blank_index=0, reduction="mean")) == 0
-    assert one_call_blank_index(functools.partial(ctc_loss, blank_index=0, reduction="batch")) is None
-    assert one_call_blank_index(functools.partial(ctc_loss, 0)) is None
-    assert one_call_blank_index(lambda *a: ctc_loss(*a, blank_index=0)) is None
-
-
-def brain_objective(ctc_cost, **extra_hparams):
-    """Loss, per-exit loss sums and parameter gradients of one training batch."""
+def brain_objective(ctc="one_call", epoch_counter=None, **loss_options):
+    """Loss, per-exit loss sums and parameter gradients of one training batch (in epoch 1 by default)."""
+    if epoch_counter is None:
+        epoch_counter = sb.utils.epoch_loop.EpochCounter(4)
+        epoch_counter.current = 1
     torch.manual_seed(0)
     enc = EarlyExitConformerEncoder(20, 3, 16, 2, 32, [1, 2, 3], kernel_size=3, dropout=0.0)
     heads = CTCExitHeads(16, 8, 3)
     brain = EarlyExitCTCBrain(
         modules={"encoder": enc, "ctc_heads": heads, "normalize": InputNormalization()},
-        hparams=dict(compute_features=Fbank(n_mels=20), blank_index=0, ctc_cost=ctc_cost,
-                     exit_loss_weights=[0.5, 1.0, 2.0], **extra_hparams),
+        hparams=dict(compute_features=Fbank(n_mels=20), blank_index=0,
+                     epoch_counter=epoch_counter,
+                     loss=MultiExitLoss(blank_index=0, exit_weights=[0.5, 1.0, 2.0], ctc=ctc, **loss_options)),
         run_opts={"device": "cpu"})
     brain.on_stage_start(sb.Stage.TRAIN)
     data = PaddedBatch([
@@ -69,9 +63,8 @@ def brain_objective(ctc_cost, **extra_hparams):
 
 
 def test_brain_objective_is_unchanged_by_the_single_call():
-    # a lambda is not recognised as SpeechBrain's ctc_loss: the per-exit calls of before
-    per_exit = brain_objective(lambda lp, tok, lens, tok_lens: ctc_loss(lp, tok, lens, tok_lens, blank_index=0))
-    one_call = brain_objective(functools.partial(ctc_loss, blank_index=0))
+    per_exit = brain_objective("per_exit")  # one SpeechBrain ctc_loss call per exit
+    one_call = brain_objective("one_call")
     assert torch.allclose(one_call[0], per_exit[0], rtol=1e-6, atol=0)
     assert len(one_call[1]) == 3 and all(abs(a - b) <= 1e-6 * abs(b) for a, b in zip(one_call[1], per_exit[1]))
     for g, g0 in zip(one_call[2], per_exit[2]):
@@ -99,10 +92,9 @@ def test_distillation_is_the_masked_mean_kl_from_the_last_exit():
 
 
 def test_brain_adds_the_weighted_distillation_only_when_asked():
-    ctc = functools.partial(ctc_loss, blank_index=0)
-    plain = brain_objective(ctc)
-    assert torch.equal(brain_objective(ctc, exit_distillation_weight=0.0)[0], plain[0])
-    half, one = (brain_objective(ctc, exit_distillation_weight=w) for w in (0.5, 1.0))
+    plain = brain_objective()
+    assert torch.equal(brain_objective(distillation_weight=0.0)[0], plain[0])
+    half, one = (brain_objective(distillation_weight=w) for w in (0.5, 1.0))
     assert one[1] == plain[1]  # the per-exit CTC losses logged are the CTC losses alone
     distill = one[0] - plain[0]
     assert distill > 0
@@ -111,11 +103,9 @@ def test_brain_adds_the_weighted_distillation_only_when_asked():
 
 
 def test_distillation_waits_for_its_first_epoch():
-    ctc = functools.partial(ctc_loss, blank_index=0)
-    plain = brain_objective(ctc)
+    plain = brain_objective()
     for epoch, applied in ((1, False), (2, True), (3, True)):
         counter = sb.utils.epoch_loop.EpochCounter(4)
         counter.current = epoch
-        loss = brain_objective(ctc, exit_distillation_weight=1.0, exit_distillation_from_epoch=2,
-                               epoch_counter=counter)[0]
+        loss = brain_objective(distillation_weight=1.0, distillation_from_epoch=2, epoch_counter=counter)[0]
         assert (loss > plain[0]) == applied and (loss == plain[0]) != applied

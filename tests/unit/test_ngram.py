@@ -5,7 +5,7 @@ import csv
 import pytest
 import torch
 
-from earlyexit_brain.decoding.ctc import CTCDecoder
+from earlyexit_brain.decoding.ctc import CTCDecoder, CTCDecodingOptions
 from earlyexit_brain.decoding.ngram import (FALLBACK_DISCOUNTS, adjusted_counts, arpa_text, build_ngram_lm,
                                             count_ngrams, discounts, prepare_recipe_lm)
 from tests.unit.tokenizer_helpers import char_tokenizer
@@ -131,8 +131,9 @@ def test_a_decoder_with_the_estimated_lm_prefers_known_words(tmp_path):
     log_probs = torch.log_softmax(logits, -1)
     lens = torch.ones(1)
     assert CTCDecoder("ctc_greedy", sp, vocab)(log_probs, lens) == ["THE CAP"]
-    assert CTCDecoder("ctc_beam", sp, vocab, beam_size=8)(log_probs, lens) == ["THE CAP"]
-    with_lm = CTCDecoder("ctc_beam", sp, vocab, beam_size=8, lm_path=str(lm), alpha=1.0, beta=0.0)
+    assert CTCDecoder("ctc_beam", sp, vocab, options=CTCDecodingOptions(beam_size=8))(log_probs, lens) == ["THE CAP"]
+    with_lm = CTCDecoder("ctc_beam", sp, vocab, options=CTCDecodingOptions(beam_size=8, lm_path=str(lm), alpha=1.0,
+                                                                            beta=0.0))
     assert with_lm.searcher.unigrams and "CAT" in with_lm.searcher.unigrams
     assert with_lm(log_probs, lens) == ["THE CAT"]
     with pytest.raises(ValueError, match="not a CTC decoder"):

@@ -1,6 +1,5 @@
 """Checkpoint averaging, waveform/feature augmentation hooks, absolute positions."""
 
-import functools
 
 import pytest
 import speechbrain as sb
@@ -11,10 +10,10 @@ from speechbrain.augment.time_domain import SpeedPerturb
 from speechbrain.dataio.batch import PaddedBatch
 from speechbrain.lobes.features import Fbank
 from speechbrain.lobes.models.transformer.Transformer import PositionalEncoding
-from speechbrain.nnet.losses import ctc_loss
 from speechbrain.processing.features import InputNormalization
 from speechbrain.utils.checkpoints import Checkpointer
 
+from earlyexit_brain.losses import MultiExitLoss
 from earlyexit_brain.brain import EarlyExitCTCBrain, load_average_of_best
 from earlyexit_brain.models.conformer import (CTCExitHeads, EarlyExitConformerEncoder,
                                               sinusoidal_positions)
@@ -43,8 +42,8 @@ def tiny_brain(wav_augment=None, fea_augment=None):
     enc = EarlyExitConformerEncoder(20, 2, 16, 2, 32, [1, 2], kernel_size=3)
     heads = CTCExitHeads(16, 8, 2)
     hparams = dict(compute_features=Fbank(n_mels=20), blank_index=0,
-                   ctc_cost=functools.partial(ctc_loss, blank_index=0),
-                   exit_loss_weights=None, wav_augment=wav_augment, fea_augment=fea_augment)
+                   epoch_counter=sb.utils.epoch_loop.EpochCounter(1), loss=MultiExitLoss(blank_index=0),
+                   wav_augment=wav_augment, fea_augment=fea_augment)
     return EarlyExitCTCBrain(modules={"encoder": enc, "ctc_heads": heads,
                                       "normalize": InputNormalization()},
                              hparams=hparams, run_opts={"device": "cpu"})
