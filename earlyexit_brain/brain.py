@@ -1,4 +1,4 @@
-"""SpeechBrain ``Brain`` subclasses for early-exit ASR.
+"""SpeechBrain ``Brain`` subclasses for early-exit ASR (one concept: the Brains and their hooks).
 
 :class:`EarlyExitCTCBrain` trains an encoder with one CTC head per exit using
 the multi-exit objective ``L = sum_k w_k * CTC_k`` (default ``w_k = 1``, the
@@ -8,15 +8,15 @@ exit on validation and test, per-exit alignment files at test time.
 
 import logging
 import os
-import random
 import time
 from typing import Dict, List, Optional, Sequence
 
-import numpy as np
 import speechbrain as sb
 import torch
-from speechbrain.utils.checkpoints import (average_checkpoints, mark_as_loader, mark_as_saver,
-                                          register_checkpoint_hooks)
+
+# RandomState and TrainClock moved to checkpoints.py; the names stay here for the hyperparams.yaml
+# of experiments made before (their YAML builds earlyexit_brain.brain.TrainClock)
+from .checkpoints import load_average_of_best, RandomState, TrainClock  # noqa: F401
 
 from .decoding.ctc import CTC_DECODERS, CTCDecoder, CTCDecodingOptions
 from .models.decoders import add_bos_eos
@@ -24,78 +24,6 @@ from .decoding.attention import AEDSearchOptions, make_aed_searcher
 from .utils import tokenizer_pieces, tokens_to_text, uses_decoders
 
 logger = logging.getLogger(__name__)
-
-
-@register_checkpoint_hooks
-class TrainClock:
-    """Training wall-clock seconds, saved in checkpoints so resumed runs add up."""
-
-    def __init__(self):
-        self.seconds = 0.0
-
-    @mark_as_saver
-    def _save(self, path):
-        with open(path, "w") as fout:
-            fout.write(repr(float(self.seconds)))
-
-    @mark_as_loader
-    def _load(self, path, end_of_epoch=False):
-        with open(path) as fin:
-            self.seconds = float(fin.read())
-
-
-@register_checkpoint_hooks
-class RandomState:
-    """The Python, NumPy and torch (CPU and CUDA) random states, saved in checkpoints.
-
-    With it a run resumed from a checkpoint draws the same dropout masks and
-    augmentations as the uninterrupted run would have from that point (the
-    training loader draws from its own generator, see ``dataio_prepare``).
-    """
-
-    @mark_as_saver
-    def _save(self, path):
-        version, words, gauss = random.getstate()
-        name, keys, pos, has_gauss, cached = np.random.get_state()
-        state = {"python": [version, list(words), gauss],
-                 "numpy": [name, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss),
-                           float(cached)],
-                 "torch": torch.get_rng_state(),
-                 "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
-        torch.save(state, path)
-
-    @mark_as_loader
-    def _load(self, path, end_of_epoch=False):
-        state = torch.load(path, weights_only=True)
-        version, words, gauss = state["python"]
-        random.setstate((version, tuple(words), gauss))
-        name, keys, pos, has_gauss, cached = state["numpy"]
-        np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
-        torch.set_rng_state(state["torch"])
-        if state["cuda"] and torch.cuda.is_available() and len(state["cuda"]) == torch.cuda.device_count():
-            torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def load_average_of_best(checkpointer, model: torch.nn.Module, n: int,
-                         min_key: Optional[str] = None, max_key: Optional[str] = None,
-                         recoverable: str = "model") -> List:
-    """Load into ``model`` the average of the best ``n`` checkpoints' parameters.
-
-    The checkpoints are ranked by ``min_key``/``max_key`` (their meta, e.g. the
-    dev WER) with SpeechBrain's ``Checkpointer.find_checkpoints``, and averaged
-    with ``speechbrain.utils.checkpoints.average_checkpoints`` (parameters and
-    buffers of the ``recoverable`` named ``model``). With ``n == 1``, or when
-    only one checkpoint exists, that checkpoint is loaded as it is. Returns the
-    checkpoints used (best first); an empty list when there is none.
-    """
-    if n < 1:
-        raise ValueError(f"avg_checkpoints: must be >= 1, got {n}")
-    ckpts = checkpointer.find_checkpoints(min_key=min_key, max_key=max_key, max_num_checkpoints=n)
-    if not ckpts:
-        return []
-    state = average_checkpoints(ckpts, recoverable_name=recoverable)
-    model.load_state_dict(state, strict=True)
-    return ckpts
 
 
 class EarlyExitCTCBrain(sb.Brain):

@@ -200,6 +200,6 @@ def dataio_prepare(hparams: Dict, tokenizer, encoder) -> Tuple[DynamicItemDatase
                            "shuffle": sorting == "random"}
     # The training loader draws its iterators' seeds from its own generator, not from the
     # global one, so that a run resumed from a checkpoint (which restores the global random
-    # state, see brain.RandomState) draws the same dropout masks as the uninterrupted run.
+    # state, see checkpoints.RandomState) draws the same dropout masks as the uninterrupted run.
     loader["train"]["generator"] = torch.Generator().manual_seed(int(hparams["seed"]))
     return train, valid, tests, loader

@@ -14,7 +14,8 @@ from speechbrain.processing.features import InputNormalization
 from speechbrain.utils.checkpoints import Checkpointer
 
 from earlyexit_brain.losses import MultiExitLoss
-from earlyexit_brain.brain import EarlyExitCTCBrain, load_average_of_best
+from earlyexit_brain.brain import EarlyExitCTCBrain
+from earlyexit_brain.checkpoints import load_average_of_best
 from earlyexit_brain.models.conformer import (CTCExitHeads, EarlyExitConformerEncoder,
                                               sinusoidal_positions)
 
@@ -99,7 +100,7 @@ def test_absolute_positions_for_regular_attention():
 def test_training_clock_counts_every_batch_not_only_whole_epochs():
     import time
 
-    from earlyexit_brain.brain import TrainClock
+    from earlyexit_brain.checkpoints import TrainClock
 
     brain = tiny_brain()
     brain.hparams.train_clock = clock = TrainClock()
