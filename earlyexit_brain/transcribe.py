@@ -5,9 +5,14 @@ Usage::
     python -m earlyexit_brain.transcribe MODEL AUDIO [AUDIO ...]
         [--exit K | --policy NAME [--threshold T] | --budget-ms MS]
         [--savedir DIR] [--device cpu|cuda] [--trust-remote-code]
+        [--threads N] [--precision fp32|int8]
 
 ``MODEL`` is an inference folder (``<experiment>/inference``, a published
-folder) or a Hugging Face Hub id ``OWNER/NAME``. Without ``--exit``,
+folder), a Hugging Face Hub id ``OWNER/NAME`` or an ONNX export (``onnx/``
+written by recipes/export.py, run by :class:`~earlyexit_brain.runtime.EarlyExitONNX`
+with ``--threads`` onnxruntime threads and ``--precision``; greedy CTC decoding,
+on the CPU; ``python -m earlyexit_brain.runtime`` is the same command without
+PyTorch). Without ``--exit``,
 ``--policy`` or ``--budget-ms`` the model's stored default policy is used.
 Prints one tab-separated line per file: the path, the exit used (and encoder
 layers computed), the time in milliseconds and the text. A file that cannot be
@@ -28,6 +33,7 @@ from .decoding.ctc import CTC_DECODERS
 from .policies import POLICY_NAMES
 from .config import check_device
 from .inference import EarlyExitASR
+from .runtime import EarlyExitONNX, is_onnx_folder
 
 
 def parse_args(argv):
@@ -49,6 +55,10 @@ def parse_args(argv):
     parser.add_argument("--device", default="cpu", help="torch device (default cpu)")
     parser.add_argument("--trust-remote-code", action="store_true",
                         help="load a hyperparams.yaml that uses code outside the allowlist")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="ONNX folders: onnxruntime threads (default: one per physical core)")
+    parser.add_argument("--precision", choices=["fp32", "int8"], default="fp32",
+                        help="ONNX folders: the graphs to run (int8 when exported with --int8)")
     args = parser.parse_args(argv)
     if args.threshold is not None and args.policy is None:
         parser.error("--threshold needs --policy")
@@ -60,11 +70,18 @@ def main(argv=None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("speechbrain").setLevel(logging.WARNING)  # no per-file fetch messages
 
+    onnx = is_onnx_folder(args.model)
     try:
-        check_device(args.device)
-        asr = EarlyExitASR.from_hparams(source=args.model, savedir=args.savedir,
-                                        run_opts={"device": args.device},
-                                        trust_remote_code=args.trust_remote_code)
+        if onnx:
+            if args.decoder not in (None, "ctc_greedy") or args.device != "cpu":
+                raise ValueError("an ONNX folder decodes greedily on the CPU (no --decoder ctc_beam, "
+                                 "no --device)")
+            asr = EarlyExitONNX.from_folder(args.model, threads=args.threads, precision=args.precision)
+        else:
+            check_device(args.device)
+            asr = EarlyExitASR.from_hparams(source=args.model, savedir=args.savedir,
+                                            run_opts={"device": args.device},
+                                            trust_remote_code=args.trust_remote_code)
         if args.budget_ms is not None:
             policy = asr.make_policy("budget", threshold=args.budget_ms)
         else:
@@ -78,7 +95,7 @@ def main(argv=None) -> int:
     for path in bar:
         start = time.perf_counter()
         try:
-            result = asr.transcribe_file(path, policy=policy, decoder=args.decoder)
+            result = asr.transcribe_file(path, policy=policy, **({} if onnx else {"decoder": args.decoder}))
         except ValueError as err:
             failed += 1
             tqdm.write(f"Error: {err}", file=sys.stderr)

@@ -11,13 +11,13 @@ ROOT = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.absp
 LAYERS = [
     ["earlyexit_brain", "earlyexit_brain.utils", "earlyexit_brain.options", "earlyexit_brain.files",
      "earlyexit_brain.safe_load",
-     "earlyexit_brain.records", "earlyexit_brain.checkpoints"],
+     "earlyexit_brain.records", "earlyexit_brain.checkpoints", "earlyexit_brain.runtime"],
     ["earlyexit_brain.data", "earlyexit_brain.audio_check", "earlyexit_brain.dataio"],
     ["earlyexit_brain.models"],
     ["earlyexit_brain.losses", "earlyexit_brain.decoding"],
     ["earlyexit_brain.latency", "earlyexit_brain.policies", "earlyexit_brain.dynamic"],
     ["earlyexit_brain.brain", "earlyexit_brain.inference", "earlyexit_brain.export",
-     "earlyexit_brain.report", "earlyexit_brain.evaluation"],
+     "earlyexit_brain.report", "earlyexit_brain.evaluation", "earlyexit_brain.onnx_export"],
     ["earlyexit_brain.config", "earlyexit_brain.experiment", "earlyexit_brain.hub",
      "earlyexit_brain.transcribe"],
 ]

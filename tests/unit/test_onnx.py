@@ -1,0 +1,314 @@
+"""ONNX export of the exits and the runtime without PyTorch (earlyexit_brain.onnx_export,
+earlyexit_brain.runtime): the smoke model of conftest.py exported once for the module."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import onnx
+import pytest
+import torch
+import torchaudio
+
+from earlyexit_brain import transcribe
+from earlyexit_brain.files import NotOurFolderError
+from earlyexit_brain.onnx_export import (check_agreement, ExportMismatchError, export_onnx_folder,
+                                         runtime_default_policy, torch_exit_log_probs)
+from earlyexit_brain.policies import EntropyPolicy, GreedyPosteriorPolicy
+from earlyexit_brain.runtime import EarlyExitONNX
+from earlyexit_brain.runtime.audio import resample
+from earlyexit_brain.runtime.model import sha256_file
+from earlyexit_brain.runtime.policies import (entropy_score, greedy_posterior_score, RuntimeLatencyTable,
+                                              RuntimePolicy)
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+@pytest.fixture(scope="module")
+def onnx_folder(folder):
+    return export_onnx_folder(folder, os.path.join(os.path.dirname(folder), "onnx"), int8=True,
+                              latency_durations=(0.5, 1.0), latency_repeats=1)
+
+
+@pytest.fixture(scope="module")
+def runtime(onnx_folder):
+    return EarlyExitONNX.from_folder(onnx_folder, threads=1)
+
+
+def copy_of(onnx_folder, tmp_path):
+    dest = tmp_path / "onnx"
+    shutil.copytree(onnx_folder, dest)
+    return dest
+
+
+def rewrite_sha(folder, name):
+    path = os.path.join(folder, "manifest.json")
+    manifest = json.load(open(path))
+    manifest["files"][name] = sha256_file(os.path.join(folder, name))
+    json.dump(manifest, open(path, "w"))
+
+
+# ---------------------------------------------------------------- export
+def test_manifest_lists_exits_graphs_and_every_file(onnx_folder, asr):
+    manifest = json.load(open(os.path.join(onnx_folder, "manifest.json")))
+    assert manifest["exit_layers"] == [2, 4, 6] and manifest["opset"] == 18
+    import onnxruntime
+    assert manifest["onnxruntime_version"] == onnxruntime.__version__
+    fp32 = manifest["precisions"]["fp32"]
+    assert [s["layers"] for s in fp32["segments"]] == [[1, 2], [3, 4], [5, 6]]
+    assert [i["name"] for i in fp32["front"]["inputs"]] == ["wavs", "wav_lens"]
+    assert [i["name"] for i in fp32["segments"][0]["inputs"]] == ["x", "frames", "pos_embs"]
+    assert fp32["front"]["inputs"][0]["shape"] == ["batch", "samples"]  # dynamic batch and length
+    assert fp32["heads"][0]["outputs"][0]["shape"][0] == "batch"
+    on_disk = {os.path.relpath(os.path.join(r, n), onnx_folder) for r, _, names in os.walk(onnx_folder)
+               for n in names if not n.startswith(".")} - {"manifest.json"}
+    assert set(manifest["files"]) == on_disk
+    assert all(sha256_file(os.path.join(onnx_folder, n)) == h for n, h in manifest["files"].items())
+    assert {"int8/segment_3.onnx", "tokenizer.model", "policies.json", "fp32/latency_table.json"} <= on_disk
+    assert json.load(open(os.path.join(onnx_folder, "policies.json"))) == asr.policies_config
+
+
+def test_fp32_agrees_with_pytorch_at_every_exit(onnx_folder, runtime, asr, audio):
+    manifest = json.load(open(os.path.join(onnx_folder, "manifest.json")))
+    assert max(manifest["precisions"]["fp32"]["agreement"]["max_abs_diff"]) <= manifest["tolerance"]
+    signals = [runtime.load_checked(audio[name]) for name in ("a", "b", "stereo8k")]
+    longest = max(map(len, signals))
+    wavs = np.stack([np.pad(s, (0, longest - len(s))) for s in signals])
+    lens = np.array([len(s) / longest for s in signals], np.float32)
+    ours, ref = runtime.exit_log_probs(wavs, lens), torch_exit_log_probs(asr.model, wavs, lens)
+    for k in range(3):
+        assert ours[k].shape == ref[k].shape
+        assert np.abs(ours[k] - ref[k]).max() < 1e-3, f"exit {k + 1}"
+    for name in ("a", "b", "stereo8k"):
+        for k in (1, 2, 3):
+            mine, theirs = runtime.transcribe_file(audio[name], exit=k), asr.transcribe_file(audio[name], exit=k)
+            assert (mine.text, mine.exit, mine.layers) == (theirs.text, theirs.exit, theirs.layers)
+
+
+def test_policies_give_the_exits_and_texts_of_pytorch(runtime, asr, audio):
+    files = [audio["a"], audio["b"], audio["stereo8k"]]
+    for policy, threshold in (("entropy", 0.99), ("entropy", 0.9999), ("posterior_greedy", 0.05),
+                              ("posterior_greedy", 0.99), (None, None)):
+        ours = runtime.transcribe_files(files, policy=policy, threshold=threshold)
+        theirs = asr.transcribe_files(files, policy=policy, threshold=threshold)
+        assert [(r.text, r.exit) for r in ours] == [(r.text, r.exit) for r in theirs], policy
+
+
+def test_budget_uses_the_latency_table_measured_in_the_runtime(onnx_folder, audio):
+    runtime = EarlyExitONNX.from_folder(onnx_folder, threads=1)
+    measured = json.load(open(os.path.join(onnx_folder, "fp32", "latency_table.json")))
+    assert [p["seconds"] for p in measured["points"]] == [0.5, 1.0] and measured["device"] == "cpu:onnxruntime"
+    assert runtime.latency_table.intercept_ms == measured["intercept_ms"]
+    runtime.latency_table = RuntimeLatencyTable([1.0, 2.0, 3.0], [1.0, 2.0, 3.0])  # a 1.2 s file: 2.2, 4.4, 6.6 ms
+    for budget, exit in ((1e9, 3), (5.0, 2), (4.0, 1), (1e-6, 1)):
+        assert runtime.transcribe_file(audio["a"], policy="budget", threshold=budget).exit == exit
+    runtime.runs = {"front": 0, "segments": [0, 0, 0], "heads": [0, 0, 0]}
+    runtime.transcribe_file(audio["a"], policy="budget", threshold=5.0)
+    assert runtime.runs["segments"] == [1, 1, 0] and runtime.runs["heads"] == [0, 1, 0]
+
+
+def test_numpy_scores_equal_the_pytorch_policies():
+    gen = torch.Generator().manual_seed(0)
+    log_probs = torch.log_softmax(3 * torch.randn(3, 11, 7, generator=gen), -1)
+    lengths = torch.tensor([1.0, 0.55, 0.1])
+    frames = np.array([11, 6, 1])
+    np.testing.assert_allclose(entropy_score(log_probs.numpy(), frames),
+                               EntropyPolicy(0.5).score(log_probs, lengths).numpy(), rtol=1e-5)
+    np.testing.assert_allclose(entropy_score(log_probs.numpy(), frames, normalize=False),
+                               EntropyPolicy(0.5, normalize=False).score(log_probs, lengths).numpy(), rtol=1e-5)
+    for form in ("mean", "geometric"):
+        np.testing.assert_allclose(greedy_posterior_score(log_probs.numpy(), frames, form),
+                                   GreedyPosteriorPolicy(0.5, form).score(log_probs, lengths).numpy(), rtol=1e-5)
+
+
+def test_int8_runs_and_is_smaller(onnx_folder, audio):
+    manifest = json.load(open(os.path.join(onnx_folder, "manifest.json")))
+    size = {p: sum(os.path.getsize(os.path.join(onnx_folder, n)) for n in manifest["files"]
+                   if n.startswith(p + "/") and n.endswith(".onnx")) for p in ("fp32", "int8")}
+    assert size["int8"] < 0.8 * size["fp32"]
+    int8 = EarlyExitONNX.from_folder(onnx_folder, threads=1, precision="int8")
+    result = int8.transcribe_file(audio["a"], exit=3)
+    assert result.exit == 3 and isinstance(result.text, str)
+    assert len(manifest["precisions"]["int8"]["agreement"]["max_abs_diff"]) == 3
+
+
+def test_export_refuses_a_mismatch_naming_the_exit(onnx_folder):
+    agreement = json.load(open(os.path.join(onnx_folder, "manifest.json")))["precisions"]["fp32"]["agreement"]
+    check_agreement(agreement, 1e-3, [2, 4, 6])
+    with pytest.raises(ExportMismatchError, match=r"exit 1 \(layer 2\).*differ by up to"):
+        check_agreement(agreement, 1e-12, [2, 4, 6])
+
+
+def test_default_policy_falls_back_when_the_runtime_lacks_it():
+    policies = {"default": {"policy": "posterior", "threshold": 0.9}, "thresholds": {"posterior_greedy": 0.7}}
+    assert runtime_default_policy(policies, 3)["policy"] == "posterior_greedy"
+    assert runtime_default_policy({"default": {"policy": "posterior"}}, 3)["exit"] == 3
+    assert runtime_default_policy({}, 2) == {"policy": "fixed", "exit": 2}
+
+
+# ---------------------------------------------------------------- dynamic inference
+def test_segments_above_the_deepest_needed_exit_never_run(onnx_folder):
+    runtime = EarlyExitONNX.from_folder(onnx_folder, threads=1)
+    wavs = np.stack([0.3 * np.sin(np.arange(20000) * f) for f in (0.01, 0.03)]).astype(np.float32)
+    for exit, segments, heads in ((1, [1, 0, 0], [1, 0, 0]), (2, [1, 1, 0], [0, 1, 0]), (3, [1, 1, 1], [0, 0, 1])):
+        runtime.runs = {"front": 0, "segments": [0, 0, 0], "heads": [0, 0, 0]}
+        assert [r.exit for r in runtime.transcribe_batch(wavs, exit=exit)] == [exit, exit]
+        assert runtime.runs == {"front": 1, "segments": segments, "heads": heads}
+
+
+class StopRowZeroFirst(RuntimePolicy):
+    """Stops the batch's first row at exit 1 and the other at the last exit; records batch sizes."""
+
+    def __init__(self):
+        super().__init__("entropy", 0.0)
+        self.seen = []
+
+    def __call__(self, exit_index, log_probs, frames):
+        self.seen.append(log_probs.shape[:2])
+        return np.array([exit_index == 0 and len(self.seen) == 1 and i == 0 for i in range(len(log_probs))])
+
+
+def test_stopped_utterances_leave_the_batch(onnx_folder):
+    runtime = EarlyExitONNX.from_folder(onnx_folder, threads=1)
+    wavs = np.zeros((2, 24000), np.float32)
+    wavs[0] = 0.3 * np.sin(np.arange(24000) * 0.02)
+    wavs[1, :16000] = 0.3 * np.sin(np.arange(16000) * 0.05)
+    lens = np.array([1.0, 16000 / 24000], np.float32)
+    policy = StopRowZeroFirst()
+    results = runtime.transcribe_batch(wavs, lens, policy=policy)
+    assert [(r.exit, r.layers) for r in results] == [(1, 2), (3, 6)]
+    assert policy.seen[0][0] == 2 and policy.seen[1][0] == 1  # exit 2 saw only the second row
+    assert policy.seen[1][1] < policy.seen[0][1]  # ... cut to its own frames
+    alone = runtime.transcribe_batch(wavs[1:, :16000], exit=3)[0]
+    assert results[1].text == alone.text
+
+
+# ---------------------------------------------------------------- without PyTorch
+BLOCKER = """
+import importlib.abc, sys
+BLOCKED = ("torch", "torchaudio", "speechbrain", "transformers")
+class Block(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in BLOCKED:
+            raise ImportError(f"blocked import of {name}")
+sys.meta_path.insert(0, Block())
+"""
+
+
+def test_the_runtime_runs_with_torch_blocked(onnx_folder, audio):
+    code = BLOCKER + f"""
+import json, runpy
+from earlyexit_brain.runtime import EarlyExitONNX
+asr = EarlyExitONNX.from_folder({onnx_folder!r}, threads=1)
+r = asr.transcribe_file({audio["stereo8k"]!r}, policy="entropy")
+bad = asr.transcribe_files([{audio["a"]!r}, {audio["silent"]!r}])
+print(json.dumps({{"exit": r.exit, "text": r.text, "errors": [b.error is not None for b in bad],
+                  "loaded": sorted(m for m in sys.modules if m.split(".")[0] in BLOCKED)}}))
+sys.argv = ["x", {onnx_folder!r}, {audio["a"]!r}, "--exit", "2", "--threads", "1"]
+runpy.run_module("earlyexit_brain.runtime", run_name="__main__")
+"""
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.strip().splitlines()
+    result = json.loads(lines[0])
+    assert result["loaded"] == [] and result["exit"] in (1, 2, 3) and result["errors"] == [False, True]
+    assert "exit 2 (4 layers)" in lines[1]
+
+
+# ---------------------------------------------------------------- bad inputs
+def test_a_changed_file_is_refused_by_its_sha256(onnx_folder, tmp_path):
+    dest = copy_of(onnx_folder, tmp_path)
+    with open(dest / "policies.json", "a") as fout:
+        fout.write(" ")
+    with pytest.raises(ValueError, match=r"policies.json: sha256 .* does not match manifest.json"):
+        EarlyExitONNX.from_folder(dest)
+    os.remove(dest / "fp32" / "head_2.onnx")
+    with pytest.raises(ValueError, match=r"head_2.onnx: missing"):
+        EarlyExitONNX.from_folder(dest)
+
+
+def test_a_corrupted_graph_or_an_unknown_opset_is_named(onnx_folder, tmp_path):
+    dest = copy_of(onnx_folder, tmp_path)
+    data = open(dest / "fp32" / "segment_2.onnx", "rb").read()
+    open(dest / "fp32" / "segment_2.onnx", "wb").write(data[: len(data) // 2])
+    rewrite_sha(dest, "fp32/segment_2.onnx")
+    with pytest.raises(ValueError, match=r"segment_2.onnx: onnxruntime .* cannot load it"):
+        EarlyExitONNX.from_folder(dest)
+    shutil.copyfile(os.path.join(onnx_folder, "fp32", "segment_2.onnx"), dest / "fp32" / "segment_2.onnx")
+    rewrite_sha(dest, "fp32/segment_2.onnx")
+    model = onnx.load(str(dest / "fp32" / "head_1.onnx"))
+    model.opset_import[0].version = 99
+    onnx.save(model, str(dest / "fp32" / "head_1.onnx"))
+    rewrite_sha(dest, "fp32/head_1.onnx")
+    with pytest.raises(ValueError, match=r"head_1.onnx: onnxruntime .* cannot load it.*[Oo]pset 99"):
+        EarlyExitONNX.from_folder(dest)
+
+
+def test_folder_and_argument_errors(onnx_folder, runtime, tmp_path):
+    with pytest.raises(ValueError, match="not an ONNX export"):
+        EarlyExitONNX.from_folder(tmp_path)
+    with pytest.raises(ValueError, match="precision"):
+        EarlyExitONNX.from_folder(onnx_folder, precision="int4")
+    with pytest.raises(ValueError, match="threads"):
+        EarlyExitONNX.from_folder(onnx_folder, threads=0)
+    with pytest.raises(ValueError, match="posterior_greedy"):
+        runtime.make_policy("posterior")
+    with pytest.raises(ValueError, match="threshold: give policy="):
+        runtime.make_policy(threshold=0.5)
+    with pytest.raises(ValueError, match="exit: the model has exits 1..3"):
+        runtime.make_policy(exit=4)
+
+
+def test_bad_audio_is_named_and_the_rest_transcribed(runtime, asr, audio):
+    for name, why in (("empty", "empty"), ("silent", "silent"), ("zero_bytes", "cannot be decoded"),
+                      ("garbage", "cannot be decoded"), ("missing", "no such audio file")):
+        with pytest.raises(ValueError, match=why) as err:
+            runtime.transcribe_file(audio[name])
+        assert audio[name] in str(err.value)
+    files = [audio["a"], audio["garbage"], audio["b"]]
+    results = runtime.transcribe_files(files, exit=2)
+    assert results[1].text is None and audio["garbage"] in results[1].error
+    assert [r.text for r in results] == [r.text for r in asr.transcribe_files(files, exit=2)]
+    wavs = np.zeros((3, 16000), np.float32)
+    wavs[0] = 0.3 * np.sin(np.arange(16000) * 0.02)
+    wavs[2, 0] = np.nan
+    rows = runtime.transcribe_batch(wavs, np.array([1.0, 0.0, 1.0]), exit=1)
+    assert rows[0].text is not None and "empty" in rows[1].error and "NaN" in rows[2].error
+
+
+def test_resampling_equals_torchaudio():
+    rng = np.random.default_rng(1)
+    for orig in (8000, 22050, 44100):
+        x = (0.3 * rng.standard_normal((orig + 123, 2))).astype(np.float32)
+        ref = torchaudio.transforms.Resample(orig, 16000)(torch.from_numpy(x.T.copy())).numpy().T
+        np.testing.assert_allclose(resample(x, orig, 16000), ref, atol=1e-5)
+
+
+def test_export_source_and_destination_errors(folder, tmp_path):
+    partial = tmp_path / "inference"
+    shutil.copytree(folder, partial)
+    os.remove(partial / "tokenizer.ckpt")
+    with pytest.raises(ValueError, match=r"tokenizer.ckpt: missing; the inference folder has no tokenizer"):
+        export_onnx_folder(str(partial))
+    os.remove(partial / "model.ckpt")
+    with pytest.raises(ValueError, match=r"model.ckpt: missing; the inference folder has no weights"):
+        export_onnx_folder(str(partial))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match="neither an inference folder"):
+        export_onnx_folder(str(tmp_path / "empty"))
+    theirs = tmp_path / "theirs"
+    theirs.mkdir()
+    (theirs / "notes.txt").write_text("mine")
+    with pytest.raises(NotOurFolderError, match="--out"):
+        export_onnx_folder(folder, str(theirs))
+    assert (theirs / "notes.txt").read_text() == "mine"
+
+
+def test_transcribe_command_takes_an_onnx_folder(onnx_folder, audio, capsys):
+    code = transcribe.main([onnx_folder, audio["a"], audio["missing"], "--exit", "1", "--threads", "1"])
+    out, err = capsys.readouterr()
+    assert code == 1 and "exit 1 (2 layers)" in out and audio["missing"] in err
+    assert transcribe.main([onnx_folder, audio["a"], "--decoder", "ctc_beam"]) == 2
