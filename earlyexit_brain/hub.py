@@ -30,6 +30,8 @@ from .report import report_markdown
 from .files import OWNER_MARKER, atomic_folder, atomic_write_text
 from .audio_check import read_utterance, row_segment
 from .inference import EarlyExitASR
+from .onnx_export import export_onnx_folder
+from .runtime import EarlyExitONNX, is_onnx_folder
 from .utils import looks_like_repo_id
 
 logger = logging.getLogger(__name__)
@@ -39,6 +41,7 @@ MODEL_FILES = ("hyperparams.yaml", "model.ckpt", "normalizer.ckpt", "tokenizer.c
                "exit_policies.ckpt", "latency_table.ckpt")
 EXAMPLE_FILE = "example.wav"
 PLOT_FILE = "wer_vs_compute.png"
+ONNX_FOLDER = "onnx"  # the ONNX export (fp32 and int8) for the runtime without PyTorch, with --onnx
 MAX_EXAMPLE_SECONDS = 10.0
 OPTIONAL_FILES = ("ngram_lm.ckpt",)  # the n-gram of models decoded with ctc_beam or a fused aed_beam
 
@@ -253,7 +256,7 @@ asr = EncoderASR.from_hparams(source="{repo_id}", savedir="pretrained_models/{na
 asr.transcribe_file("example.wav")
 ```
 
-## Results
+{onnx_section}## Results
 
 {tables}
 
@@ -266,7 +269,7 @@ asr.transcribe_file("example.wav")
 (calibrated thresholds), `latency_table.ckpt` (per-exit latency measured on the training machine;
 re-measure it on yours for the `budget` policy), `ngram_lm.ckpt` when the model decodes with CTC
 beam search and a word n-gram, or fuses one into its attention search (ARPA text), `report.json`
-(every figure above), `example.wav`.
+(every figure above), `example.wav`{onnx_files}.
 
 Published with earlyexit_brain {version}.
 """
@@ -279,9 +282,26 @@ def encoder_kind(hparams: Dict) -> Tuple[str, str]:
     return ("Conformer encoder", "conformer")
 
 
+ONNX_SECTION = """## Without PyTorch (ONNX)
+
+`onnx/` holds the model as ONNX graphs, fp32 and int8 (the front end, one graph per encoder
+segment between exits, one per exit head), for onnxruntime with numpy, sentencepiece and
+soundfile only; decoding is greedy CTC (no beam search or n-gram LM):
+
+```python
+# EARLYEXIT_BRAIN_RUNTIME_ONLY=1 pip install "earlyexit_brain[runtime]"
+from earlyexit_brain.runtime import EarlyExitONNX
+
+asr = EarlyExitONNX.from_folder("onnx", threads=2)         # precision="int8" for the int8 graphs
+asr.transcribe_file("example.wav", policy="entropy")
+```
+
+"""
+
+
 def build_model_card(report: Dict, repo_id: str, dataset: Tuple[str, str], policies: Dict,
                      license: str = "apache-2.0", language: str = "en", with_plot: bool = True,
-                     encoder: Tuple[str, str] = ("Conformer encoder", "conformer")):
+                     encoder: Tuple[str, str] = ("Conformer encoder", "conformer"), with_onnx: bool = False):
     """The model card (huggingface_hub ``ModelCard``) with a model-index of every exit's WER."""
     from huggingface_hub import ModelCard, ModelCardData
 
@@ -305,6 +325,9 @@ def build_model_card(report: Dict, repo_id: str, dataset: Tuple[str, str], polic
         dataset_name=dataset[1], repo_id=repo_id, name=name, default=default_text,
         default_exit=default.get("exit") or len(report["exits"]), tables=tables,
         plot=PLOT_FILE if with_plot else "", version=__version__,
+        onnx_section=ONNX_SECTION if with_onnx else "",
+        onnx_files=(", `onnx/` (the ONNX export: `manifest.json` lists every file with its sha256)"
+                    if with_onnx else ""),
     )
     if not with_plot:
         body = body.replace("![WER against the average number of encoder layers computed]()\n", "")
@@ -312,8 +335,12 @@ def build_model_card(report: Dict, repo_id: str, dataset: Tuple[str, str], polic
 
 
 def build_hub_folder(experiment: str, out: str, repo_id: str, license: str = "apache-2.0",
-                     language: str = "en", example: Optional[str] = None) -> str:
+                     language: str = "en", example: Optional[str] = None, onnx: bool = False) -> str:
     """Build the Hub folder for ``experiment`` at ``out``; returns ``out``.
+
+    With ``onnx``, the folder gets ``onnx/``: the experiment's ONNX export when it has one
+    with fp32 and int8 graphs (``recipes/export.py --int8``), else one exported now
+    (:func:`~earlyexit_brain.onnx_export.export_onnx_folder`, checked against PyTorch).
 
     ``out`` is replaced atomically, and only if it is absent, empty or a Hub folder this
     function built (:func:`~earlyexit_brain.files.atomic_folder`): ``--out .`` or any
@@ -352,18 +379,39 @@ def build_hub_folder(experiment: str, out: str, repo_id: str, license: str = "ap
                 "corpus": dataset[1],
             },
         }
+        if onnx:
+            add_onnx_folder(experiment, exp["inference"], os.path.join(tmp, ONNX_FOLDER))
+            config["earlyexit_brain"]["onnx"] = {"folder": ONNX_FOLDER, "precisions": ["fp32", "int8"],
+                                                 "interface": "earlyexit_brain.runtime.EarlyExitONNX"}
         atomic_write_text(os.path.join(tmp, "config.json"), json.dumps(config, indent=2) + "\n")
         card = build_model_card(report, repo_id, dataset, policies, license, language,
-                                with_plot=os.path.isfile(plot), encoder=encoder_kind(exp["hparams"]))
+                                with_plot=os.path.isfile(plot), encoder=encoder_kind(exp["hparams"]),
+                                with_onnx=onnx)
         atomic_write_text(os.path.join(tmp, "README.md"), str(card))
     return out
 
 
-def validate_hub_folder(folder: str) -> Dict[str, str]:
-    """Load ``folder`` with EarlyExitASR and stock EncoderASR and transcribe the example.
+def add_onnx_folder(experiment: str, inference: str, dest: str):
+    """Copy the experiment's ONNX export (fp32 and int8) to ``dest``, or export one there."""
+    source = os.path.join(experiment, ONNX_FOLDER)
+    if is_onnx_folder(source):
+        with open(os.path.join(source, "manifest.json")) as fin:
+            precisions = set(json.load(fin).get("precisions", {}))
+        if {"fp32", "int8"} <= precisions:
+            shutil.copytree(source, dest, ignore=shutil.ignore_patterns(OWNER_MARKER))
+            return
+        logger.info("%s has no int8 graphs: exporting the model again", source)
+    export_onnx_folder(inference, dest, int8=True)
+    os.remove(os.path.join(dest, OWNER_MARKER))  # the Hub folder's marker covers it
 
-    Returns ``{"earlyexit_brain": text, "encoder_asr": text}``; raises
-    :class:`PublishError` naming the step that failed.
+
+def validate_hub_folder(folder: str) -> Dict[str, str]:
+    """Load ``folder`` with EarlyExitASR and stock EncoderASR and transcribe the example; with
+    an ``onnx/`` folder, also load it with the runtime (fp32 and int8) and transcribe the
+    example at every exit.
+
+    Returns ``{"earlyexit_brain": text, "encoder_asr": text}`` (and ``onnx_fp32``,
+    ``onnx_int8``); raises :class:`PublishError` naming the step that failed.
     """
     from speechbrain.inference.ASR import EncoderASR
 
@@ -389,6 +437,17 @@ def validate_hub_folder(folder: str) -> Dict[str, str]:
         except Exception as err:
             raise PublishError(f"{folder}: SpeechBrain's EncoderASR could not load the folder and "
                                f"transcribe {EXAMPLE_FILE}: {type(err).__name__}: {err}") from err
+    onnx = os.path.join(folder, ONNX_FOLDER)
+    if os.path.isdir(onnx):
+        for precision in ("fp32", "int8"):
+            try:
+                runtime = EarlyExitONNX.from_folder(onnx, precision=precision)
+                texts[f"onnx_{precision}"] = runtime.transcribe_file(example).text
+                for k in range(1, runtime.num_exits + 1):
+                    runtime.transcribe_file(example, exit=k)
+            except Exception as err:
+                raise PublishError(f"{onnx}: the ONNX runtime could not load its {precision} graphs and "
+                                   f"transcribe {EXAMPLE_FILE}: {type(err).__name__}: {err}") from err
     return texts
 
 

@@ -5,13 +5,15 @@ Usage::
 
     python recipes/publish.py results/synthetic/conformer_ctc_ee/1234 --repo-id OWNER/NAME \\
         [--private] [--exist-ok] [--dry-run] [--out FOLDER] [--example AUDIO] \\
-        [--license apache-2.0] [--language en]
+        [--license apache-2.0] [--language en] [--onnx]
 
 Builds a Hub-ready folder (default ``<experiment>/hub``) from the experiment's
 ``inference/`` export, ``report.json`` and plot: the loadables, ``config.json``,
 an example audio file and a model card with every exit's WER. The folder is
 then loaded back with ``EarlyExitASR`` and with SpeechBrain's ``EncoderASR``
-and the example transcribed; nothing is uploaded if that fails. Without
+and the example transcribed (with ``--onnx``, the folder also gets ``onnx/``, the
+ONNX export in fp32 and int8, loaded with the runtime and the example transcribed at
+every exit: docs/deployment.md); nothing is uploaded if that fails. Without
 ``--dry-run`` the repository is created and the folder uploaded with
 ``huggingface_hub.HfApi``, with the token of ``HF_TOKEN`` or ``hf auth login``
 (never printed). ``--dry-run`` makes no network call. See docs/publishing.md.
@@ -39,6 +41,9 @@ def parse_args(argv):
     parser.add_argument("--out", default=None, help="where to build the folder (default <experiment>/hub)")
     parser.add_argument("--example", default=None,
                         help="audio file for the card and the validation (default: a test utterance)")
+    parser.add_argument("--onnx", action="store_true",
+                        help="add onnx/ (fp32 and int8, for the runtime without PyTorch: the experiment's "
+                             "recipes/export.py --int8 folder, or exported now) and validate it")
     parser.add_argument("--license", default="apache-2.0", help="license id for the card")
     parser.add_argument("--language", default="en", help="language code for the card")
     parser.add_argument("--message", default=None, help="commit message")
@@ -64,11 +69,14 @@ def main(argv) -> int:
                 raise PublishError(f"{args.repo_id} already exists on the Hub; pass --exist-ok to "
                                    f"upload a new revision to it")
         folder = build_hub_folder(args.experiment, out, args.repo_id, args.license, args.language,
-                                  args.example)
+                                  args.example, onnx=args.onnx)
         print(f"Built {folder}")
         texts = validate_hub_folder(folder)
         print(f"Validated: EarlyExitASR transcribes the example as {texts['earlyexit_brain']!r}; "
               f"EncoderASR (default exit) as {texts['encoder_asr']!r}")
+        if args.onnx:
+            print(f"Validated onnx/: the runtime transcribes it as {texts['onnx_fp32']!r} (fp32), "
+                  f"{texts['onnx_int8']!r} (int8)")
         if args.dry_run:
             print("Dry run: nothing uploaded.")
             return 0

@@ -312,3 +312,24 @@ def test_transcribe_command_takes_an_onnx_folder(onnx_folder, audio, capsys):
     out, err = capsys.readouterr()
     assert code == 1 and "exit 1 (2 layers)" in out and audio["missing"] in err
     assert transcribe.main([onnx_folder, audio["a"], "--decoder", "ctc_beam"]) == 2
+
+
+# ---------------------------------------------------------------- publishing
+def test_the_hub_folder_carries_the_onnx_export_validated(tmp_path, folder, model, onnx_folder):
+    from earlyexit_brain import hub
+    from test_hub import make_experiment  # tests/unit/test_hub.py
+
+    experiment = make_experiment(tmp_path, folder, model)
+    shutil.copytree(onnx_folder, experiment / "onnx")
+    out = hub.build_hub_folder(str(experiment), str(tmp_path / "hub"), "alice/tiny-ee", onnx=True)
+    assert not os.path.exists(os.path.join(out, "onnx", ".earlyexit_brain.json"))
+    assert json.load(open(os.path.join(out, "config.json")))["earlyexit_brain"]["onnx"]["folder"] == "onnx"
+    assert "EarlyExitONNX.from_folder" in open(os.path.join(out, "README.md")).read()
+    texts = hub.validate_hub_folder(out)
+    example = os.path.join(out, "example.wav")
+    assert texts["onnx_fp32"] == EarlyExitONNX.from_folder(os.path.join(out, "onnx")).transcribe_file(example).text
+    assert "onnx_int8" in texts
+    with open(os.path.join(out, "onnx", "int8", "head_1.onnx"), "ab") as fout:
+        fout.write(b"tampered")
+    with pytest.raises(hub.PublishError, match=r"onnx: the ONNX runtime could not load its int8 graphs.*sha256"):
+        hub.validate_hub_folder(out)
