@@ -14,10 +14,8 @@ from speechbrain.dataio.batch import PaddedBatch
 from speechbrain.lobes.features import Fbank
 from speechbrain.nnet.losses import ctc_loss, nll_loss
 from speechbrain.processing.features import InputNormalization
-from speechbrain.utils.metric_stats import ErrorRateStats
 
-from earlyexit_brain.losses import MultiExitLoss
-from earlyexit_brain.brain import EarlyExitCTCBrain, EarlyExitSeq2SeqBrain
+from earlyexit_brain.brain import EarlyExitSeq2SeqBrain
 from earlyexit_brain.config import ConfigError, check_hparams
 from earlyexit_brain.policies import FixedExit
 from earlyexit_brain.decoding.ctc import make_ctc_beam_searcher
@@ -33,6 +31,7 @@ from signals import SR, tone  # tests/unit/signals.py
 from earlyexit_brain.decoding.attention import decode_exit
 from earlyexit_brain.dynamic import decode_dynamic, run_model
 from tokenizer_helpers import char_tokenizer  # tests/unit/tokenizer_helpers.py
+from tests.factories import make_brain
 
 BOS, EOS = 1, 2
 
@@ -113,17 +112,16 @@ def test_decoder_width_and_heads_errors_name_the_key():
 
 
 # ---------------------------------------------------------------------- loss
-def seq2seq_brain(ctc_weight=0.3, smoothing=0.1, weights=None):
-    enc, heads, decoders = parts()
-    hparams = dict(compute_features=Fbank(n_mels=20), blank_index=0, bos_index=BOS, eos_index=EOS,
-                   epoch_counter=sb.utils.epoch_loop.EpochCounter(1),
-                   loss=MultiExitLoss(blank_index=0, exit_weights=weights, ctc_weight=ctc_weight,
-                                      label_smoothing=smoothing))
-    normalize = InputNormalization()
-    normalize(torch.randn(2, 50, 20), torch.ones(2))  # statistics, so eval mode works
-    return EarlyExitSeq2SeqBrain(modules={"encoder": enc, "ctc_heads": heads, "decoders": decoders,
-                                          "normalize": normalize},
-                                 hparams=hparams, run_opts={"device": "cpu"})
+def seq2seq_brain(folder, ctc_weight=0.3, smoothing=0.1, weights=None, **keys):
+    """The attention-decoder recipe's Brain (tests/factories.py: conformer_aed_ee.yaml) with 2 exits
+    after layers 2 and 4 and 32 outputs (bos 1, eos 2); no n-gram fused unless ``keys`` say so."""
+    keys = {"aed_lm_weight": 0.0, **keys}
+    brain = make_brain(folder, aed=True, num_layers=4, exit_layers=[2, 4], output_neurons=32,
+                       ctc_weight=ctc_weight, label_smoothing=smoothing, exit_loss_weights=weights, **keys)
+    assert isinstance(brain, EarlyExitSeq2SeqBrain)
+    assert (brain.hparams.bos_index, brain.hparams.eos_index) == (BOS, EOS)
+    brain.modules.normalize(torch.randn(2, 50, 20), torch.ones(2))  # statistics, so eval mode works
+    return brain
 
 
 def batch(second_tokens=(4, 5)):
@@ -135,8 +133,8 @@ def batch(second_tokens=(4, 5)):
 
 
 @pytest.mark.parametrize("weights", [None, [0.5, 2.0]])
-def test_joint_loss_is_the_weighted_sum_of_ctc_and_label_smoothed_ce(weights):
-    brain = seq2seq_brain(ctc_weight=0.3, smoothing=0.1, weights=weights)
+def test_joint_loss_is_the_weighted_sum_of_ctc_and_label_smoothed_ce(weights, tmp_path):
+    brain = seq2seq_brain(tmp_path, ctc_weight=0.3, smoothing=0.1, weights=weights)
     brain.modules.eval()
     brain.on_stage_start(sb.Stage.TRAIN)
     b = batch()
@@ -155,8 +153,8 @@ def test_joint_loss_is_the_weighted_sum_of_ctc_and_label_smoothed_ce(weights):
     assert dec_lp[0].shape[1] == tokens.shape[1] + 1
 
 
-def test_padding_does_not_change_the_decoder_loss():
-    brain = seq2seq_brain(ctc_weight=0.0, smoothing=0.0)
+def test_padding_does_not_change_the_decoder_loss(tmp_path):
+    brain = seq2seq_brain(tmp_path, ctc_weight=0.0, smoothing=0.0)
     brain.modules.eval()
     brain.on_stage_start(sb.Stage.TRAIN)
     b1 = batch()
@@ -167,8 +165,8 @@ def test_padding_does_not_change_the_decoder_loss():
     assert torch.allclose(l1, l2)
 
 
-def test_training_lowers_the_joint_loss():
-    brain = seq2seq_brain()
+def test_training_lowers_the_joint_loss(tmp_path):
+    brain = seq2seq_brain(tmp_path)
     opt = torch.optim.Adam(brain.modules.parameters(), lr=3e-3)
     b = batch()
     losses = []
@@ -322,15 +320,7 @@ def test_exported_aed_model_loads_and_transcribes(aed_model, sp_path, tmp_path):
 
 # ------------------------------------------------------- evaluation decoders
 def test_test_stage_reports_every_decoder_per_exit(sp, tmp_path):
-    brain = seq2seq_brain()
-    brain.hparams.test_decoders = ["aed_beam", "ctc_greedy", "ctc_beam"]
-    brain.hparams.beam_size = 2
-    brain.hparams.ctc_beam_size = 2
-    brain.hparams.error_rate_computer = ErrorRateStats
-    brain.hparams.cer_computer = functools.partial(ErrorRateStats, split_tokens=True)
-    brain.hparams.output_folder = str(tmp_path)
-    brain.hparams.train_logger = types.SimpleNamespace(log_stats=lambda **kw: None)
-    brain.hparams.epoch_counter = types.SimpleNamespace(current=1)
+    brain = seq2seq_brain(tmp_path, ctc_beam_size=2)  # the recipe's test decoders: aed_beam, ctc_greedy, ctc_beam
     brain.tokenizer = types.SimpleNamespace(sp=sp)
     brain.modules.eval()
     brain.on_stage_start(sb.Stage.TEST)
@@ -344,16 +334,14 @@ def test_test_stage_reports_every_decoder_per_exit(sp, tmp_path):
     for row in rows:
         assert set(row["decoders"]) == {"aed_beam", "ctc_greedy", "ctc_beam"}
         assert row["wer"] == row["decoders"]["aed_beam"]["wer"]
-        assert all(v["ms_per_utterance"] >= 0 for v in row["decoders"].values())
+        assert row["n"] == 2 and all(v["ms_per_utterance"] > 0 for v in row["decoders"].values())  # each timed
+    assert "test WER_ctc_beam_exit1" in (tmp_path / "out" / "train_log.txt").read_text()
 
 
-def test_a_ctc_model_refuses_the_attention_decoder():
-    enc, heads, _ = parts()
-    brain = EarlyExitCTCBrain(modules={"encoder": enc, "ctc_heads": heads,
-                                       "normalize": InputNormalization()},
-                              hparams={"blank_index": 0}, run_opts={"device": "cpu"})
+def test_a_ctc_model_refuses_the_attention_decoder(tmp_path):
+    brain = make_brain(tmp_path)  # the CTC recipe
     with pytest.raises(ValueError, match="aed_beam"):
-        brain.decode_exit("aed_beam", 0, torch.zeros(1, 3, 32), torch.ones(1), None, sb.Stage.TEST)
+        brain.decode_exit("aed_beam", 0, torch.zeros(1, 3, 8), torch.ones(1), None, sb.Stage.TEST)
 
 
 # -------------------------------------------------------------------- config
@@ -566,8 +554,8 @@ def test_exported_model_with_a_fused_ngram_loads_and_uses_it(sp, sp_path, arpa, 
         EarlyExitASR.from_hparams(source=bare, savedir=str(tmp_path / "saved_bare"))
 
 
-def test_the_brain_fuses_the_recipe_ngram_into_its_test_search(sp, arpa):
-    brain = seq2seq_brain()
+def test_the_brain_fuses_the_recipe_ngram_into_its_test_search(sp, arpa, tmp_path):
+    brain = seq2seq_brain(tmp_path)
     brain.tokenizer = types.SimpleNamespace(sp=sp)
     brain.hparams.beam_size = 2
     brain.hparams.ctc_lm_path = arpa

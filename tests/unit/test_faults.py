@@ -7,27 +7,16 @@ import pytest
 import speechbrain as sb
 import torch
 from speechbrain.dataio.batch import PaddedBatch
-from speechbrain.lobes.features import Fbank
-from speechbrain.nnet.schedulers import LinearWarmupScheduler
-from speechbrain.processing.features import InputNormalization
 from speechbrain.utils.checkpoints import mark_as_loader, mark_as_saver, register_checkpoint_hooks
 
-from earlyexit_brain.losses import MultiExitLoss
-from earlyexit_brain.brain import EarlyExitCTCBrain
-from earlyexit_brain.models.conformer import CTCExitHeads, EarlyExitConformerEncoder
+from tests.factories import make_brain
 
 
-def make_brain(patience=3):
-    torch.manual_seed(0)
-    modules = {"encoder": EarlyExitConformerEncoder(20, 2, 16, 2, 32, [1, 2], kernel_size=3),
-               "ctc_heads": CTCExitHeads(16, 6, 2),
-               "normalize": InputNormalization(norm_type="global")}
-    hparams = {"compute_features": Fbank(n_mels=20), "blank_index": 0,
-               "epoch_counter": sb.utils.epoch_loop.EpochCounter(1), "loss": MultiExitLoss(blank_index=0),
-               "lr_annealing": LinearWarmupScheduler(0.01, 10, 100)}
-    brain = EarlyExitCTCBrain(modules=modules, hparams=hparams,
-                              opt_class=lambda p: torch.optim.AdamW(p, lr=0.01),
-                              run_opts={"device": "cpu", "nonfinite_patience": patience})
+def training_brain(folder, patience=3):
+    """The recipe's Brain (tests/factories.py) ready for ``fit_batch``, stopping after ``patience``
+    non-finite batches in an epoch."""
+    brain = make_brain(folder, nonfinite_patience=patience)
+    assert brain.nonfinite_patience == patience
     brain.init_optimizers()
     brain.on_stage_start(sb.Stage.TRAIN, 1)
     brain.modules.train()
@@ -50,8 +39,8 @@ def weights(brain):
     return {k: v.detach().clone() for k, v in brain.modules.state_dict().items()}
 
 
-def test_nonfinite_loss_batch_is_skipped_counted_and_logged(caplog):
-    brain = make_brain()
+def test_nonfinite_loss_batch_is_skipped_counted_and_logged(caplog, tmp_path):
+    brain = training_brain(tmp_path)
     brain.fit_batch(batch())
     before, lr = weights(brain), brain.optimizer.param_groups[0]["lr"]
     norm = brain.modules.normalize
@@ -79,8 +68,8 @@ def test_nonfinite_loss_batch_is_skipped_counted_and_logged(caplog):
     assert any(not torch.equal(after[k], v) for k, v in weights(brain).items())
 
 
-def test_training_stops_when_the_patience_is_exhausted():
-    brain = make_brain(patience=1)
+def test_training_stops_when_the_patience_is_exhausted(tmp_path):
+    brain = training_brain(tmp_path, patience=1)
     brain.fit_batch(batch(nan=True, seed=1))
     with pytest.raises(RuntimeError, match="more than nonfinite_patience=1"):
         brain.fit_batch(batch(nan=True, seed=2))

@@ -4,13 +4,10 @@ the optional self-distillation term."""
 import speechbrain as sb
 import torch
 from speechbrain.dataio.batch import PaddedBatch
-from speechbrain.lobes.features import Fbank
 from speechbrain.nnet.losses import ctc_loss
-from speechbrain.processing.features import InputNormalization
 
-from earlyexit_brain.brain import EarlyExitCTCBrain
-from earlyexit_brain.losses import exit_distillation_loss, MultiExitLoss, stacked_ctc_losses
-from earlyexit_brain.models.conformer import CTCExitHeads, EarlyExitConformerEncoder
+from earlyexit_brain.losses import exit_distillation_loss, stacked_ctc_losses
+from tests.factories import make_brain
 
 
 def test_stacked_losses_and_gradients_equal_per_exit_calls():
@@ -36,20 +33,14 @@ def test_stacked_losses_and_gradients_equal_per_exit_calls():
     assert torch.allclose(grad, ref_grad, rtol=1e-10, atol=1e-14)
 
 
-def brain_objective(ctc="one_call", epoch_counter=None, **loss_options):
-    """Loss, per-exit loss sums and parameter gradients of one training batch (in epoch 1 by default)."""
-    if epoch_counter is None:
-        epoch_counter = sb.utils.epoch_loop.EpochCounter(4)
-        epoch_counter.current = 1
-    torch.manual_seed(0)
-    enc = EarlyExitConformerEncoder(20, 3, 16, 2, 32, [1, 2, 3], kernel_size=3, dropout=0.0)
-    heads = CTCExitHeads(16, 8, 3)
-    brain = EarlyExitCTCBrain(
-        modules={"encoder": enc, "ctc_heads": heads, "normalize": InputNormalization()},
-        hparams=dict(compute_features=Fbank(n_mels=20), blank_index=0,
-                     epoch_counter=epoch_counter,
-                     loss=MultiExitLoss(blank_index=0, exit_weights=[0.5, 1.0, 2.0], ctc=ctc, **loss_options)),
-        run_opts={"device": "cpu"})
+def brain_objective(folder, ctc="one_call", epoch=1, **loss_keys):
+    """Loss, per-exit loss sums and parameter gradients of one training batch of the recipe's Brain
+    (tests/factories.py; 3 exits weighted 0.5, 1 and 2; in epoch ``epoch``). ``ctc`` is the loss's CTC
+    implementation; ``loss_keys`` are recipe keys (``exit_distillation_weight``, ...)."""
+    brain = make_brain(folder, num_layers=3, exit_layers=[1, 2, 3], exit_loss_weights=[0.5, 1.0, 2.0],
+                       loss={"ctc": ctc}, **loss_keys)
+    assert brain.hparams.loss.ctc == ctc
+    brain.hparams.epoch_counter.current = epoch
     brain.on_stage_start(sb.Stage.TRAIN)
     data = PaddedBatch([
         {"id": "a", "sig": torch.randn(8000), "tokens": torch.tensor([1, 2, 3]), "wrd": "A"},
@@ -62,9 +53,9 @@ def brain_objective(ctc="one_call", epoch_counter=None, **loss_options):
     return loss.detach(), list(brain._exit_loss_sum), grads
 
 
-def test_brain_objective_is_unchanged_by_the_single_call():
-    per_exit = brain_objective("per_exit")  # one SpeechBrain ctc_loss call per exit
-    one_call = brain_objective("one_call")
+def test_brain_objective_is_unchanged_by_the_single_call(tmp_path):
+    per_exit = brain_objective(tmp_path, "per_exit")  # one SpeechBrain ctc_loss call per exit
+    one_call = brain_objective(tmp_path, "one_call")
     assert torch.allclose(one_call[0], per_exit[0], rtol=1e-6, atol=0)
     assert len(one_call[1]) == 3 and all(abs(a - b) <= 1e-6 * abs(b) for a, b in zip(one_call[1], per_exit[1]))
     for g, g0 in zip(one_call[2], per_exit[2]):
@@ -91,10 +82,11 @@ def test_distillation_is_the_masked_mean_kl_from_the_last_exit():
     assert x.grad[:-1, 1, :4].abs().max() > 0
 
 
-def test_brain_adds_the_weighted_distillation_only_when_asked():
-    plain = brain_objective()
-    assert torch.equal(brain_objective(distillation_weight=0.0)[0], plain[0])
-    half, one = (brain_objective(distillation_weight=w) for w in (0.5, 1.0))
+def test_brain_adds_the_weighted_distillation_only_when_asked(tmp_path):
+    plain = brain_objective(tmp_path)
+    assert torch.equal(brain_objective(tmp_path, exit_distillation_weight=0.0)[0], plain[0])
+    half, one = (brain_objective(tmp_path, exit_distillation_weight=w, exit_distillation_from_epoch=1)
+                 for w in (0.5, 1.0))
     assert one[1] == plain[1]  # the per-exit CTC losses logged are the CTC losses alone
     distill = one[0] - plain[0]
     assert distill > 0
@@ -102,10 +94,9 @@ def test_brain_adds_the_weighted_distillation_only_when_asked():
     assert any(not torch.allclose(g, g0) for g, g0 in zip(one[2], plain[2]))
 
 
-def test_distillation_waits_for_its_first_epoch():
-    plain = brain_objective()
+def test_distillation_waits_for_its_first_epoch(tmp_path):
+    plain = brain_objective(tmp_path)
     for epoch, applied in ((1, False), (2, True), (3, True)):
-        counter = sb.utils.epoch_loop.EpochCounter(4)
-        counter.current = epoch
-        loss = brain_objective(distillation_weight=1.0, distillation_from_epoch=2, epoch_counter=counter)[0]
+        loss = brain_objective(tmp_path, epoch=epoch, exit_distillation_weight=1.0,
+                               exit_distillation_from_epoch=2)[0]
         assert (loss > plain[0]) == applied and (loss == plain[0]) != applied
