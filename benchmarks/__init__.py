@@ -8,8 +8,9 @@ the repository's recipes/train.py and its hparams)::
     python -m benchmarks.soak MODEL [--files 2000]                       # memory over many files
     python -m benchmarks.ssl_exit_timing [--seconds 5]                   # SSL encoders vs the Conformer
 
-Modules: ``__main__`` (the command and its sections), ``train_step``, ``inference`` (latency, dynamic
-inference, throughput), ``frontend``, ``compute``, ``ddp``, ``memory`` (peak RSS in a child process),
-``tables`` (bench.md), ``timing`` (configurations, the inference model, timing in rotation), ``soak`` and
+Modules: ``__main__`` (the command and its sections), ``train_step`` (``EarlyExitCTCBrain.fit_batch``),
+``stacked`` (the train-step variants' alternative hooks), ``inference`` (latency, dynamic inference,
+throughput), ``frontend``, ``compute``, ``ddp``, ``memory`` (peak RSS in a child process), ``tables``
+(bench.md), ``timing`` (configurations, the inference model, timing in rotation), ``soak`` and
 ``ssl_exit_timing``.
 """

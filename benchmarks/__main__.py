@@ -2,8 +2,9 @@
 
 Currently measured:
 
-- ``train-step``: one training step (features -> encoder -> CTC heads -> loss,
-  backward, optimiser step) of the early-exit model against the single-exit
+- ``train-step``: one training step, ``EarlyExitCTCBrain.fit_batch`` itself (waveforms ->
+  features -> normalisation -> encoder -> CTC heads -> the YAML's ``MultiExitLoss``,
+  backward, clipping, optimiser step), of the early-exit model against the single-exit
   model with the same encoder, on the same batch, alternating the two models
   so that machine noise hits both alike. Reports the median, min and max of
   each and the ratio of medians, for the default synthetic configuration and
@@ -28,8 +29,8 @@ Usage::
                          [--variants base,ctc_stacked,...|all] [--profile base,...]
 
 - ``--variants``: train-step variants run side by side, each for both models
-  (``TRAIN_VARIANTS``: per-exit or one-call CTC, lengths on the CPU, batched heads,
-  fused AdamW, bf16, cuDNN's CTC, CUDA graphs); before timing, each variant's first-step
+  (``TRAIN_VARIANTS``: the loss's per-exit or one-call CTC, batched heads, fused AdamW,
+  bf16, cuDNN's CTC, CUDA graphs); before timing, each variant's first-step
   loss and gradients are compared with ``base``. ``--profile`` runs torch.profiler on the
   paper-size cases of the listed variants (per-step kernel time, CPU time, stream
   synchronisations, launches, top kernels). On a GPU the train-step cases add the

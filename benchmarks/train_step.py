@@ -1,82 +1,60 @@
-"""The ``train-step`` section: one training step of the early-exit model against the single-exit model.
+"""The ``train-step`` section: ``EarlyExitCTCBrain.fit_batch`` of the early-exit model against the single-exit model.
 
-Both models have the same encoder and take the same batch, timed in rotation; the step's variants
-(``TRAIN_VARIANTS``) run side by side, each checked against ``base`` first (loss and gradients), and
-``--profile`` runs torch.profiler over the paper-size cases.
+Every variant times the library's training step itself, :meth:`earlyexit_brain.brain.EarlyExitCTCBrain.fit_batch`
+on a SpeechBrain ``PaddedBatch`` of waveforms and tokens: filterbank features, feature normalisation, encoder,
+exit heads, the loss object the recipes' YAML names (:class:`earlyexit_brain.losses.MultiExitLoss`), the
+non-finite check, backward, gradient clipping (``max_grad_norm`` 1.0) and the AdamW step. A variant changes
+only what a YAML or a Brain hook changes: the loss's ``ctc`` option, AdamW's ``fused``, the precision; the
+``stacked*`` and ``graphed`` variants, alternatives the library does not take, replace the Brain's
+``compute_forward`` and ``compute_objectives`` (:mod:`benchmarks.stacked`). The two models have the same
+encoder and take the same batch, timed in rotation; each variant's first step is checked against ``base``
+(loss and gradients), and ``--profile`` runs torch.profiler over the paper-size cases.
 """
 
+import functools
 import statistics
 import time
 
+import speechbrain as sb
 import torch
+from speechbrain.dataio.batch import PaddedBatch
+from speechbrain.lobes.features import Fbank
+from speechbrain.processing.features import InputNormalization
+from speechbrain.utils.epoch_loop import EpochCounter
+from torch.autograd import DeviceType
 
-from earlyexit_brain.losses import stacked_ctc_losses
+from earlyexit_brain.brain import EarlyExitCTCBrain
+from earlyexit_brain.losses import MultiExitLoss
 from earlyexit_brain.models.conformer import CTCExitHeads, EarlyExitConformerEncoder
 
 from .memory import cpu_peak_memory_gb as child_peak_memory_gb
+from .stacked import StackedExitsBrain
 from .tables import fmt_s
-from .timing import CONFIGS, autocast, sync, time_in_rotation
-
-
-def build(enc_kwargs, exit_layers, vocab, seed=0, device=torch.device("cpu"), fused=False, dropout=None):
-    torch.manual_seed(seed)
-    extra = {} if dropout is None else {"dropout": dropout}
-    enc = EarlyExitConformerEncoder(input_size=80, exit_layers=exit_layers, **enc_kwargs, **extra).to(device)
-    heads = CTCExitHeads(enc_kwargs["d_model"], vocab, len(exit_layers)).to(device)
-    params = list(enc.parameters()) + list(heads.parameters())
-    opt = torch.optim.AdamW(params, lr=1e-4, **({"fused": True} if fused else {}))
-    return enc, heads, opt
-
-
-def ctc_per_exit(log_probs, tokens, lens, token_lens):
-    """One mean-reduced CTC loss per exit; ``lens`` relative, ``token_lens`` integer (either device)."""
-    return [
-        torch.nn.functional.ctc_loss(
-            lp.transpose(0, 1), tokens, (lens * lp.shape[1]).round().int(), token_lens, blank=0, zero_infinity=True
-        )
-        for lp in log_probs
-    ]
-
-
-def optimiser_step(opt, loss):
-    opt.zero_grad(set_to_none=True)
-    loss.backward()
-    torch.nn.utils.clip_grad_norm_([p for g in opt.param_groups for p in g["params"]], 1.0)
-    opt.step()
-
-
-def train_step(model, feats, lens, tokens, token_lens):
-    """The reference step (variant ``base``): per-exit heads and CTC calls, lengths on the device."""
-    enc, heads, opt = model
-    loss = sum(ctc_per_exit(heads(enc(feats, lens)), tokens, lens, token_lens))
-    optimiser_step(opt, loss)
-    return loss.detach()
-
+from .timing import CONFIGS, sync, time_in_rotation
 
 # Variants of the training step, each run for both models (``--variants``). All compute
 # the same loss and gradients as ``base`` up to float rounding (``check_train_variants``).
 TRAIN_VARIANTS = {
-    "base": "per-exit heads and CTC calls, integer lengths made on the device (the reference)",
-    "cpu_lengths": "as base, the integer lengths made on the CPU (no device-to-host copy in each CTC call)",
-    "ctc_stacked": "per-exit heads as in base; every exit's CTC from one call (the library's "
-    "stacked_ctc_losses, as EarlyExitCTCBrain now trains: relative lengths copied to the CPU once)",
+    "base": "fit_batch with MultiExitLoss(ctc='per_exit'): one SpeechBrain ctc_loss call per exit, plain AdamW "
+    "(the reference)",
+    "ctc_stacked": "fit_batch with MultiExitLoss(ctc='one_call'): every exit's CTC from one call "
+    "(stacked_ctc_losses, relative lengths copied to the CPU once), plain AdamW",
     "stacked": "the exits' LayerNorms and heads as one batched op each (baddbmm, one log-softmax), "
-    "one CTC call for all exits (reduction 'none', lengths on the CPU)",
+    "one CTC call for all exits (reduction 'none', lengths on the CPU): StackedExitsBrain's hooks",
     "ctc_stacked_fused": "ctc_stacked with fused AdamW: the step EarlyExitCTCBrain takes with the "
-    "synthetic recipes (fused: True under opt_class)",
+    "synthetic recipes (ctc: one_call, fused: True under opt_class)",
     "stacked_fused": "stacked, with fused AdamW",
-    "stacked_bf16": "stacked under bf16 autocast (log-softmax and CTC in fp32)",
+    "stacked_bf16": "stacked with precision bf16 (SpeechBrain's autocast; log-softmax and CTC in fp32)",
     "stacked_cudnn": "stacked with cuDNN's CTC (int32 targets on the CPU; cuDNN needs every input "
     "length equal to T, so padded batches cannot use it)",
     "graphed": "stacked with fused AdamW; forward and backward of encoder + heads captured as CUDA "
-    "graphs (torch.cuda.make_graphed_callables), CTC and optimiser eager; CUDA only",
+    "graphs (torch.cuda.make_graphed_callables), features, CTC and optimiser eager; CUDA only",
 }
 VARIANT_OPTIONS = {
-    "base": {},
-    "cpu_lengths": {"cpu_lengths": True},
-    "ctc_stacked": {"ctc_stacked": True},
+    "base": {"ctc": "per_exit"},
+    "ctc_stacked": {},
     "stacked": {"stacked": True},
-    "ctc_stacked_fused": {"ctc_stacked": True, "fused": True},
+    "ctc_stacked_fused": {"fused": True},
     "stacked_fused": {"stacked": True, "fused": True},
     "stacked_bf16": {"stacked": True, "bf16": True},
     "stacked_cudnn": {"stacked": True, "cudnn": True},
@@ -85,119 +63,72 @@ VARIANT_OPTIONS = {
 # left out on the CPU: graphed needs CUDA; bf16 without the CPU's bf16 units is emulated (very slow)
 CUDA_ONLY_VARIANTS = {"graphed", "stacked_bf16"}
 DEFAULT_VARIANT = "ctc_stacked_fused"  # the step the synthetic recipes take
+SAMPLE_RATE, N_MELS, MAX_GRAD_NORM = 16000, 80, 1.0
 
 
 def make_train_batch(batch, seconds, vocab, device, tokens_per_second=12):
-    """Random features and targets, on ``device`` and (lengths, targets) also on the CPU."""
+    """A ``PaddedBatch`` on ``device`` of ``batch`` random waveforms of ``seconds`` and random token targets
+    (``int(seconds * tokens_per_second)`` each, ids 1..vocab-1), as the recipes' training loader gives it."""
     torch.manual_seed(1)
-    feats = torch.randn(batch, int(seconds * 100), 80)
+    wavs = 0.05 * torch.randn(batch, int(seconds * SAMPLE_RATE))
     tokens = torch.randint(1, vocab, (batch, int(seconds * tokens_per_second)))
-    token_lens = torch.full((batch,), tokens.shape[1], dtype=torch.long)
-    lens = torch.ones(batch)
-    return {
-        "feats": feats.to(device),
-        "lens": lens.to(device),
-        "tokens": tokens.to(device),
-        "token_lens": token_lens.to(device),
-        "token_lens_rel": (token_lens / tokens.shape[1]).to(device),
-        "lens_cpu": lens,
-        "token_lens_cpu": token_lens,
-        # cuDNN's CTC: the targets concatenated, int32, on the CPU
-        "targets_cat_cpu": torch.cat([t[:n] for t, n in zip(tokens, token_lens)]).int(),
-    }
-
-
-def stacked_log_probs(enc, heads, feats, lens):
-    """``(E, B, T', V)`` log-probabilities of every exit, the exits' LayerNorms and heads as one op each.
-
-    The same function as ``torch.stack(heads(enc(feats, lens)))`` up to float rounding.
-    """
-    state = enc.start(feats, lens)
-    x, done, raw = state.x, 0, []
-    for layer_no in enc.exit_layers:
-        for layer in enc.layers[done:layer_no]:
-            x, _ = layer(
-                x, src_mask=state.src_mask, src_key_padding_mask=state.key_padding_mask, pos_embs=state.pos_embs
-            )
-        done = layer_no
-        raw.append(x)
-    norms = [n.norm for n in enc.exit_norms]
-    h = torch.nn.functional.layer_norm(torch.stack(raw), norms[0].normalized_shape, eps=norms[0].eps)
-    h = torch.addcmul(
-        torch.stack([n.bias for n in norms])[:, None, None], h, torch.stack([n.weight for n in norms])[:, None, None]
+    return PaddedBatch([{"id": f"utt{i}", "sig": w, "tokens": t} for i, (w, t) in enumerate(zip(wavs, tokens))]).to(
+        device
     )
-    e, b, t, d = h.shape
-    weight = torch.stack([lin.weight for lin in heads.heads])  # (E, V, D)
-    bias = torch.stack([lin.bias for lin in heads.heads])  # (E, V)
-    logits = torch.baddbmm(bias[:, None], h.reshape(e, b * t, d), weight.transpose(1, 2))
-    return torch.log_softmax(logits, dim=-1).view(e, b, t, -1)
 
 
-class StackedExits(torch.nn.Module):
-    """``stacked_log_probs`` as a module (what ``graphed`` captures)."""
-
-    def __init__(self, enc, heads):
-        super().__init__()
-        self.enc, self.heads = enc, heads
-
-    def forward(self, feats, lens):
-        return stacked_log_probs(self.enc, self.heads, feats, lens)
-
-
-def ctc_stacked(log_probs, data, cudnn=False):
-    """Each exit's mean CTC loss ``(E,)`` from ONE CTC call over ``(E, B, T, V)`` log-probabilities.
-
-    Lengths go in as CPU tensors; the per-utterance losses are divided by the target
-    lengths and averaged per exit, as ``reduction='mean'`` does.
-    """
-    e, b, t, v = log_probs.shape
-    lp = log_probs.reshape(e * b, t, v).transpose(0, 1)
-    in_lens = (data["lens_cpu"] * t).round().int().repeat(e)
-    if cudnn:
-        lp, targets = lp.contiguous(), data["targets_cat_cpu"].repeat(e)
-        tok_lens = data["token_lens_cpu"].int().repeat(e)
-    else:
-        targets, tok_lens = data["tokens"].repeat(e, 1), data["token_lens_cpu"].repeat(e)
-    losses = torch.nn.functional.ctc_loss(lp, targets, in_lens, tok_lens, blank=0, reduction="none", zero_infinity=True)
-    return (losses / data["token_lens"].clamp_min(1).repeat(e)).view(e, b).mean(1)
-
-
-def make_train_step(model, variant, data, device):
-    """A closure running one training step of ``model`` on ``data`` in ``variant``; returns the loss."""
-    enc, heads, opt = model
+def build_brain(name, key, variant, batch, vocab=32, device=torch.device("cpu"), seed=0, dropout=None):
+    """``key``'s model (``early_exit`` or ``single_exit`` of configuration ``name``) in a Brain ready to train
+    in ``variant``: what the recipes build from their YAML (Fbank, global InputNormalization, the encoder, its
+    heads, MultiExitLoss, AdamW with lr 1e-4), with its optimiser initialised and the training stage started.
+    ``batch`` (a :func:`make_train_batch` batch) gives the graphed variant the shapes it captures."""
+    enc_kwargs, ee_layers, single_layers = CONFIGS[name]
+    layers = ee_layers if key == "early_exit" else single_layers
     opts = VARIANT_OPTIONS[variant]
-    if variant == "base":
-        return lambda: train_step(model, data["feats"], data["lens"], data["tokens"], data["token_lens"])
-    forward = None
+    torch.manual_seed(seed)
+    extra = {} if dropout is None else {"dropout": dropout}
+    modules = {
+        "encoder": EarlyExitConformerEncoder(input_size=N_MELS, exit_layers=layers, **enc_kwargs, **extra),
+        "ctc_heads": CTCExitHeads(enc_kwargs["d_model"], vocab, len(layers)),
+        "normalize": InputNormalization(norm_type="global"),
+    }
+    hparams = {
+        "compute_features": Fbank(sample_rate=SAMPLE_RATE, n_mels=N_MELS),
+        "blank_index": 0,
+        "epoch_counter": EpochCounter(1),
+        "loss": MultiExitLoss(blank_index=0, ctc=opts.get("ctc", "one_call")),
+    }
+    run_opts = {
+        "device": str(device),
+        "max_grad_norm": MAX_GRAD_NORM,
+        "precision": "bf16" if opts.get("bf16") else "fp32",
+    }
+    opt_class = functools.partial(torch.optim.AdamW, lr=1e-4, **({"fused": True} if opts.get("fused") else {}))
     if opts.get("stacked"):
-        forward = StackedExits(enc, heads)
-        if opts.get("graphed"):
-            if device.type != "cuda":
-                raise ValueError("the graphed variant needs a CUDA device")
-            forward = torch.cuda.make_graphed_callables(forward, (data["feats"], data["lens"]))
+        if opts.get("graphed") and device.type != "cuda":
+            raise ValueError("the graphed variant needs a CUDA device")
+        brain = StackedExitsBrain(
+            modules=modules,
+            hparams=hparams,
+            opt_class=opt_class,
+            run_opts=run_opts,
+            cudnn=opts.get("cudnn", False),
+            graphed_batch=batch if opts.get("graphed") else None,
+        )
+    else:
+        brain = EarlyExitCTCBrain(modules=modules, hparams=hparams, opt_class=opt_class, run_opts=run_opts)
+    brain.init_optimizers()
+    brain.on_stage_start(sb.Stage.TRAIN, 1)
+    brain.modules.train()
+    brain.nonfinite_count = 0  # as Brain.fit sets it at the start of an epoch
+    return brain
 
-    def step():
-        with autocast(device, opts.get("bf16", False)):
-            if forward is not None:
-                loss = ctc_stacked(forward(data["feats"], data["lens"]), data, opts.get("cudnn", False)).sum()
-            elif opts.get("ctc_stacked"):
-                loss = sum(
-                    stacked_ctc_losses(
-                        heads(enc(data["feats"], data["lens"])), data["tokens"], data["lens"], data["token_lens_rel"], 0
-                    )
-                )
-            else:  # cpu_lengths
-                loss = sum(
-                    ctc_per_exit(
-                        heads(enc(data["feats"], data["lens"])),
-                        data["tokens"],
-                        data["lens_cpu"],
-                        data["token_lens_cpu"],
-                    )
-                )
-        optimiser_step(opt, loss)
-        return loss.detach()
 
+def make_train_step(name, key, variant, batch, vocab=32, device=torch.device("cpu"), dropout=None):
+    """A function running one ``fit_batch`` of :func:`build_brain`'s Brain on ``batch``; it returns the loss."""
+    brain = build_brain(name, key, variant, batch, vocab, device, dropout=dropout)
+    step = functools.partial(brain.fit_batch, batch)
+    step.brain = brain
     return step
 
 
@@ -213,13 +144,10 @@ def bench_train_step(
     tokens_per_second=12,
     memory=True,
 ):
-    enc_kwargs, ee_layers, single_layers = CONFIGS[name]
-    fused = VARIANT_OPTIONS[variant].get("fused", False)
+    """Both models' ``fit_batch`` in ``variant`` on one batch, timed in rotation: median/min/max of each, the
+    ratio of medians and the median of pairwise ratios; peak memory (CPU: each alone in a child process)."""
     data = make_train_batch(batch, seconds, vocab, device, tokens_per_second)
-    steps = {
-        key: make_train_step(build(enc_kwargs, layers, vocab, device=device, fused=fused), variant, data, device)
-        for key, layers in (("early_exit", ee_layers), ("single_exit", single_layers))
-    }
+    steps = {key: make_train_step(name, key, variant, data, vocab, device) for key in ("early_exit", "single_exit")}
     times = time_in_rotation(steps, repeats, warmup, device)
     result = {
         "config": name,
@@ -227,7 +155,7 @@ def bench_train_step(
         "batch": batch,
         "seconds_per_utterance": seconds,
         "vocab": vocab,
-        "tokens_per_utterance": data["tokens"].shape[1],
+        "tokens_per_utterance": data.tokens.data.shape[1],
         "threads": torch.get_num_threads(),
         "repeats": repeats,
         "device": str(device),
@@ -254,27 +182,27 @@ def check_train_variants(name, variants, batch, seconds, vocab=32, device=torch.
     """Loss and gradients of each variant's first step against ``base`` (same weights, dropout 0).
 
     Returns ``{variant: {"loss_rel_diff", "grad_rel_diff"}}``; the gradient figure is the
-    largest ``|g - g_base| / |g_base|`` over the parameters (after clipping, before the update).
+    largest ``|g - g_base| / |g_base|`` over the parameters (after clipping, before the update:
+    read by an optimiser step pre-hook inside ``fit_batch``).
     """
-    enc_kwargs, ee_layers, _ = CONFIGS[name]
     data = make_train_batch(batch, seconds, vocab, device, tokens_per_second)
     ref, out = None, {}
     for variant in ["base"] + [v for v in variants if v != "base"]:
         try:
-            model = build(
-                enc_kwargs,
-                ee_layers,
-                vocab,
-                device=device,
-                dropout=0.0,
-                fused=VARIANT_OPTIONS[variant].get("fused", False),
+            step = make_train_step(name, "early_exit", variant, data, vocab, device, dropout=0.0)
+            brain = step.brain
+            params = [p for m in (brain.modules.encoder, brain.modules.ctc_heads) for p in m.parameters()]
+            grads = []
+            hook = brain.optimizer.register_step_pre_hook(
+                lambda opt, args, kwargs, params=params, grads=grads: grads.extend(
+                    p.grad.detach().double().clone() for p in params
+                )
             )
-            loss = make_train_step(model, variant, data, device)()
+            loss = step()
+            hook.remove()
         except Exception as exc:  # reported, so that one failing variant does not stop the others
             out[variant] = {"error": f"{type(exc).__name__}: {exc}"}
             continue
-        params = [p for m in model[:2] for p in m.parameters()]
-        grads = [p.grad.detach().double().clone() for p in params]
         if ref is None:
             ref = (loss.double(), grads)
         out[variant] = {
@@ -288,20 +216,16 @@ def check_train_variants(name, variants, batch, seconds, vocab=32, device=torch.
 def profile_train_step(name, variant, batch, seconds, vocab, device, tokens_per_second=12, steps=5):
     """torch.profiler over ``steps`` steps of each model: per-step wall, kernel and CPU-op time,
     stream synchronisations, launches, and the top kernels."""
-    from torch.autograd import DeviceType
-    from torch.profiler import ProfilerActivity, profile
-
-    enc_kwargs, ee_layers, single_layers = CONFIGS[name]
     data = make_train_batch(batch, seconds, vocab, device, tokens_per_second)
-    fused = VARIANT_OPTIONS[variant].get("fused", False)
-    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    kinds = torch.profiler.ProfilerActivity
+    activities = [kinds.CPU] + ([kinds.CUDA] if device.type == "cuda" else [])
     rows = []
-    for key, layers in (("early_exit", ee_layers), ("single_exit", single_layers)):
-        step = make_train_step(build(enc_kwargs, layers, vocab, device=device, fused=fused), variant, data, device)
+    for key in ("early_exit", "single_exit"):
+        step = make_train_step(name, key, variant, data, vocab, device)
         for _ in range(3):
             step()
         sync(device)
-        with profile(activities=activities) as prof:
+        with torch.profiler.profile(activities=activities) as prof:
             start = time.perf_counter()
             for _ in range(steps):
                 step()
@@ -378,21 +302,9 @@ def print_profile(rows):
 
 def memory_inputs(name, key, batch, seconds, vocab, variant="base"):
     """What :mod:`benchmarks.memory`'s child process measures: the batch is made here, and the
-    returned function builds ``key``'s model and returns its step (the memory it takes is counted)."""
-    enc_kwargs, ee_layers, single_layers = CONFIGS[name]
-    cpu = torch.device("cpu")
-    data = make_train_batch(batch, seconds, vocab, cpu)
-
-    def build_step():
-        model = build(
-            enc_kwargs,
-            ee_layers if key == "early_exit" else single_layers,
-            vocab,
-            fused=VARIANT_OPTIONS[variant].get("fused", False),
-        )
-        return make_train_step(model, variant, data, cpu)
-
-    return build_step
+    returned function builds ``key``'s Brain and returns its step (the memory it takes is counted)."""
+    data = make_train_batch(batch, seconds, vocab, torch.device("cpu"))
+    return functools.partial(make_train_step, name, key, variant, data, vocab)
 
 
 def cpu_peak_memory_gb(name, key, batch, seconds, vocab, variant="base"):

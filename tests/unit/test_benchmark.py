@@ -10,7 +10,9 @@ import torch
 from benchmarks import frontend, inference, tables, train_step
 from benchmarks.__main__ import main
 from benchmarks.timing import CONFIGS, build_inference_model
+from earlyexit_brain.brain import EarlyExitCTCBrain
 from earlyexit_brain.dynamic import run_model
+from earlyexit_brain.losses import MultiExitLoss
 
 
 def test_compute_section_and_tables(repo_root, tmp_path):
@@ -61,6 +63,33 @@ def test_train_step_variants_match_base_and_are_tabulated():
     assert f"| {name} | ctc_stacked | 2 x 0.5 s, V 32 |" in md
     assert "| graphed | 2 x 0.5 s, V 32 | failed: RuntimeError: no CUDA |" in md
     assert "under torch.profiler" in md and "`stacked_cudnn`:" in md
+
+
+def test_train_step_times_the_brains_fit_batch_with_the_loss_object(monkeypatch):
+    """The timed step is EarlyExitCTCBrain.fit_batch with the YAML's MultiExitLoss, not a copy of either."""
+    calls = {"fit_batch": 0, "loss": 0}
+    fit_batch, loss_call = EarlyExitCTCBrain.fit_batch, MultiExitLoss.__call__
+
+    def counting_fit_batch(self, batch):
+        calls["fit_batch"] += 1
+        return fit_batch(self, batch)
+
+    def counting_loss(self, *args, **kwargs):
+        calls["loss"] += 1
+        return loss_call(self, *args, **kwargs)
+
+    monkeypatch.setattr(EarlyExitCTCBrain, "fit_batch", counting_fit_batch)
+    monkeypatch.setattr(MultiExitLoss, "__call__", counting_loss)
+    name = next(iter(CONFIGS))
+    train_step.bench_train_step(name, 2, 0.5, repeats=2, warmup=1, variant=train_step.DEFAULT_VARIANT, memory=False)
+    assert calls == {"fit_batch": 6, "loss": 6}  # 2 models x (1 warm-up + 2 timed steps)
+    step = train_step.make_train_step(name, "early_exit", train_step.DEFAULT_VARIANT,
+                                      train_step.make_train_batch(2, 0.5, 32, torch.device("cpu")))
+    assert isinstance(step.brain.hparams.loss, MultiExitLoss) and step.brain.hparams.loss.ctc == "one_call"
+    assert step.brain.optimizer.defaults["fused"] and step.brain.max_grad_norm == 1.0
+    before = [p.detach().clone() for p in step.brain.modules.parameters()]
+    assert torch.isfinite(step())
+    assert any(not torch.equal(a, b) for a, b in zip(before, step.brain.modules.parameters()))  # a real update
 
 
 def test_unknown_variant_is_refused():
