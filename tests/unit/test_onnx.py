@@ -333,3 +333,18 @@ def test_the_hub_folder_carries_the_onnx_export_validated(tmp_path, folder, mode
         fout.write(b"tampered")
     with pytest.raises(hub.PublishError, match=r"onnx: the ONNX runtime could not load its int8 graphs.*sha256"):
         hub.validate_hub_folder(out)
+
+
+# ---------------------------------------------------------------- the benchmark module
+def test_benchmark_sections_run_on_the_smoke_model(model, onnx_folder, audio):
+    from benchmarks.onnx_runtime import bench_latency, markdown, peak_memory, word_errors
+
+    lat = bench_latency("smoke", model, onnx_folder, threads=1, seconds=0.5, repeats=1, warmup=0)
+    assert [r["layer"] for r in lat["exits"]] == [2, 4, 6]
+    assert all(r[e]["median_ms"] > 0 for r in lat["exits"] for e in ("torch", "fp32", "int8"))
+    child = peak_memory("runtime", onnx_folder, audio["a"], threads=1)
+    assert child["torch_loaded"] is False and child["exit"] == 3 and child["peak_rss_bytes"] > 0
+    assert word_errors("the cat sat", "the bat sat down") == (2, 3)
+    sizes = {"smoke": {"fp32": 2.0e6, "int8": 1.0e6}}
+    text = markdown({"latency": [lat], "sizes": sizes, "memory": {}})
+    assert "| 3 | 6 |" in text and "0.500" in text
