@@ -348,3 +348,21 @@ def test_benchmark_sections_run_on_the_smoke_model(model, onnx_folder, audio):
     sizes = {"smoke": {"fp32": 2.0e6, "int8": 1.0e6}}
     text = markdown({"latency": [lat], "sizes": sizes, "memory": {}})
     assert "| 3 | 6 |" in text and "0.500" in text
+
+
+def test_the_exported_front_end_computes_speechbrains_features(model):
+    from speechbrain.nnet.attention import RelPosEncXL
+    from speechbrain.processing.features import spectral_magnitude
+
+    from earlyexit_brain.onnx_export import FrontGraph, relative_positions
+
+    front = FrontGraph(model)
+    wavs, lens = 0.1 * torch.randn(2, 12345, generator=torch.Generator().manual_seed(0)), torch.tensor([1.0, 0.6])
+    with torch.no_grad():
+        stft = model.compute_features.compute_STFT(wavs)
+        assert torch.allclose(front.stft(wavs), stft, atol=1e-5)
+        assert torch.allclose(front.stft.power(wavs), spectral_magnitude(stft), atol=1e-5)
+        assert torch.allclose(front.features(wavs, lens), model.features(wavs, lens), atol=1e-4)
+    for length, dim in ((1, 32), (9, 32), (40, 144)):
+        encoding = RelPosEncXL(dim)
+        assert torch.equal(relative_positions(length, dim, encoding.inv_freq), encoding.make_pe(length))
