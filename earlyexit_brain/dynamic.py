@@ -26,7 +26,8 @@ class DynamicOutput:
 
     ``log_probs[b]`` is ``(T_b, V)`` (valid frames only) at the exit where
     utterance ``b`` stopped; ``exits`` ``(B,)`` are 0-based; ``layers`` ``(B,)``
-    the encoder layers computed for each utterance.
+    the encoder layers computed for each utterance (the encoder's ``exit_compute_layers``:
+    a Splitformer's branch layers included).
     """
 
     log_probs: List[torch.Tensor]
@@ -84,7 +85,8 @@ def run_dynamic(encoder, heads, feats: torch.Tensor, lengths: Optional[torch.Ten
             keep = torch.nonzero(~stop).flatten()
             state = encoder.select(state, keep.to(state.x.device), trim=trim)
             active = active[keep]
-    layers = torch.tensor([encoder.exit_layers[int(k)] for k in exits], dtype=torch.long)
+    computed = encoder.exit_compute_layers
+    layers = torch.tensor([computed[int(k)] for k in exits], dtype=torch.long)
     return DynamicOutput(out_lp, exits, layers, out_hidden if keep_hidden else None)
 
 

@@ -52,6 +52,7 @@ class ExitOutputs:
     exit_layers: List[int]
     scores: Dict[str, torch.Tensor] = field(default_factory=dict)     # name -> (U, K)
     policy_ms: Dict[str, torch.Tensor] = field(default_factory=dict)  # name -> (U, K)
+    compute_layers: Optional[List[int]] = None  # layers computed to each exit (None: exit_layers)
 
     @property
     def num_exits(self) -> int:
@@ -142,6 +143,7 @@ def collect_exit_outputs(model, dataset, tokenizer, scorers: Dict[str, Confidenc
         hyps=hyps,
         exit_ms=torch.tensor(exit_ms, dtype=torch.float64),
         exit_layers=list(model.exit_layers),
+        compute_layers=list(model.exit_compute_layers),
         scores={n: torch.tensor(v, dtype=torch.float64) for n, v in scores.items()},
         policy_ms={n: torch.tensor(v, dtype=torch.float64) for n, v in policy_ms.items()},
     )
@@ -163,10 +165,11 @@ def confidence_exits(outputs: ExitOutputs, scorer: ConfidencePolicy, name: str,
 
 
 def summarize(outputs: ExitOutputs, exits: torch.Tensor, overhead: Optional[str] = None) -> Dict:
-    """WER, average layers/exit and seconds (encoder to the exit plus policy decisions)."""
+    """WER, average layers computed (``compute_layers``: a Splitformer's branches included), average
+    exit and seconds (encoder to the exit plus policy decisions)."""
     rows = torch.arange(len(exits))
     wer = 100.0 * float(outputs.errors[rows, exits].sum() / outputs.ref_words.sum().clamp(min=1))
-    layers = torch.tensor(outputs.exit_layers, dtype=torch.float64)[exits]
+    layers = torch.tensor(outputs.compute_layers or outputs.exit_layers, dtype=torch.float64)[exits]
     ms = outputs.exit_ms[rows, exits]
     if overhead is not None:
         taken = torch.arange(outputs.num_exits)[None, :] <= exits[:, None]

@@ -14,7 +14,9 @@ def build_report(encoder, heads, test_results: Dict[str, List[Dict]], train: Dic
 
     Arguments
     ---------
-    encoder : early-exit encoder (``exit_layers``, ``params_to_exit``)
+    encoder : early-exit encoder (``exit_layers``, ``exit_compute_layers``, ``params_to_exit``);
+        where the layers computed to an exit differ from its layer (a Splitformer's
+        branches), the exit's entry has ``compute_layers``, and so has the report (the last exit's)
     heads : exit heads (``params_of_exit``)
     test_results : ``{set: [{"exit", "wer", "cer", "n"}, ...]}`` from the Brain
     train : ``{"epochs": int, "seconds": float}``
@@ -28,10 +30,12 @@ def build_report(encoder, heads, test_results: Dict[str, List[Dict]], train: Dic
     parts = [encoder, heads] + ([decoders] if decoders is not None else [])
     params_total = sum(p.numel() for part in parts for p in part.parameters())
     exits = []
+    computed = list(encoder.exit_compute_layers)
     for k, layer in enumerate(encoder.exit_layers):
         entry = {
             "exit": k + 1,
             "layer": int(layer),
+            **({"compute_layers": int(computed[k])} if computed[k] != layer else {}),
             "params_to_exit": int(encoder.params_to_exit(k) + heads.params_of_exit(k)
                                   + (decoders.params_of_exit(k) if decoders is not None else 0)),
             "encoder_fraction": round(layer / encoder.num_layers, 4),
@@ -45,6 +49,7 @@ def build_report(encoder, heads, test_results: Dict[str, List[Dict]], train: Dic
                 entry["sets"][name]["decoders"] = row["decoders"]
         exits.append(entry)
     report = {"params_total": int(params_total), "num_layers": int(encoder.num_layers),
+              **({"compute_layers": int(computed[-1])} if computed != list(encoder.exit_layers) else {}),
               "exits": exits, "train": {"epochs": int(train["epochs"]),
                                         "seconds": round(float(train["seconds"]), 1)}}
     if extra:
@@ -143,7 +148,11 @@ def policy_markdown(report: Dict) -> List[str]:
             row += f" {v['wer']:.2f} | {v['avg_layers']:.2f} | {v['seconds']:.2f} |"
         lines.append(row)
     lines.append("")
-    lines.append(f"Layers of {report['num_layers']}; seconds: measured time at batch 1 from the "
+    layers = f"Layers of {report['num_layers']}"
+    if "compute_layers" in report:
+        layers = (f"Layers computed, the parallel branches counted (of {report['compute_layers']}: "
+                  f"{report['num_layers']} in the stack)")
+    lines.append(f"{layers}; seconds: measured time at batch 1 from the "
                  "waveform to the chosen exit plus the policy's decisions, summed over the set.")
     for set_name, row in report.get("depth_matched", {}).items():
         ref = row.get("posterior")

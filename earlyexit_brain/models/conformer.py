@@ -207,6 +207,13 @@ class IncrementalExits:
     for are never run.
     """
 
+    @property
+    def exit_compute_layers(self) -> List[int]:
+        """Layers computed to reach each exit, as dynamic inference and the policy evaluation
+        count them: ``exit_layers`` here; an encoder with layers beside the stack (the
+        Splitformer's branches) counts those too."""
+        return list(self.exit_layers)
+
     def iter_exits(
         self, inputs: torch.Tensor, lengths: Optional[torch.Tensor] = None, max_exit: Optional[int] = None
     ) -> Iterator[Tuple[int, torch.Tensor]]:
@@ -455,12 +462,17 @@ class EarlyExitConformerEncoder(IncrementalExits, nn.Module):
         target = self.exit_layers[exit_index]
         if target < state.layer:
             raise ValueError(f"exit {exit_index} (layer {target}) is below the state's layer {state.layer}")
+        self.run_layers(state, target)
+        return self.exit_norms[exit_index](state.x)
+
+    def run_layers(self, state: EncoderState, target: int) -> None:
+        """Run the layers above the state's layer up to layer ``target`` (1-based), updating
+        ``state`` in place (no exit norm)."""
         x = state.x
         for layer in self.layers[state.layer:target]:
             x, _ = layer(x, src_mask=state.src_mask, src_key_padding_mask=state.key_padding_mask,
                          pos_embs=state.pos_embs)
         state.x, state.layer = x, target
-        return self.exit_norms[exit_index](x)
 
     def select(self, state: EncoderState, index: torch.Tensor, trim: bool = True) -> EncoderState:
         """Keep the utterances ``index`` of a state (the others left the batch).

@@ -59,6 +59,11 @@ class EarlyExitCTCModel(nn.Module):
         return list(self.encoder.exit_layers)
 
     @property
+    def exit_compute_layers(self) -> List[int]:
+        """Layers computed to reach each exit (the Splitformer's branches counted as layers)."""
+        return list(self.encoder.exit_compute_layers)
+
+    @property
     def num_exits(self) -> int:
         return len(self.encoder.exit_layers)
 
