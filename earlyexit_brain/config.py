@@ -18,6 +18,7 @@ import yaml
 from hyperpyyaml import resolve_references
 from ruamel.yaml.error import YAMLError
 
+from earlyexit_brain.dataio import DataOptions
 from earlyexit_brain.decoding.attention import AEDSearchOptions
 from earlyexit_brain.decoding.ctc import CTCDecodingOptions
 from earlyexit_brain.evaluation import PolicyEvaluationOptions
@@ -92,7 +93,6 @@ _CORPUS_RULES: Dict[str, Rule] = {
     "on_error": (lambda v: v in ("fail", "skip"), "'fail' or 'skip'"),
     "max_utterances": (lambda v: v is None or (_is_int(v) and v >= 1), "null or an integer >= 1"),
     "sample_rate": (lambda v: _is_int(v) and v >= 1, "an integer >= 1"),
-    "num_workers": (lambda v: v is None or (_is_int(v) and v >= 1), "null or an integer >= 1"),
     "partition": (lambda v: v in ("legacy", "speaker-adaptation"), "'legacy' or 'speaker-adaptation'"),
     "splits": (lambda v: isinstance(v, list) and len(v) > 0 and all(s in ("train", "dev", "test") for s in v),
                "a non-empty list among 'train', 'dev', 'test'"),
@@ -101,9 +101,7 @@ _CORPUS_RULES: Dict[str, Rule] = {
 
 # key -> (predicate, accepted values in words)
 _RULES: Dict[str, Rule] = {
-    "seed": (_is_int, "an integer"),
     "number_of_epochs": (lambda v: _is_int(v) and v >= 1, "an integer >= 1"),
-    "batch_size": (lambda v: _is_int(v) and v >= 1, "an integer >= 1"),
     "num_layers": (lambda v: _is_int(v) and v >= 1, "an integer >= 1"),
     "d_model": (lambda v: _is_int(v) and v >= 1, "an integer >= 1"),
     "nhead": (lambda v: _is_int(v) and v >= 1, "an integer >= 1"),
@@ -122,16 +120,8 @@ _RULES: Dict[str, Rule] = {
     "ckpt_interval_minutes": (lambda v: _is_num(v) and v >= 0, "a number of minutes >= 0 (0 = off)"),
     "ckpt_interval_steps": (lambda v: _is_int(v) and v >= 0, "an integer >= 0 (0 = off)"),
     "nonfinite_patience": (lambda v: _is_int(v) and v >= 0, "an integer >= 0"),
-    "bad_audio": (lambda v: v in ("skip", "fail"), "skip or fail"),
-    "max_audio_seconds": (lambda v: _is_num(v) and v > 0, "a number of seconds > 0"),
     "token_type": (lambda v: v in ("char", "bpe", "unigram"), "'char', 'bpe' or 'unigram'"),
-    "sorting": (lambda v: v in ("ascending", "descending", "random"),
-                "'ascending', 'descending' or 'random'"),
-    "dynamic_batching": (lambda v: isinstance(v, bool), "true or false"),
-    "max_batch_length_train": (lambda v: _is_num(v) and v > 0, "a number of seconds > 0"),
     "max_batch_length_eval": (lambda v: _is_num(v) and v > 0, "a number of seconds > 0"),
-    "max_duration": (lambda v: _is_num(v) and v > 0, "a number of seconds > 0"),
-    "data_folder": _FOLDER,
     "manifest_folder": _FOLDER,
     "avg_checkpoints": (lambda v: _is_int(v) and v >= 1, "an integer >= 1"),
     "grad_accumulation_factor": (lambda v: _is_int(v) and v >= 1, "an integer >= 1"),
@@ -148,8 +138,6 @@ _RULES: Dict[str, Rule] = {
     "dev_splits": _SPLIT_LIST,
     "test_splits": _SPLIT_LIST,
     "output_folder": _FOLDER,
-    "test_sets": (lambda v: isinstance(v, list) and len(v) > 0
-                  and all(isinstance(s, str) for s in v), "a non-empty list of set names"),
     # exit-policy evaluation (recipes/evaluate.py, end of recipes/train.py)
     "policy_evaluation": (lambda v: isinstance(v, bool), "true or false"),
     # decoding (EarlyExitCTCBrain / EarlyExitSeq2SeqBrain)
@@ -165,9 +153,9 @@ _RULES: Dict[str, Rule] = {
     "decoder_d_ffn": (lambda v: _is_int(v) and v >= 1, "an integer >= 1"),
     "share_embedding": (lambda v: isinstance(v, bool), "true or false"),
 }
-# the keys of the typed options (the loss, CTC decoding, the attention search, the policy evaluation):
+# the keys of the typed options (data, the loss, CTC decoding, the attention search, the policy evaluation):
 # each rule is defined beside its default, in the option class
-for _options in (MultiExitLoss, CTCDecodingOptions, AEDSearchOptions, PolicyEvaluationOptions):
+for _options in (DataOptions, MultiExitLoss, CTCDecodingOptions, AEDSearchOptions, PolicyEvaluationOptions):
     _RULES.update(_options.rules())
 
 

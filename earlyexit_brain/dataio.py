@@ -11,9 +11,10 @@ the ``bad_audio`` key says (see :mod:`earlyexit_brain.audio_check`).
 """
 
 import csv
+import dataclasses
 import logging
 import os
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, List, NamedTuple, Optional
 
 import speechbrain as sb
 import torch
@@ -21,6 +22,7 @@ from speechbrain.dataio.dataset import DynamicItemDataset
 from speechbrain.dataio.sampler import DynamicBatchSampler
 
 from .audio_check import check_manifest_audio, make_reader, row_segment
+from .options import ConfigError, is_int, is_num, option, Options
 
 logger = logging.getLogger(__name__)
 
@@ -78,7 +80,103 @@ def _load(csv_path: str, data_folder: str) -> DynamicItemDataset:
         raise ValueError(f"manifest {csv_path}: {err}") from None
 
 
-def dataio_prepare(hparams: Dict, tokenizer, encoder) -> Tuple[DynamicItemDataset, DynamicItemDataset, Dict, Dict]:
+def _seconds(v) -> bool:
+    return is_num(v) and v > 0
+
+
+def _folder(v) -> bool:
+    return isinstance(v, str) and v.strip() != ""
+
+
+@dataclasses.dataclass(frozen=True)
+class DataOptions(Options):
+    """What :func:`dataio_prepare` reads from a recipe; each field is the recipe YAML key of its name.
+
+    Arguments
+    ---------
+    data_folder : str
+        Replaces ``$data_root`` in the manifests.
+    train_csv, valid_csv : str
+        The training and validation manifests.
+    test_csv : dict
+        ``{set name: manifest}``; ``test_sets`` names the sets evaluated, in order.
+    sample_rate : int
+        Audio is down-mixed and resampled to it when read.
+    seed : int
+        Seeds the training loader's generator and the dynamic batch sampler.
+    max_duration : float
+        Training utterances longer than this (s) are left out.
+    eval_batch_size : int
+        Validation and test batch size.
+    batch_size : int, optional
+        Training batch size (needed without ``dynamic_batching``).
+    sorting : str
+        Training order without dynamic batching: ``random``, ``ascending`` or ``descending`` duration.
+    dynamic_batching : bool
+        SpeechBrain's ``DynamicBatchSampler`` with ``max_batch_length_train`` seconds per batch and
+        ``num_buckets`` buckets.
+    bad_audio : str
+        ``skip`` or ``fail`` (docs/reliability.md); ``max_audio_seconds``: longer audio counts as bad.
+    audio_check_workers : int
+        Processes of the header checks.
+    save_folder : str, optional
+        Where the header checks are cached (``<save_folder>/audio_check``; None: not cached).
+    hop_length : float, optional
+        The feature hop in ms (None: a waveform encoder, whose ``output_frames`` takes samples).
+    num_workers : int
+        DataLoader workers.
+    """
+
+    data_folder: str = option("data_folder", dataclasses.MISSING, _folder, "a folder path")
+    train_csv: str = option("train_csv", dataclasses.MISSING, _folder, "a manifest path")
+    valid_csv: str = option("valid_csv", dataclasses.MISSING, _folder, "a manifest path")
+    test_csv: Dict[str, str] = option("test_csv", dataclasses.MISSING, lambda v: isinstance(v, dict),
+                                      "a mapping of set names to manifests")
+    test_sets: List[str] = option("test_sets", dataclasses.MISSING,
+                                  lambda v: isinstance(v, list) and len(v) > 0 and all(isinstance(x, str) for x in v),
+                                  "a non-empty list of set names")
+    sample_rate: int = option("sample_rate", dataclasses.MISSING, lambda v: is_int(v) and v >= 1, "an integer >= 1")
+    seed: int = option("seed", dataclasses.MISSING, is_int, "an integer")
+    max_duration: float = option("max_duration", dataclasses.MISSING, _seconds, "a number of seconds > 0")
+    eval_batch_size: int = option("eval_batch_size", dataclasses.MISSING, lambda v: is_int(v) and v >= 1,
+                                  "an integer >= 1")
+    batch_size: Optional[int] = option("batch_size", None, lambda v: v is None or (is_int(v) and v >= 1),
+                                       "an integer >= 1")
+    sorting: str = option("sorting", "random", lambda v: v in ("ascending", "descending", "random"),
+                          "'ascending', 'descending' or 'random'")
+    dynamic_batching: bool = option("dynamic_batching", False, lambda v: isinstance(v, bool), "true or false")
+    max_batch_length_train: Optional[float] = option("max_batch_length_train", None,
+                                                     lambda v: v is None or _seconds(v), "a number of seconds > 0")
+    num_buckets: int = option("num_buckets", 20, lambda v: is_int(v) and v >= 1, "an integer >= 1")
+    bad_audio: str = option("bad_audio", "skip", lambda v: v in ("skip", "fail"), "skip or fail")
+    max_audio_seconds: float = option("max_audio_seconds", 120.0, _seconds, "a number of seconds > 0")
+    audio_check_workers: int = option("audio_check_workers", 4, lambda v: is_int(v) and v >= 1, "an integer >= 1")
+    save_folder: Optional[str] = option("save_folder", None, lambda v: v is None or _folder(v), "a folder path")
+    hop_length: Optional[float] = option("hop_length", None, lambda v: v is None or _seconds(v),
+                                         "null or a hop in ms > 0")
+    num_workers: int = option("num_workers", 0, lambda v: is_int(v) and v >= 0, "an integer >= 0")
+
+    def __post_init__(self):
+        super().__post_init__()
+        missing = [name for name in self.test_sets if name not in self.test_csv]
+        if missing:
+            raise ConfigError(f"key 'test_sets': {missing} not in test_csv {sorted(self.test_csv)}")
+        if self.dynamic_batching and self.max_batch_length_train is None:
+            raise ConfigError("key 'max_batch_length_train' is needed with dynamic_batching")
+        if not self.dynamic_batching and self.batch_size is None:
+            raise ConfigError("key 'batch_size' is needed without dynamic_batching")
+
+
+class PreparedData(NamedTuple):
+    """What :func:`dataio_prepare` returns."""
+    train: DynamicItemDataset
+    valid: DynamicItemDataset
+    tests: Dict[str, DynamicItemDataset]
+    loaders: Dict[str, Dict]
+    audio_check: Dict[str, Dict]  # per set: utterances left out for bad audio, files resampled / down-mixed
+
+
+def dataio_prepare(options, tokenizer, encoder) -> PreparedData:
     """Build train/valid/test datasets with audio and token pipelines.
 
     Training utterances whose token sequence cannot fit the encoder's frames
@@ -86,33 +184,40 @@ def dataio_prepare(hparams: Dict, tokenizer, encoder) -> Tuple[DynamicItemDatase
     the log. Validation and test sets are never filtered: an utterance that
     cannot be aligned counts as errors rather than disappearing.
 
+    Arguments
+    ---------
+    options : DataOptions or dict
+        The data options, or a recipe's hparams to read them from.
+    tokenizer : SentencePiece
+        ``tokenizer.sp`` encodes the transcripts.
+    encoder : early-exit encoder
+        Its ``output_frames`` decides which training utterances CTC can align.
+
     Returns
     -------
-    train, valid, tests, loader_kwargs
-        ``tests`` maps each name in ``test_sets`` to its dataset;
-        ``loader_kwargs`` has ``train``/``valid``/``test`` DataLoader options.
+    PreparedData
+        ``train, valid, tests, loaders, audio_check``: ``tests`` maps each name in ``test_sets``
+        to its dataset; ``loaders`` has ``train``/``valid``/``test`` DataLoader options;
+        ``audio_check`` the per-set summary of the audio checks (report.json).
     """
-    data_folder = hparams["data_folder"]
-    train = _load(hparams["train_csv"], data_folder)
-    valid = _load(hparams["valid_csv"], data_folder)
-    tests = {name: _load(hparams["test_csv"][name], data_folder) for name in hparams["test_sets"]}
+    o = options if isinstance(options, DataOptions) else DataOptions.from_hparams(options)
+    train = _load(o.train_csv, o.data_folder)
+    valid = _load(o.valid_csv, o.data_folder)
+    tests = {name: _load(o.test_csv[name], o.data_folder) for name in o.test_sets}
 
-    sample_rate = hparams["sample_rate"]
-    bad_audio = hparams.get("bad_audio", "skip")
-    cache = os.path.join(hparams["save_folder"], "audio_check") if "save_folder" in hparams else None
-    manifests = {"train": hparams["train_csv"], "valid": hparams["valid_csv"], **hparams["test_csv"]}
+    sample_rate, bad_audio = o.sample_rate, o.bad_audio
+    cache = os.path.join(o.save_folder, "audio_check") if o.save_folder is not None else None
+    manifests = {"train": o.train_csv, "valid": o.valid_csv, **o.test_csv}
     audio_summary = {}
     checked = []
     for name, dataset in [("train", train), ("valid", valid)] + list(tests.items()):
         dataset, audio_summary[name] = check_manifest_audio(
-            dataset, name, manifests[name], sample_rate, bad_audio,
-            float(hparams.get("max_audio_seconds", 120.0)), cache,
-            int(hparams.get("audio_check_workers", 4)))
+            dataset, name, manifests[name], sample_rate, bad_audio, float(o.max_audio_seconds), cache,
+            int(o.audio_check_workers))
         checked.append(dataset)
     train, valid = checked[0], checked[1]
     tests = dict(zip(tests, checked[2:]))
     datasets = [train, valid] + list(tests.values())
-    hparams["audio_check"] = audio_summary  # report.json: bad audio left out, resampled, down-mixed
 
     def audio_pipelines(training):
         read = make_reader(sample_rate, bad_audio, training)
@@ -136,7 +241,7 @@ def dataio_prepare(hparams: Dict, tokenizer, encoder) -> Tuple[DynamicItemDatase
         yield tokens_list
         yield torch.LongTensor(tokens_list)
 
-    hop = hparams.get("hop_length")  # None: a waveform encoder (SSL)
+    hop = o.hop_length  # None: a waveform encoder (SSL)
 
     @sb.utils.data_pipeline.takes("duration", "tokens_list")
     @sb.utils.data_pipeline.provides("ctc_fits")
@@ -150,7 +255,7 @@ def dataio_prepare(hparams: Dict, tokenizer, encoder) -> Tuple[DynamicItemDatase
     sb.dataio.dataset.add_dynamic_item(datasets, fit_pipeline)
 
     n_before = len(train)
-    train = train.filtered_sorted(key_max_value={"duration": hparams["max_duration"]})
+    train = train.filtered_sorted(key_max_value={"duration": o.max_duration})
     n_long = n_before - len(train)
     n_mid = len(train)
     train = train.filtered_sorted(key_test={"ctc_fits": lambda fits: bool(fits)})
@@ -158,10 +263,10 @@ def dataio_prepare(hparams: Dict, tokenizer, encoder) -> Tuple[DynamicItemDatase
     logger.info(
         "Training manifest %s: %d utterances, %d dropped as longer than max_duration=%s s, "
         "%d dropped because their tokens cannot fit the encoder frames under CTC",
-        hparams["train_csv"], n_before, n_long, hparams["max_duration"], n_unfit,
+        o.train_csv, n_before, n_long, o.max_duration, n_unfit,
     )
     if len(train) == 0:
-        raise ValueError(f"no usable training utterance left in {hparams['train_csv']}")
+        raise ValueError(f"no usable training utterance left in {o.train_csv}")
     for name, ds in [("valid", valid)] + list(tests.items()):
         with ds.output_keys_as(["ctc_fits"]):
             bad = sum(1 for item in ds if not item["ctc_fits"])
@@ -174,32 +279,32 @@ def dataio_prepare(hparams: Dict, tokenizer, encoder) -> Tuple[DynamicItemDatase
     sb.dataio.dataset.set_output_keys([train, valid] + list(tests.values()),
                                       ["id", "sig", "wrd", "tokens"])
 
-    num_workers = hparams.get("num_workers", 0)
+    num_workers = o.num_workers
     loader = {
-        "valid": {"batch_size": hparams["eval_batch_size"], "num_workers": num_workers},
-        "test": {"batch_size": hparams["eval_batch_size"], "num_workers": num_workers},
+        "valid": {"batch_size": o.eval_batch_size, "num_workers": num_workers},
+        "test": {"batch_size": o.eval_batch_size, "num_workers": num_workers},
     }
-    if hparams.get("dynamic_batching", False):
+    if o.dynamic_batching:
         sampler = DynamicBatchSampler(
             train,
-            max_batch_length=hparams["max_batch_length_train"],
-            num_buckets=hparams.get("num_buckets", 20),
+            max_batch_length=o.max_batch_length_train,
+            num_buckets=o.num_buckets,
             length_func=lambda x: float(x["duration"]),
             shuffle=True,
             batch_ordering="random",
-            seed=hparams["seed"],
+            seed=o.seed,
         )
         loader["train"] = {"batch_sampler": sampler, "num_workers": num_workers}
     else:
-        sorting = hparams.get("sorting", "random")
+        sorting = o.sorting
         if sorting == "ascending":
             train = train.filtered_sorted(sort_key="duration")
         elif sorting == "descending":
             train = train.filtered_sorted(sort_key="duration", reverse=True)
-        loader["train"] = {"batch_size": hparams["batch_size"], "num_workers": num_workers,
+        loader["train"] = {"batch_size": o.batch_size, "num_workers": num_workers,
                            "shuffle": sorting == "random"}
     # The training loader draws its iterators' seeds from its own generator, not from the
     # global one, so that a run resumed from a checkpoint (which restores the global random
     # state, see checkpoints.RandomState) draws the same dropout masks as the uninterrupted run.
-    loader["train"]["generator"] = torch.Generator().manual_seed(int(hparams["seed"]))
-    return train, valid, tests, loader
+    loader["train"]["generator"] = torch.Generator().manual_seed(int(o.seed))
+    return PreparedData(train, valid, tests, loader, audio_summary)

@@ -5,7 +5,7 @@ import os
 import re
 import sys
 import tempfile
-from typing import Dict, List
+from typing import Dict, List, Optional, Tuple
 
 import speechbrain as sb
 import yaml
@@ -183,16 +183,17 @@ def run_recipe(main, argv: List[str]) -> None:
         sys.exit(f"Error: {err}")
 
 
-def tokenizer_or_exit(hparams: Dict) -> SentencePiece:
+def tokenizer_or_exit(hparams: Dict) -> Tuple[SentencePiece, Optional[str]]:
     """:func:`build_tokenizer`, then the recipe's n-gram LM (``ngram_order``, see
     :func:`earlyexit_brain.decoding.ngram.prepare_recipe_lm`), exiting with the
-    configuration error if there is one."""
+    configuration error if there is one. Returns ``(tokenizer, lm_path)``: the recipe sets its
+    ``ctc_lm_path`` to ``lm_path``."""
     try:
         tokenizer = build_tokenizer(hparams)
-        prepare_recipe_lm(hparams)
+        lm_path = prepare_recipe_lm(hparams)
     except (ConfigError, ValueError) as err:
         sys.exit(f"Configuration error: {err}")
-    return tokenizer
+    return tokenizer, lm_path
 
 
 def build_tokenizer(hparams: Dict) -> SentencePiece:
@@ -217,19 +218,18 @@ def build_tokenizer(hparams: Dict) -> SentencePiece:
     return tokenizer
 
 
-def evaluate_and_report(hparams: Dict, hparams_file: str, brain, tokenizer, valid_data,
-                        test_datasets: Dict, loaders: Dict, train_utterances: int) -> Dict[str, str]:
+def evaluate_and_report(hparams: Dict, hparams_file: str, brain, tokenizer, data) -> Dict[str, str]:
     """Evaluate every exit on every test set (best checkpoint), then the exit policies; write the report.
 
-    The report's ``train`` facts are the epoch counter and training clock as they
-    stand when this is called (the best checkpoint loaded for evaluation may be
-    older). Returns the paths written (``json``, ``md``, ``plot``), or {} on
-    non-main DDP processes.
+    ``data`` is :func:`earlyexit_brain.dataio.dataio_prepare`'s result. The report's ``train``
+    facts are the epoch counter and training clock as they stand when this is called (the best
+    checkpoint loaded for evaluation may be older). Returns the paths written (``json``, ``md``,
+    ``plot``), or {} on non-main DDP processes.
     """
     trained = {"epochs": hparams["epoch_counter"].current,
                "seconds": hparams["train_clock"].seconds}
-    for name, dataset in test_datasets.items():
-        brain.evaluate_set(name, dataset, loaders["test"], min_key=hparams["checkpoint_key"])
+    for name, dataset in data.tests.items():
+        brain.evaluate_set(name, dataset, data.loaders["test"], min_key=hparams["checkpoint_key"])
     if not sb.utils.distributed.if_main_process():
         return {}
     report = build_report(
@@ -248,12 +248,12 @@ def evaluate_and_report(hparams: Dict, hparams_file: str, brain, tokenizer, vali
                "test_decoders": brain.stage_decoders(sb.Stage.TEST),
                "ctc_lm": lm_summary(hparams),
                "vocab_size": tokenizer.sp.vocab_size(),
-               "train_utterances": train_utterances,
+               "train_utterances": len(data.train),
                # per set: utterances left out for bad audio, files resampled / down-mixed
-               "audio_check": hparams.get("audio_check", {})},
+               "audio_check": data.audio_check},
     )
     if hparams.get("policy_evaluation", True):
-        report.update(run_policy_evaluation(hparams, tokenizer.sp, valid_data, test_datasets,
+        report.update(run_policy_evaluation(hparams, tokenizer.sp, data.valid, data.tests,
                                             tokenizer.prefix_model_file + ".model"))
     paths = write_report(report, hparams["output_folder"])
     print()

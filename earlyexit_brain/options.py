@@ -113,6 +113,11 @@ class Options:
                 present = key in hparams if isinstance(hparams, Mapping) else hasattr(hparams, key)
                 if present:
                     values[f.name] = hparams[key] if isinstance(hparams, Mapping) else getattr(hparams, key)
+        missing = [f.metadata.get("key") or f.name for f in dataclasses.fields(cls)
+                   if f.name not in values and _default(f) is dataclasses.MISSING]
+        if missing:
+            raise ConfigError(f"{cls.__name__}: key{'s' if len(missing) > 1 else ''} "
+                              f"{', '.join(repr(k) for k in missing)} missing (no default)")
         return cls(**values)
 
     def as_dict(self) -> Dict[str, Any]:

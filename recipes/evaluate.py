@@ -53,10 +53,8 @@ def main(argv):
             sys.exit(f"Error: key '{key}': manifest not found: {hparams[key]} (prepare the corpus "
                      f"by running recipes/train.py with the same hyperparameters)")
 
-    tokenizer = tokenizer_or_exit(hparams)
-    train_data, valid_data, test_datasets, loaders = dataio_prepare(
-        hparams, tokenizer, hparams["encoder"]
-    )
+    tokenizer, hparams["ctc_lm_path"] = tokenizer_or_exit(hparams)
+    data = dataio_prepare(hparams, tokenizer, hparams["encoder"])
     brain = brain_class_for(hparams)(
         modules=hparams["modules"],
         hparams=hparams,
@@ -67,8 +65,7 @@ def main(argv):
     checkpoint = hparams["checkpointer"].recover_if_possible(min_key=hparams["checkpoint_key"])
     if checkpoint is None:
         sys.exit(f"Error: no checkpoint in {hparams['save_folder']}: train the model first")
-    evaluate_and_report(hparams, hparams_file, brain, tokenizer, valid_data, test_datasets,
-                        loaders, len(train_data))
+    evaluate_and_report(hparams, hparams_file, brain, tokenizer, data)
 
 
 if __name__ == "__main__":

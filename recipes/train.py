@@ -58,10 +58,9 @@ def main(argv):
     except CorpusError as err:
         sys.exit(f"Corpus error: {err}")
 
-    tokenizer = tokenizer_or_exit(hparams)
-    train_data, valid_data, test_datasets, loaders = dataio_prepare(
-        hparams, tokenizer, hparams["encoder"]
-    )
+    tokenizer, hparams["ctc_lm_path"] = tokenizer_or_exit(hparams)
+    data = dataio_prepare(hparams, tokenizer, hparams["encoder"])
+    train_data, valid_data, loaders = data.train, data.valid, data.loaders
 
     for key in ("lr_annealing", "ssl_lr_annealing"):
         scheduler = hparams.get(key)
@@ -93,8 +92,7 @@ def main(argv):
         valid_loader_kwargs=loaders["valid"],
     )
 
-    evaluate_and_report(hparams, hparams_file, brain, tokenizer, valid_data, test_datasets,
-                        loaders, len(train_data))
+    evaluate_and_report(hparams, hparams_file, brain, tokenizer, data)
 
 
 if __name__ == "__main__":

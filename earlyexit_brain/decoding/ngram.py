@@ -161,7 +161,7 @@ def build_ngram_lm(train_csv: str, order: int, path: str, unique: bool = True) -
 def prepare_recipe_lm(hparams: Dict) -> Optional[str]:
     """A recipe's n-gram LM: ``ctc_lm_path`` when set, else, with ``ngram_order`` > 0,
     ``<save_folder>/ngram_<order>.arpa`` estimated from ``train_csv`` (written on the
-    main process). Sets ``hparams["ctc_lm_path"]`` and returns it (None: no LM)."""
+    main process). Returns its path (None: no LM); the recipe puts it in its ``ctc_lm_path``."""
     import speechbrain as sb
 
     order = hparams.get("ngram_order") or 0
@@ -169,7 +169,6 @@ def prepare_recipe_lm(hparams: Dict) -> Optional[str]:
         return hparams.get("ctc_lm_path")
     path = os.path.join(hparams["save_folder"], f"ngram_{order}.arpa")
     sb.utils.distributed.run_on_main(build_ngram_lm, args=[hparams["train_csv"], order, path])
-    hparams["ctc_lm_path"] = path
     return path
 
 

@@ -8,7 +8,8 @@ import torch
 from speechbrain.nnet.losses import ctc_loss
 
 from earlyexit_brain.losses import MultiExitLoss
-from earlyexit_brain.dataio import ctc_required_frames, dataio_prepare, encoder_frames
+from earlyexit_brain.dataio import ctc_required_frames, DataOptions, dataio_prepare, encoder_frames
+from earlyexit_brain.options import ConfigError
 from earlyexit_brain.models.conformer import CTCExitHeads, EarlyExitConformerEncoder
 
 
@@ -107,7 +108,7 @@ def test_unfit_training_utterances_are_dropped_and_counted(tiny_corpus, tmp_path
                    hop_length=10, max_duration=100.0, eval_batch_size=4, batch_size=4,
                    sorting="ascending", seed=1)
     with caplog.at_level(logging.INFO):
-        train, valid, tests, loaders = dataio_prepare(hparams, CharTokenizer(), enc)
+        train, valid, tests, loaders, _ = dataio_prepare(hparams, CharTokenizer(), enc)
     assert len(train) == len(rows) - 2
     assert "2 dropped because their tokens cannot fit" in caplog.text
     assert len(valid) == len(open(manifests["dev"]).readlines()) - 1  # dev is never filtered
@@ -123,6 +124,21 @@ def test_encoder_frames_agrees_with_the_encoder():
 def test_missing_manifest_is_named(tmp_path):
     enc = EarlyExitConformerEncoder(40, 1, 16, 2, 32, [1], kernel_size=3)
     hparams = dict(data_folder=str(tmp_path), train_csv=str(tmp_path / "nope.csv"),
-                   valid_csv="x", test_sets=["test"], test_csv={"test": "y"})
+                   valid_csv="x", test_sets=["test"], test_csv={"test": "y"}, sample_rate=16000, seed=1,
+                   max_duration=10.0, eval_batch_size=2, batch_size=2)
     with pytest.raises(FileNotFoundError, match="nope.csv"):
         dataio_prepare(hparams, CharTokenizer(), enc)
+
+
+@pytest.mark.parametrize("drop, message", [
+    ("seed", "DataOptions: key 'seed' missing"), ("batch_size", "'batch_size' is needed without dynamic_batching"),
+])
+def test_data_options_name_a_missing_key(tmp_path, drop, message):
+    hparams = dict(data_folder=str(tmp_path), train_csv="a.csv", valid_csv="b.csv", test_sets=["test"],
+                   test_csv={"test": "c.csv"}, sample_rate=16000, seed=1, max_duration=10.0,
+                   eval_batch_size=2, batch_size=2)
+    del hparams[drop]
+    with pytest.raises(ConfigError, match=message):
+        DataOptions.from_hparams(hparams)
+    with pytest.raises(ConfigError, match="key 'test_sets'"):
+        DataOptions.from_hparams(dict(hparams, **{drop: 2}, test_sets=["other"]))

@@ -291,7 +291,7 @@ def test_pipeline_reads_segments_and_whole_files(ted, libri):
                    test_csv={"test": plain}, test_sets=["test"], sample_rate=SR, hop_length=10,
                    max_duration=30.0, eval_batch_size=2, dynamic_batching=False, batch_size=2,
                    sorting="ascending", seed=1)
-    train, valid, tests, _ = dataio_prepare(hparams, _Tokens, _Encoder)
+    train, valid, tests, _, _ = dataio_prepare(hparams, _Tokens, _Encoder)
     for ds, manifest in ((train, ted_m["train"]), (valid, ted_m["dev"])):
         by_id = {r["ID"]: r for r in rows(manifest)[1]}
         for item in ds:

@@ -1,0 +1,33 @@
+"""WER-vs-compute evaluation of exit policies, and threshold calibration on dev.
+
+``exit_outputs`` records every exit of every utterance; ``calibration`` simulates the policies on
+those records, calibrates their thresholds on dev and sweeps them; ``run`` is what a recipe runs
+after training (options, model, records, calibration, the exported inference folder).
+
+Every utterance is run once at batch 1 (as a device transcribing one request
+would), through every exit, recording for each exit the hypothesis (greedy CTC;
+an AED model's joint CTC/attention beam search), its word errors, the
+cumulative milliseconds from the waveform to that exit (the encoder; the
+decoding after it is not included),
+and each confidence policy's score and the time it took to compute. A policy
+decision for an utterance depends only on that utterance's own per-exit
+scores, so the exit any threshold would choose, and the resulting WER, depth
+and time, follow exactly from these records: a sweep over thresholds costs no
+further passes. (``tests/unit/test_exits.py`` checks that the simulated choice
+equals a real dynamic run.)
+"""
+
+
+from .calibration import (budget_sweep, calibrate, candidate_thresholds, confidence_exits, evaluate_policies,
+                          first_stop, nearest_depth, summarize, sweep_thresholds, threshold_points,
+                          WerIncreaseBootstrap)
+from .exit_outputs import build_scorers, collect_exit_outputs, ExitOutputs
+from .run import (build_model, CALIBRATED_POLICIES, features_config, nbest_options, POLICY_DEFAULTS,
+                  PolicyEvaluationOptions, report_decoding, run_policy_evaluation, stored_decoding,
+                  SWEEPABLE_POLICIES)
+
+__all__ = ["budget_sweep", "build_model", "build_scorers", "calibrate", "CALIBRATED_POLICIES",
+           "candidate_thresholds", "collect_exit_outputs", "confidence_exits", "evaluate_policies",
+           "ExitOutputs", "features_config", "first_stop", "nbest_options", "nearest_depth", "POLICY_DEFAULTS",
+           "PolicyEvaluationOptions", "report_decoding", "run_policy_evaluation", "stored_decoding", "summarize",
+           "sweep_thresholds", "SWEEPABLE_POLICIES", "threshold_points", "WerIncreaseBootstrap"]
