@@ -251,3 +251,21 @@ def test_an_exported_splitformer_folder_transcribes(tmp_path):
             result = asr.transcribe_file(path, exit=k + 1)
             assert result.exit == k + 1 and result.layers == [3, 5, 8][k] and result.error is None
     assert asr.transcribe_file(path).layers in (3, 5, 8)  # the stored default policy
+
+
+def test_the_side_by_side_benchmark(monkeypatch):
+    from benchmarks import timing
+    from benchmarks.splitformer import bench_splitformer, markdown
+
+    monkeypatch.setitem(timing.CONFIGS, "tiny", (dict(num_layers=2, d_model=D, nhead=2, d_ffn=32, kernel_size=3,
+                                                      frontend_channels=(8, 8)), [1, 2], [2]))
+    result = bench_splitformer("tiny", seconds=1.0, train_batch=2, train_seconds=0.5, repeats=1, warmup=0)
+    assert [e["splitformer_compute_layers"] for e in result["exits"]] == [2, 4]
+    assert [b["exit"] for b in result["branches"]] == [1, 2]
+    assert result["branches"][0]["frames"] == 26  # 101 feature frames, 4x subsampling
+    conformer, split = result["params"]["conformer"], result["params"]["splitformer"]
+    branch = split[0] - conformer[0]
+    assert branch > 0 and split[1] - conformer[1] == 2 * branch
+    assert result["train_step"]["ratio"] > 0
+    assert all(abs(e["added_ms"] - (e["splitformer_ms"] - e["conformer_ms"])) < 0.011 for e in result["exits"])
+    assert "| 2 | 2 | 4 |" in markdown(result)
