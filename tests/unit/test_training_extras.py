@@ -8,16 +8,12 @@ from speechbrain.augment.augmenter import Augmenter
 from speechbrain.augment.freq_domain import SpectrogramDrop
 from speechbrain.augment.time_domain import SpeedPerturb
 from speechbrain.dataio.batch import PaddedBatch
-from speechbrain.lobes.features import Fbank
 from speechbrain.lobes.models.transformer.Transformer import PositionalEncoding
-from speechbrain.processing.features import InputNormalization
 from speechbrain.utils.checkpoints import Checkpointer
 
-from earlyexit_brain.losses import MultiExitLoss
-from earlyexit_brain.brain import EarlyExitCTCBrain
 from earlyexit_brain.checkpoints import load_average_of_best
-from earlyexit_brain.models.conformer import (CTCExitHeads, EarlyExitConformerEncoder,
-                                              sinusoidal_positions)
+from earlyexit_brain.models.conformer import EarlyExitConformerEncoder, sinusoidal_positions
+from tests.factories import make_brain
 
 
 def test_average_of_the_best_checkpoints(tmp_path):
@@ -39,15 +35,12 @@ def test_average_of_the_best_checkpoints(tmp_path):
     assert load_average_of_best(Checkpointer(str(tmp_path / "empty"), {"model": model}), model, 2) == []
 
 
-def tiny_brain(wav_augment=None, fea_augment=None):
-    enc = EarlyExitConformerEncoder(20, 2, 16, 2, 32, [1, 2], kernel_size=3)
-    heads = CTCExitHeads(16, 8, 2)
-    hparams = dict(compute_features=Fbank(n_mels=20), blank_index=0,
-                   epoch_counter=sb.utils.epoch_loop.EpochCounter(1), loss=MultiExitLoss(blank_index=0),
-                   wav_augment=wav_augment, fea_augment=fea_augment)
-    return EarlyExitCTCBrain(modules={"encoder": enc, "ctc_heads": heads,
-                                      "normalize": InputNormalization()},
-                             hparams=hparams, run_opts={"device": "cpu"})
+def tiny_brain(folder, wav_augment=None, fea_augment=None):
+    """The recipe's Brain (tests/factories.py) with these augmenters in place of the YAML's nulls."""
+    brain = make_brain(folder)
+    assert brain.hparams.wav_augment is None and brain.hparams.fea_augment is None
+    brain.hparams.wav_augment, brain.hparams.fea_augment = wav_augment, fea_augment
+    return brain
 
 
 def batch():
@@ -58,18 +51,18 @@ def batch():
     ])
 
 
-def test_augmentation_hooks_apply_in_training_only_and_replicate_targets():
+def test_augmentation_hooks_apply_in_training_only_and_replicate_targets(tmp_path):
     # concat_original doubles the batch: the targets must follow
     wav_aug = Augmenter(concat_original=True, augmentations=[SpeedPerturb(16000, speeds=[90])])
     fea_aug = Augmenter(augmentations=[SpectrogramDrop(dim=1)])
-    brain = tiny_brain(wav_aug, fea_aug)
+    brain = tiny_brain(tmp_path, wav_aug, fea_aug)
     brain.on_stage_start(sb.Stage.TRAIN)
     log_probs, lens, hiddens = brain.compute_forward(batch(), sb.Stage.TRAIN)
     assert [lp.shape[0] for lp in log_probs] == [4, 4] and lens.shape[0] == 4
     loss = brain.compute_objectives((log_probs, lens, hiddens), batch(), sb.Stage.TRAIN)
     assert torch.isfinite(loss)
     # the speed-perturbed copy is 10 % longer than the original
-    plain = tiny_brain()
+    plain = tiny_brain(tmp_path)
     plain.on_stage_start(sb.Stage.TRAIN)
     base = plain.compute_forward(batch(), sb.Stage.TRAIN)[0]
     assert log_probs[0].shape[1] > base[0].shape[1]
@@ -97,13 +90,14 @@ def test_absolute_positions_for_regular_attention():
     assert torch.allclose(again(feats)[0], with_pos(feats)[0])
 
 
-def test_training_clock_counts_every_batch_not_only_whole_epochs():
+def test_training_clock_counts_every_batch_not_only_whole_epochs(tmp_path):
     import time
 
     from earlyexit_brain.checkpoints import TrainClock
 
-    brain = tiny_brain()
-    brain.hparams.train_clock = clock = TrainClock()
+    brain = tiny_brain(tmp_path)
+    clock = brain.hparams.train_clock  # the recipe's, checkpointed with the model
+    assert isinstance(clock, TrainClock) and clock.seconds == 0
     brain.nonfinite_count = 0  # set by the epoch start in fit()
     brain.on_stage_start(sb.Stage.TRAIN)
     time.sleep(0.05)
