@@ -5,7 +5,7 @@ import os
 import subprocess
 import sys
 
-from smoke import SMOKE  # tests/integration/smoke.py
+from smoke import SMOKE, exit_results  # tests/integration/smoke.py
 
 
 def test_two_processes_train_prune_checkpoints_and_report(repo_root, smoke_run, tmp_path, free_port):
@@ -22,6 +22,12 @@ def test_two_processes_train_prune_checkpoints_and_report(repo_root, smoke_run, 
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
     report = json.loads((out / "report.json").read_text())
     assert report["processes"] == 2 and report["train"]["epochs"] == 2
-    assert all(0 <= e["sets"]["test"]["wer"] for e in report["exits"])
+    # every process evaluates the whole test sets with the same weights: the report equals a
+    # single-process evaluation of the checkpoint it kept (recipes/evaluate.py)
+    assert [stats["n"] for e in report["exits"] for stats in e["sets"].values()] == [16] * 4
+    proc = subprocess.run([sys.executable, "recipes/evaluate.py", str(out), "--policy_evaluation=False"],
+                          cwd=repo_root, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    assert exit_results(json.loads((out / "report.json").read_text())) == exit_results(report)
     checkpoints = sorted(p.name for p in (out / "save").iterdir() if p.name.startswith(("CKPT", "partial")))
     assert len(checkpoints) == 1 and checkpoints[0].startswith("CKPT+"), checkpoints
