@@ -279,6 +279,9 @@ def encoder_kind(hparams: Dict) -> Tuple[str, str]:
     """(words, tag) for the model card from the experiment's ``encoder`` entry."""
     if "ssl" in str(hparams.get("encoder", "")).lower():
         return ("pre-trained self-supervised (wav2vec2-family) encoder, fine-tuned,", "wav2vec2")
+    if "splitformer" in str(hparams.get("encoder", "")).lower():
+        return ("Splitformer encoder (a Conformer with parallel downsampled layers beside the blocks of "
+                "some exits)", "splitformer")
     return ("Conformer encoder", "conformer")
 
 

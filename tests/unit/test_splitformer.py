@@ -16,6 +16,7 @@ from torch import nn
 from earlyexit_brain.config import check_hparams_file
 from earlyexit_brain.dynamic import run_dynamic
 from earlyexit_brain.evaluation import ExitOutputs, summarize
+from earlyexit_brain import hub
 from earlyexit_brain.export import export_inference_folder
 from earlyexit_brain.inference import EarlyExitASR
 from earlyexit_brain.latency import fit_latency_table
@@ -269,3 +270,10 @@ def test_the_side_by_side_benchmark(monkeypatch):
     assert result["train_step"]["ratio"] > 0
     assert all(abs(e["added_ms"] - (e["splitformer_ms"] - e["conformer_ms"])) < 0.011 for e in result["exits"])
     assert "| 2 | 2 | 4 |" in markdown(result)
+
+
+def test_the_model_card_names_the_splitformer():
+    words, tag = hub.encoder_kind({"encoder": "new:earlyexit_brain.models.splitformer.SplitformerEncoder"})
+    assert words.startswith("Splitformer encoder") and tag == "splitformer"
+    assert hub.encoder_kind({"encoder": "new:earlyexit_brain.models.conformer.EarlyExitConformerEncoder"}) == \
+        ("Conformer encoder", "conformer")
