@@ -183,14 +183,15 @@ def plot_wer_vs_compute(report: Dict, path: str) -> Optional[str]:
         import matplotlib.pyplot as plt
     except ImportError:  # pragma: no cover - matplotlib is a dependency
         return None
-    xs = [e["layer"] for e in report["exits"]]
+    xs = [e.get("compute_layers", e["layer"]) for e in report["exits"]]  # a Splitformer's branches counted
+    total = report.get("compute_layers", report["num_layers"])
     sets = list(report["exits"][0]["sets"])
     policies = report.get("policies") or []
     if not policies:
         fig, ax = plt.subplots(figsize=(5, 3.5))
         for name in sets:
             ax.plot(xs, [e["sets"][name]["wer"] for e in report["exits"]], marker="o", label=name)
-        ax.set_xlabel(f"encoder layers computed (of {report['num_layers']})")
+        ax.set_xlabel(f"encoder layers computed (of {total})")
         ax.set_ylabel("WER (%)")
         ax.set_xticks(xs)
         ax.grid(alpha=0.3)
@@ -200,7 +201,7 @@ def plot_wer_vs_compute(report: Dict, path: str) -> Optional[str]:
         for ax, name in zip(axes[0], sets):
             _plot_policies(ax, policies, name)
             ax.set_title(name)
-            ax.set_xlabel(f"average encoder layers computed (of {report['num_layers']})")
+            ax.set_xlabel(f"average encoder layers computed (of {total})")
             ax.set_ylabel("WER (%)")
             ax.set_xticks(xs)
             ax.grid(alpha=0.3)

@@ -24,7 +24,7 @@ from earlyexit_brain.models.conformer import CTCExitHeads, EarlyExitConformerEnc
 from earlyexit_brain.models.pipeline import EarlyExitCTCModel
 from earlyexit_brain.models.splitformer import DownsampledBranch, SplitformerEncoder
 from earlyexit_brain.policies import FixedExit
-from earlyexit_brain.report import build_report, report_markdown
+from earlyexit_brain.report import build_report, plot_wer_vs_compute, report_markdown
 
 from signals import SR, tone  # tests/unit/signals.py
 from tokenizer_helpers import char_tokenizer  # tests/unit/tokenizer_helpers.py
@@ -140,7 +140,7 @@ def test_the_incremental_path_gives_the_hidden_states_of_forward():
     torch.testing.assert_close(hidden[1, :7], full[2][2, :7], atol=1e-5, rtol=1e-5)
 
 
-def test_params_and_layers_to_each_exit_count_the_branches():
+def test_params_and_layers_to_each_exit_count_the_branches(tmp_path):
     kwargs = dict(input_size=20, num_layers=6, d_model=D, nhead=2, d_ffn=32, exit_layers=[2, 4, 6],
                   kernel_size=3, dropout=0.0)
     torch.manual_seed(0)
@@ -164,6 +164,7 @@ def test_params_and_layers_to_each_exit_count_the_branches():
     assert [e["params_to_exit"] for e in report["exits"]] == [split.params_to_exit(k) + heads.params_of_exit(k)
                                                               for k in range(3)]
     assert "compute_layers" not in build_report(plain, heads, results, {"epochs": 1, "seconds": 1.0})
+    assert os.path.isfile(plot_wer_vs_compute(report, str(tmp_path / "plot.png")))  # x: layers counted, of 10
     outputs = ExitOutputs(ids=["a", "b"], durations=torch.ones(2, dtype=torch.float64),
                           ref_words=torch.ones(2, dtype=torch.float64), errors=torch.zeros(2, 3, dtype=torch.float64),
                           hyps=[["x"] * 3] * 2, exit_ms=torch.ones(2, 3, dtype=torch.float64),
