@@ -50,7 +50,8 @@ logger = logging.getLogger(__name__)
 
 OPSET = 18  # LayerNormalization is an operator; onnxruntime >= 1.14 runs it
 TOLERANCE = 1e-3  # largest |log p| difference between onnxruntime fp32 and PyTorch at any exit
-INT8_OPS = ("MatMul", "Conv")
+INT8_OPS = ("MatMul", "Conv")  # in the segments and heads
+INT8_FRONT_OPS = ("MatMul",)  # the front end's Conv (the STFT's DFT basis among them) stays fp32
 
 
 class ExportMismatchError(ValueError):
@@ -279,21 +280,22 @@ def export_graphs(model, folder: str, opset: int = OPSET, sample_rate: int = 160
 
 
 def quantize_graphs(fp32: Dict, folder: str) -> Dict:
-    """int8 copies of the fp32 graphs (dynamic quantisation of the MatMul and Conv weights,
-    onnxruntime.quantization.quantize_dynamic); their manifest entries."""
+    """int8 copies of the fp32 graphs (onnxruntime.quantization.quantize_dynamic: the MatMul and
+    Conv weights of the segments and heads, the MatMul weights of the front end, whose
+    convolutions stay fp32: as ConvInteger they took 3x the fp32 front end); their manifest
+    entries."""
     from onnxruntime.quantization import quantize_dynamic, QuantType
 
     os.makedirs(folder, exist_ok=True)
 
-    def one(item: Dict) -> Dict:
+    def one(item: Dict, ops=INT8_OPS) -> Dict:
         path = os.path.join(folder, os.path.basename(item["file"]))
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            quantize_dynamic(item["file"], path, op_types_to_quantize=list(INT8_OPS),
-                             weight_type=QuantType.QInt8)
+            quantize_dynamic(item["file"], path, op_types_to_quantize=list(ops), weight_type=QuantType.QInt8)
         return {**item, "file": path, **_io(path)}
 
-    return {"front": one(fp32["front"]), "segments": [one(s) for s in fp32["segments"]],
+    return {"front": one(fp32["front"], INT8_FRONT_OPS), "segments": [one(s) for s in fp32["segments"]],
             "heads": [one(h) for h in fp32["heads"]]}
 
 
@@ -404,7 +406,7 @@ def export_onnx_folder(source: str, out: Optional[str] = None, int8: bool = Fals
         if int8:
             precisions["int8"] = quantize_graphs(precisions["fp32"], os.path.join(tmp, "int8"))
         shutil.copyfile(os.path.join(folder, "tokenizer.ckpt"), os.path.join(tmp, "tokenizer.model"))
-        policies = dict(asr.policies_config)
+        policies = asr.policies.to_json()
         atomic_write_text(os.path.join(tmp, "policies.json"), json.dumps(policies, indent=2) + "\n")
         manifest = {
             "format": FORMAT, "format_version": FORMAT_VERSION,

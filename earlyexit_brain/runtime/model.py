@@ -22,6 +22,7 @@ import numpy as np
 import onnxruntime as ort
 import sentencepiece as spm
 
+from ..policy_bundle import PolicyBundle
 from .audio import read_audio, signal_problem, SILENCE_PEAK
 from .policies import make_runtime_policy, RUNTIME_POLICIES, RuntimeLatencyTable, RuntimePolicy
 
@@ -97,7 +98,9 @@ def check_files(folder: str, manifest: Dict, names: Sequence[str]):
 
 def session_options(threads: Optional[int]) -> ort.SessionOptions:
     """onnxruntime options: ``threads`` intra-op threads (None: onnxruntime's default, one per
-    physical core), graphs run one operator at a time, warnings only."""
+    physical core), graphs run one operator at a time, warnings only, and threads that sleep
+    when a graph ends: each graph has its own session and thread pool, and pools spinning
+    between runs would take the cores from the next graph (and from anything else running)."""
     options = ort.SessionOptions()
     if threads is not None:
         if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
@@ -106,6 +109,7 @@ def session_options(threads: Optional[int]) -> ort.SessionOptions:
     options.inter_op_num_threads = 1
     options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     options.log_severity_level = 3
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     return options
 
 
@@ -162,8 +166,9 @@ class EarlyExitONNX:
         self.heads = [open_session(os.path.join(folder, g["file"]), options, opset) for g in graphs["heads"]]
         self.uses_positions = "pos_embs" in [i["name"] for i in graphs["segments"][0]["inputs"]]
         self.tokenizer = spm.SentencePieceProcessor(model_file=os.path.join(folder, manifest["tokenizer"]))
-        with open(os.path.join(folder, manifest["policies"])) as fin:
-            self.policies_config = json.load(fin)
+        path = os.path.join(folder, manifest["policies"])
+        with open(path) as fin:
+            self.policies = PolicyBundle.from_json(json.load(fin), source=path)
         table = graphs.get("latency_table")
         self.latency_table = None
         if table:
@@ -231,11 +236,11 @@ class EarlyExitONNX:
         if not isinstance(policy, str):
             raise ValueError(f"policy: expected a policy name ({', '.join(RUNTIME_POLICIES)}), got {policy!r}")
         if policy not in ("fixed", "posterior") and threshold is None and policy in RUNTIME_POLICIES:
-            threshold = self.policies_config.get("thresholds", {}).get(policy)
+            threshold = self.policies.threshold(policy)
             if threshold is None:
                 raise ValueError(f"threshold: no calibrated threshold is stored for the {policy} policy; "
                                  f"pass threshold=")
-        options = {} if policy == "budget" else self.policies_config.get("options", {}).get(policy, {})
+        options = {} if policy == "budget" else self.policies.policy_options(policy)
         return make_runtime_policy(policy, threshold, exit, self.num_exits, self.latency_table,
                                    self.vocab_size, **options)
 
