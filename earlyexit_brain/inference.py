@@ -34,6 +34,7 @@ from speechbrain.utils.fetching import FetchConfig, LocalStrategy, fetch
 from .audio_check import wav_truncation
 from .decoding.ctc import CTCDecoder, CTCDecodingOptions, make_ctc_beam_searcher
 from .policies import check_exit, ExitPolicy, make_policy, POLICY_NAMES
+from .policy_bundle import PolicyBundle
 from .latency import LatencyTable
 from .safe_load import check_alias_expansion, check_hparams_text, weights_only_loading
 from .records import FileRecord, JsonRecord  # noqa: F401  (older inference folders name them here)
@@ -129,7 +130,8 @@ class EarlyExitASR(Pretrained):
         self.model = self.mods.encoder
         self.tokenizer = self.hparams.tokenizer
         record = getattr(self.hparams, "exit_policies", None)
-        self.policies_config = dict(record.data) if record is not None else {}
+        self.policies = PolicyBundle.from_json(record.data if record is not None else None,
+                                               source=getattr(record, "path", None) or "exit_policies")
         record = getattr(self.hparams, "latency_table", None)
         self.latency_table = LatencyTable(**record.data) if record is not None and record.data else None
         self._searcher = None
@@ -143,7 +145,7 @@ class EarlyExitASR(Pretrained):
 
     def ctc_decoder(self, name: Optional[str] = None) -> CTCDecoder:
         """The CTC decoder ``name`` (default: the one stored with the model, else greedy)."""
-        stored = dict(self.policies_config.get("decoding") or {"decoder": "ctc_greedy"})
+        stored = dict(self.policies.decoding)
         name = name or stored["decoder"]
         if name not in self._ctc_decoders:  # CTCDecoder refuses a name that is not a CTC decoder
             options = CTCDecodingOptions()
@@ -166,7 +168,7 @@ class EarlyExitASR(Pretrained):
 
     def _nbest_searcher(self):
         if self._searcher is None:
-            options = self.policies_config.get("options", {}).get("posterior", {})
+            options = self.policies.policy_options("posterior")
             vocab = self.model.heads.heads[0].out_features
             self._searcher = make_ctc_beam_searcher(
                 self.tokenizer, vocab, self.hparams.blank_index, options.get("beam_size", 10),
@@ -192,7 +194,7 @@ class EarlyExitASR(Pretrained):
         if exit is not None and policy not in (None, "fixed"):
             raise ValueError(f"exit: give either an exit or the policy {policy!r}, not both")
         if policy is None and exit is None:
-            default = self.policies_config.get("default")
+            default = self.policies.default
             if default is None:
                 exit = self.num_exits
             else:
@@ -204,13 +206,13 @@ class EarlyExitASR(Pretrained):
         if policy == "fixed":
             check_exit(exit, self.num_exits)
         elif threshold is None and policy != "oracle":
-            stored = self.policies_config.get("thresholds", {}).get(policy)
+            stored = self.policies.threshold(policy)
             if stored is None:
                 raise ValueError(f"threshold: no calibrated threshold is stored for the {policy} "
                                  f"policy; pass threshold=")
             threshold = stored
         # the posterior policy's stored option (beam size) configures its searcher instead
-        options = {} if policy == "posterior" else self.policies_config.get("options", {}).get(policy, {})
+        options = {} if policy == "posterior" else self.policies.policy_options(policy)
         return make_policy(policy, threshold=threshold, exit=exit, num_exits=self.num_exits,
                            searcher=self._nbest_searcher() if policy == "posterior" else None,
                            latency_table=self.latency_table, **options)

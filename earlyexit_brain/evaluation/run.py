@@ -13,6 +13,7 @@ from ..export import export_inference_folder
 from ..latency import measure_latency_table
 from ..models.pipeline import EarlyExitAEDModel, EarlyExitCTCModel
 from ..options import is_int, is_num, option, Options
+from ..policy_bundle import PolicyBundle
 from ..utils import tokenizer_pieces, uses_decoders
 from .calibration import evaluate_policies
 from .exit_outputs import build_scorers, collect_exit_outputs
@@ -172,22 +173,22 @@ def run_policy_evaluation(hparams: Dict, tokenizer, valid_data, test_datasets: D
                                int(opts.sweep_points), opts.calibration_confidence)
     thresholds = {n: c["threshold"] for n, c in result["calibration"]["thresholds"].items()}
     default = opts.default_policy
-    stored = {
-        "default": ({"policy": default, "threshold": thresholds[default]} if default in thresholds
-                    else {"policy": "fixed", "exit": model.num_exits}),
-        "thresholds": thresholds,
-        "options": {"entropy": {"normalize": bool(opts.entropy_normalize)},
-                    "posterior_greedy": {"form": opts.posterior_greedy_form},
-                    "posterior": nbest_options(opts)},
-        "calibration": result["calibration"],
-        "decoding": stored_decoding(decoding, decoder),
-    }
+    stored = PolicyBundle(
+        default=({"policy": default, "threshold": thresholds[default]} if default in thresholds
+                 else {"policy": "fixed", "exit": model.num_exits}),
+        thresholds=thresholds,
+        options={"entropy": {"normalize": bool(opts.entropy_normalize)},
+                 "posterior_greedy": {"form": opts.posterior_greedy_form},
+                 "posterior": nbest_options(opts)},
+        calibration=result["calibration"],
+        decoding=stored_decoding(decoding, decoder),
+    )
     lm_path = (decoder.options.lm_path if decoder is not None
                else model.lm["lm_path"] if fused else None)
     folder = export_inference_folder(os.path.join(hparams["output_folder"], "inference"), model,
-                                     features_config(hparams), tokenizer_path, blank, stored, table,
+                                     features_config(hparams), tokenizer_path, blank, stored.to_json(), table,
                                      lm_path=lm_path)
-    result["decoding"] = stored["decoding"]
+    result["decoding"] = stored.decoding
     result["latency_table"] = table.to_json()
     result["inference_folder"] = folder
     return result

@@ -1,4 +1,5 @@
-"""Early-exit Conformer encoder built from SpeechBrain's own layers.
+"""Early-exit Conformer encoder built from SpeechBrain's own layers (one concept: the encoder, its front end,
+exit norms and exit heads).
 
 The encoder is SpeechBrain's convolutional front end followed by a stack of
 :class:`speechbrain.lobes.models.transformer.Conformer.ConformerEncoderLayer`.

@@ -11,7 +11,8 @@ ROOT = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.absp
 LAYERS = [
     ["earlyexit_brain", "earlyexit_brain.utils", "earlyexit_brain.options", "earlyexit_brain.files",
      "earlyexit_brain.safe_load",
-     "earlyexit_brain.records", "earlyexit_brain.checkpoints", "earlyexit_brain.runtime"],
+     "earlyexit_brain.records", "earlyexit_brain.checkpoints", "earlyexit_brain.policy_bundle",
+     "earlyexit_brain.runtime"],
     ["earlyexit_brain.data", "earlyexit_brain.audio_check", "earlyexit_brain.dataio"],
     ["earlyexit_brain.models"],
     ["earlyexit_brain.losses", "earlyexit_brain.decoding"],
