@@ -7,6 +7,8 @@ import sys
 
 import pytest
 
+from tests.oracles import check_policy_transcription
+
 transformers = pytest.importorskip("transformers")
 
 YAML = "hparams/synthetic/wav2vec2_ctc_ee.yaml"
@@ -58,7 +60,7 @@ def test_ssl_recipe_trains_exports_and_transcribes(repo_root, tmp_path):
     hparams = (out / "inference" / "hyperparams.yaml").read_text()
     assert "EarlyExitSSLEncoder" in hparams and "WaveformFeatures" in hparams
     asr = EarlyExitASR.from_hparams(source=str(out / "inference"))
-    wav = sorted((data / "wavs" / "test").glob("*.wav"))[0]
-    result = asr.transcribe_file(str(wav))  # the calibrated default policy
-    assert result.exit in (1, 2) and isinstance(result.text, str)
+    wavs = sorted((data / "wavs" / "test").glob("*.wav"))[:4]
+    for wav in wavs:  # the calibrated default policy stops where tests/oracles.py derives it
+        check_policy_transcription(asr, str(wav))
     assert asr.transcribe_file(str(wav), exit=1).layers == 1
