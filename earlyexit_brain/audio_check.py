@@ -86,10 +86,11 @@ def wav_truncation(path: str) -> Optional[str]:
                     if chunk_size in _UNKNOWN_SIZES or held >= chunk_size:
                         return None
                     if tag in _PCM_TAGS and block:
-                        return (f"truncated: the header promises {chunk_size // block} samples, "
-                                f"the file holds {held // block}")
-                    return (f"truncated: the header promises {chunk_size} bytes of audio, "
-                            f"the file holds {held}")
+                        return (
+                            f"truncated: the header promises {chunk_size // block} samples, "
+                            f"the file holds {held // block}"
+                        )
+                    return f"truncated: the header promises {chunk_size} bytes of audio, the file holds {held}"
                 pos += 8 + chunk_size + (chunk_size & 1)  # chunks are padded to even sizes
     except (OSError, struct.error):
         return None  # unreadable: the decoder reports it
@@ -115,8 +116,7 @@ def row_segment(start, stop):
     return (int(start) if start else 0), (int(stop) if stop else None)
 
 
-def check_rows(rows: Dict[str, Dict], sample_rate: int, max_audio_seconds: float,
-               num_workers: int = 4) -> Dict:
+def check_rows(rows: Dict[str, Dict], sample_rate: int, max_audio_seconds: float, num_workers: int = 4) -> Dict:
     """Header checks of manifest rows ``{id: {"wav", ["start", "stop"]}}``.
 
     Returns ``{"problems": {id: "path: problem"}, "resampled": n, "downmixed": n}``.
@@ -137,8 +137,7 @@ def check_rows(rows: Dict[str, Dict], sample_rate: int, max_audio_seconds: float
             elif stop > frames:
                 problem = f"segment [{start}, {stop}) ends after the file's {frames} samples"
             elif (stop - start) / rate > max_audio_seconds:
-                problem = (f"{(stop - start) / rate:.0f} s of audio, longer than "
-                           f"max_audio_seconds={max_audio_seconds}")
+                problem = f"{(stop - start) / rate:.0f} s of audio, longer than max_audio_seconds={max_audio_seconds}"
         if problem is not None:
             problems[uid] = f"{row['wav']}: {problem}"
             continue
@@ -147,18 +146,31 @@ def check_rows(rows: Dict[str, Dict], sample_rate: int, max_audio_seconds: float
     return {"problems": problems, "resampled": resampled, "downmixed": downmixed}
 
 
-def check_manifest_audio(dataset, name: str, manifest: str, sample_rate: int, bad_audio: str,
-                         max_audio_seconds: float, cache_folder: Optional[str] = None,
-                         num_workers: int = 4):
+def check_manifest_audio(
+    dataset,
+    name: str,
+    manifest: str,
+    sample_rate: int,
+    bad_audio: str,
+    max_audio_seconds: float,
+    cache_folder: Optional[str] = None,
+    num_workers: int = 4,
+):
     """Check one dataset's audio headers; returns ``(dataset, summary)``.
 
     With ``bad_audio: skip`` the returned dataset leaves the problem utterances
     out; with ``fail`` a :class:`BadAudioError` lists them all.
     """
     rows = {uid: dataset.data[uid] for uid in dataset.data_ids}
-    key = hashlib.sha1(json.dumps([sorted((u, r["wav"], r.get("start"), r.get("stop"))
-                                          for u, r in rows.items()),
-                                   sample_rate, max_audio_seconds]).encode()).hexdigest()
+    key = hashlib.sha1(
+        json.dumps(
+            [
+                sorted((u, r["wav"], r.get("start"), r.get("stop")) for u, r in rows.items()),
+                sample_rate,
+                max_audio_seconds,
+            ]
+        ).encode()
+    ).hexdigest()
     cache = os.path.join(cache_folder, f"{name}.json") if cache_folder else None
     summary = None
     if cache and os.path.isfile(cache):
@@ -185,18 +197,23 @@ def check_manifest_audio(dataset, name: str, manifest: str, sample_rate: int, ba
         if len(listed) > MAX_LISTED:
             listing += f"\n  ... and {len(listed) - MAX_LISTED} more"
         if bad_audio == "fail":
-            raise BadAudioError(f"{manifest}: {len(problems)} utterance(s) with bad audio:\n"
-                                f"{listing}\n(bad_audio: fail; set bad_audio: skip to leave "
-                                f"them out with a warning)")
-        logger.warning("%s (%s): %d utterance(s) with bad audio left out (bad_audio: skip):\n%s",
-                       name, manifest, len(problems), listing)
+            raise BadAudioError(
+                f"{manifest}: {len(problems)} utterance(s) with bad audio:\n"
+                f"{listing}\n(bad_audio: fail; set bad_audio: skip to leave "
+                f"them out with a warning)"
+            )
+        logger.warning(
+            "%s (%s): %d utterance(s) with bad audio left out (bad_audio: skip):\n%s",
+            name,
+            manifest,
+            len(problems),
+            listing,
+        )
         dataset = dataset.filtered_sorted(key_test={"id": lambda uid: uid not in problems})
-    return dataset, {"skipped": len(problems), "resampled": summary["resampled"],
-                     "downmixed": summary["downmixed"]}
+    return dataset, {"skipped": len(problems), "resampled": summary["resampled"], "downmixed": summary["downmixed"]}
 
 
-def read_utterance(path: str, start: int = 0, stop: Optional[int] = None,
-                   sample_rate: int = 16000) -> torch.Tensor:
+def read_utterance(path: str, start: int = 0, stop: Optional[int] = None, sample_rate: int = 16000) -> torch.Tensor:
     """Decode ``[start, stop)`` of a file (its own sample indices) as mono at ``sample_rate``."""
     data, rate = sf.read(path, start=start, stop=stop, dtype="float32", always_2d=True)
     signal = torch.from_numpy(data).mean(dim=1)
@@ -223,13 +240,22 @@ def make_reader(sample_rate: int, bad_audio: str, training: bool):
             return signal
         if bad_audio == "fail":
             raise BadAudioError(f"{wav}: {problem} (bad_audio: fail)")
-        logger.warning("%s: %s; %s (bad_audio: skip)", wav, problem,
-                       "its batch is skipped" if training else "read as silence")
+        logger.warning(
+            "%s: %s; %s (bad_audio: skip)", wav, problem, "its batch is skipped" if training else "read as silence"
+        )
         fill = float("nan") if training else 0.0
         return torch.full((int(REPLACEMENT_SECONDS * sample_rate),), fill)
 
     return read
 
 
-__all__: List[str] = ["BAD_AUDIO", "BadAudioError", "check_manifest_audio", "check_rows",
-                      "make_reader", "read_utterance", "row_segment", "wav_truncation"]
+__all__: List[str] = [
+    "BAD_AUDIO",
+    "BadAudioError",
+    "check_manifest_audio",
+    "check_rows",
+    "make_reader",
+    "read_utterance",
+    "row_segment",
+    "wav_truncation",
+]

@@ -147,21 +147,27 @@ class EarlyExitCTCBrain(sb.Brain):
         weighted by ``ctc_lm_alpha``/``ctc_lm_beta`` when there is one), built once."""
         decoders = self.__dict__.setdefault("_ctc_decoders", {})
         if name not in decoders:
-            decoders[name] = CTCDecoder(name, self.tokenizer.sp, self.vocab_size(), self.hparams.blank_index,
-                                        CTCDecodingOptions.from_hparams(self.hparams))
+            decoders[name] = CTCDecoder(
+                name,
+                self.tokenizer.sp,
+                self.vocab_size(),
+                self.hparams.blank_index,
+                CTCDecodingOptions.from_hparams(self.hparams),
+            )
         return decoders[name]
 
     def vocab_size(self) -> int:
         heads = getattr(self.modules.ctc_heads, "module", self.modules.ctc_heads)
         return heads.config["vocab_size"]
 
-    def decode_exit(self, decoder: str, exit_index: int, log_probs, wav_lens, hiddens,
-                    stage) -> List[str]:
+    def decode_exit(self, decoder: str, exit_index: int, log_probs, wav_lens, hiddens, stage) -> List[str]:
         """Texts of one exit's hypotheses for a batch with ``decoder``."""
         if decoder in CTC_DECODERS:
             return self.ctc_decoder(decoder)(log_probs, wav_lens)
-        raise ValueError(f"test_decoders/valid_decoder: {decoder!r} needs attention decoders; "
-                         f"this model has CTC exits only (use ctc_greedy or ctc_beam)")
+        raise ValueError(
+            f"test_decoders/valid_decoder: {decoder!r} needs attention decoders; "
+            f"this model has CTC exits only (use ctc_greedy or ctc_beam)"
+        )
 
     def score_exits(self, batch, log_probs, wav_lens, hiddens, stage):
         """Decode every exit with each of the stage's decoders; accumulate WER/CER and time."""
@@ -217,8 +223,7 @@ class EarlyExitCTCBrain(sb.Brain):
         normalize = self._normalizer()
         if not hasattr(normalize, "_statistics_dict"):
             return None
-        return {k: v.clone() if torch.is_tensor(v) else v
-                for k, v in normalize._statistics_dict().items()}
+        return {k: v.clone() if torch.is_tensor(v) else v for k, v in normalize._statistics_dict().items()}
 
     def _all_finite(self, loss) -> bool:
         finite = torch.isfinite(loss.detach()).all().to(torch.float32).reshape(1)
@@ -230,17 +235,22 @@ class EarlyExitCTCBrain(sb.Brain):
         self.zero_grad()
         self.nonfinite_count += 1
         ids = list(getattr(batch, "id", []))
-        logger.warning("Skipped a training batch: its loss is %s (no update applied; %d skipped "
-                       "this epoch, nonfinite_patience %d). Utterances: %s", float(loss.detach()),
-                       self.nonfinite_count, self.nonfinite_patience,
-                       ", ".join(ids[:8]) + (" ..." if len(ids) > 8 else ""))
+        logger.warning(
+            "Skipped a training batch: its loss is %s (no update applied; %d skipped "
+            "this epoch, nonfinite_patience %d). Utterances: %s",
+            float(loss.detach()),
+            self.nonfinite_count,
+            self.nonfinite_patience,
+            ", ".join(ids[:8]) + (" ..." if len(ids) > 8 else ""),
+        )
         if self.nonfinite_count > self.nonfinite_patience:
             raise RuntimeError(
                 f"Training stopped: {self.nonfinite_count} batches with a non-finite loss in one "
                 f"epoch, more than nonfinite_patience={self.nonfinite_patience}. Look for NaN/inf "
                 f"audio in the utterances logged above, or lower the learning rate; raise "
                 f"nonfinite_patience to tolerate more. The last checkpoint is intact: rerun the "
-                f"same command to resume from it.")
+                f"same command to resume from it."
+            )
 
     def init_optimizers(self):
         """One optimiser, or two when the YAML gives ``ssl_opt_class`` (SSL encoders).
@@ -258,8 +268,10 @@ class EarlyExitCTCBrain(sb.Brain):
         encoder = getattr(self.modules.encoder, "module", self.modules.encoder)  # DDP
         ssl_model = getattr(encoder, "model", None)
         if ssl_model is None:
-            raise ValueError("ssl_opt_class: the encoder has no pre-trained 'model' to optimise "
-                             "separately (use it with EarlyExitSSLEncoder only)")
+            raise ValueError(
+                "ssl_opt_class: the encoder has no pre-trained 'model' to optimise "
+                "separately (use it with EarlyExitSSLEncoder only)"
+            )
         ssl_ids = {id(p) for p in ssl_model.parameters()}
         ssl_params = [p for p in ssl_model.parameters() if p.requires_grad]
         other = [p for p in self.modules.parameters() if id(p) not in ssl_ids and p.requires_grad]
@@ -298,9 +310,12 @@ class EarlyExitCTCBrain(sb.Brain):
         if stage != sb.Stage.TRAIN:
             exits = range(self.num_exits)
             self.decoder_metrics = {
-                name: ([self.hparams.error_rate_computer() for _ in exits],
-                       [self.hparams.cer_computer() for _ in exits])
-                for name in self.stage_decoders(stage)}
+                name: (
+                    [self.hparams.error_rate_computer() for _ in exits],
+                    [self.hparams.cer_computer() for _ in exits],
+                )
+                for name in self.stage_decoders(stage)
+            }
             self.decode_seconds = {name: [0.0 for _ in exits] for name in self.decoder_metrics}
             # the first decoder gives the per-exit WER/CER of the logs, checkpoints and report
             self.wer_metrics, self.cer_metrics = self.decoder_metrics[self.stage_decoders(stage)[0]]
@@ -350,12 +365,22 @@ class EarlyExitCTCBrain(sb.Brain):
             for k in range(self.num_exits):
                 n = len(self.wer_metrics[k].scores)
                 decoders = {
-                    dec: {"wer": round(float(wer[k].summarize("error_rate")), 3),
-                          "cer": round(float(cer[k].summarize("error_rate")), 3),
-                          "ms_per_utterance": round(1000.0 * self.decode_seconds[dec][k] / max(1, n), 3)}
-                    for dec, (wer, cer) in self.decoder_metrics.items()}
-                results.append({"exit": k + 1, "wer": stats[f"WER_exit{k + 1}"],
-                                "cer": stats[f"CER_exit{k + 1}"], "n": n, "decoders": decoders})
+                    dec: {
+                        "wer": round(float(wer[k].summarize("error_rate")), 3),
+                        "cer": round(float(cer[k].summarize("error_rate")), 3),
+                        "ms_per_utterance": round(1000.0 * self.decode_seconds[dec][k] / max(1, n), 3),
+                    }
+                    for dec, (wer, cer) in self.decoder_metrics.items()
+                }
+                results.append(
+                    {
+                        "exit": k + 1,
+                        "wer": stats[f"WER_exit{k + 1}"],
+                        "cer": stats[f"CER_exit{k + 1}"],
+                        "n": n,
+                        "decoders": decoders,
+                    }
+                )
                 path = os.path.join(self.hparams.output_folder, f"wer_{name}_exit{k + 1}.txt")
                 with open(path, "w") as fout:
                     self.wer_metrics[k].write_stats(fout)
@@ -370,14 +395,17 @@ class EarlyExitCTCBrain(sb.Brain):
         if n > 1 and self.checkpointer is not None:
             model = getattr(self.hparams, "model", None)
             used = load_average_of_best(self.checkpointer, model, n, min_key=min_key, max_key=max_key)
-            logger.info("Evaluating the average of %d checkpoint(s) (avg_checkpoints=%d): %s",
-                        len(used), n, [os.path.basename(c.path) for c in used])
+            logger.info(
+                "Evaluating the average of %d checkpoint(s) (avg_checkpoints=%d): %s",
+                len(used),
+                n,
+                [os.path.basename(c.path) for c in used],
+            )
             self.averaged_checkpoints = len(used)
         else:
             self.averaged_checkpoints = 1
 
-    def evaluate_set(self, name: str, dataset, loader_kwargs: Optional[Dict] = None,
-                     min_key: Optional[str] = None):
+    def evaluate_set(self, name: str, dataset, loader_kwargs: Optional[Dict] = None, min_key: Optional[str] = None):
         """Evaluate every exit on one named test set; returns its per-exit results."""
         self.test_set_name = name
         self.evaluate(dataset, min_key=min_key, test_loader_kwargs=loader_kwargs or {})
@@ -410,8 +438,9 @@ class EarlyExitSeq2SeqBrain(EarlyExitCTCBrain):
         hiddens, wav_lens = self.encode(batch, stage)
         log_probs = self.modules.ctc_heads(hiddens)
         tokens, token_lens = self.targets(batch, stage)
-        tokens_bos, tokens_eos, eos_lens = add_bos_eos(tokens, token_lens, self.hparams.bos_index,
-                                                       self.hparams.eos_index)
+        tokens_bos, tokens_eos, eos_lens = add_bos_eos(
+            tokens, token_lens, self.hparams.bos_index, self.hparams.eos_index
+        )
         dec_log_probs = self.modules.decoders(hiddens, wav_lens, tokens_bos)
         return log_probs, wav_lens, hiddens, dec_log_probs, (tokens, token_lens, tokens_eos, eos_lens)
 
@@ -419,8 +448,16 @@ class EarlyExitSeq2SeqBrain(EarlyExitCTCBrain):
         """The multi-exit loss of CTC and the decoders' cross-entropy; per-exit WER/CER outside training."""
         log_probs, wav_lens, hiddens, dec_log_probs, targets = predictions
         tokens, token_lens, tokens_eos, eos_lens = targets
-        losses = self.hparams.loss(log_probs, wav_lens, tokens, token_lens, epoch=self.epoch(),
-                                   decoder_log_probs=dec_log_probs, tokens_eos=tokens_eos, eos_lens=eos_lens)
+        losses = self.hparams.loss(
+            log_probs,
+            wav_lens,
+            tokens,
+            token_lens,
+            epoch=self.epoch(),
+            decoder_log_probs=dec_log_probs,
+            tokens_eos=tokens_eos,
+            eos_lens=eos_lens,
+        )
         self.record_losses(losses.per_exit)
         if stage != sb.Stage.TRAIN:
             self.score_exits(batch, log_probs, wav_lens, hiddens, stage)
@@ -435,9 +472,12 @@ class EarlyExitSeq2SeqBrain(EarlyExitCTCBrain):
         if key not in cache:
             cache[key] = make_aed_searcher(
                 getattr(self.modules.decoders, "module", self.modules.decoders),
-                getattr(self.modules.ctc_heads, "module", self.modules.ctc_heads), exit_index,
-                **options.searcher_kwargs(beam), lm_path=CTCDecodingOptions.from_hparams(self.hparams).lm_path,
-                pieces=tokenizer_pieces(self.tokenizer.sp))
+                getattr(self.modules.ctc_heads, "module", self.modules.ctc_heads),
+                exit_index,
+                **options.searcher_kwargs(beam),
+                lm_path=CTCDecodingOptions.from_hparams(self.hparams).lm_path,
+                pieces=tokenizer_pieces(self.tokenizer.sp),
+            )
         return cache[key]
 
     def decode_exit(self, decoder, exit_index, log_probs, wav_lens, hiddens, stage):

@@ -22,8 +22,14 @@ from typing import List, Optional
 
 import numpy as np
 import torch
-from speechbrain.utils.checkpoints import (average_checkpoints, Checkpoint, Checkpointer, mark_as_loader,
-                                          mark_as_saver, register_checkpoint_hooks)
+from speechbrain.utils.checkpoints import (
+    average_checkpoints,
+    Checkpoint,
+    Checkpointer,
+    mark_as_loader,
+    mark_as_saver,
+    register_checkpoint_hooks,
+)
 from speechbrain.utils.distributed import ddp_barrier, if_main_process
 
 logger = logging.getLogger(__name__)
@@ -69,21 +75,22 @@ class AtomicCheckpointer(Checkpointer):
                 f"builds (were model keys such as d_model, exit_layers or frontend_channels changed "
                 f"since?), so it cannot be resumed or tested. Train into a new output_folder, or "
                 f"delete {self.checkpoints_dir} to start this one over. PyTorch: "
-                f"{' '.join(line.strip() for line in detail[:3])}") from err
+                f"{' '.join(line.strip() for line in detail[:3])}"
+            ) from err
 
     def save_checkpoint(self, meta=None, end_of_epoch=True, name=None, verbosity=logging.INFO):
         self.remove_partial_checkpoints()
-        saved = super().save_checkpoint(meta={} if meta is None else meta, end_of_epoch=end_of_epoch, name=name,
-                                        verbosity=verbosity)
+        saved = super().save_checkpoint(
+            meta={} if meta is None else meta, end_of_epoch=end_of_epoch, name=name, verbosity=verbosity
+        )
         ddp_barrier()  # every process has written its files
         result = None
         if saved is not None:  # the main process
-            final = saved.path.parent / saved.path.name[len(PARTIAL_PREFIX):]
+            final = saved.path.parent / saved.path.name[len(PARTIAL_PREFIX) :]
             if final.exists():  # a custom name saved again: replace the old one
                 shutil.rmtree(final)
             os.replace(saved.path, final)
-            result = Checkpoint(final, saved.meta,
-                                {key: final / path.name for key, path in saved.paramfiles.items()})
+            result = Checkpoint(final, saved.meta, {key: final / path.name for key, path in saved.paramfiles.items()})
         # Every process must see the final name before it lists the checkpoints again:
         # save_and_keep_only's deletion calls one broadcast per checkpoint it deletes, and a
         # process that listed the folder before the rename chose other deletions and waited
@@ -123,11 +130,12 @@ class RandomState:
     def _save(self, path):
         version, words, gauss = random.getstate()
         name, keys, pos, has_gauss, cached = np.random.get_state()
-        state = {"python": [version, list(words), gauss],
-                 "numpy": [name, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss),
-                           float(cached)],
-                 "torch": torch.get_rng_state(),
-                 "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+        state = {
+            "python": [version, list(words), gauss],
+            "numpy": [name, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(cached)],
+            "torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        }
         torch.save(state, path)
 
     @mark_as_loader
@@ -142,9 +150,14 @@ class RandomState:
             torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def load_average_of_best(checkpointer, model: torch.nn.Module, n: int,
-                         min_key: Optional[str] = None, max_key: Optional[str] = None,
-                         recoverable: str = "model") -> List:
+def load_average_of_best(
+    checkpointer,
+    model: torch.nn.Module,
+    n: int,
+    min_key: Optional[str] = None,
+    max_key: Optional[str] = None,
+    recoverable: str = "model",
+) -> List:
     """Load into ``model`` the average of the best ``n`` checkpoints' parameters.
 
     The checkpoints are ranked by ``min_key``/``max_key`` (their meta, e.g. the

@@ -71,8 +71,10 @@ def read_raw_hparams(path: str, overrides: Any = None) -> Dict[str, Any]:
             if not match:
                 raise ConfigError(f"{path}: {err}") from None
             key = match.group(1)
-            raise ConfigError(f"{path}: key '{key}' must be given on the command line "
-                              f"(--{key}=...): it is a !PLACEHOLDER, e.g. the corpus folder") from None
+            raise ConfigError(
+                f"{path}: key '{key}' must be given on the command line "
+                f"(--{key}=...): it is a !PLACEHOLDER, e.g. the corpus folder"
+            ) from None
     try:
         return yaml.load(resolved, Loader=_RawLoader) or {}
     except yaml.YAMLError as err:
@@ -84,8 +86,7 @@ _DECODERS = ("ctc_greedy", "ctc_beam", "aed_beam")
 Rule = Tuple[Callable[[Any], bool], str]  # (predicate, accepted values in words)
 
 _FOLDER: Rule = (lambda v: isinstance(v, str) and v.strip() != "", "a folder path")
-_SPLIT_LIST: Rule = (lambda v: isinstance(v, list) and all(isinstance(s, str) for s in v),
-                     "a list of split names")
+_SPLIT_LIST: Rule = (lambda v: isinstance(v, list) and all(isinstance(s, str) for s in v), "a list of split names")
 
 #: corpus_options entries checked here (the preparation functions check them again); the
 #: real-corpus YAMLs also give some of them as top-level keys (see _RULES).
@@ -94,8 +95,10 @@ _CORPUS_RULES: Dict[str, Rule] = {
     "max_utterances": (lambda v: v is None or (_is_int(v) and v >= 1), "null or an integer >= 1"),
     "sample_rate": (lambda v: _is_int(v) and v >= 1, "an integer >= 1"),
     "partition": (lambda v: v in ("legacy", "speaker-adaptation"), "'legacy' or 'speaker-adaptation'"),
-    "splits": (lambda v: isinstance(v, list) and len(v) > 0 and all(s in ("train", "dev", "test") for s in v),
-               "a non-empty list among 'train', 'dev', 'test'"),
+    "splits": (
+        lambda v: isinstance(v, list) and len(v) > 0 and all(s in ("train", "dev", "test") for s in v),
+        "a non-empty list among 'train', 'dev', 'test'",
+    ),
     "manifest_folder": _FOLDER,
 }
 
@@ -142,10 +145,14 @@ _RULES: Dict[str, Rule] = {
     "policy_evaluation": (lambda v: isinstance(v, bool), "true or false"),
     # decoding (EarlyExitCTCBrain / EarlyExitSeq2SeqBrain)
     "valid_decoder": (lambda v: v in _DECODERS, "one of " + ", ".join(repr(d) for d in _DECODERS)),
-    "test_decoders": (lambda v: isinstance(v, list) and len(v) > 0 and all(d in _DECODERS for d in v),
-                      "a non-empty list among " + ", ".join(repr(d) for d in _DECODERS)),
-    "ngram_order": (lambda v: v is None or (_is_int(v) and (v == 0 or v >= 2)),
-                    "null or 0 (no n-gram LM), or an integer >= 2"),
+    "test_decoders": (
+        lambda v: isinstance(v, list) and len(v) > 0 and all(d in _DECODERS for d in v),
+        "a non-empty list among " + ", ".join(repr(d) for d in _DECODERS),
+    ),
+    "ngram_order": (
+        lambda v: v is None or (_is_int(v) and (v == 0 or v >= 2)),
+        "null or 0 (no n-gram LM), or an integer >= 2",
+    ),
     # attention-decoder exits
     "decoder_layers": (lambda v: _is_int(v) and v >= 1, "an integer >= 1"),
     "decoder_d_model": (lambda v: _is_int(v) and v >= 1, "an integer >= 1"),
@@ -181,14 +188,18 @@ def check_hparams(raw: Dict[str, Any], source: str = "hparams") -> Dict[str, Any
     """
     _check_rules(raw, _RULES, source)
     if "d_model" in raw and "nhead" in raw and raw["d_model"] % raw["nhead"]:
+        raise ConfigError(f"{source}: key 'nhead' must divide d_model={raw['d_model']}, got {raw['nhead']}")
+    if (
+        _is_num(raw.get("ckpt_interval_minutes"))
+        and raw["ckpt_interval_minutes"] > 0
+        and _is_int(raw.get("ckpt_interval_steps"))
+        and raw["ckpt_interval_steps"] > 0
+    ):
         raise ConfigError(
-            f"{source}: key 'nhead' must divide d_model={raw['d_model']}, got {raw['nhead']}"
+            f"{source}: keys 'ckpt_interval_minutes' and 'ckpt_interval_steps': set "
+            f"one of them (the other 0), got {raw['ckpt_interval_minutes']} and "
+            f"{raw['ckpt_interval_steps']}"
         )
-    if _is_num(raw.get("ckpt_interval_minutes")) and raw["ckpt_interval_minutes"] > 0 \
-            and _is_int(raw.get("ckpt_interval_steps")) and raw["ckpt_interval_steps"] > 0:
-        raise ConfigError(f"{source}: keys 'ckpt_interval_minutes' and 'ckpt_interval_steps': set "
-                          f"one of them (the other 0), got {raw['ckpt_interval_minutes']} and "
-                          f"{raw['ckpt_interval_steps']}")
     _check_ssl(raw, source)
     _check_decoding(raw, source)
     derived: Dict[str, Any] = {}
@@ -203,8 +214,12 @@ def check_hparams(raw: Dict[str, Any], source: str = "hparams") -> Dict[str, Any
         weights = raw.get("exit_loss_weights")
         if weights is not None:
             n = len(derived["exit_layers"])
-            if (not isinstance(weights, list) or len(weights) != n
-                    or not all(_is_num(w) and w >= 0 for w in weights) or sum(weights) <= 0):
+            if (
+                not isinstance(weights, list)
+                or len(weights) != n
+                or not all(_is_num(w) and w >= 0 for w in weights)
+                or sum(weights) <= 0
+            ):
                 raise ConfigError(
                     f"{source}: key 'exit_loss_weights' must be null (plain sum) or a list of "
                     f"{n} non-negative numbers, one per exit {derived['exit_layers']}, "
@@ -212,13 +227,17 @@ def check_hparams(raw: Dict[str, Any], source: str = "hparams") -> Dict[str, Any
                 )
     avg, keep = raw.get("avg_checkpoints"), raw.get("checkpoints_to_keep")
     if _is_int(avg) and _is_int(keep) and avg > keep:
-        raise ConfigError(f"{source}: key 'avg_checkpoints' ({avg}) cannot exceed "
-                          f"'checkpoints_to_keep' ({keep}): only kept checkpoints can be averaged")
+        raise ConfigError(
+            f"{source}: key 'avg_checkpoints' ({avg}) cannot exceed "
+            f"'checkpoints_to_keep' ({keep}): only kept checkpoints can be averaged"
+        )
     _check_corpus_options(raw, source)
     default_policy, sweep = raw.get("default_policy"), raw.get("policy_sweep")
     if isinstance(default_policy, str) and isinstance(sweep, list) and default_policy not in sweep:
-        raise ConfigError(f"{source}: key 'default_policy' ({default_policy!r}) must be one of the "
-                          f"policies in 'policy_sweep' {sweep}, which calibrates its threshold")
+        raise ConfigError(
+            f"{source}: key 'default_policy' ({default_policy!r}) must be one of the "
+            f"policies in 'policy_sweep' {sweep}, which calibrates its threshold"
+        )
     data_folder = raw.get("data_folder")
     if isinstance(data_folder, str):
         must_exist = raw.get("data_folder_must_exist", False)
@@ -230,8 +249,7 @@ def check_hparams(raw: Dict[str, Any], source: str = "hparams") -> Dict[str, Any
             parent = _existing_parent(data_folder)
             if not os.access(parent, os.W_OK):
                 raise ConfigError(
-                    f"{source}: key 'data_folder' cannot be created (no write access to "
-                    f"{parent}): {data_folder}"
+                    f"{source}: key 'data_folder' cannot be created (no write access to {parent}): {data_folder}"
                 )
     return derived
 
@@ -241,39 +259,50 @@ def _check_decoding(raw: Dict[str, Any], source: str) -> None:
     distinct and inside the output layer; ``aed_beam`` only with decoders."""
     dec_d, enc_d = raw.get("decoder_d_model"), raw.get("d_model")
     if _is_int(dec_d) and _is_int(enc_d) and dec_d != enc_d:
-        raise ConfigError(f"{source}: key 'decoder_d_model' ({dec_d}) must equal the encoder's "
-                          f"d_model ({enc_d}): each decoder attends to its exit's {enc_d}-d states")
+        raise ConfigError(
+            f"{source}: key 'decoder_d_model' ({dec_d}) must equal the encoder's "
+            f"d_model ({enc_d}): each decoder attends to its exit's {enc_d}-d states"
+        )
     heads = raw.get("decoder_nhead")
     if _is_int(dec_d) and _is_int(heads) and dec_d % heads:
-        raise ConfigError(f"{source}: key 'decoder_nhead' must divide decoder_d_model={dec_d}, "
-                          f"got {heads}")
+        raise ConfigError(f"{source}: key 'decoder_nhead' must divide decoder_d_model={dec_d}, got {heads}")
     uses_aed = raw.get("valid_decoder") == "aed_beam" or "aed_beam" in (raw.get("test_decoders") or [])
     if uses_aed and "decoders" not in raw:
-        raise ConfigError(f"{source}: key 'test_decoders'/'valid_decoder': 'aed_beam' needs attention "
-                          f"decoders (a 'decoders' module, e.g. hparams/synthetic/conformer_aed_ee.yaml)")
+        raise ConfigError(
+            f"{source}: key 'test_decoders'/'valid_decoder': 'aed_beam' needs attention "
+            f"decoders (a 'decoders' module, e.g. hparams/synthetic/conformer_aed_ee.yaml)"
+        )
     lm_weight = raw.get("aed_lm_weight")
     if _is_num(lm_weight) and lm_weight > 0:
         if "decoders" not in raw:
-            raise ConfigError(f"{source}: key 'aed_lm_weight' fuses the n-gram into the attention "
-                              f"decoders' search; this model has no 'decoders' (set it to 0)")
+            raise ConfigError(
+                f"{source}: key 'aed_lm_weight' fuses the n-gram into the attention "
+                f"decoders' search; this model has no 'decoders' (set it to 0)"
+            )
         if raw.get("ctc_lm_path") is None and not raw.get("ngram_order"):
-            raise ConfigError(f"{source}: key 'aed_lm_weight' ({lm_weight}) needs a word n-gram: set "
-                              f"'ctc_lm_path' or 'ngram_order' (or aed_lm_weight: 0)")
+            raise ConfigError(
+                f"{source}: key 'aed_lm_weight' ({lm_weight}) needs a word n-gram: set "
+                f"'ctc_lm_path' or 'ngram_order' (or aed_lm_weight: 0)"
+            )
     if "decoders" not in raw:
         return
     indices = {k: raw.get(k) for k in ("blank_index", "bos_index", "eos_index")}
     if all(_is_int(v) for v in indices.values()):
         if len(set(indices.values())) < 3:
-            raise ConfigError(f"{source}: keys 'bos_index', 'eos_index' and 'blank_index' must be "
-                              f"three different tokens for joint CTC/attention, got {indices}")
+            raise ConfigError(
+                f"{source}: keys 'bos_index', 'eos_index' and 'blank_index' must be "
+                f"three different tokens for joint CTC/attention, got {indices}"
+            )
         out = raw.get("output_neurons")
         for key, value in indices.items():
             if _is_int(out) and value >= out:
                 raise ConfigError(f"{source}: key '{key}' ({value}) must be below output_neurons ({out})")
     reward, norm = raw.get("aed_length_reward"), raw.get("aed_length_normalization")
     if _is_num(reward) and reward > 0 and norm is True:
-        raise ConfigError(f"{source}: keys 'aed_length_reward' and 'aed_length_normalization': "
-                          f"set one of them (a reward > 0 or normalization true), not both")
+        raise ConfigError(
+            f"{source}: keys 'aed_length_reward' and 'aed_length_normalization': "
+            f"set one of them (a reward > 0 or normalization true), not both"
+        )
 
 
 def _check_corpus_options(raw: Dict[str, Any], source: str) -> None:
@@ -306,13 +335,16 @@ def _check_ssl(raw: Dict[str, Any], source: str) -> None:
         raise ConfigError(f"{source}: key 'ssl_source': cannot read {path} ({err})") from None
     model_type = config.get("model_type")
     if model_type not in SUPPORTED_MODEL_TYPES:
-        raise ConfigError(f"{source}: key 'ssl_source': {raw['ssl_source']} is a {model_type!r} model, "
-                          f"which has no wav2vec2-style transformer layers to tap; accepted model "
-                          f"types: {', '.join(SUPPORTED_MODEL_TYPES)}")
+        raise ConfigError(
+            f"{source}: key 'ssl_source': {raw['ssl_source']} is a {model_type!r} model, "
+            f"which has no wav2vec2-style transformer layers to tap; accepted model "
+            f"types: {', '.join(SUPPORTED_MODEL_TYPES)}"
+        )
     for key, hf_key in (("num_layers", "num_hidden_layers"), ("d_model", "hidden_size")):
         if key in raw and _is_int(raw[key]) and raw[key] != config.get(hf_key):
-            raise ConfigError(f"{source}: key '{key}' ({raw[key]}) must equal the {hf_key} of "
-                              f"ssl_source ({config.get(hf_key)})")
+            raise ConfigError(
+                f"{source}: key '{key}' ({raw[key]}) must equal the {hf_key} of ssl_source ({config.get(hf_key)})"
+            )
 
 
 def _existing_parent(path: str) -> str:
@@ -344,11 +376,9 @@ def check_device(device: str) -> str:
     if parsed.type == "cuda":
         count = torch.cuda.device_count() if torch.cuda.is_available() else 0
         if count == 0:
-            raise ConfigError(f"--device {device}: no CUDA GPU is available on this machine; "
-                              f"use --device cpu")
+            raise ConfigError(f"--device {device}: no CUDA GPU is available on this machine; use --device cpu")
         if parsed.index is not None and parsed.index >= count:
-            raise ConfigError(f"--device {device}: this machine has {count} CUDA GPU(s), "
-                              f"cuda:0 to cuda:{count - 1}")
+            raise ConfigError(f"--device {device}: this machine has {count} CUDA GPU(s), cuda:0 to cuda:{count - 1}")
     if parsed.type == "mps" and not torch.backends.mps.is_available():
         raise ConfigError(f"--device {device}: no MPS (Apple GPU) backend on this machine; use --device cpu")
     try:  # any other kind (xpu, ...): can a tensor live there?

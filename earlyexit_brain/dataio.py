@@ -71,9 +71,11 @@ def _load(csv_path: str, data_folder: str) -> DynamicItemDataset:
         raise FileNotFoundError(f"manifest not found: {csv_path}") from None
     missing = [name for name in REQUIRED_COLUMNS if name not in header]
     if missing:
-        raise ValueError(f"manifest {csv_path}: no {', '.join(repr(m) for m in missing)} "
-                         f"column{'s' if len(missing) > 1 else ''}; a manifest needs the columns "
-                         f"{','.join(REQUIRED_COLUMNS)} (spk_id, start and stop are optional)")
+        raise ValueError(
+            f"manifest {csv_path}: no {', '.join(repr(m) for m in missing)} "
+            f"column{'s' if len(missing) > 1 else ''}; a manifest needs the columns "
+            f"{','.join(REQUIRED_COLUMNS)} (spk_id, start and stop are optional)"
+        )
     try:
         return DynamicItemDataset.from_csv(csv_path=csv_path, replacements={"data_root": data_folder})
     except (KeyError, ValueError) as err:  # e.g. a duration that is not a number, a repeated ID
@@ -130,30 +132,42 @@ class DataOptions(Options):
     data_folder: str = option("data_folder", dataclasses.MISSING, _folder, "a folder path")
     train_csv: str = option("train_csv", dataclasses.MISSING, _folder, "a manifest path")
     valid_csv: str = option("valid_csv", dataclasses.MISSING, _folder, "a manifest path")
-    test_csv: Dict[str, str] = option("test_csv", dataclasses.MISSING, lambda v: isinstance(v, dict),
-                                      "a mapping of set names to manifests")
-    test_sets: List[str] = option("test_sets", dataclasses.MISSING,
-                                  lambda v: isinstance(v, list) and len(v) > 0 and all(isinstance(x, str) for x in v),
-                                  "a non-empty list of set names")
+    test_csv: Dict[str, str] = option(
+        "test_csv", dataclasses.MISSING, lambda v: isinstance(v, dict), "a mapping of set names to manifests"
+    )
+    test_sets: List[str] = option(
+        "test_sets",
+        dataclasses.MISSING,
+        lambda v: isinstance(v, list) and len(v) > 0 and all(isinstance(x, str) for x in v),
+        "a non-empty list of set names",
+    )
     sample_rate: int = option("sample_rate", dataclasses.MISSING, lambda v: is_int(v) and v >= 1, "an integer >= 1")
     seed: int = option("seed", dataclasses.MISSING, is_int, "an integer")
     max_duration: float = option("max_duration", dataclasses.MISSING, _seconds, "a number of seconds > 0")
-    eval_batch_size: int = option("eval_batch_size", dataclasses.MISSING, lambda v: is_int(v) and v >= 1,
-                                  "an integer >= 1")
-    batch_size: Optional[int] = option("batch_size", None, lambda v: v is None or (is_int(v) and v >= 1),
-                                       "an integer >= 1")
-    sorting: str = option("sorting", "random", lambda v: v in ("ascending", "descending", "random"),
-                          "'ascending', 'descending' or 'random'")
+    eval_batch_size: int = option(
+        "eval_batch_size", dataclasses.MISSING, lambda v: is_int(v) and v >= 1, "an integer >= 1"
+    )
+    batch_size: Optional[int] = option(
+        "batch_size", None, lambda v: v is None or (is_int(v) and v >= 1), "an integer >= 1"
+    )
+    sorting: str = option(
+        "sorting",
+        "random",
+        lambda v: v in ("ascending", "descending", "random"),
+        "'ascending', 'descending' or 'random'",
+    )
     dynamic_batching: bool = option("dynamic_batching", False, lambda v: isinstance(v, bool), "true or false")
-    max_batch_length_train: Optional[float] = option("max_batch_length_train", None,
-                                                     lambda v: v is None or _seconds(v), "a number of seconds > 0")
+    max_batch_length_train: Optional[float] = option(
+        "max_batch_length_train", None, lambda v: v is None or _seconds(v), "a number of seconds > 0"
+    )
     num_buckets: int = option("num_buckets", 20, lambda v: is_int(v) and v >= 1, "an integer >= 1")
     bad_audio: str = option("bad_audio", "skip", lambda v: v in ("skip", "fail"), "skip or fail")
     max_audio_seconds: float = option("max_audio_seconds", 120.0, _seconds, "a number of seconds > 0")
     audio_check_workers: int = option("audio_check_workers", 4, lambda v: is_int(v) and v >= 1, "an integer >= 1")
     save_folder: Optional[str] = option("save_folder", None, lambda v: v is None or _folder(v), "a folder path")
-    hop_length: Optional[float] = option("hop_length", None, lambda v: v is None or _seconds(v),
-                                         "null or a hop in ms > 0")
+    hop_length: Optional[float] = option(
+        "hop_length", None, lambda v: v is None or _seconds(v), "null or a hop in ms > 0"
+    )
     num_workers: int = option("num_workers", 0, lambda v: is_int(v) and v >= 0, "an integer >= 0")
 
     def __post_init__(self):
@@ -169,6 +183,7 @@ class DataOptions(Options):
 
 class PreparedData(NamedTuple):
     """What :func:`dataio_prepare` returns."""
+
     train: DynamicItemDataset
     valid: DynamicItemDataset
     tests: Dict[str, DynamicItemDataset]
@@ -212,8 +227,15 @@ def dataio_prepare(options, tokenizer, encoder) -> PreparedData:
     checked = []
     for name, dataset in [("train", train), ("valid", valid)] + list(tests.items()):
         dataset, audio_summary[name] = check_manifest_audio(
-            dataset, name, manifests[name], sample_rate, bad_audio, float(o.max_audio_seconds), cache,
-            int(o.audio_check_workers))
+            dataset,
+            name,
+            manifests[name],
+            sample_rate,
+            bad_audio,
+            float(o.max_audio_seconds),
+            cache,
+            int(o.audio_check_workers),
+        )
         checked.append(dataset)
     train, valid = checked[0], checked[1]
     tests = dict(zip(tests, checked[2:]))
@@ -263,7 +285,11 @@ def dataio_prepare(options, tokenizer, encoder) -> PreparedData:
     logger.info(
         "Training manifest %s: %d utterances, %d dropped as longer than max_duration=%s s, "
         "%d dropped because their tokens cannot fit the encoder frames under CTC",
-        o.train_csv, n_before, n_long, o.max_duration, n_unfit,
+        o.train_csv,
+        n_before,
+        n_long,
+        o.max_duration,
+        n_unfit,
     )
     if len(train) == 0:
         raise ValueError(f"no usable training utterance left in {o.train_csv}")
@@ -271,13 +297,11 @@ def dataio_prepare(options, tokenizer, encoder) -> PreparedData:
         with ds.output_keys_as(["ctc_fits"]):
             bad = sum(1 for item in ds if not item["ctc_fits"])
         if bad:
-            logger.warning("%s: %d utterances cannot be aligned under CTC (kept; they count "
-                           "as errors)", name, bad)
+            logger.warning("%s: %d utterances cannot be aligned under CTC (kept; they count as errors)", name, bad)
 
     valid = valid.filtered_sorted(sort_key="duration")
     tests = {name: ds.filtered_sorted(sort_key="duration") for name, ds in tests.items()}
-    sb.dataio.dataset.set_output_keys([train, valid] + list(tests.values()),
-                                      ["id", "sig", "wrd", "tokens"])
+    sb.dataio.dataset.set_output_keys([train, valid] + list(tests.values()), ["id", "sig", "wrd", "tokens"])
 
     num_workers = o.num_workers
     loader = {
@@ -301,8 +325,7 @@ def dataio_prepare(options, tokenizer, encoder) -> PreparedData:
             train = train.filtered_sorted(sort_key="duration")
         elif sorting == "descending":
             train = train.filtered_sorted(sort_key="duration", reverse=True)
-        loader["train"] = {"batch_size": o.batch_size, "num_workers": num_workers,
-                           "shuffle": sorting == "random"}
+        loader["train"] = {"batch_size": o.batch_size, "num_workers": num_workers, "shuffle": sorting == "random"}
     # The training loader draws its iterators' seeds from its own generator, not from the
     # global one, so that a run resumed from a checkpoint (which restores the global random
     # state, see checkpoints.RandomState) draws the same dropout masks as the uninterrupted run.

@@ -36,9 +36,16 @@ class DynamicOutput:
     hiddens: Optional[List[torch.Tensor]] = None  # (T_b, D) encoder states at the exit, if kept
 
 
-def run_dynamic(encoder, heads, feats: torch.Tensor, lengths: Optional[torch.Tensor],
-                policy: ExitPolicy, durations: Optional[torch.Tensor] = None,
-                trim: bool = True, keep_hidden: bool = False) -> DynamicOutput:
+def run_dynamic(
+    encoder,
+    heads,
+    feats: torch.Tensor,
+    lengths: Optional[torch.Tensor],
+    policy: ExitPolicy,
+    durations: Optional[torch.Tensor] = None,
+    trim: bool = True,
+    keep_hidden: bool = False,
+) -> DynamicOutput:
     """Early-exit inference: utterances leave the batch as the policy stops them.
 
     ``encoder`` follows the incremental interface (``start``, ``advance``,
@@ -90,14 +97,18 @@ def run_dynamic(encoder, heads, feats: torch.Tensor, lengths: Optional[torch.Ten
     return DynamicOutput(out_lp, exits, layers, out_hidden if keep_hidden else None)
 
 
-def run_model(model: EarlyExitCTCModel, wavs: torch.Tensor, wav_lens: torch.Tensor,
-              policy: ExitPolicy, durations: Optional[torch.Tensor] = None,
-              keep_hidden: bool = False) -> DynamicOutput:
+def run_model(
+    model: EarlyExitCTCModel,
+    wavs: torch.Tensor,
+    wav_lens: torch.Tensor,
+    policy: ExitPolicy,
+    durations: Optional[torch.Tensor] = None,
+    keep_hidden: bool = False,
+) -> DynamicOutput:
     """:func:`run_dynamic` from waveforms ``(B, S)`` (relative ``wav_lens``) through ``model``'s
     features, encoder and CTC heads."""
     feats = model.features(wavs, wav_lens)
-    return run_dynamic(model.encoder, model.heads, feats, wav_lens, policy, durations,
-                       keep_hidden=keep_hidden)
+    return run_dynamic(model.encoder, model.heads, feats, wav_lens, policy, durations, keep_hidden=keep_hidden)
 
 
 def decode_dynamic(model, out: DynamicOutput) -> List[List[int]]:

@@ -41,8 +41,7 @@ def load_recipe_hparams(argv: List[str]):
     return hparams_file, run_opts, overrides, hparams
 
 
-def changed_hyperparameters(output_folder: str, checkpointer, hparams_file: str,
-                            overrides=None) -> List[str]:
+def changed_hyperparameters(output_folder: str, checkpointer, hparams_file: str, overrides=None) -> List[str]:
     """``"key: old -> new"`` for every top-level key whose value differs between the
     ``hyperparams.yaml`` that an experiment folder saved and this run's file with its
     overrides, when the run will resume (``checkpointer`` lists a checkpoint); else ``[]``.
@@ -65,18 +64,25 @@ def changed_hyperparameters(output_folder: str, checkpointer, hparams_file: str,
         text = value if value is absent else repr(value)
         return text if len(text) <= 60 else text[:57] + "..."
 
-    return [f"{key}: {show(old.get(key, absent))} -> {show(new.get(key, absent))}"
-            for key in sorted(set(old) | set(new)) if old.get(key, absent) != new.get(key, absent)]
+    return [
+        f"{key}: {show(old.get(key, absent))} -> {show(new.get(key, absent))}"
+        for key in sorted(set(old) | set(new))
+        if old.get(key, absent) != new.get(key, absent)
+    ]
 
 
 def warn_changed_hyperparameters(output_folder: str, changes: List[str]) -> None:
     """Log what :func:`changed_hyperparameters` found (main process only)."""
     if changes and sb.utils.distributed.if_main_process():
-        logger.warning("Resuming the experiment in %s, whose saved hyperparams.yaml differs from "
-                       "this run's in %d key(s):\n  %s\nTraining continues from its last "
-                       "checkpoint with this run's values. To start afresh, choose another "
-                       "output_folder (or seed) or delete that folder.", output_folder,
-                       len(changes), "\n  ".join(changes))
+        logger.warning(
+            "Resuming the experiment in %s, whose saved hyperparams.yaml differs from "
+            "this run's in %d key(s):\n  %s\nTraining continues from its last "
+            "checkpoint with this run's values. To start afresh, choose another "
+            "output_folder (or seed) or delete that folder.",
+            output_folder,
+            len(changes),
+            "\n  ".join(changes),
+        )
 
 
 def relocated_hparams_file(folder: str) -> str:
@@ -100,8 +106,14 @@ def relocated_hparams_file(folder: str) -> str:
     pattern = re.compile(r"(?<![\w./-])" + re.escape(os.path.normpath(old)) + r"(?=[/\s'\"]|$)", re.M)
     text, count = pattern.subn(lambda _: target, text)
     path = _rewrite(saved, text)
-    logger.warning("%s was saved as %s: %d path(s) in its hyperparams.yaml now point into %s (%s)",
-                   folder, old, count, target, path)
+    logger.warning(
+        "%s was saved as %s: %d path(s) in its hyperparams.yaml now point into %s (%s)",
+        folder,
+        old,
+        count,
+        target,
+        path,
+    )
     return path
 
 
@@ -124,12 +136,15 @@ def with_evaluation_defaults(hparams_file: str) -> str:
         return hparams_file
     with open(hparams_file) as fin:
         text = fin.read()
-    text = (text.rstrip("\n") + "\n\n# Keys added since this experiment was saved, with the "
-            "values the code assumes when they are absent (recipes/evaluate.py)\n"
-            + yaml.safe_dump(absent, default_flow_style=False, sort_keys=False))
+    text = (
+        text.rstrip("\n") + "\n\n# Keys added since this experiment was saved, with the "
+        "values the code assumes when they are absent (recipes/evaluate.py)\n"
+        + yaml.safe_dump(absent, default_flow_style=False, sort_keys=False)
+    )
     path = _rewrite(hparams_file, text)
-    logger.warning("%s lacked the key(s) %s: added with the values assumed when absent (%s)",
-                   hparams_file, ", ".join(absent), path)
+    logger.warning(
+        "%s lacked the key(s) %s: added with the values assumed when absent (%s)", hparams_file, ", ".join(absent), path
+    )
     return path
 
 
@@ -156,8 +171,7 @@ def claim_experiment_folder(folder: str) -> None:
     that is not empty and that this package did not make is refused
     (:class:`~earlyexit_brain.files.NotOurFolderError`), before SpeechBrain writes its
     ``hyperparams.yaml`` and logs into it."""
-    sb.utils.distributed.run_on_main(claim_folder, args=[folder, "experiment", "output_folder",
-                                                         EXPERIMENT_LEGACY])
+    sb.utils.distributed.run_on_main(claim_folder, args=[folder, "experiment", "output_folder", EXPERIMENT_LEGACY])
 
 
 def check_experiment_folder(folder: str) -> None:
@@ -165,9 +179,11 @@ def check_experiment_folder(folder: str) -> None:
     if not os.path.isfile(os.path.join(folder, "hyperparams.yaml")):
         sys.exit(f"Error: {folder} is not an experiment folder (no hyperparams.yaml in it)")
     if not owned(folder, "experiment", EXPERIMENT_LEGACY):
-        sys.exit(f"Error: {folder} is not an experiment folder made by recipes/train.py (no "
-                 f"{OWNER_MARKER}, train_log.txt, report.json or save/ in it); refusing to "
-                 f"rewrite its hyperparams.yaml")
+        sys.exit(
+            f"Error: {folder} is not an experiment folder made by recipes/train.py (no "
+            f"{OWNER_MARKER}, train_log.txt, report.json or save/ in it); refusing to "
+            f"rewrite its hyperparams.yaml"
+        )
 
 
 def run_recipe(main, argv: List[str]) -> None:
@@ -226,8 +242,7 @@ def evaluate_and_report(hparams: Dict, hparams_file: str, brain, tokenizer, data
     checkpoint loaded for evaluation may be older). Returns the paths written (``json``, ``md``,
     ``plot``), or {} on non-main DDP processes.
     """
-    trained = {"epochs": hparams["epoch_counter"].current,
-               "seconds": hparams["train_clock"].seconds}
+    trained = {"epochs": hparams["epoch_counter"].current, "seconds": hparams["train_clock"].seconds}
     for name, dataset in data.tests.items():
         brain.evaluate_set(name, dataset, data.loaders["test"], min_key=hparams["checkpoint_key"])
     if not sb.utils.distributed.if_main_process():
@@ -238,23 +253,26 @@ def evaluate_and_report(hparams: Dict, hparams_file: str, brain, tokenizer, data
         brain.test_results,
         train=trained,
         decoders=hparams.get("decoders"),
-        extra={"hparams_file": os.path.basename(hparams_file),
-               "exit_layers": list(hparams["encoder"].exit_layers),
-               "evaluated_epoch": hparams["epoch_counter"].current,
-               "checkpoint_key": hparams["checkpoint_key"],
-               "averaged_checkpoints": int(getattr(brain, "averaged_checkpoints", 1)),
-               "processes": int(os.environ.get("WORLD_SIZE", "1")),  # DDP processes (torchrun)
-               "token_type": hparams["token_type"],
-               "test_decoders": brain.stage_decoders(sb.Stage.TEST),
-               "ctc_lm": lm_summary(hparams),
-               "vocab_size": tokenizer.sp.vocab_size(),
-               "train_utterances": len(data.train),
-               # per set: utterances left out for bad audio, files resampled / down-mixed
-               "audio_check": data.audio_check},
+        extra={
+            "hparams_file": os.path.basename(hparams_file),
+            "exit_layers": list(hparams["encoder"].exit_layers),
+            "evaluated_epoch": hparams["epoch_counter"].current,
+            "checkpoint_key": hparams["checkpoint_key"],
+            "averaged_checkpoints": int(getattr(brain, "averaged_checkpoints", 1)),
+            "processes": int(os.environ.get("WORLD_SIZE", "1")),  # DDP processes (torchrun)
+            "token_type": hparams["token_type"],
+            "test_decoders": brain.stage_decoders(sb.Stage.TEST),
+            "ctc_lm": lm_summary(hparams),
+            "vocab_size": tokenizer.sp.vocab_size(),
+            "train_utterances": len(data.train),
+            # per set: utterances left out for bad audio, files resampled / down-mixed
+            "audio_check": data.audio_check,
+        },
     )
     if hparams.get("policy_evaluation", True):
-        report.update(run_policy_evaluation(hparams, tokenizer.sp, data.valid, data.tests,
-                                            tokenizer.prefix_model_file + ".model"))
+        report.update(
+            run_policy_evaluation(hparams, tokenizer.sp, data.valid, data.tests, tokenizer.prefix_model_file + ".model")
+        )
     paths = write_report(report, hparams["output_folder"])
     print()
     print(open(paths["md"]).read())

@@ -90,19 +90,26 @@ def _class_path(obj) -> str:
 def _decoder_parts(model) -> Dict[str, str]:
     """The inference YAML's pieces that differ between CTC and attention-decoder (AED) models."""
     if not model.has_decoders:
-        return {"decoders": "", "model_class": "EarlyExitCTCModel", "search": "",
-                "decoders_ref": ""}
-    return {"decoders": f"\ndecoders: !new:{_class_path(model.decoders)}\n"
-                        f"{_yaml_block(model.decoders.config)}\n",
-            "model_class": "EarlyExitAEDModel",
-            "search": "    decoders: !ref <decoders>\n" + _yaml_block(model.search_options) + "\n",
-            "decoders_ref": ", !ref <decoders>"}
+        return {"decoders": "", "model_class": "EarlyExitCTCModel", "search": "", "decoders_ref": ""}
+    return {
+        "decoders": f"\ndecoders: !new:{_class_path(model.decoders)}\n{_yaml_block(model.decoders.config)}\n",
+        "model_class": "EarlyExitAEDModel",
+        "search": "    decoders: !ref <decoders>\n" + _yaml_block(model.search_options) + "\n",
+        "decoders_ref": ", !ref <decoders>",
+    }
 
 
-def export_inference_folder(folder: str, model, features_config: Dict, tokenizer_path: str,
-                            blank_index: int = 0, policies: Optional[Dict] = None,
-                            latency_table: Optional[LatencyTable] = None,
-                            lm_path: Optional[str] = None, key: str = "inference folder") -> str:
+def export_inference_folder(
+    folder: str,
+    model,
+    features_config: Dict,
+    tokenizer_path: str,
+    blank_index: int = 0,
+    policies: Optional[Dict] = None,
+    latency_table: Optional[LatencyTable] = None,
+    lm_path: Optional[str] = None,
+    key: str = "inference folder",
+) -> str:
     """Write an inference folder that :class:`EarlyExitASR` loads; returns its path.
 
     ``model`` is an :class:`~earlyexit_brain.models.pipeline.EarlyExitCTCModel`
@@ -119,26 +126,35 @@ def export_inference_folder(folder: str, model, features_config: Dict, tokenizer
     folder = os.path.abspath(folder)
     # Fbank + global InputNormalization (the Conformer), or modules that carry their own
     # ``config`` (the SSL encoders' WaveformFeatures / WaveformNormalization)
-    features_class, normalize_class = "speechbrain.lobes.features.Fbank", \
-        "speechbrain.processing.features.InputNormalization"
+    features_class, normalize_class = (
+        "speechbrain.lobes.features.Fbank",
+        "speechbrain.processing.features.InputNormalization",
+    )
     features = dict(features_config)
     normalize_config: Dict = {"norm_type": "global"}
     if hasattr(model.compute_features, "config"):
         features_class, features = _class_path(model.compute_features), dict(model.compute_features.config)
     if hasattr(model.normalize, "config"):
         normalize_class, normalize_config = _class_path(model.normalize), dict(model.normalize.config)
-    with atomic_folder(folder, "inference_folder", key, prefix=".inference-",
-                       legacy=("exit_policies.ckpt",)) as tmp:
+    with atomic_folder(folder, "inference_folder", key, prefix=".inference-", legacy=("exit_policies.ckpt",)) as tmp:
         text = INFERENCE_YAML.format(
-            sample_rate=int(features_config["sample_rate"]), blank_index=int(blank_index),
-            default_exit=int(model.default_exit), features=_yaml_block(features),
-            features_class=features_class, normalize_class=normalize_class,
+            sample_rate=int(features_config["sample_rate"]),
+            blank_index=int(blank_index),
+            default_exit=int(model.default_exit),
+            features=_yaml_block(features),
+            features_class=features_class,
+            normalize_class=normalize_class,
             normalize=_yaml_block(normalize_config),
-            encoder_class=_class_path(model.encoder), encoder=_yaml_block(model.encoder.config),
-            heads_class=_class_path(model.heads), heads=_yaml_block(model.heads.config),
+            encoder_class=_class_path(model.encoder),
+            encoder=_yaml_block(model.encoder.config),
+            heads_class=_class_path(model.heads),
+            heads=_yaml_block(model.heads.config),
             **_decoder_parts(model),
-            lm_record=("ngram_lm: !new:earlyexit_brain.records.FileRecord   # word n-gram (ctc_beam, fused search)\n"
-                       if lm_path else ""),
+            lm_record=(
+                "ngram_lm: !new:earlyexit_brain.records.FileRecord   # word n-gram (ctc_beam, fused search)\n"
+                if lm_path
+                else ""
+            ),
             lm_loadable="        ngram_lm: !ref <ngram_lm>\n" if lm_path else "",
         )
         atomic_write_text(os.path.join(tmp, "hyperparams.yaml"), text)
@@ -148,8 +164,7 @@ def export_inference_folder(folder: str, model, features_config: Dict, tokenizer
         model.normalize._save(os.path.join(tmp, "normalizer.ckpt"))
         shutil.copyfile(tokenizer_path, os.path.join(tmp, "tokenizer.ckpt"))
         JsonRecord(policies or {})._save(os.path.join(tmp, "exit_policies.ckpt"))
-        JsonRecord(latency_table.to_json() if latency_table else {})._save(
-            os.path.join(tmp, "latency_table.ckpt"))
+        JsonRecord(latency_table.to_json() if latency_table else {})._save(os.path.join(tmp, "latency_table.ckpt"))
         if lm_path:
             shutil.copyfile(lm_path, os.path.join(tmp, "ngram_lm.ckpt"))
     return folder

@@ -75,8 +75,7 @@ def atomic_write_text(path: str, text: str) -> None:
 
 
 @contextlib.contextmanager
-def atomic_folder(folder: str, kind: str, key: str, prefix: str = ".tmp-",
-                  legacy: Sequence[str] = ()) -> Iterator[str]:
+def atomic_folder(folder: str, kind: str, key: str, prefix: str = ".tmp-", legacy: Sequence[str] = ()) -> Iterator[str]:
     """Build a folder beside ``folder`` (the block writes into the yielded path) and move it
     into place, replacing any previous one, only when the block succeeds; a crash never
     leaves a half-written ``folder``. The folder gets the previous one's permissions, or
@@ -117,8 +116,9 @@ def folder_kind(folder: str) -> Optional[str]:
 
 
 def _mark(folder: str, kind: str) -> None:
-    atomic_write_text(os.path.join(folder, OWNER_MARKER),
-                      json.dumps({"kind": kind, "written_by": "earlyexit_brain"}) + "\n")
+    atomic_write_text(
+        os.path.join(folder, OWNER_MARKER), json.dumps({"kind": kind, "written_by": "earlyexit_brain"}) + "\n"
+    )
 
 
 def owned(folder: str, kind: str, legacy: Sequence[str] = ()) -> bool:
@@ -151,11 +151,15 @@ def _legacy_present(path: str) -> bool:
 
 def _refusal(folder: str, kind: str, key: str) -> NotOurFolderError:
     found = folder_kind(folder)
-    why = (f"it was made for another purpose ({found})" if found else
-           f"it is not empty and was not made by earlyexit_brain (it has no {OWNER_MARKER})")
+    why = (
+        f"it was made for another purpose ({found})"
+        if found
+        else f"it is not empty and was not made by earlyexit_brain (it has no {OWNER_MARKER})"
+    )
     return NotOurFolderError(
         f"{key}: {folder}: refusing to write into it, replace it or delete anything in it as "
-        f"a {kind.replace('_', ' ')}: {why}. Give a new or empty folder.")
+        f"a {kind.replace('_', ' ')}: {why}. Give a new or empty folder."
+    )
 
 
 def claim_folder(folder: str, kind: str, key: str, legacy: Sequence[str] = ()) -> str:
@@ -185,7 +189,8 @@ def check_overwritable_file(path: str, key: str, ours) -> None:
     if os.path.exists(path) and (os.path.isdir(path) or not ours(path)):
         raise NotOurFolderError(
             f"{key}: {path} exists and was not written by this command; refusing to overwrite "
-            f"it. Give a new file name, or remove it yourself.")
+            f"it. Give a new file name, or remove it yourself."
+        )
 
 
 def is_own_json(path: str, field: str) -> bool:

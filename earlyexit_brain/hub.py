@@ -37,8 +37,14 @@ from .utils import looks_like_repo_id
 logger = logging.getLogger(__name__)
 
 #: The loadables an inference hyperparams.yaml names (besides itself).
-MODEL_FILES = ("hyperparams.yaml", "model.ckpt", "normalizer.ckpt", "tokenizer.ckpt",
-               "exit_policies.ckpt", "latency_table.ckpt")
+MODEL_FILES = (
+    "hyperparams.yaml",
+    "model.ckpt",
+    "normalizer.ckpt",
+    "tokenizer.ckpt",
+    "exit_policies.ckpt",
+    "latency_table.ckpt",
+)
 EXAMPLE_FILE = "example.wav"
 PLOT_FILE = "wer_vs_compute.png"
 ONNX_FOLDER = "onnx"  # the ONNX export (fp32 and int8) for the runtime without PyTorch, with --onnx
@@ -61,8 +67,10 @@ class PublishError(ValueError):
 def check_repo_id(repo_id: str) -> str:
     """``OWNER/NAME`` with the Hub's allowed characters, or a :class:`PublishError`."""
     if not looks_like_repo_id(repo_id):
-        raise PublishError(f"--repo-id: {repo_id!r} is not of the form OWNER/NAME (letters, digits, "
-                           f"'-', '_' and '.', not starting or ending with '-' or '.', no '--' or '..')")
+        raise PublishError(
+            f"--repo-id: {repo_id!r} is not of the form OWNER/NAME (letters, digits, "
+            f"'-', '_' and '.', not starting or ending with '-' or '.', no '--' or '..')"
+        )
     return repo_id
 
 
@@ -74,28 +82,35 @@ def read_experiment(folder: str) -> Dict:
     hparams_path = os.path.join(folder, "hyperparams.yaml")
     for path in (report_path, hparams_path):
         if not os.path.isfile(path):
-            raise PublishError(f"{folder} is not an experiment folder: {os.path.basename(path)} is "
-                               f"missing (train it with recipes/train.py first)")
+            raise PublishError(
+                f"{folder} is not an experiment folder: {os.path.basename(path)} is "
+                f"missing (train it with recipes/train.py first)"
+            )
     try:
         with open(report_path) as fin:
             report = json.load(fin)
     except json.JSONDecodeError as err:
         raise PublishError(f"{report_path}: not valid JSON ({err})") from None
     if not report.get("exits"):
-        raise PublishError(f"{report_path}: no per-exit results (the evaluation did not finish; "
-                           f"run recipes/evaluate.py {folder})")
+        raise PublishError(
+            f"{report_path}: no per-exit results (the evaluation did not finish; run recipes/evaluate.py {folder})"
+        )
     try:
         hparams = resolve_training_paths(read_raw_hparams(hparams_path), folder)
     except ConfigError as err:
         raise PublishError(str(err)) from None
     inference = os.path.join(folder, "inference")
     if not os.path.isdir(inference):
-        raise PublishError(f"{folder}: no inference/ folder (the best checkpoint exported with its "
-                           f"calibrated exit policies); run: python recipes/evaluate.py {folder}")
+        raise PublishError(
+            f"{folder}: no inference/ folder (the best checkpoint exported with its "
+            f"calibrated exit policies); run: python recipes/evaluate.py {folder}"
+        )
     missing = [name for name in MODEL_FILES if not os.path.isfile(os.path.join(inference, name))]
     if missing:
-        raise PublishError(f"{inference}: missing {', '.join(missing)} (the checkpoint export is "
-                           f"incomplete); rerun: python recipes/evaluate.py {folder}")
+        raise PublishError(
+            f"{inference}: missing {', '.join(missing)} (the checkpoint export is "
+            f"incomplete); rerun: python recipes/evaluate.py {folder}"
+        )
     return {"report": report, "hparams": hparams, "inference": inference}
 
 
@@ -117,7 +132,7 @@ def training_directory(folder: str, hparams: Dict) -> Optional[str]:
     here, suffix = os.path.abspath(folder), os.path.normpath(output)
     if suffix.startswith(os.pardir) or not here.endswith(os.sep + suffix):
         return None
-    return here[:-len(suffix) - 1] or os.sep
+    return here[: -len(suffix) - 1] or os.sep
 
 
 def resolve_training_paths(hparams: Dict, folder: str) -> Dict:
@@ -134,8 +149,7 @@ def resolve_training_paths(hparams: Dict, folder: str) -> Dict:
     resolved = dict(hparams)
     for key in set(DATA_PATH_KEYS) & set(hparams):
         value = hparams[key]
-        resolved[key] = {k: resolve(v) for k, v in value.items()} if isinstance(value, dict) \
-            else resolve(value)
+        resolved[key] = {k: resolve(v) for k, v in value.items()} if isinstance(value, dict) else resolve(value)
     return resolved
 
 
@@ -143,8 +157,10 @@ def _not_found_cause(path: str) -> str:
     """Why a path named by the experiment is missing, as the error's remedy says it."""
     if os.path.isabs(path):
         return "the corpus was moved or deleted"
-    return (f"a path relative to the directory training ran in, which the experiment folder does "
-            f"not tell, and not found from this one, {os.getcwd()}: run from that directory")
+    return (
+        f"a path relative to the directory training ran in, which the experiment folder does "
+        f"not tell, and not found from this one, {os.getcwd()}: run from that directory"
+    )
 
 
 def corpus_info(hparams: Dict) -> Tuple[str, str]:
@@ -184,16 +200,18 @@ def write_example_audio(hparams: Dict, path: str, source: Optional[str] = None) 
             raise PublishError("the experiment's hyperparams.yaml names no test set; pass --example AUDIO")
         manifest = test_csv[names[0]]
         if not os.path.isfile(manifest):
-            raise PublishError(f"test manifest not found: {manifest} ({_not_found_cause(manifest)}); "
-                               f"pass --example AUDIO")
+            raise PublishError(
+                f"test manifest not found: {manifest} ({_not_found_cause(manifest)}); pass --example AUDIO"
+            )
         rows = _manifest_rows(manifest, str(hparams.get("data_folder", "")))
         if not rows:
             raise PublishError(f"{manifest}: no utterance; pass --example AUDIO")
         row = next((r for r in rows if float(r.get("duration", 0) or 0) <= MAX_EXAMPLE_SECONDS), rows[0])
         source, label, hint = row["wav"], row["wav"], "; pass --example AUDIO"
         if not os.path.isfile(source):
-            raise PublishError(f"{manifest}: audio not found: {source} ({_not_found_cause(source)}); "
-                               f"pass --example AUDIO")
+            raise PublishError(
+                f"{manifest}: audio not found: {source} ({_not_found_cause(source)}); pass --example AUDIO"
+            )
         segment = row_segment(row.get("start"), row.get("stop"))
     elif not os.path.isfile(source):
         raise PublishError(f"--example: {source}: no such audio file")
@@ -212,11 +230,18 @@ def eval_results(report: Dict, dataset: Tuple[str, str]):
     results = []
     for entry in report["exits"]:
         for set_name, stats in entry["sets"].items():
-            results.append(EvalResult(
-                task_type="automatic-speech-recognition", task_name="Speech Recognition",
-                dataset_type=dataset[0], dataset_name=dataset[1], dataset_split=set_name,
-                metric_type="wer", metric_value=float(stats["wer"]),
-                metric_name=f"WER exit {entry['exit']} (layer {entry['layer']})"))
+            results.append(
+                EvalResult(
+                    task_type="automatic-speech-recognition",
+                    task_name="Speech Recognition",
+                    dataset_type=dataset[0],
+                    dataset_name=dataset[1],
+                    dataset_split=set_name,
+                    metric_type="wer",
+                    metric_value=float(stats["wer"]),
+                    metric_name=f"WER exit {entry['exit']} (layer {entry['layer']})",
+                )
+            )
     return results
 
 
@@ -280,8 +305,10 @@ def encoder_kind(hparams: Dict) -> Tuple[str, str]:
     if "ssl" in str(hparams.get("encoder", "")).lower():
         return ("pre-trained self-supervised (wav2vec2-family) encoder, fine-tuned,", "wav2vec2")
     if "splitformer" in str(hparams.get("encoder", "")).lower():
-        return ("Splitformer encoder (a Conformer with parallel downsampled layers beside the blocks of "
-                "some exits)", "splitformer")
+        return (
+            "Splitformer encoder (a Conformer with parallel downsampled layers beside the blocks of some exits)",
+            "splitformer",
+        )
     return ("Conformer encoder", "conformer")
 
 
@@ -302,43 +329,76 @@ asr.transcribe_file("example.wav", policy="entropy")
 """
 
 
-def build_model_card(report: Dict, repo_id: str, dataset: Tuple[str, str], policies: Dict,
-                     license: str = "apache-2.0", language: str = "en", with_plot: bool = True,
-                     encoder: Tuple[str, str] = ("Conformer encoder", "conformer"), with_onnx: bool = False):
+def build_model_card(
+    report: Dict,
+    repo_id: str,
+    dataset: Tuple[str, str],
+    policies: Dict,
+    license: str = "apache-2.0",
+    language: str = "en",
+    with_plot: bool = True,
+    encoder: Tuple[str, str] = ("Conformer encoder", "conformer"),
+    with_onnx: bool = False,
+):
     """The model card (huggingface_hub ``ModelCard``) with a model-index of every exit's WER."""
     from huggingface_hub import ModelCard, ModelCardData
 
     name = repo_id.split("/")[1]
     data = ModelCardData(
-        language=language, license=license, library_name="speechbrain",
+        language=language,
+        license=license,
+        library_name="speechbrain",
         pipeline_tag="automatic-speech-recognition",
         tags=["early-exit", "speechbrain", "earlyexit_brain", "ctc", encoder[1], "speech"],
-        datasets=[dataset[0]], metrics=["wer"], model_name=name,
+        datasets=[dataset[0]],
+        metrics=["wer"],
+        model_name=name,
         eval_results=eval_results(report, dataset),
     )
     default = policies.get("default") or {"policy": "fixed"}
-    default_text = (f"{default['policy']} {default['threshold']:.4g}" if default.get("threshold") is not None
-                    else f"exit {default.get('exit', len(report['exits']))}")
+    default_text = (
+        f"{default['policy']} {default['threshold']:.4g}"
+        if default.get("threshold") is not None
+        else f"exit {default.get('exit', len(report['exits']))}"
+    )
     tables = report_markdown(report).split("\n", 1)[1].strip()  # without its title
     body = CARD_TEMPLATE.format(
-        title=name, encoder_kind=encoder[0], num_layers=report.get("num_layers", "?"),
-        exit_kind=("a CTC head and an attention decoder (joint CTC/attention beam search) at an exit"
-                   if "aed_beam" in report.get("test_decoders", []) else "a CTC exit"),
+        title=name,
+        encoder_kind=encoder[0],
+        num_layers=report.get("num_layers", "?"),
+        exit_kind=(
+            "a CTC head and an attention decoder (joint CTC/attention beam search) at an exit"
+            if "aed_beam" in report.get("test_decoders", [])
+            else "a CTC exit"
+        ),
         exit_layers=", ".join(str(e["layer"]) for e in report["exits"]),
-        dataset_name=dataset[1], repo_id=repo_id, name=name, default=default_text,
-        default_exit=default.get("exit") or len(report["exits"]), tables=tables,
-        plot=PLOT_FILE if with_plot else "", version=__version__,
+        dataset_name=dataset[1],
+        repo_id=repo_id,
+        name=name,
+        default=default_text,
+        default_exit=default.get("exit") or len(report["exits"]),
+        tables=tables,
+        plot=PLOT_FILE if with_plot else "",
+        version=__version__,
         onnx_section=ONNX_SECTION if with_onnx else "",
-        onnx_files=(", `onnx/` (the ONNX export: `manifest.json` lists every file with its sha256)"
-                    if with_onnx else ""),
+        onnx_files=(
+            ", `onnx/` (the ONNX export: `manifest.json` lists every file with its sha256)" if with_onnx else ""
+        ),
     )
     if not with_plot:
         body = body.replace("![WER against the average number of encoder layers computed]()\n", "")
     return ModelCard(f"---\n{data.to_yaml()}\n---\n{body}")
 
 
-def build_hub_folder(experiment: str, out: str, repo_id: str, license: str = "apache-2.0",
-                     language: str = "en", example: Optional[str] = None, onnx: bool = False) -> str:
+def build_hub_folder(
+    experiment: str,
+    out: str,
+    repo_id: str,
+    license: str = "apache-2.0",
+    language: str = "en",
+    example: Optional[str] = None,
+    onnx: bool = False,
+) -> str:
     """Build the Hub folder for ``experiment`` at ``out``; returns ``out``.
 
     With ``onnx``, the folder gets ``onnx/``: the experiment's ONNX export when it has one
@@ -364,9 +424,10 @@ def build_hub_folder(experiment: str, out: str, repo_id: str, license: str = "ap
         source = write_example_audio(exp["hparams"], os.path.join(tmp, EXAMPLE_FILE), example)
         logger.info("example audio from %s", source)
         report = exp["report"]
-        atomic_write_text(os.path.join(tmp, "report.json"),
-                          json.dumps({k: v for k, v in report.items() if k != "inference_folder"},
-                                     indent=2) + "\n")
+        atomic_write_text(
+            os.path.join(tmp, "report.json"),
+            json.dumps({k: v for k, v in report.items() if k != "inference_folder"}, indent=2) + "\n",
+        )
         dataset = corpus_info(exp["hparams"])
         default = policies.get("default") or {}
         config = {
@@ -384,12 +445,23 @@ def build_hub_folder(experiment: str, out: str, repo_id: str, license: str = "ap
         }
         if onnx:
             add_onnx_folder(experiment, exp["inference"], os.path.join(tmp, ONNX_FOLDER))
-            config["earlyexit_brain"]["onnx"] = {"folder": ONNX_FOLDER, "precisions": ["fp32", "int8"],
-                                                 "interface": "earlyexit_brain.runtime.EarlyExitONNX"}
+            config["earlyexit_brain"]["onnx"] = {
+                "folder": ONNX_FOLDER,
+                "precisions": ["fp32", "int8"],
+                "interface": "earlyexit_brain.runtime.EarlyExitONNX",
+            }
         atomic_write_text(os.path.join(tmp, "config.json"), json.dumps(config, indent=2) + "\n")
-        card = build_model_card(report, repo_id, dataset, policies, license, language,
-                                with_plot=os.path.isfile(plot), encoder=encoder_kind(exp["hparams"]),
-                                with_onnx=onnx)
+        card = build_model_card(
+            report,
+            repo_id,
+            dataset,
+            policies,
+            license,
+            language,
+            with_plot=os.path.isfile(plot),
+            encoder=encoder_kind(exp["hparams"]),
+            with_onnx=onnx,
+        )
         atomic_write_text(os.path.join(tmp, "README.md"), str(card))
     return out
 
@@ -418,7 +490,6 @@ def validate_hub_folder(folder: str) -> Dict[str, str]:
     """
     from speechbrain.inference.ASR import EncoderASR
 
-
     example = os.path.join(folder, EXAMPLE_FILE)
     for name in MODEL_FILES + (EXAMPLE_FILE, "README.md", "config.json"):
         if not os.path.isfile(os.path.join(folder, name)):
@@ -432,14 +503,18 @@ def validate_hub_folder(folder: str) -> Dict[str, str]:
                 asr.transcribe_file(example, exit=k)
             texts["earlyexit_brain"] = result.text
         except Exception as err:
-            raise PublishError(f"{folder}: EarlyExitASR could not load the folder and transcribe "
-                               f"{EXAMPLE_FILE}: {type(err).__name__}: {err}") from err
+            raise PublishError(
+                f"{folder}: EarlyExitASR could not load the folder and transcribe "
+                f"{EXAMPLE_FILE}: {type(err).__name__}: {err}"
+            ) from err
         try:
             stock = EncoderASR.from_hparams(source=folder, savedir=os.path.join(savedir, "stock"))
             texts["encoder_asr"] = stock.transcribe_file(example)
         except Exception as err:
-            raise PublishError(f"{folder}: SpeechBrain's EncoderASR could not load the folder and "
-                               f"transcribe {EXAMPLE_FILE}: {type(err).__name__}: {err}") from err
+            raise PublishError(
+                f"{folder}: SpeechBrain's EncoderASR could not load the folder and "
+                f"transcribe {EXAMPLE_FILE}: {type(err).__name__}: {err}"
+            ) from err
     onnx = os.path.join(folder, ONNX_FOLDER)
     if os.path.isdir(onnx):
         for precision in ("fp32", "int8"):
@@ -449,8 +524,10 @@ def validate_hub_folder(folder: str) -> Dict[str, str]:
                 for k in range(1, runtime.num_exits + 1):
                     runtime.transcribe_file(example, exit=k)
             except Exception as err:
-                raise PublishError(f"{onnx}: the ONNX runtime could not load its {precision} graphs and "
-                                   f"transcribe {EXAMPLE_FILE}: {type(err).__name__}: {err}") from err
+                raise PublishError(
+                    f"{onnx}: the ONNX runtime could not load its {precision} graphs and "
+                    f"transcribe {EXAMPLE_FILE}: {type(err).__name__}: {err}"
+                ) from err
     return texts
 
 
@@ -461,8 +538,15 @@ def hub_token() -> Optional[str]:
     return os.environ.get("HF_TOKEN") or get_token()
 
 
-def upload_hub_folder(folder: str, repo_id: str, private: bool = False, exist_ok: bool = False,
-                      token: Optional[str] = None, api=None, message: Optional[str] = None) -> str:
+def upload_hub_folder(
+    folder: str,
+    repo_id: str,
+    private: bool = False,
+    exist_ok: bool = False,
+    token: Optional[str] = None,
+    api=None,
+    message: Optional[str] = None,
+) -> str:
     """Create ``repo_id`` and upload ``folder`` with ``HfApi``; returns the commit URL.
 
     The token is passed to ``HfApi`` only; it is never printed or logged.
@@ -472,15 +556,19 @@ def upload_hub_folder(folder: str, repo_id: str, private: bool = False, exist_ok
     check_repo_id(repo_id)
     token = token or hub_token()
     if not token:
-        raise PublishError("no Hugging Face token: set HF_TOKEN or run `hf auth login` "
-                           "(or use --dry-run to build the folder only)")
+        raise PublishError(
+            "no Hugging Face token: set HF_TOKEN or run `hf auth login` (or use --dry-run to build the folder only)"
+        )
     api = api if api is not None else HfApi(token=token)
     if api.repo_exists(repo_id, repo_type="model") and not exist_ok:
-        raise PublishError(f"{repo_id} already exists on the Hub; pass --exist-ok to upload a new "
-                           f"revision to it")
+        raise PublishError(f"{repo_id} already exists on the Hub; pass --exist-ok to upload a new revision to it")
     url = api.create_repo(repo_id, repo_type="model", private=private, exist_ok=exist_ok)
     logger.info("uploading %s to %s", folder, url)
-    commit = api.upload_folder(folder_path=folder, repo_id=repo_id, repo_type="model",
-                               commit_message=message or f"Upload early-exit model ({__version__})",
-                               ignore_patterns=[OWNER_MARKER])
+    commit = api.upload_folder(
+        folder_path=folder,
+        repo_id=repo_id,
+        repo_type="model",
+        commit_message=message or f"Upload early-exit model ({__version__})",
+        ignore_patterns=[OWNER_MARKER],
+    )
     return str(getattr(commit, "commit_url", commit))

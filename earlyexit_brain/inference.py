@@ -86,8 +86,7 @@ class EarlyExitASR(Pretrained):
     MODULES_NEEDED = ["encoder"]
 
     @classmethod
-    def from_hparams(cls, source, hparams_file: str = "hyperparams.yaml", trust_remote_code: bool = False,
-                     **kwargs):
+    def from_hparams(cls, source, hparams_file: str = "hyperparams.yaml", trust_remote_code: bool = False, **kwargs):
         """Load from a local folder or a Hub id (SpeechBrain's fetching: ``savedir``,
         ``fetch_config``, ``local_strategy``, ``run_opts``, ``overrides``).
 
@@ -101,14 +100,17 @@ class EarlyExitASR(Pretrained):
         """
         from huggingface_hub.errors import EntryNotFoundError, RepositoryNotFoundError
 
-        if isinstance(source, (str, os.PathLike)) and not os.path.isdir(source) \
-                and not looks_like_repo_id(str(source)):
+        if isinstance(source, (str, os.PathLike)) and not os.path.isdir(source) and not looks_like_repo_id(str(source)):
             raise ValueError(f"{source}: no such model folder, and not a Hub id OWNER/NAME")
         try:
-            local = fetch(filename=hparams_file, source=source, savedir=kwargs.get("savedir"),
-                          save_filename=None,
-                          local_strategy=kwargs.get("local_strategy", LocalStrategy.SYMLINK),
-                          fetch_config=kwargs.get("fetch_config", FetchConfig()))
+            local = fetch(
+                filename=hparams_file,
+                source=source,
+                savedir=kwargs.get("savedir"),
+                save_filename=None,
+                local_strategy=kwargs.get("local_strategy", LocalStrategy.SYMLINK),
+                fetch_config=kwargs.get("fetch_config", FetchConfig()),
+            )
             with open(local, encoding="utf-8") as fin:
                 text = fin.read()
             origin = f"{source}/{hparams_file}"
@@ -121,17 +123,20 @@ class EarlyExitASR(Pretrained):
         except (EntryNotFoundError, RepositoryNotFoundError) as err:
             # SpeechBrain 1.1.2 turns a missing Hub file into a ValueError only for
             # huggingface_hub < 1.0 (requests errors); do it for every version.
-            raise ValueError(f"{source}: cannot fetch the model's files ({type(err).__name__}: "
-                             f"{str(err).splitlines()[0]}); check the repo id, your access to it, "
-                             f"and the network or the local Hugging Face cache") from err
+            raise ValueError(
+                f"{source}: cannot fetch the model's files ({type(err).__name__}: "
+                f"{str(err).splitlines()[0]}); check the repo id, your access to it, "
+                f"and the network or the local Hugging Face cache"
+            ) from err
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self.model = self.mods.encoder
         self.tokenizer = self.hparams.tokenizer
         record = getattr(self.hparams, "exit_policies", None)
-        self.policies = PolicyBundle.from_json(record.data if record is not None else None,
-                                               source=getattr(record, "path", None) or "exit_policies")
+        self.policies = PolicyBundle.from_json(
+            record.data if record is not None else None, source=getattr(record, "path", None) or "exit_policies"
+        )
         record = getattr(self.hparams, "latency_table", None)
         self.latency_table = LatencyTable(**record.data) if record is not None and record.data else None
         self._searcher = None
@@ -139,8 +144,9 @@ class EarlyExitASR(Pretrained):
         if getattr(self.model, "fuses_lm", False):  # the attention search fuses the word n-gram
             record = getattr(self.hparams, "ngram_lm", None)
             if record is None:
-                raise ValueError("lm_weight: this model's attention search fuses a word n-gram, "
-                                 "but its folder has no ngram_lm.ckpt")
+                raise ValueError(
+                    "lm_weight: this model's attention search fuses a word n-gram, but its folder has no ngram_lm.ckpt"
+                )
             self.model.use_lm(record.path, tokenizer_pieces(self.tokenizer))
 
     def ctc_decoder(self, name: Optional[str] = None) -> CTCDecoder:
@@ -151,9 +157,10 @@ class EarlyExitASR(Pretrained):
             options = CTCDecodingOptions()
             if name == "ctc_beam":
                 record = getattr(self.hparams, "ngram_lm", None)
-                options = CTCDecodingOptions(**{key: stored[key] for key in ("beam_size", "alpha", "beta")
-                                                if key in stored},
-                                             lm_path=record.path if record is not None else None)
+                options = CTCDecodingOptions(
+                    **{key: stored[key] for key in ("beam_size", "alpha", "beta") if key in stored},
+                    lm_path=record.path if record is not None else None,
+                )
             vocab = self.model.heads.heads[0].out_features
             self._ctc_decoders[name] = CTCDecoder(name, self.tokenizer, vocab, self.hparams.blank_index, options)
         return self._ctc_decoders[name]
@@ -171,12 +178,17 @@ class EarlyExitASR(Pretrained):
             options = self.policies.policy_options("posterior")
             vocab = self.model.heads.heads[0].out_features
             self._searcher = make_ctc_beam_searcher(
-                self.tokenizer, vocab, self.hparams.blank_index, options.get("beam_size", 10),
-                token_prune_min_logp=options.get("token_prune_min_logp"))
+                self.tokenizer,
+                vocab,
+                self.hparams.blank_index,
+                options.get("beam_size", 10),
+                token_prune_min_logp=options.get("token_prune_min_logp"),
+            )
         return self._searcher
 
-    def make_policy(self, policy: Union[str, ExitPolicy, None] = None, threshold: Optional[float] = None,
-                    exit: Optional[int] = None) -> ExitPolicy:
+    def make_policy(
+        self, policy: Union[str, ExitPolicy, None] = None, threshold: Optional[float] = None, exit: Optional[int] = None
+    ) -> ExitPolicy:
         """Resolve ``exit`` / ``policy`` / ``threshold`` (with the stored defaults) into a policy.
 
         A ``threshold`` needs the ``policy`` it is for (as the command line's
@@ -184,12 +196,15 @@ class EarlyExitASR(Pretrained):
         default policy, whichever that is.
         """
         if threshold is not None and policy is None:
-            raise ValueError("threshold: give policy= with threshold= (the policy it is for: entropy, "
-                             "posterior, posterior_greedy or budget)")
+            raise ValueError(
+                "threshold: give policy= with threshold= (the policy it is for: entropy, "
+                "posterior, posterior_greedy or budget)"
+            )
         if isinstance(policy, ExitPolicy):
             if threshold is not None:
-                raise ValueError("threshold: an ExitPolicy object carries its own threshold; "
-                                 "do not pass threshold= with it")
+                raise ValueError(
+                    "threshold: an ExitPolicy object carries its own threshold; do not pass threshold= with it"
+                )
             return policy
         if exit is not None and policy not in (None, "fixed"):
             raise ValueError(f"exit: give either an exit or the policy {policy!r}, not both")
@@ -208,19 +223,31 @@ class EarlyExitASR(Pretrained):
         elif threshold is None and policy != "oracle":
             stored = self.policies.threshold(policy)
             if stored is None:
-                raise ValueError(f"threshold: no calibrated threshold is stored for the {policy} "
-                                 f"policy; pass threshold=")
+                raise ValueError(
+                    f"threshold: no calibrated threshold is stored for the {policy} policy; pass threshold="
+                )
             threshold = stored
         # the posterior policy's stored option (beam size) configures its searcher instead
         options = {} if policy == "posterior" else self.policies.policy_options(policy)
-        return make_policy(policy, threshold=threshold, exit=exit, num_exits=self.num_exits,
-                           searcher=self._nbest_searcher() if policy == "posterior" else None,
-                           latency_table=self.latency_table, **options)
+        return make_policy(
+            policy,
+            threshold=threshold,
+            exit=exit,
+            num_exits=self.num_exits,
+            searcher=self._nbest_searcher() if policy == "posterior" else None,
+            latency_table=self.latency_table,
+            **options,
+        )
 
-    def transcribe_batch(self, wavs: torch.Tensor, wav_lens: Optional[torch.Tensor] = None,
-                         exit: Optional[int] = None, policy=None,
-                         threshold: Optional[float] = None,
-                         decoder: Optional[str] = None) -> List[Transcription]:
+    def transcribe_batch(
+        self,
+        wavs: torch.Tensor,
+        wav_lens: Optional[torch.Tensor] = None,
+        exit: Optional[int] = None,
+        policy=None,
+        threshold: Optional[float] = None,
+        decoder: Optional[str] = None,
+    ) -> List[Transcription]:
         """Transcribe a padded batch ``(B, S)`` of 16 kHz mono waveforms (relative ``wav_lens``).
 
         A row that cannot be transcribed (empty, shorter than the model's
@@ -231,8 +258,7 @@ class EarlyExitASR(Pretrained):
         chosen = self.make_policy(policy, threshold, exit)
         aed = self.model.has_decoders  # attention decoders: only the exit's runs
         if aed and decoder is not None:
-            raise ValueError("decoder: this model decodes with its attention decoders; "
-                             "decoder= applies to CTC models")
+            raise ValueError("decoder: this model decodes with its attention decoders; decoder= applies to CTC models")
         ctc = None if aed else self.ctc_decoder(decoder)
         wavs = wavs.float()
         if wav_lens is None:
@@ -240,8 +266,9 @@ class EarlyExitASR(Pretrained):
         wav_lens = wav_lens.float().cpu()
         samples = (wav_lens * wavs.shape[1]).round().long().tolist()
         problems = [self.signal_problem(wavs[b, :n]) for b, n in enumerate(samples)]
-        results: List[Transcription] = [Transcription(text=None, error=f"row {b}: {problem}")
-                                        for b, problem in enumerate(problems)]
+        results: List[Transcription] = [
+            Transcription(text=None, error=f"row {b}: {problem}") for b, problem in enumerate(problems)
+        ]
         keep = [b for b, problem in enumerate(problems) if problem is None]
         if not keep:
             return results
@@ -252,8 +279,9 @@ class EarlyExitASR(Pretrained):
             results[b] = result
         return results
 
-    def _transcribe_rows(self, wavs: torch.Tensor, wav_lens: torch.Tensor, chosen: ExitPolicy, aed: bool,
-                         ctc: Optional[CTCDecoder]) -> List[Transcription]:
+    def _transcribe_rows(
+        self, wavs: torch.Tensor, wav_lens: torch.Tensor, chosen: ExitPolicy, aed: bool, ctc: Optional[CTCDecoder]
+    ) -> List[Transcription]:
         """:meth:`transcribe_batch` of rows that are known to be usable."""
         wavs, wav_lens = wavs.to(self.device), wav_lens.to(self.device)
         durations = (wav_lens * wavs.shape[1] / self.hparams.sample_rate).cpu()
@@ -263,8 +291,10 @@ class EarlyExitASR(Pretrained):
                 texts = [tokens_to_text(self.tokenizer, t) for t in decode_dynamic(self.model, out)]
             else:
                 texts = [ctc(lp[None], torch.ones(1))[0] for lp in out.log_probs]
-        return [Transcription(text=text, exit=int(out.exits[b]) + 1, layers=int(out.layers[b]))
-                for b, text in enumerate(texts)]
+        return [
+            Transcription(text=text, exit=int(out.exits[b]) + 1, layers=int(out.layers[b]))
+            for b, text in enumerate(texts)
+        ]
 
     def signal_problem(self, signal: torch.Tensor) -> Optional[str]:
         """Why a mono waveform at the model's rate cannot be transcribed, or None.
@@ -278,8 +308,10 @@ class EarlyExitASR(Pretrained):
             return "the audio contains NaN or infinite samples"
         needed = int(getattr(self.model, "min_samples", 1))
         if signal.numel() < needed:
-            return (f"the audio is too short: {signal.numel()} samples, the model needs at least "
-                    f"{needed} ({1000.0 * needed / self.hparams.sample_rate:.0f} ms)")
+            return (
+                f"the audio is too short: {signal.numel()} samples, the model needs at least "
+                f"{needed} ({1000.0 * needed / self.hparams.sample_rate:.0f} ms)"
+            )
         return None
 
     def load_checked(self, path: str) -> torch.Tensor:
@@ -305,8 +337,14 @@ class EarlyExitASR(Pretrained):
             raise ValueError(f"{path}: the audio is silent (peak amplitude below {SILENCE_PEAK})")
         return signal
 
-    def transcribe_file(self, path: str, exit: Optional[int] = None, policy=None,
-                        threshold: Optional[float] = None, decoder: Optional[str] = None) -> Transcription:
+    def transcribe_file(
+        self,
+        path: str,
+        exit: Optional[int] = None,
+        policy=None,
+        threshold: Optional[float] = None,
+        decoder: Optional[str] = None,
+    ) -> Transcription:
         """Transcribe one file; a ValueError names the file when it cannot be used."""
         chosen = self.make_policy(policy, threshold, exit)
         signal = self.load_checked(path)
@@ -314,9 +352,15 @@ class EarlyExitASR(Pretrained):
         result.path = path
         return result
 
-    def transcribe_files(self, paths: Sequence[str], exit: Optional[int] = None, policy=None,
-                         threshold: Optional[float] = None, batch_size: int = 8,
-                         decoder: Optional[str] = None) -> List[Transcription]:
+    def transcribe_files(
+        self,
+        paths: Sequence[str],
+        exit: Optional[int] = None,
+        policy=None,
+        threshold: Optional[float] = None,
+        batch_size: int = 8,
+        decoder: Optional[str] = None,
+    ) -> List[Transcription]:
         """Transcribe many files in batches; a bad file is reported (``error``) and the rest transcribed."""
         chosen = self.make_policy(policy, threshold, exit)
         results: List[Optional[Transcription]] = [None] * len(paths)
@@ -328,7 +372,7 @@ class EarlyExitASR(Pretrained):
                 logger.warning("skipping %s", err)
                 results[i] = Transcription(text=None, path=path, error=str(err))
         for start in range(0, len(good), batch_size):
-            chunk = good[start:start + batch_size]
+            chunk = good[start : start + batch_size]
             wavs, lens = batch_pad_right([sig for _, sig in chunk])
             for (i, _), res in zip(chunk, self.transcribe_batch(wavs, lens, policy=chosen, decoder=decoder)):
                 res.path = paths[i]

@@ -38,8 +38,13 @@ class LatencyTable:
         return len(self.intercept_ms)
 
     def to_json(self) -> Dict:
-        return {"intercept_ms": self.intercept_ms, "ms_per_second": self.ms_per_second,
-                "points": self.points, "device": self.device, "threads": self.threads}
+        return {
+            "intercept_ms": self.intercept_ms,
+            "ms_per_second": self.ms_per_second,
+            "points": self.points,
+            "device": self.device,
+            "threads": self.threads,
+        }
 
     def save(self, path: str):
         atomic_write_text(path, json.dumps(self.to_json(), indent=2) + "\n")
@@ -67,8 +72,7 @@ def fit_latency_table(points: List[Dict], device: str = "cpu", threads: int = 1)
     return LatencyTable(intercepts, slopes, points, device, threads)
 
 
-def timed_exits(model: EarlyExitCTCModel, wavs: torch.Tensor, wav_lens: torch.Tensor,
-                keep_hidden: bool = False):
+def timed_exits(model: EarlyExitCTCModel, wavs: torch.Tensor, wav_lens: torch.Tensor, keep_hidden: bool = False):
     """``(ms, log_probs)``: cumulative milliseconds from the waveform to each exit, in one pass, and
     each exit's log-probabilities; with ``keep_hidden`` also each exit's encoder states."""
     cuda = wavs.is_cuda
@@ -88,9 +92,14 @@ def timed_exits(model: EarlyExitCTCModel, wavs: torch.Tensor, wav_lens: torch.Te
 
 
 @torch.no_grad()
-def measure_latency_table(model: EarlyExitCTCModel, sample_rate: int = 16000,
-                          durations: Sequence[float] = (2.0, 5.0, 10.0, 20.0),
-                          repeats: int = 5, warmup: int = 1, seed: int = 0) -> LatencyTable:
+def measure_latency_table(
+    model: EarlyExitCTCModel,
+    sample_rate: int = 16000,
+    durations: Sequence[float] = (2.0, 5.0, 10.0, 20.0),
+    repeats: int = 5,
+    warmup: int = 1,
+    seed: int = 0,
+) -> LatencyTable:
     """Measure the batch-1 latency to every exit on this device and fit a :class:`LatencyTable`.
 
     Each point is the median over ``repeats`` passes (after ``warmup``) of
@@ -107,8 +116,7 @@ def measure_latency_table(model: EarlyExitCTCModel, sample_rate: int = 16000,
         for _ in range(warmup):
             timed_exits(model, wav, lens)[0]
         runs = torch.tensor([timed_exits(model, wav, lens)[0] for _ in range(repeats)])
-        points.append({"seconds": float(seconds),
-                       "ms": [round(float(v), 3) for v in runs.median(0).values]})
+        points.append({"seconds": float(seconds), "ms": [round(float(v), 3) for v in runs.median(0).values]})
     model.train(was_training)
     name = f"{device.type}:{platform.processor() or platform.machine()}"
     return fit_latency_table(points, device=name, threads=torch.get_num_threads())

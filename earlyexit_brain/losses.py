@@ -18,8 +18,13 @@ from .options import is_int, is_num, option, Options
 from .utils import frame_mask
 
 
-def stacked_ctc_losses(log_probs: Sequence[torch.Tensor], targets: torch.Tensor, input_lens: torch.Tensor,
-                       target_lens: torch.Tensor, blank_index: int) -> List[torch.Tensor]:
+def stacked_ctc_losses(
+    log_probs: Sequence[torch.Tensor],
+    targets: torch.Tensor,
+    input_lens: torch.Tensor,
+    target_lens: torch.Tensor,
+    blank_index: int,
+) -> List[torch.Tensor]:
     """Each exit's CTC loss as ``speechbrain.nnet.losses.ctc_loss`` (mean reduction) computes it.
 
     Arguments
@@ -56,8 +61,14 @@ def stacked_ctc_losses(log_probs: Sequence[torch.Tensor], targets: torch.Tensor,
     in_lens = (input_lens.cpu() * frames).round().int()
     tok_lens = (target_lens.cpu() * targets.shape[1]).round().int()
     losses = torch.nn.functional.ctc_loss(
-        stacked.reshape(exits * batch, frames, vocab).transpose(0, 1), targets.repeat(exits, 1),
-        in_lens.repeat(exits), tok_lens.repeat(exits), blank_index, reduction="none", zero_infinity=True)
+        stacked.reshape(exits * batch, frames, vocab).transpose(0, 1),
+        targets.repeat(exits, 1),
+        in_lens.repeat(exits),
+        tok_lens.repeat(exits),
+        blank_index,
+        reduction="none",
+        zero_infinity=True,
+    )
     per_utterance = losses.view(exits, batch) / tok_lens.clamp_min(1).to(losses)
     return [row.mean() for row in per_utterance]
 
@@ -101,6 +112,7 @@ class ExitLosses(NamedTuple):
     ``total`` is the scalar to back-propagate; ``per_exit`` holds each exit's loss before its weight
     (its CTC loss, or ``ctc_weight * CTC + (1 - ctc_weight) * CE`` for attention-decoder exits), in exit
     order; ``distillation`` is the weighted distillation term included in ``total`` (0.0 when off)."""
+
     total: torch.Tensor
     per_exit: List[torch.Tensor]
     distillation: Union[torch.Tensor, float]
@@ -110,8 +122,9 @@ CTC_IMPLEMENTATIONS = ("one_call", "per_exit")
 
 
 def _exit_weights_ok(value) -> bool:
-    return value is None or (isinstance(value, list) and len(value) > 0
-                             and all(is_num(w) and w >= 0 for w in value) and sum(value) > 0)
+    return value is None or (
+        isinstance(value, list) and len(value) > 0 and all(is_num(w) and w >= 0 for w in value) and sum(value) > 0
+    )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -157,16 +170,24 @@ class MultiExitLoss(Options):
 
     blank_index: int = option("blank_index", dataclasses.MISSING, lambda v: is_int(v) and v >= 0, "an integer >= 0")
     exit_weights: Optional[List[float]] = option(
-        "exit_loss_weights", None, _exit_weights_ok,
-        "null (the plain sum) or a list of non-negative numbers, one per exit, not all zero")
+        "exit_loss_weights",
+        None,
+        _exit_weights_ok,
+        "null (the plain sum) or a list of non-negative numbers, one per exit, not all zero",
+    )
     ctc: str = option(None, "one_call", lambda v: v in CTC_IMPLEMENTATIONS, "'one_call' or 'per_exit'")
     ctc_weight: float = option("ctc_weight", 1.0, lambda v: is_num(v) and 0 <= v <= 1, "a number in [0, 1]")
-    label_smoothing: float = option("label_smoothing", 0.0, lambda v: is_num(v) and 0 <= v < 1,
-                                    "a number in [0, 1)")
-    distillation_weight: float = option("exit_distillation_weight", 0.0, lambda v: is_num(v) and v >= 0,
-                                        "a number >= 0 (0: the paper's loss)", null_is_default=True)
-    distillation_from_epoch: int = option("exit_distillation_from_epoch", 1, lambda v: is_int(v) and v >= 1,
-                                          "an epoch number >= 1", null_is_default=True)
+    label_smoothing: float = option("label_smoothing", 0.0, lambda v: is_num(v) and 0 <= v < 1, "a number in [0, 1)")
+    distillation_weight: float = option(
+        "exit_distillation_weight",
+        0.0,
+        lambda v: is_num(v) and v >= 0,
+        "a number >= 0 (0: the paper's loss)",
+        null_is_default=True,
+    )
+    distillation_from_epoch: int = option(
+        "exit_distillation_from_epoch", 1, lambda v: is_int(v) and v >= 1, "an epoch number >= 1", null_is_default=True
+    )
 
     def weights(self, exits: int) -> List[float]:
         """The per-exit weights for a model with ``exits`` exits."""
@@ -176,29 +197,43 @@ class MultiExitLoss(Options):
             raise ValueError(f"exit_loss_weights: {len(self.exit_weights)} weights for {exits} exits")
         return [float(w) for w in self.exit_weights]
 
-    def ctc_losses(self, log_probs: Sequence[torch.Tensor], wav_lens: torch.Tensor, tokens: torch.Tensor,
-                   token_lens: torch.Tensor) -> List[torch.Tensor]:
+    def ctc_losses(
+        self, log_probs: Sequence[torch.Tensor], wav_lens: torch.Tensor, tokens: torch.Tensor, token_lens: torch.Tensor
+    ) -> List[torch.Tensor]:
         """Each exit's CTC loss (``ctc`` chooses how it is computed; the values are the same)."""
         if self.ctc == "per_exit":
             return [sb_ctc_loss(lp, tokens, wav_lens, token_lens, blank_index=self.blank_index) for lp in log_probs]
         shapes = {tuple(lp.shape) for lp in log_probs}
         if len(shapes) != 1:
-            raise ValueError(f"MultiExitLoss: ctc 'one_call' needs every exit's log-probabilities to have one "
-                             f"shape, got {sorted(shapes)}; use ctc: per_exit")
+            raise ValueError(
+                f"MultiExitLoss: ctc 'one_call' needs every exit's log-probabilities to have one "
+                f"shape, got {sorted(shapes)}; use ctc: per_exit"
+            )
         return stacked_ctc_losses(log_probs, tokens, wav_lens, token_lens, self.blank_index)
 
-    def distillation(self, log_probs: Sequence[torch.Tensor], wav_lens: torch.Tensor,
-                     epoch: Optional[int]) -> Union[torch.Tensor, float]:
+    def distillation(
+        self, log_probs: Sequence[torch.Tensor], wav_lens: torch.Tensor, epoch: Optional[int]
+    ) -> Union[torch.Tensor, float]:
         """The weighted distillation term at ``epoch`` (1-based; None: always on), 0.0 when off."""
-        if self.distillation_weight == 0.0 or len(log_probs) < 2 or (
-                epoch is not None and epoch < self.distillation_from_epoch):
+        if (
+            self.distillation_weight == 0.0
+            or len(log_probs) < 2
+            or (epoch is not None and epoch < self.distillation_from_epoch)
+        ):
             return 0.0
         return self.distillation_weight * exit_distillation_loss(log_probs, frame_mask(log_probs[-1], wav_lens))
 
-    def __call__(self, log_probs: Sequence[torch.Tensor], wav_lens: torch.Tensor, tokens: torch.Tensor,
-                 token_lens: torch.Tensor, epoch: Optional[int] = None,
-                 decoder_log_probs: Optional[Sequence[torch.Tensor]] = None,
-                 tokens_eos: Optional[torch.Tensor] = None, eos_lens: Optional[torch.Tensor] = None) -> ExitLosses:
+    def __call__(
+        self,
+        log_probs: Sequence[torch.Tensor],
+        wav_lens: torch.Tensor,
+        tokens: torch.Tensor,
+        token_lens: torch.Tensor,
+        epoch: Optional[int] = None,
+        decoder_log_probs: Optional[Sequence[torch.Tensor]] = None,
+        tokens_eos: Optional[torch.Tensor] = None,
+        eos_lens: Optional[torch.Tensor] = None,
+    ) -> ExitLosses:
         """The loss of one batch.
 
         Arguments
@@ -225,13 +260,15 @@ class MultiExitLoss(Options):
             if len(decoder_log_probs) != len(losses):
                 raise ValueError(f"MultiExitLoss: {len(decoder_log_probs)} decoder outputs for {len(losses)} exits")
             weight = float(self.ctc_weight)
-            losses = [weight * c + (1.0 - weight) * sb_nll_loss(lp, tokens_eos, length=eos_lens,
-                                                                label_smoothing=float(self.label_smoothing))
-                      for c, lp in zip(losses, decoder_log_probs)]
+            losses = [
+                weight * c
+                + (1.0 - weight)
+                * sb_nll_loss(lp, tokens_eos, length=eos_lens, label_smoothing=float(self.label_smoothing))
+                for c, lp in zip(losses, decoder_log_probs)
+            ]
         weights = self.weights(len(losses))
         total = losses[0] * weights[0]
         for loss, w in zip(losses[1:], weights[1:]):
             total = total + loss * w
         distillation = self.distillation(log_probs, wav_lens, epoch)
         return ExitLosses(total + distillation, losses, distillation)
-

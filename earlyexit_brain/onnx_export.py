@@ -72,7 +72,7 @@ class ConvSTFT(nn.Module):
         n_fft, win = int(stft.n_fft), int(stft.win_length)
         window = torch.zeros(n_fft, dtype=torch.float64)
         left = (n_fft - win) // 2  # torch.stft centres a shorter window in n_fft
-        window[left: left + win] = stft.window.to(torch.float64)
+        window[left : left + win] = stft.window.to(torch.float64)
         k = torch.arange(n_fft // 2 + 1, dtype=torch.float64)[:, None]
         n = torch.arange(n_fft, dtype=torch.float64)[None, :]
         angle = 2 * torch.pi * k * n / n_fft
@@ -125,8 +125,7 @@ class FrontGraph(nn.Module):
     def __init__(self, model):
         super().__init__()
         self.model = model
-        self.stft = ConvSTFT(model.compute_features.compute_STFT) if _exportable_fbank(model.compute_features) \
-            else None
+        self.stft = ConvSTFT(model.compute_features.compute_STFT) if _exportable_fbank(model.compute_features) else None
 
     def features(self, wavs, wav_lens):
         """``model.features``, with the Fbank's STFT as a convolution when it is one."""
@@ -182,11 +181,12 @@ def resolve_source(source: str) -> str:
     source = os.path.abspath(source)
     if not os.path.isdir(source):
         raise ValueError(f"{source}: no such experiment or inference folder")
-    folder = source if os.path.isfile(os.path.join(source, "hyperparams.yaml")) \
-        else os.path.join(source, "inference")
+    folder = source if os.path.isfile(os.path.join(source, "hyperparams.yaml")) else os.path.join(source, "inference")
     if not os.path.isfile(os.path.join(folder, "hyperparams.yaml")):
-        raise ValueError(f"{source}: neither an inference folder (hyperparams.yaml) nor an experiment "
-                         f"folder with inference/ (train.py or recipes/evaluate.py writes it)")
+        raise ValueError(
+            f"{source}: neither an inference folder (hyperparams.yaml) nor an experiment "
+            f"folder with inference/ (train.py or recipes/evaluate.py writes it)"
+        )
     for name, what in (("model.ckpt", "weights"), ("tokenizer.ckpt", "tokenizer")):
         if not os.path.isfile(os.path.join(folder, name)):
             raise ValueError(f"{os.path.join(folder, name)}: missing; the inference folder has no {what}")
@@ -196,8 +196,10 @@ def resolve_source(source: str) -> str:
 def check_exportable(model):
     """A ValueError naming the encoder unless this exporter covers it."""
     if type(model.encoder) is not EarlyExitConformerEncoder:  # a subclass may compute its exits otherwise
-        raise ValueError(f"encoder: {type(model.encoder).__name__} is not exported to ONNX (only "
-                         f"EarlyExitConformerEncoder is; see docs/deployment.md)")
+        raise ValueError(
+            f"encoder: {type(model.encoder).__name__} is not exported to ONNX (only "
+            f"EarlyExitConformerEncoder is; see docs/deployment.md)"
+        )
 
 
 def probe_signals(sample_rate: int, seconds: Sequence[float] = (1.3, 2.1, 0.9), seed: int = 0) -> List[np.ndarray]:
@@ -218,7 +220,7 @@ def pad_batch(signals: Sequence[np.ndarray]):
     longest = max(len(s) for s in signals)
     wavs = np.zeros((len(signals), longest), np.float32)
     for i, s in enumerate(signals):
-        wavs[i, :len(s)] = s
+        wavs[i, : len(s)] = s
     return wavs, np.array([len(s) / longest for s in signals], np.float32)
 
 
@@ -227,17 +229,25 @@ def torch_exit_log_probs(model, wavs: np.ndarray, lens: np.ndarray) -> List[np.n
     """Every exit's log-probabilities of the PyTorch model (``start`` / ``advance`` / head)."""
     w, rel = torch.from_numpy(wavs), torch.from_numpy(lens)
     state = model.encoder.start(model.features(w, rel), rel)
-    return [model.heads.forward_exit(k, model.encoder.advance(state, k)).numpy()
-            for k in range(model.num_exits)]
+    return [model.heads.forward_exit(k, model.encoder.advance(state, k)).numpy() for k in range(model.num_exits)]
 
 
 # ---------------------------------------------------------------- export steps
 def _export(module: nn.Module, args, path: str, inputs: List[str], outputs: List[str], dims, opset: int):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        torch.onnx.export(module.eval(), args, path, input_names=inputs, output_names=outputs,
-                          dynamic_shapes=dims, opset_version=opset, dynamo=True, external_data=False,
-                          verbose=False)
+        torch.onnx.export(
+            module.eval(),
+            args,
+            path,
+            input_names=inputs,
+            output_names=outputs,
+            dynamic_shapes=dims,
+            opset_version=opset,
+            dynamo=True,
+            external_data=False,
+            verbose=False,
+        )
 
 
 def _io(path: str) -> Dict:
@@ -259,8 +269,9 @@ def export_graphs(model, folder: str, opset: int = OPSET, sample_rate: int = 160
     names = ["x", "frames"] + (["pos_embs"] if relative else [])
     entry: Dict = {"segments": [], "heads": []}
     path = os.path.join(folder, "front.onnx")
-    _export(FrontGraph(model), (wavs, lens), path, ["wavs", "wav_lens"], names,
-            ({0: batch, 1: samples}, {0: batch}), opset)
+    _export(
+        FrontGraph(model), (wavs, lens), path, ["wavs", "wav_lens"], names, ({0: batch, 1: samples}, {0: batch}), opset
+    )
     entry["front"] = {"file": path, **_io(path)}
     with torch.no_grad():
         state = FrontGraph(model)(wavs, lens)
@@ -269,8 +280,15 @@ def export_graphs(model, folder: str, opset: int = OPSET, sample_rate: int = 160
     start = 0
     for k, stop in enumerate(encoder.exit_layers):
         path = os.path.join(folder, f"segment_{k + 1}.onnx")
-        _export(SegmentGraph(encoder, start, stop), (x,) + tuple(s.detach() for s in state[1:]), path,
-                names, ["x_out"], seg_dims, opset)
+        _export(
+            SegmentGraph(encoder, start, stop),
+            (x,) + tuple(s.detach() for s in state[1:]),
+            path,
+            names,
+            ["x_out"],
+            seg_dims,
+            opset,
+        )
         entry["segments"].append({"file": path, "layers": [start + 1, stop], **_io(path)})
         path = os.path.join(folder, f"head_{k + 1}.onnx")
         _export(HeadGraph(model, k), (x,), path, ["x"], ["log_probs"], ({0: batch, 1: frames_dim},), opset)
@@ -295,8 +313,11 @@ def quantize_graphs(fp32: Dict, folder: str) -> Dict:
             quantize_dynamic(item["file"], path, op_types_to_quantize=list(ops), weight_type=QuantType.QInt8)
         return {**item, "file": path, **_io(path)}
 
-    return {"front": one(fp32["front"], INT8_FRONT_OPS), "segments": [one(s) for s in fp32["segments"]],
-            "heads": [one(h) for h in fp32["heads"]]}
+    return {
+        "front": one(fp32["front"], INT8_FRONT_OPS),
+        "segments": [one(s) for s in fp32["segments"]],
+        "heads": [one(h) for h in fp32["heads"]],
+    }
 
 
 def compare(model, runtime: EarlyExitONNX, signals: Sequence[np.ndarray]) -> Dict:
@@ -314,15 +335,19 @@ def compare(model, runtime: EarlyExitONNX, signals: Sequence[np.ndarray]) -> Dic
         total += n
         for k in range(model.num_exits):
             if ours[k].shape != ref[k].shape:
-                raise ExportMismatchError(f"exit {k + 1}: onnxruntime gives shape {ours[k].shape}, "
-                                          f"PyTorch {ref[k].shape}")
+                raise ExportMismatchError(
+                    f"exit {k + 1}: onnxruntime gives shape {ours[k].shape}, PyTorch {ref[k].shape}"
+                )
             valid = ~padding_mask(torch.from_numpy(frames), ref[k].shape[1]).numpy()
             diff = np.abs(ours[k] - ref[k])[valid]
             worst[k] = max(worst[k], float(diff.max()) if diff.size else 0.0)
             same[k] += float((ours[k].argmax(-1) == ref[k].argmax(-1))[valid].sum())
-    return {"max_abs_diff": [float(f"{v:.3g}") for v in worst],
-            "same_best_token": [round(float(v / total), 6) for v in same], "frames": total,
-            "utterances": len(signals)}
+    return {
+        "max_abs_diff": [float(f"{v:.3g}") for v in worst],
+        "same_best_token": [round(float(v / total), 6) for v in same],
+        "frames": total,
+        "utterances": len(signals),
+    }
 
 
 def check_agreement(agreement: Dict, tolerance: float, exit_layers: Sequence[int]):
@@ -332,7 +357,8 @@ def check_agreement(agreement: Dict, tolerance: float, exit_layers: Sequence[int
         if not diff <= tolerance:
             raise ExportMismatchError(
                 f"exit {k + 1} (layer {exit_layers[k]}): onnxruntime and PyTorch log-probabilities "
-                f"differ by up to {diff:.3g} (tolerance {tolerance:g}); the export is refused")
+                f"differ by up to {diff:.3g} (tolerance {tolerance:g}); the export is refused"
+            )
 
 
 def measure_latency(runtime: EarlyExitONNX, durations: Sequence[float], repeats: int, seed: int = 0) -> Dict:
@@ -368,16 +394,29 @@ def runtime_default_policy(policies: Dict, num_exits: int) -> Dict:
         return dict(default)
     greedy = policies.get("thresholds", {}).get("posterior_greedy")
     if greedy is not None:
-        return {"policy": "posterior_greedy", "threshold": greedy,
-                "note": f"the stored default ({default.get('policy')}) is not in the runtime"}
-    return {"policy": "fixed", "exit": num_exits,
-            "note": f"the stored default ({default.get('policy')}) is not in the runtime"}
+        return {
+            "policy": "posterior_greedy",
+            "threshold": greedy,
+            "note": f"the stored default ({default.get('policy')}) is not in the runtime",
+        }
+    return {
+        "policy": "fixed",
+        "exit": num_exits,
+        "note": f"the stored default ({default.get('policy')}) is not in the runtime",
+    }
 
 
-def export_onnx_folder(source: str, out: Optional[str] = None, int8: bool = False, opset: int = OPSET,
-                       tolerance: float = TOLERANCE, audio: Sequence[str] = (),
-                       latency_durations: Sequence[float] = (2.0, 5.0, 10.0), latency_repeats: int = 3,
-                       threads: Optional[int] = None) -> str:
+def export_onnx_folder(
+    source: str,
+    out: Optional[str] = None,
+    int8: bool = False,
+    opset: int = OPSET,
+    tolerance: float = TOLERANCE,
+    audio: Sequence[str] = (),
+    latency_durations: Sequence[float] = (2.0, 5.0, 10.0),
+    latency_repeats: int = 3,
+    threads: Optional[int] = None,
+) -> str:
     """Export the model of ``source`` (an experiment or inference folder) to ``out`` (default:
     ``onnx/`` beside the inference folder); returns its path.
 
@@ -394,29 +433,39 @@ def export_onnx_folder(source: str, out: Optional[str] = None, int8: bool = Fals
     asr = EarlyExitASR.from_hparams(source=folder, savedir=folder)
     model = asr.model.cpu().eval()
     check_exportable(model)
-    signals = [read_audio(p, int(asr.hparams.sample_rate)) for p in audio] or \
-        probe_signals(int(asr.hparams.sample_rate))
+    signals = [read_audio(p, int(asr.hparams.sample_rate)) for p in audio] or probe_signals(
+        int(asr.hparams.sample_rate)
+    )
     short = [len(s) for s in signals if len(s) < model.min_samples]
     if short:
-        raise ValueError(f"audio: a comparison signal has {short[0]} samples, fewer than the model's "
-                         f"{model.min_samples}")
+        raise ValueError(
+            f"audio: a comparison signal has {short[0]} samples, fewer than the model's {model.min_samples}"
+        )
     with atomic_folder(out, "onnx_folder", "--out", prefix=".onnx-") as tmp:
-        precisions = {"fp32": export_graphs(model, os.path.join(tmp, "fp32"), opset,
-                                                int(asr.hparams.sample_rate))}
+        precisions = {"fp32": export_graphs(model, os.path.join(tmp, "fp32"), opset, int(asr.hparams.sample_rate))}
         if int8:
             precisions["int8"] = quantize_graphs(precisions["fp32"], os.path.join(tmp, "int8"))
         shutil.copyfile(os.path.join(folder, "tokenizer.ckpt"), os.path.join(tmp, "tokenizer.model"))
         policies = asr.policies.to_json()
         atomic_write_text(os.path.join(tmp, "policies.json"), json.dumps(policies, indent=2) + "\n")
         manifest = {
-            "format": FORMAT, "format_version": FORMAT_VERSION,
-            "sample_rate": int(asr.hparams.sample_rate), "blank_index": int(asr.hparams.blank_index),
-            "vocab_size": int(model.heads.heads[0].out_features), "min_samples": int(model.min_samples),
-            "exit_layers": list(model.exit_layers), "num_layers": int(model.encoder.num_layers),
-            "decoding": "ctc_greedy", "default_policy": runtime_default_policy(policies, model.num_exits),
+            "format": FORMAT,
+            "format_version": FORMAT_VERSION,
+            "sample_rate": int(asr.hparams.sample_rate),
+            "blank_index": int(asr.hparams.blank_index),
+            "vocab_size": int(model.heads.heads[0].out_features),
+            "min_samples": int(model.min_samples),
+            "exit_layers": list(model.exit_layers),
+            "num_layers": int(model.encoder.num_layers),
+            "decoding": "ctc_greedy",
+            "default_policy": runtime_default_policy(policies, model.num_exits),
             "decoders_exported": False if model.has_decoders else None,
-            "opset": opset, "onnxruntime_version": ort.__version__, "torch_version": torch.__version__,
-            "tokenizer": "tokenizer.model", "policies": "policies.json", "tolerance": tolerance,
+            "opset": opset,
+            "onnxruntime_version": ort.__version__,
+            "torch_version": torch.__version__,
+            "tokenizer": "tokenizer.model",
+            "policies": "policies.json",
+            "tolerance": tolerance,
         }
         for entries in precisions.values():  # paths relative to the folder
             for item in [entries["front"]] + entries["segments"] + entries["heads"]:

@@ -20,6 +20,7 @@ class ConfigError(ValueError):
 
 class Rule(NamedTuple):
     """A predicate on a plain value and the accepted values in words (for the error message)."""
+
     check: Callable[[Any], bool]
     accepted: str
 
@@ -34,8 +35,9 @@ def is_num(value) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
-def option(key: Optional[str], default: Any, check: Callable[[Any], bool], accepted: str,
-           null_is_default: bool = False):
+def option(
+    key: Optional[str], default: Any, check: Callable[[Any], bool], accepted: str, null_is_default: bool = False
+):
     """A dataclass field for an :class:`Options` class.
 
     Arguments
@@ -97,8 +99,11 @@ class Options:
     @classmethod
     def defaults(cls) -> Dict[str, Any]:
         """``{yaml_key: default}`` of the fields that have a YAML key and a default."""
-        return {f.metadata["key"]: _default(f) for f in dataclasses.fields(cls)
-                if f.metadata.get("key") and _default(f) is not dataclasses.MISSING}
+        return {
+            f.metadata["key"]: _default(f)
+            for f in dataclasses.fields(cls)
+            if f.metadata.get("key") and _default(f) is not dataclasses.MISSING
+        }
 
     @classmethod
     def from_hparams(cls, hparams, **given):
@@ -113,11 +118,16 @@ class Options:
                 present = key in hparams if isinstance(hparams, Mapping) else hasattr(hparams, key)
                 if present:
                     values[f.name] = hparams[key] if isinstance(hparams, Mapping) else getattr(hparams, key)
-        missing = [f.metadata.get("key") or f.name for f in dataclasses.fields(cls)
-                   if f.name not in values and _default(f) is dataclasses.MISSING]
+        missing = [
+            f.metadata.get("key") or f.name
+            for f in dataclasses.fields(cls)
+            if f.name not in values and _default(f) is dataclasses.MISSING
+        ]
         if missing:
-            raise ConfigError(f"{cls.__name__}: key{'s' if len(missing) > 1 else ''} "
-                              f"{', '.join(repr(k) for k in missing)} missing (no default)")
+            raise ConfigError(
+                f"{cls.__name__}: key{'s' if len(missing) > 1 else ''} "
+                f"{', '.join(repr(k) for k in missing)} missing (no default)"
+            )
         return cls(**values)
 
     def as_dict(self) -> Dict[str, Any]:

@@ -38,11 +38,9 @@ POLICY_NAMES = ("fixed", "entropy", "posterior", "posterior_greedy", "budget", "
 def check_threshold(name: str, threshold, low: float, high: float):
     """Raise a ValueError naming ``threshold`` unless ``low <= threshold <= high``."""
     if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or math.isnan(threshold):
-        raise ValueError(f"threshold: the {name} policy needs a number in [{low}, {high}], "
-                         f"got {threshold!r}")
+        raise ValueError(f"threshold: the {name} policy needs a number in [{low}, {high}], got {threshold!r}")
     if not low <= threshold <= high:
-        raise ValueError(f"threshold: {threshold} is outside the {name} policy's valid range "
-                         f"[{low}, {high}]")
+        raise ValueError(f"threshold: {threshold} is outside the {name} policy's valid range [{low}, {high}]")
     return float(threshold)
 
 
@@ -51,12 +49,16 @@ class ExitPolicy:
 
     name = "policy"
 
-    def __call__(self, exit_index: int, log_probs: torch.Tensor, lengths: Optional[torch.Tensor],
-                 durations: Optional[torch.Tensor] = None) -> torch.Tensor:
+    def __call__(
+        self,
+        exit_index: int,
+        log_probs: torch.Tensor,
+        lengths: Optional[torch.Tensor],
+        durations: Optional[torch.Tensor] = None,
+    ) -> torch.Tensor:
         raise NotImplementedError
 
-    def planned_exits(self, batch: int, durations: Optional[torch.Tensor],
-                      num_exits: int) -> Optional[torch.Tensor]:
+    def planned_exits(self, batch: int, durations: Optional[torch.Tensor], num_exits: int) -> Optional[torch.Tensor]:
         """Each utterance's exit ``(B,)`` (0-based) when the policy chooses it before any
         layer runs, without looking at the posteriors; None (the default) when it must
         see each exit's output. :func:`run_dynamic` then computes only the exits that
@@ -248,9 +250,15 @@ def oracle_exits(hypotheses: Sequence[Sequence]) -> List[int]:
     return exits
 
 
-def make_policy(name: str, threshold: Optional[float] = None, exit: Optional[int] = None,
-                num_exits: Optional[int] = None, searcher=None,
-                latency_table: Optional[LatencyTable] = None, **options) -> ExitPolicy:
+def make_policy(
+    name: str,
+    threshold: Optional[float] = None,
+    exit: Optional[int] = None,
+    num_exits: Optional[int] = None,
+    searcher=None,
+    latency_table: Optional[LatencyTable] = None,
+    **options,
+) -> ExitPolicy:
     """Build a policy by name.
 
     ``exit`` is 1-based (as in reports); ``threshold`` is the policy's
@@ -259,8 +267,10 @@ def make_policy(name: str, threshold: Optional[float] = None, exit: Optional[int
     if name not in POLICY_NAMES:
         raise ValueError(f"policy: unknown policy {name!r}; accepted: {', '.join(POLICY_NAMES)}")
     if name == "oracle":
-        raise ValueError("policy: 'oracle' needs every exit's hypothesis and the last exit's "
-                         "result, so it is for analysis (recipes/evaluate.py) only")
+        raise ValueError(
+            "policy: 'oracle' needs every exit's hypothesis and the last exit's "
+            "result, so it is for analysis (recipes/evaluate.py) only"
+        )
     if name == "fixed":
         if exit is None:
             raise ValueError("exit: the fixed policy needs an exit number")
@@ -287,5 +297,3 @@ def check_exit(exit, num_exits: Optional[int]) -> int:
     if exit < 1 or (num_exits is not None and exit > num_exits):
         raise ValueError(f"exit: the model has exits 1..{num_exits}, got {exit}")
     return exit
-
-

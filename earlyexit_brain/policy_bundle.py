@@ -53,14 +53,16 @@ class PolicyBundle:
                 if not isinstance(exit_, int) or isinstance(exit_, bool) or exit_ < 1:
                     raise ValueError(f"default: the fixed policy needs an exit >= 1, got {self.default!r}")
             elif not _number(self.default.get("threshold")):
-                raise ValueError(f"default: the {self.default['policy']} policy needs a numeric threshold, "
-                                 f"got {self.default!r}")
+                raise ValueError(
+                    f"default: the {self.default['policy']} policy needs a numeric threshold, got {self.default!r}"
+                )
         if not isinstance(self.thresholds, Mapping):
             raise ValueError(f"thresholds: must be a mapping of policy names to numbers, got {self.thresholds!r}")
         for name, value in self.thresholds.items():
             if name not in THRESHOLD_POLICIES or not _number(value):
-                raise ValueError(f"thresholds: {name!r}: {value!r} (policies {', '.join(THRESHOLD_POLICIES)}, "
-                                 f"numeric thresholds)")
+                raise ValueError(
+                    f"thresholds: {name!r}: {value!r} (policies {', '.join(THRESHOLD_POLICIES)}, numeric thresholds)"
+                )
         if not isinstance(self.options, Mapping) or not all(isinstance(v, Mapping) for v in self.options.values()):
             raise ValueError(f"options: must map policy names to option mappings, got {self.options!r}")
         if not isinstance(self.decoding, Mapping) or not isinstance(self.decoding.get("decoder"), str):

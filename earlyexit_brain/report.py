@@ -8,8 +8,9 @@ from typing import Dict, List, Optional
 from earlyexit_brain.files import atomic_write_text
 
 
-def build_report(encoder, heads, test_results: Dict[str, List[Dict]], train: Dict,
-                 extra: Optional[Dict] = None, decoders=None) -> Dict:
+def build_report(
+    encoder, heads, test_results: Dict[str, List[Dict]], train: Dict, extra: Optional[Dict] = None, decoders=None
+) -> Dict:
     """Assemble the report dictionary.
 
     Arguments
@@ -36,22 +37,27 @@ def build_report(encoder, heads, test_results: Dict[str, List[Dict]], train: Dic
             "exit": k + 1,
             "layer": int(layer),
             **({"compute_layers": int(computed[k])} if computed[k] != layer else {}),
-            "params_to_exit": int(encoder.params_to_exit(k) + heads.params_of_exit(k)
-                                  + (decoders.params_of_exit(k) if decoders is not None else 0)),
+            "params_to_exit": int(
+                encoder.params_to_exit(k)
+                + heads.params_of_exit(k)
+                + (decoders.params_of_exit(k) if decoders is not None else 0)
+            ),
             "encoder_fraction": round(layer / encoder.num_layers, 4),
             "sets": {},
         }
         for name, rows in test_results.items():
             row = rows[k]
-            entry["sets"][name] = {"wer": float(row["wer"]), "cer": float(row["cer"]),
-                                   "n": int(row["n"])}
+            entry["sets"][name] = {"wer": float(row["wer"]), "cer": float(row["cer"]), "n": int(row["n"])}
             if row.get("decoders"):
                 entry["sets"][name]["decoders"] = row["decoders"]
         exits.append(entry)
-    report = {"params_total": int(params_total), "num_layers": int(encoder.num_layers),
-              **({"compute_layers": int(computed[-1])} if computed != list(encoder.exit_layers) else {}),
-              "exits": exits, "train": {"epochs": int(train["epochs"]),
-                                        "seconds": round(float(train["seconds"]), 1)}}
+    report = {
+        "params_total": int(params_total),
+        "num_layers": int(encoder.num_layers),
+        **({"compute_layers": int(computed[-1])} if computed != list(encoder.exit_layers) else {}),
+        "exits": exits,
+        "train": {"epochs": int(train["epochs"]), "seconds": round(float(train["seconds"]), 1)},
+    }
     if extra:
         report.update(extra)
     return report
@@ -61,8 +67,10 @@ def report_markdown(report: Dict) -> str:
     """Per-exit WER/CER table in Markdown."""
     sets = list(report["exits"][0]["sets"]) if report["exits"] else []
     lines = ["# Early-exit evaluation", ""]
-    lines.append(f"Parameters: {report['params_total']:,}; trained {report['train']['epochs']} "
-                 f"epochs in {report['train']['seconds']:.0f} s.")
+    lines.append(
+        f"Parameters: {report['params_total']:,}; trained {report['train']['epochs']} "
+        f"epochs in {report['train']['seconds']:.0f} s."
+    )
     lines.append("")
     header = "| exit | layer | params to exit |" + "".join(f" {s} WER | {s} CER |" for s in sets)
     lines.append(header)
@@ -76,11 +84,12 @@ def report_markdown(report: Dict) -> str:
     words = DECODER_WORDS.get(decoders[0], decoders[0])
     lm = report.get("ctc_lm")
     if decoders[0] == "ctc_beam" and lm:
-        words += (f" with a word {lm['order'] or 'n'}-gram LM ({lm['file']}, alpha {lm['alpha']:g}, "
-                  f"beta {lm['beta']:g})")
+        words += f" with a word {lm['order'] or 'n'}-gram LM ({lm['file']}, alpha {lm['alpha']:g}, beta {lm['beta']:g})"
     if decoders[0] == "aed_beam" and lm and "aed_weight" in lm:
-        words += (f" with a word {lm['order'] or 'n'}-gram LM fused ({lm['file']}, weight "
-                  f"{lm['aed_weight']:g}, word bonus {lm['aed_word_bonus']:g})")
+        words += (
+            f" with a word {lm['order'] or 'n'}-gram LM fused ({lm['file']}, weight "
+            f"{lm['aed_weight']:g}, word bonus {lm['aed_word_bonus']:g})"
+        )
     lines.append(f"WER and CER in percent, {words} at each exit.")
     if len(decoders) > 1 and report["exits"] and "decoders" in report["exits"][0]["sets"][sets[0]]:
         lines += ["", *decoder_markdown(report, decoders, sets)]
@@ -89,14 +98,20 @@ def report_markdown(report: Dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-DECODER_WORDS = {"ctc_greedy": "greedy CTC decoding", "ctc_beam": "CTC beam search",
-                 "aed_beam": "joint CTC/attention beam search"}
+DECODER_WORDS = {
+    "ctc_greedy": "greedy CTC decoding",
+    "ctc_beam": "CTC beam search",
+    "aed_beam": "joint CTC/attention beam search",
+}
 
 
 def decoder_markdown(report: Dict, decoders: List[str], sets: List[str]) -> List[str]:
     """WER of every decoder at every exit, with the decoding time per utterance."""
-    lines = ["## Decoders", "", "| exit | layer |" + "".join(
-        f" {s} {d} WER | {s} {d} ms/utt |" for s in sets for d in decoders)]
+    lines = [
+        "## Decoders",
+        "",
+        "| exit | layer |" + "".join(f" {s} {d} WER | {s} {d} ms/utt |" for s in sets for d in decoders),
+    ]
     lines.append("|" + "---|" * (2 + 2 * len(sets) * len(decoders)))
     for e in report["exits"]:
         row = f"| {e['exit']} | {e['layer']} |"
@@ -105,8 +120,11 @@ def decoder_markdown(report: Dict, decoders: List[str], sets: List[str]) -> List
                 v = e["sets"][s]["decoders"][d]
                 row += f" {v['wer']:.2f} | {v['ms_per_utterance']:.1f} |"
         lines.append(row)
-    lines += ["", "ms/utt: decoding time alone (after the encoder), per utterance, in batches of "
-              "eval_batch_size on this machine."]
+    lines += [
+        "",
+        "ms/utt: decoding time alone (after the encoder), per utterance, in batches of "
+        "eval_batch_size on this machine.",
+    ]
     return lines
 
 
@@ -126,18 +144,22 @@ def policy_markdown(report: Dict) -> List[str]:
     lines = ["## Exit policies", ""]
     cal = report.get("calibration", {})
     if cal.get("thresholds"):
-        what = ("at most {v} WER points above the last exit" if cal["target"] == "max_wer_increase"
-                else "at most {v} layers on average").format(v=cal["value"])
+        what = (
+            "at most {v} WER points above the last exit"
+            if cal["target"] == "max_wer_increase"
+            else "at most {v} layers on average"
+        ).format(v=cal["value"])
         if cal.get("confidence") is not None:
             what += f" with bootstrap confidence {cal['confidence']}"
         lines.append(f"Thresholds calibrated on dev for {what}:")
         for name, c in cal["thresholds"].items():
             interval = c.get("dev_increase_interval")
-            spread = (f", increase 90% interval {interval[0]:+.2f} to {interval[1]:+.2f}"
-                      if interval else "")
-            lines.append(f"- {name}: {c['threshold']:.4g} (dev WER {c['dev']['wer']:.2f} vs "
-                         f"{c['dev_last_exit']['wer']:.2f} at the last exit{spread}, "
-                         f"{c['dev']['avg_layers']:.2f} layers)")
+            spread = f", increase 90% interval {interval[0]:+.2f} to {interval[1]:+.2f}" if interval else ""
+            lines.append(
+                f"- {name}: {c['threshold']:.4g} (dev WER {c['dev']['wer']:.2f} vs "
+                f"{c['dev_last_exit']['wer']:.2f} at the last exit{spread}, "
+                f"{c['dev']['avg_layers']:.2f} layers)"
+            )
         lines.append("")
     lines.append("| policy |" + "".join(f" {s} WER | {s} avg layers | {s} s |" for s in sets))
     lines.append("|" + "---|" * (1 + 3 * len(sets)))
@@ -150,17 +172,23 @@ def policy_markdown(report: Dict) -> List[str]:
     lines.append("")
     layers = f"Layers of {report['num_layers']}"
     if "compute_layers" in report:
-        layers = (f"Layers computed, the parallel branches counted (of {report['compute_layers']}: "
-                  f"{report['num_layers']} in the stack)")
-    lines.append(f"{layers}; seconds: measured time at batch 1 from the "
-                 "waveform to the chosen exit plus the policy's decisions, summed over the set.")
+        layers = (
+            f"Layers computed, the parallel branches counted (of {report['compute_layers']}: "
+            f"{report['num_layers']} in the stack)"
+        )
+    lines.append(
+        f"{layers}; seconds: measured time at batch 1 from the "
+        "waveform to the chosen exit plus the policy's decisions, summed over the set."
+    )
     for set_name, row in report.get("depth_matched", {}).items():
         ref = row.get("posterior")
         if not ref:
             continue
         others = ", ".join(f"{n} {v['wer']:.2f}" for n, v in row.items() if n != "posterior" and v)
-        lines.append(f"- {set_name}: at the calibrated posterior's average depth "
-                     f"({ref['avg_layers']:.2f} layers, WER {ref['wer']:.2f}), WER of {others}.")
+        lines.append(
+            f"- {set_name}: at the calibrated posterior's average depth "
+            f"({ref['avg_layers']:.2f} layers, WER {ref['wer']:.2f}), WER of {others}."
+        )
     return lines
 
 
@@ -216,22 +244,32 @@ def plot_wer_vs_compute(report: Dict, path: str) -> Optional[str]:
 
 def _plot_policies(ax, policies: List[Dict], set_name: str):
     fixed = [p for p in policies if p["policy"] == "fixed"]
-    ax.plot([p["sets"][set_name]["avg_layers"] for p in fixed],
-            [p["sets"][set_name]["wer"] for p in fixed], "ks", label="fixed exits", zorder=3)
+    ax.plot(
+        [p["sets"][set_name]["avg_layers"] for p in fixed],
+        [p["sets"][set_name]["wer"] for p in fixed],
+        "ks",
+        label="fixed exits",
+        zorder=3,
+    )
     for name in dict.fromkeys(p["policy"] for p in policies):
         if name in ("fixed", "oracle"):
             continue
-        pts = sorted((p["sets"][set_name]["avg_layers"], p["sets"][set_name]["wer"])
-                     for p in policies if p["policy"] == name)
+        pts = sorted(
+            (p["sets"][set_name]["avg_layers"], p["sets"][set_name]["wer"]) for p in policies if p["policy"] == name
+        )
         (line,) = ax.plot([x for x, _ in pts], [y for _, y in pts], marker=".", label=name)
         for p in policies:
             if p["policy"] == name and p.get("calibrated"):
-                ax.plot(p["sets"][set_name]["avg_layers"], p["sets"][set_name]["wer"], "*",
-                        color=line.get_color(), markersize=12)
+                ax.plot(
+                    p["sets"][set_name]["avg_layers"],
+                    p["sets"][set_name]["wer"],
+                    "*",
+                    color=line.get_color(),
+                    markersize=12,
+                )
     for p in policies:
         if p["policy"] == "oracle":
-            ax.plot(p["sets"][set_name]["avg_layers"], p["sets"][set_name]["wer"], "r^",
-                    label="oracle", zorder=3)
+            ax.plot(p["sets"][set_name]["avg_layers"], p["sets"][set_name]["wer"], "r^", label="oracle", zorder=3)
 
 
 def write_report(report: Dict, folder: str) -> Dict[str, str]:

@@ -106,11 +106,10 @@ def resolve_name(path: str):
     if not parts:
         return None, "an empty name"
     if parts[0] not in TRUSTED_PACKAGES:
-        return None, (f"it is outside the packages {', '.join(TRUSTED_PACKAGES)} "
-                      f"(a builtin or another package)")
+        return None, (f"it is outside the packages {', '.join(TRUSTED_PACKAGES)} (a builtin or another package)")
     obj, n = None, 0
     while n < len(parts):
-        name = ".".join(parts[:n + 1])
+        name = ".".join(parts[: n + 1])
         if name in sys.modules:
             obj, n = sys.modules[name], n + 1
             continue
@@ -150,8 +149,11 @@ def allowed_object(obj) -> Tuple[bool, str]:
     if inspect.ismodule(obj):
         return False, f"it is the module {obj.__name__}"
     if not (inspect.isclass(obj) or inspect.isfunction(obj)):
-        return False, f"it is {type(obj).__name__} {getattr(obj, '__qualname__', obj)!r}, " \
-                      f"not a class or Python function of the allowlist"
+        return (
+            False,
+            f"it is {type(obj).__name__} {getattr(obj, '__qualname__', obj)!r}, "
+            f"not a class or Python function of the allowlist",
+        )
     where = _definition(obj)
     if where is None:
         return False, "it is not found where it claims to be defined"
@@ -167,8 +169,12 @@ def allowed_object(obj) -> Tuple[bool, str]:
 
 
 def _is_bare_file_name(value) -> bool:
-    return (isinstance(value, str) and value not in ("", ".", "..")
-            and not re.search(r"[/\\:]", value) and not os.path.isabs(value))
+    return (
+        isinstance(value, str)
+        and value not in ("", ".", "..")
+        and not re.search(r"[/\\:]", value)
+        and not os.path.isabs(value)
+    )
 
 
 def _pretrainer_rule(node) -> List[str]:
@@ -177,8 +183,10 @@ def _pretrainer_rule(node) -> List[str]:
     problems = []
     for key, value in node.value:
         if key.value == "collect_in":
-            problems.append("collect_in: a model file may not choose where its files are collected "
-                            "(the loader collects them in its savedir)")
+            problems.append(
+                "collect_in: a model file may not choose where its files are collected "
+                "(the loader collects them in its savedir)"
+            )
         elif key.value == "paths":
             if not isinstance(value, yaml.MappingNode):
                 problems.append("paths: must map each loadable to a file name")
@@ -186,9 +194,11 @@ def _pretrainer_rule(node) -> List[str]:
             for name, path in value.value:
                 plain = isinstance(path, yaml.ScalarNode) and path.tag == "tag:yaml.org,2002:str"
                 if not plain or not _is_bare_file_name(path.value):
-                    problems.append(f"paths.{name.value}: {path.value!r} is not a file name inside "
-                                    f"the model's folder (no directories, absolute paths, URLs or "
-                                    f"references)")
+                    problems.append(
+                        f"paths.{name.value}: {path.value!r} is not a file name inside "
+                        f"the model's folder (no directories, absolute paths, URLs or "
+                        f"references)"
+                    )
     return problems
 
 
@@ -196,16 +206,26 @@ def _no_download_rule(node) -> List[str]:
     pairs = node.value if isinstance(node, yaml.MappingNode) else []
     if isinstance(node, yaml.SequenceNode) and node.value:
         return ["give the SSL encoder's arguments by name (hf_config, exit_layers)"]
-    return [f"source: {value.value!r}: a model file may not download or open another model "
-            f"(an exported folder carries hf_config)"
-            for key, value in pairs if key.value == "source" and value.tag != "tag:yaml.org,2002:null"]
+    return [
+        f"source: {value.value!r}: a model file may not download or open another model "
+        f"(an exported folder carries hf_config)"
+        for key, value in pairs
+        if key.value == "source" and value.tag != "tag:yaml.org,2002:null"
+    ]
 
 
 def _no_arguments_rule(node) -> List[str]:
-    empty = (isinstance(node, yaml.ScalarNode) and node.value == "") or \
-        (isinstance(node, (yaml.MappingNode, yaml.SequenceNode)) and not node.value)
-    return [] if empty else ["takes no arguments in a model file (it would open a file of its "
-                             "choosing; the Pretrainer loads tokenizer.ckpt)"]
+    empty = (isinstance(node, yaml.ScalarNode) and node.value == "") or (
+        isinstance(node, (yaml.MappingNode, yaml.SequenceNode)) and not node.value
+    )
+    return (
+        []
+        if empty
+        else [
+            "takes no arguments in a model file (it would open a file of its "
+            "choosing; the Pretrainer loads tokenizer.ckpt)"
+        ]
+    )
 
 
 #: Argument checks for allowed objects whose arguments could reach outside the
@@ -218,7 +238,7 @@ ARGUMENT_RULES: Dict[str, Callable] = {
 
 
 def _check_target(tag: str, target_tag: str, node) -> List[str]:
-    target = tag[len(target_tag):]
+    target = tag[len(target_tag) :]
     if target_tag == "!module:":
         return [f"{tag} (a module is never allowed)"]
     obj, reason = resolve_name(target)
@@ -235,8 +255,11 @@ def _check_target(tag: str, target_tag: str, node) -> List[str]:
 def _check_references(tag: str, node) -> List[str]:
     if not isinstance(node, yaml.ScalarNode):
         return []
-    return [f"{tag} <{ref}> (attribute access in a reference calls getattr on a built object)"
-            for ref in _REFERENCE.findall(node.value) if "." in ref]
+    return [
+        f"{tag} <{ref}> (attribute access in a reference calls getattr on a built object)"
+        for ref in _REFERENCE.findall(node.value)
+        if "." in ref
+    ]
 
 
 def _walk(node, found: List[str], origin: str, seen: set):
@@ -285,8 +308,9 @@ def expanded_size(root, limit: int = MAX_EXPANDED_NODES) -> int:
         if key in sizes:
             return sizes[key]
         if key in active:
-            raise UnsafeHparamsError("an alias refers to a node that contains it (a recursive "
-                                     "document, which never finishes expanding)")
+            raise UnsafeHparamsError(
+                "an alias refers to a node that contains it (a recursive document, which never finishes expanding)"
+            )
         active.add(key)
         children = []
         if isinstance(node, yaml.MappingNode):
@@ -303,8 +327,7 @@ def expanded_size(root, limit: int = MAX_EXPANDED_NODES) -> int:
     return 0 if root is None else size(root)
 
 
-def check_alias_expansion(text: str, origin: str = "hyperparams.yaml",
-                          limit: int = MAX_EXPANDED_NODES) -> None:
+def check_alias_expansion(text: str, origin: str = "hyperparams.yaml", limit: int = MAX_EXPANDED_NODES) -> None:
     """Refuse a document whose aliases expand beyond ``limit`` nodes, or that contains itself."""
     root = _compose(text, origin)
     try:
@@ -313,8 +336,8 @@ def check_alias_expansion(text: str, origin: str = "hyperparams.yaml",
         raise UnsafeHparamsError(f"{origin}: {err}") from None
     if total > limit:
         raise UnsafeHparamsError(
-            f"{origin}: its aliases expand to more than {limit} nodes (an alias bomb); refused "
-            f"before anything is built")
+            f"{origin}: its aliases expand to more than {limit} nodes (an alias bomb); refused before anything is built"
+        )
 
 
 def unsafe_tags(text: str, origin: str = "hyperparams.yaml") -> List[str]:
@@ -334,7 +357,8 @@ def check_hparams_text(text: str, origin: str = "hyperparams.yaml") -> None:
         raise UnsafeHparamsError(
             f"{origin} builds or calls code outside the allowlist of earlyexit_brain.safe_load:\n  "
             + "\n  ".join(found)
-            + "\nLoad it only if you trust its source, with trust_remote_code=True.")
+            + "\nLoad it only if you trust its source, with trust_remote_code=True."
+        )
 
 
 def _load_path(args, kwargs) -> str:
@@ -353,8 +377,7 @@ def weights_only_loading():
     """
     import torch
 
-    saved = {k: os.environ.pop(k, None) for k in ("TORCH_FORCE_WEIGHTS_ONLY_LOAD",
-                                                  "TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD")}
+    saved = {k: os.environ.pop(k, None) for k in ("TORCH_FORCE_WEIGHTS_ONLY_LOAD", "TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD")}
     os.environ["TORCH_FORCE_WEIGHTS_ONLY_LOAD"] = "1"
     original = torch.load
 
@@ -367,7 +390,8 @@ def weights_only_loading():
                 f"{_load_path(args, kwargs)}: refused: this checkpoint holds pickled Python objects "
                 f"other than tensors and plain containers, which can run code when loaded, and "
                 f"earlyexit_brain never unpickles them. Get the model from a source that "
-                f"publishes weights only.") from None
+                f"publishes weights only."
+            ) from None
 
     torch.load = load
     try:

@@ -37,28 +37,43 @@ from .runtime import EarlyExitONNX, is_onnx_folder
 
 
 def parse_args(argv):
-    parser = argparse.ArgumentParser(prog="python -m earlyexit_brain.transcribe",
-                                     description="Transcribe audio files with an early-exit model.")
+    parser = argparse.ArgumentParser(
+        prog="python -m earlyexit_brain.transcribe", description="Transcribe audio files with an early-exit model."
+    )
     parser.add_argument("model", help="inference folder or Hub id OWNER/NAME")
     parser.add_argument("audio", nargs="+", help="audio files (any rate/channels soundfile reads)")
     choice = parser.add_mutually_exclusive_group()
     choice.add_argument("--exit", type=int, default=None, help="fixed exit K (1-based)")
-    choice.add_argument("--policy", choices=[p for p in POLICY_NAMES if p != "oracle"], default=None,
-                        help="exit policy (its calibrated threshold unless --threshold)")
-    choice.add_argument("--budget-ms", type=float, default=None,
-                        help="latency budget in ms: the deepest exit that fits (budget policy)")
+    choice.add_argument(
+        "--policy",
+        choices=[p for p in POLICY_NAMES if p != "oracle"],
+        default=None,
+        help="exit policy (its calibrated threshold unless --threshold)",
+    )
+    choice.add_argument(
+        "--budget-ms", type=float, default=None, help="latency budget in ms: the deepest exit that fits (budget policy)"
+    )
     parser.add_argument("--threshold", type=float, default=None, help="threshold for --policy")
-    parser.add_argument("--decoder", choices=list(CTC_DECODERS), default=None,
-                        help="CTC models: override the decoder stored with the model (ctc_beam uses "
-                             "its n-gram LM when it has one)")
+    parser.add_argument(
+        "--decoder",
+        choices=list(CTC_DECODERS),
+        default=None,
+        help="CTC models: override the decoder stored with the model (ctc_beam uses its n-gram LM when it has one)",
+    )
     parser.add_argument("--savedir", default=None, help="where Hub files are linked (default: cache)")
     parser.add_argument("--device", default="cpu", help="torch device (default cpu)")
-    parser.add_argument("--trust-remote-code", action="store_true",
-                        help="load a hyperparams.yaml that uses code outside the allowlist")
-    parser.add_argument("--threads", type=int, default=None,
-                        help="ONNX folders: onnxruntime threads (default: one per physical core)")
-    parser.add_argument("--precision", choices=["fp32", "int8"], default="fp32",
-                        help="ONNX folders: the graphs to run (int8 when exported with --int8)")
+    parser.add_argument(
+        "--trust-remote-code", action="store_true", help="load a hyperparams.yaml that uses code outside the allowlist"
+    )
+    parser.add_argument(
+        "--threads", type=int, default=None, help="ONNX folders: onnxruntime threads (default: one per physical core)"
+    )
+    parser.add_argument(
+        "--precision",
+        choices=["fp32", "int8"],
+        default="fp32",
+        help="ONNX folders: the graphs to run (int8 when exported with --int8)",
+    )
     args = parser.parse_args(argv)
     if args.threshold is not None and args.policy is None:
         parser.error("--threshold needs --policy")
@@ -74,14 +89,16 @@ def main(argv=None) -> int:
     try:
         if onnx:
             if args.decoder not in (None, "ctc_greedy") or args.device != "cpu":
-                raise ValueError("an ONNX folder decodes greedily on the CPU (no --decoder ctc_beam, "
-                                 "no --device)")
+                raise ValueError("an ONNX folder decodes greedily on the CPU (no --decoder ctc_beam, no --device)")
             asr = EarlyExitONNX.from_folder(args.model, threads=args.threads, precision=args.precision)
         else:
             check_device(args.device)
-            asr = EarlyExitASR.from_hparams(source=args.model, savedir=args.savedir,
-                                            run_opts={"device": args.device},
-                                            trust_remote_code=args.trust_remote_code)
+            asr = EarlyExitASR.from_hparams(
+                source=args.model,
+                savedir=args.savedir,
+                run_opts={"device": args.device},
+                trust_remote_code=args.trust_remote_code,
+            )
         if args.budget_ms is not None:
             policy = asr.make_policy("budget", threshold=args.budget_ms)
         else:
@@ -90,8 +107,7 @@ def main(argv=None) -> int:
         print(f"Error: {err}", file=sys.stderr)
         return 2
     failed = 0
-    bar = tqdm(args.audio, desc="transcribing", unit="file", file=sys.stderr,
-               disable=len(args.audio) < 2)
+    bar = tqdm(args.audio, desc="transcribing", unit="file", file=sys.stderr, disable=len(args.audio) < 2)
     for path in bar:
         start = time.perf_counter()
         try:
@@ -105,8 +121,7 @@ def main(argv=None) -> int:
             tqdm.write(f"Error: {path}: {type(err).__name__}: {err}", file=sys.stderr)
             continue
         ms = 1000.0 * (time.perf_counter() - start)
-        tqdm.write(f"{path}\texit {result.exit} ({result.layers} layers)\t{ms:.0f} ms\t{result.text}",
-                   file=sys.stdout)
+        tqdm.write(f"{path}\texit {result.exit} ({result.layers} layers)\t{ms:.0f} ms\t{result.text}", file=sys.stdout)
     if failed:
         print(f"{failed} of {len(args.audio)} files failed", file=sys.stderr)
     return 1 if failed else 0

@@ -55,14 +55,15 @@ def frame_mask(log_probs: torch.Tensor, lengths: Optional[torch.Tensor]) -> torc
     return (~padding_mask(frames, log_probs.shape[1])).to(log_probs.dtype)
 
 
-_REPO_ID = re.compile(r"^[A-Za-z0-9](?:[A-Za-z0-9._-]{0,94}[A-Za-z0-9])?/"
-                      r"[A-Za-z0-9](?:[A-Za-z0-9._-]{0,94}[A-Za-z0-9])?$")
+_REPO_ID = re.compile(
+    r"^[A-Za-z0-9](?:[A-Za-z0-9._-]{0,94}[A-Za-z0-9])?/"
+    r"[A-Za-z0-9](?:[A-Za-z0-9._-]{0,94}[A-Za-z0-9])?$"
+)
 
 
 def looks_like_repo_id(text: str) -> bool:
     """Whether ``text`` has the form of a Hub model id ``OWNER/NAME``."""
-    return bool(isinstance(text, str) and _REPO_ID.match(text) and ".." not in text
-                and "--" not in text)
+    return bool(isinstance(text, str) and _REPO_ID.match(text) and ".." not in text and "--" not in text)
 
 
 def uses_decoders(hparams) -> bool:

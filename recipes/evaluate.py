@@ -25,10 +25,16 @@ import sys
 from earlyexit_brain.brain import brain_class_for
 from earlyexit_brain.config import ConfigError
 from earlyexit_brain.dataio import dataio_prepare
-from earlyexit_brain.experiment import (check_experiment_folder, claim_experiment_folder,
-                                        evaluate_and_report, load_recipe_hparams,
-                                        relocated_hparams_file, run_recipe, tokenizer_or_exit,
-                                        with_evaluation_defaults)
+from earlyexit_brain.experiment import (
+    check_experiment_folder,
+    claim_experiment_folder,
+    evaluate_and_report,
+    load_recipe_hparams,
+    relocated_hparams_file,
+    run_recipe,
+    tokenizer_or_exit,
+    with_evaluation_defaults,
+)
 
 
 def main(argv):
@@ -45,13 +51,17 @@ def main(argv):
         claim_experiment_folder(hparams["output_folder"])  # its report and inference/ are rewritten
     if folder is not None and os.path.abspath(hparams["output_folder"]) != os.path.abspath(folder):
         # its checkpoints, log and save folder stay where they are: copy the folder instead
-        sys.exit(f"Error: key 'output_folder': an experiment folder is evaluated in place; to keep "
-                 f"{folder}'s report, copy the folder and evaluate the copy (cp -r {folder} "
-                 f"{hparams['output_folder']} && python recipes/evaluate.py {hparams['output_folder']})")
+        sys.exit(
+            f"Error: key 'output_folder': an experiment folder is evaluated in place; to keep "
+            f"{folder}'s report, copy the folder and evaluate the copy (cp -r {folder} "
+            f"{hparams['output_folder']} && python recipes/evaluate.py {hparams['output_folder']})"
+        )
     for key in ("train_csv", "valid_csv"):
         if not os.path.isfile(hparams[key]):
-            sys.exit(f"Error: key '{key}': manifest not found: {hparams[key]} (prepare the corpus "
-                     f"by running recipes/train.py with the same hyperparameters)")
+            sys.exit(
+                f"Error: key '{key}': manifest not found: {hparams[key]} (prepare the corpus "
+                f"by running recipes/train.py with the same hyperparameters)"
+            )
 
     tokenizer, hparams["ctc_lm_path"] = tokenizer_or_exit(hparams)
     data = dataio_prepare(hparams, tokenizer, hparams["encoder"])

@@ -31,15 +31,26 @@ def parse_args(argv):
     parser.add_argument("source", help="experiment folder or inference folder")
     parser.add_argument("--out", default=None, help="the onnx folder (default: onnx/ beside inference/)")
     parser.add_argument("--int8", action="store_true", help="also write int8 graphs (dynamic quantisation)")
-    parser.add_argument("--audio", nargs="+", default=[], help="audio files to compare onnxruntime and "
-                                                                  "PyTorch on (default: generated tones)")
-    parser.add_argument("--tolerance", type=float, default=TOLERANCE,
-                        help="largest |log p| difference accepted at any exit (fp32)")
+    parser.add_argument(
+        "--audio",
+        nargs="+",
+        default=[],
+        help="audio files to compare onnxruntime and PyTorch on (default: generated tones)",
+    )
+    parser.add_argument(
+        "--tolerance", type=float, default=TOLERANCE, help="largest |log p| difference accepted at any exit (fp32)"
+    )
     parser.add_argument("--opset", type=int, default=OPSET, help="ONNX opset")
-    parser.add_argument("--threads", type=int, default=None,
-                        help="onnxruntime threads for the latency table (default: onnxruntime's)")
-    parser.add_argument("--latency-seconds", type=float, nargs="+", default=[2.0, 5.0, 10.0],
-                        help="audio lengths of the runtime's latency table")
+    parser.add_argument(
+        "--threads", type=int, default=None, help="onnxruntime threads for the latency table (default: onnxruntime's)"
+    )
+    parser.add_argument(
+        "--latency-seconds",
+        type=float,
+        nargs="+",
+        default=[2.0, 5.0, 10.0],
+        help="audio lengths of the runtime's latency table",
+    )
     parser.add_argument("--latency-repeats", type=int, default=3, help="runs per latency point")
     return parser.parse_args(argv)
 
@@ -48,10 +59,17 @@ def main(argv) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:
-        out = export_onnx_folder(args.source, args.out, int8=args.int8, opset=args.opset,
-                                 tolerance=args.tolerance, audio=args.audio,
-                                 latency_durations=args.latency_seconds, latency_repeats=args.latency_repeats,
-                                 threads=args.threads)
+        out = export_onnx_folder(
+            args.source,
+            args.out,
+            int8=args.int8,
+            opset=args.opset,
+            tolerance=args.tolerance,
+            audio=args.audio,
+            latency_durations=args.latency_seconds,
+            latency_repeats=args.latency_repeats,
+            threads=args.threads,
+        )
     except (ValueError, OSError, NotOurFolderError) as err:
         print(f"Error: {err}", file=sys.stderr)
         return 2

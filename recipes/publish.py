@@ -25,8 +25,14 @@ import os
 import sys
 
 from earlyexit_brain.files import NotOurFolderError
-from earlyexit_brain.hub import (PublishError, build_hub_folder, check_repo_id, hub_token, upload_hub_folder,
-                                 validate_hub_folder)
+from earlyexit_brain.hub import (
+    PublishError,
+    build_hub_folder,
+    check_repo_id,
+    hub_token,
+    upload_hub_folder,
+    validate_hub_folder,
+)
 
 
 def parse_args(argv):
@@ -34,16 +40,20 @@ def parse_args(argv):
     parser.add_argument("experiment", help="experiment folder (output_folder of recipes/train.py)")
     parser.add_argument("--repo-id", required=True, help="Hub repository, OWNER/NAME")
     parser.add_argument("--private", action="store_true", help="create the repository private")
-    parser.add_argument("--exist-ok", action="store_true",
-                        help="upload a new revision to a repository that already exists")
-    parser.add_argument("--dry-run", action="store_true",
-                        help="build and validate the folder; no network call")
+    parser.add_argument(
+        "--exist-ok", action="store_true", help="upload a new revision to a repository that already exists"
+    )
+    parser.add_argument("--dry-run", action="store_true", help="build and validate the folder; no network call")
     parser.add_argument("--out", default=None, help="where to build the folder (default <experiment>/hub)")
-    parser.add_argument("--example", default=None,
-                        help="audio file for the card and the validation (default: a test utterance)")
-    parser.add_argument("--onnx", action="store_true",
-                        help="add onnx/ (fp32 and int8, for the runtime without PyTorch: the experiment's "
-                             "recipes/export.py --int8 folder, or exported now) and validate it")
+    parser.add_argument(
+        "--example", default=None, help="audio file for the card and the validation (default: a test utterance)"
+    )
+    parser.add_argument(
+        "--onnx",
+        action="store_true",
+        help="add onnx/ (fp32 and int8, for the runtime without PyTorch: the experiment's "
+        "recipes/export.py --int8 folder, or exported now) and validate it",
+    )
     parser.add_argument("--license", default="apache-2.0", help="license id for the card")
     parser.add_argument("--language", default="en", help="language code for the card")
     parser.add_argument("--message", default=None, help="commit message")
@@ -62,26 +72,35 @@ def main(argv) -> int:
 
             token = hub_token()
             if not token:
-                raise PublishError("no Hugging Face token: set HF_TOKEN or run `hf auth login` "
-                                   "(or use --dry-run to build the folder only)")
+                raise PublishError(
+                    "no Hugging Face token: set HF_TOKEN or run `hf auth login` "
+                    "(or use --dry-run to build the folder only)"
+                )
             api = HfApi(token=token)
             if not args.exist_ok and api.repo_exists(args.repo_id, repo_type="model"):
-                raise PublishError(f"{args.repo_id} already exists on the Hub; pass --exist-ok to "
-                                   f"upload a new revision to it")
-        folder = build_hub_folder(args.experiment, out, args.repo_id, args.license, args.language,
-                                  args.example, onnx=args.onnx)
+                raise PublishError(
+                    f"{args.repo_id} already exists on the Hub; pass --exist-ok to upload a new revision to it"
+                )
+        folder = build_hub_folder(
+            args.experiment, out, args.repo_id, args.license, args.language, args.example, onnx=args.onnx
+        )
         print(f"Built {folder}")
         texts = validate_hub_folder(folder)
-        print(f"Validated: EarlyExitASR transcribes the example as {texts['earlyexit_brain']!r}; "
-              f"EncoderASR (default exit) as {texts['encoder_asr']!r}")
+        print(
+            f"Validated: EarlyExitASR transcribes the example as {texts['earlyexit_brain']!r}; "
+            f"EncoderASR (default exit) as {texts['encoder_asr']!r}"
+        )
         if args.onnx:
-            print(f"Validated onnx/: the runtime transcribes it as {texts['onnx_fp32']!r} (fp32), "
-                  f"{texts['onnx_int8']!r} (int8)")
+            print(
+                f"Validated onnx/: the runtime transcribes it as {texts['onnx_fp32']!r} (fp32), "
+                f"{texts['onnx_int8']!r} (int8)"
+            )
         if args.dry_run:
             print("Dry run: nothing uploaded.")
             return 0
-        url = upload_hub_folder(folder, args.repo_id, private=args.private, exist_ok=args.exist_ok,
-                                api=api, message=args.message)
+        url = upload_hub_folder(
+            folder, args.repo_id, private=args.private, exist_ok=args.exist_ok, api=api, message=args.message
+        )
         print(f"Uploaded to https://huggingface.co/{args.repo_id} ({url})")
         return 0
     except (PublishError, NotOurFolderError) as err:

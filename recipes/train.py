@@ -25,10 +25,15 @@ from speechbrain.utils.distributed import run_on_main
 from earlyexit_brain.brain import brain_class_for
 from earlyexit_brain.data.common import CorpusError
 from earlyexit_brain.dataio import dataio_prepare
-from earlyexit_brain.experiment import (changed_hyperparameters, claim_experiment_folder,
-                                        evaluate_and_report,
-                                        load_recipe_hparams, run_recipe, tokenizer_or_exit,
-                                        warn_changed_hyperparameters)
+from earlyexit_brain.experiment import (
+    changed_hyperparameters,
+    claim_experiment_folder,
+    evaluate_and_report,
+    load_recipe_hparams,
+    run_recipe,
+    tokenizer_or_exit,
+    warn_changed_hyperparameters,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -39,8 +44,7 @@ def main(argv):
     sb.utils.distributed.ddp_init_group(run_opts)
     claim_experiment_folder(hparams["output_folder"])  # never another folder of the user's
     # read before create_experiment_directory overwrites the saved hyperparams.yaml
-    changes = changed_hyperparameters(hparams["output_folder"], hparams["checkpointer"],
-                                      hparams_file, overrides)
+    changes = changed_hyperparameters(hparams["output_folder"], hparams["checkpointer"], hparams_file, overrides)
     sb.create_experiment_directory(
         experiment_directory=hparams["output_folder"],
         hyperparams_to_save=hparams_file,
@@ -67,12 +71,14 @@ def main(argv):
         if scheduler is not None and getattr(scheduler, "num_training_steps", 0) is None:
             # "auto": the number of updates this run will make
             train_loader = loaders["train"]
-            batches = (len(train_loader["batch_sampler"]) if "batch_sampler" in train_loader
-                       else -(-len(train_data) // train_loader["batch_size"]))
+            batches = (
+                len(train_loader["batch_sampler"])
+                if "batch_sampler" in train_loader
+                else -(-len(train_data) // train_loader["batch_size"])
+            )
             world = int(os.environ.get("WORLD_SIZE", "1"))  # DDP splits the batches
             scheduler.num_training_steps = -(-batches // world) * hparams["number_of_epochs"]
-            logger.info("%s: %d updates in %d epochs", key, scheduler.num_training_steps,
-                        hparams["number_of_epochs"])
+            logger.info("%s: %d updates in %d epochs", key, scheduler.num_training_steps, hparams["number_of_epochs"])
 
     # CTC exits, or joint CTC/attention when the YAML's modules have "decoders"
     brain = brain_class_for(hparams)(

@@ -11,8 +11,16 @@ if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
 #: Options of the tiny corpus used by unit tests (a few seconds to synthesise).
-TINY_CORPUS = dict(seed=7, n_train=24, n_dev_sentences=4, n_test_sentences=5, closed_vocabulary=False,
-                   n_train_speakers=6, n_unseen_speakers=2, n_unseen_variants=4)
+TINY_CORPUS = dict(
+    seed=7,
+    n_train=24,
+    n_dev_sentences=4,
+    n_test_sentences=5,
+    closed_vocabulary=False,
+    n_train_speakers=6,
+    n_unseen_speakers=2,
+    n_unseen_variants=4,
+)
 
 
 @pytest.fixture(scope="session")
@@ -44,65 +52,96 @@ def free_port():
 #: more each (a training loop, a recipe or benchmark in a subprocess, an export, a beam search), so that
 #: the rest runs in under 2 minutes. A name here that the module no longer has is an error.
 SLOW = {
-    "test_aed.py": ["test_training_lowers_the_joint_loss", "test_exported_aed_model_loads_and_transcribes",
-                    "test_policy_evaluation_records_each_exits_beam_search_hypothesis",
-                    "test_exported_model_with_a_fused_ngram_loads_and_uses_it",
-                    "test_the_cached_search_steps_like_the_stock_searcher",
-                    "test_joint_loss_is_the_weighted_sum_of_ctc_and_label_smoothed_ce",
-                    "test_fused_search_hypotheses_are_words_of_the_ngram",
-                    "test_padding_does_not_change_the_decoder_loss", "test_test_stage_reports_every_decoder_per_exit",
-                    "test_only_the_chosen_exits_decoder_and_layers_run",
-                    "test_decoder_shapes_shared_embedding_and_parameter_counts"],
-    "test_bad_inputs.py": ["test_transcribe_batch_reports_bad_rows_and_transcribes_the_others",
-                           "test_transcribe_command_reports_a_too_short_file_and_goes_on",
-                           "test_a_batch_without_bad_rows_is_unchanged",
-                           "test_publish_from_another_directory_resolves_the_experiment_paths",
-                           "test_min_samples_of_a_waveform_encoder",
-                           "test_transcribe_files_keeps_every_good_result_around_too_short_files"],
-    "test_benchmark.py": ["test_train_step_variants_match_base_and_are_tabulated", "test_compute_section_and_tables",
-                          "test_train_step_times_the_brains_fit_batch_with_the_loss_object",
-                          "test_cpu_peak_memory_of_a_training_step_in_a_child_process",
-                          "test_inference_section_times_the_fixed_and_the_scored_policy_paths"],
+    "test_aed.py": [
+        "test_training_lowers_the_joint_loss",
+        "test_exported_aed_model_loads_and_transcribes",
+        "test_policy_evaluation_records_each_exits_beam_search_hypothesis",
+        "test_exported_model_with_a_fused_ngram_loads_and_uses_it",
+        "test_the_cached_search_steps_like_the_stock_searcher",
+        "test_joint_loss_is_the_weighted_sum_of_ctc_and_label_smoothed_ce",
+        "test_fused_search_hypotheses_are_words_of_the_ngram",
+        "test_padding_does_not_change_the_decoder_loss",
+        "test_test_stage_reports_every_decoder_per_exit",
+        "test_only_the_chosen_exits_decoder_and_layers_run",
+        "test_decoder_shapes_shared_embedding_and_parameter_counts",
+    ],
+    "test_bad_inputs.py": [
+        "test_transcribe_batch_reports_bad_rows_and_transcribes_the_others",
+        "test_transcribe_command_reports_a_too_short_file_and_goes_on",
+        "test_a_batch_without_bad_rows_is_unchanged",
+        "test_publish_from_another_directory_resolves_the_experiment_paths",
+        "test_min_samples_of_a_waveform_encoder",
+        "test_transcribe_files_keeps_every_good_result_around_too_short_files",
+    ],
+    "test_benchmark.py": [
+        "test_train_step_variants_match_base_and_are_tabulated",
+        "test_compute_section_and_tables",
+        "test_train_step_times_the_brains_fit_batch_with_the_loss_object",
+        "test_cpu_peak_memory_of_a_training_step_in_a_child_process",
+        "test_inference_section_times_the_fixed_and_the_scored_policy_paths",
+    ],
     "test_config.py": ["test_recipe_fails_fast_naming_the_key"],
     "test_conformer.py": ["test_truncated_forward_equals_full_forward_prefix", "test_every_exit_gets_gradient"],
-    "test_data_safety.py": ["test_the_synthetic_recipe_refuses_a_users_data_folder",
-                            "test_training_refuses_a_users_output_folder"],
-    "test_exits.py": ["test_utterances_leaving_the_batch_do_not_change_the_others",
-                      "test_dynamic_inference_never_runs_layers_above_the_deepest_needed_exit",
-                      "test_policy_forced_to_exit_k_equals_the_fixed_exit_k_path",
-                      "test_planned_policies_compute_only_the_exits_they_stop_at"],
-    "test_faults.py": ["test_checkpoints_saved_and_pruned_under_ddp_do_not_hang",
-                       "test_nonfinite_loss_batch_is_skipped_counted_and_logged",
-                       "test_training_stops_when_the_patience_is_exhausted"],
-    "test_hub.py": ["test_hub_id_loads_offline_from_the_cache", "test_validation_loads_both_interfaces",
-                    "test_transcribe_command_reports_bad_files_and_goes_on",
-                    "test_validation_failure_refuses_the_upload",
-                    "test_dry_run_makes_no_network_call",
-                    "test_upload_goes_through_hfapi_and_never_shows_the_token",
-                    "test_existing_repo_needs_exist_ok"],
-    "test_inference.py": ["test_simulated_policy_decisions_equal_a_real_dynamic_run",
-                          "test_posterior_nbest_policy_runs",
-                          "test_stock_speechbrain_encoder_asr_loads_the_folder"],
-    "test_loss_and_data.py": ["test_unfit_training_utterances_are_dropped_and_counted",
-                              "test_weights_scale_each_exit_and_zero_weight_cuts_its_gradient",
-                              "test_plain_sum_is_the_default_objective"],
-    "test_losses.py": ["test_brain_objective_is_unchanged_by_the_single_call",
-                       "test_distillation_waits_for_its_first_epoch",
-                       "test_brain_adds_the_weighted_distillation_only_when_asked"],
+    "test_data_safety.py": [
+        "test_the_synthetic_recipe_refuses_a_users_data_folder",
+        "test_training_refuses_a_users_output_folder",
+    ],
+    "test_exits.py": [
+        "test_utterances_leaving_the_batch_do_not_change_the_others",
+        "test_dynamic_inference_never_runs_layers_above_the_deepest_needed_exit",
+        "test_policy_forced_to_exit_k_equals_the_fixed_exit_k_path",
+        "test_planned_policies_compute_only_the_exits_they_stop_at",
+    ],
+    "test_faults.py": [
+        "test_checkpoints_saved_and_pruned_under_ddp_do_not_hang",
+        "test_nonfinite_loss_batch_is_skipped_counted_and_logged",
+        "test_training_stops_when_the_patience_is_exhausted",
+    ],
+    "test_hub.py": [
+        "test_hub_id_loads_offline_from_the_cache",
+        "test_validation_loads_both_interfaces",
+        "test_transcribe_command_reports_bad_files_and_goes_on",
+        "test_validation_failure_refuses_the_upload",
+        "test_dry_run_makes_no_network_call",
+        "test_upload_goes_through_hfapi_and_never_shows_the_token",
+        "test_existing_repo_needs_exist_ok",
+    ],
+    "test_inference.py": [
+        "test_simulated_policy_decisions_equal_a_real_dynamic_run",
+        "test_posterior_nbest_policy_runs",
+        "test_stock_speechbrain_encoder_asr_loads_the_folder",
+    ],
+    "test_loss_and_data.py": [
+        "test_unfit_training_utterances_are_dropped_and_counted",
+        "test_weights_scale_each_exit_and_zero_weight_cuts_its_gradient",
+        "test_plain_sum_is_the_default_objective",
+    ],
+    "test_losses.py": [
+        "test_brain_objective_is_unchanged_by_the_single_call",
+        "test_distillation_waits_for_its_first_epoch",
+        "test_brain_adds_the_weighted_distillation_only_when_asked",
+    ],
     "test_project.py": ["test_plot_keeps_matplotlib_debug_records_out_of_the_log"],
     "test_soak.py": ["test_soak_reports_memory_every_tenth"],
-    "test_splitformer.py": ["test_the_incremental_path_gives_the_hidden_states_of_forward",
-                            "test_an_exported_splitformer_folder_transcribes",
-                            "test_an_utterance_gives_the_same_output_alone_and_padded_in_a_batch",
-                            "test_the_side_by_side_benchmark",
-                            "test_params_and_layers_to_each_exit_count_the_branches"],
+    "test_splitformer.py": [
+        "test_the_incremental_path_gives_the_hidden_states_of_forward",
+        "test_an_exported_splitformer_folder_transcribes",
+        "test_an_utterance_gives_the_same_output_alone_and_padded_in_a_batch",
+        "test_the_side_by_side_benchmark",
+        "test_params_and_layers_to_each_exit_count_the_branches",
+    ],
     "test_ssl_config.py": ["test_ssl_recipe_fails_fast_naming_the_key"],
-    "test_ssl_encoder.py": ["test_truncated_forward_matches_full_model", "test_dynamic_inference_with_select",
-                            "test_training_controls_and_export_config"],
-    "test_synthetic.py": ["test_interrupted_generation_is_completed_not_trusted",
-                          "test_deterministic_for_a_seed_whatever_the_worker_count",
-                          "test_sentence_source_is_installed_and_clean",
-                          "test_unseen_voices_use_variants_never_used_in_training"],
+    "test_ssl_encoder.py": [
+        "test_truncated_forward_matches_full_model",
+        "test_dynamic_inference_with_select",
+        "test_training_controls_and_export_config",
+    ],
+    "test_synthetic.py": [
+        "test_interrupted_generation_is_completed_not_trusted",
+        "test_deterministic_for_a_seed_whatever_the_worker_count",
+        "test_sentence_source_is_installed_and_clean",
+        "test_unseen_voices_use_variants_never_used_in_training",
+    ],
 }
 
 
@@ -121,8 +160,10 @@ def pytest_collection_modifyitems(config, items):
             checked.add(path)
             missing = [name for name in names if not hasattr(item.module, name)]
             if missing:
-                raise pytest.UsageError(f"tests/conftest.py SLOW names tests that {path.name} does not have: "
-                                        f"{missing}")
-        if (path.parent.name == "integration" or getattr(item, "originalname", item.name) in names
-                or SLOW_FIXTURES & set(getattr(item, "fixturenames", ()))):
+                raise pytest.UsageError(f"tests/conftest.py SLOW names tests that {path.name} does not have: {missing}")
+        if (
+            path.parent.name == "integration"
+            or getattr(item, "originalname", item.name) in names
+            or SLOW_FIXTURES & set(getattr(item, "fixturenames", ()))
+        ):
             item.add_marker(pytest.mark.slow)

@@ -25,8 +25,7 @@ CTC_YAML = os.path.join(ROOT, "hparams", "synthetic", "conformer_ctc_ee.yaml")
 AED_YAML = os.path.join(ROOT, "hparams", "synthetic", "conformer_aed_ee.yaml")
 
 #: Model sizes for fast tests (the encoder's frame rate and front end are the recipe's).
-TINY = dict(n_mels=20, num_layers=2, d_model=16, nhead=2, d_ffn=32, kernel_size=3, exit_layers=[1, 2],
-            output_neurons=8)
+TINY = dict(n_mels=20, num_layers=2, d_model=16, nhead=2, d_ffn=32, kernel_size=3, exit_layers=[1, 2], output_neurons=8)
 #: The attention decoders' sizes to go with ``TINY`` (conformer_aed_ee.yaml's keys).
 TINY_AED = dict(TINY, output_neurons=10, decoder_nhead=2, decoder_d_ffn=32, beam_size=2, valid_beam_size=1)
 
@@ -38,15 +37,19 @@ def recipe_hparams(folder, yaml_path: str = CTC_YAML, **overrides) -> dict:
     as ``recipes/train.py`` does; ``data_folder`` and ``output_folder`` default to ``folder/data``
     and ``folder/out``.
     """
-    overrides = {"data_folder": os.path.join(str(folder), "data"),
-                 "output_folder": os.path.join(str(folder), "out"), **overrides}
+    overrides = {
+        "data_folder": os.path.join(str(folder), "data"),
+        "output_folder": os.path.join(str(folder), "out"),
+        **overrides,
+    }
     check_hparams_file(yaml_path, overrides)
     with open(yaml_path) as fin:
         return load_hyperpyyaml(fin, overrides)
 
 
-def make_brain(folder, yaml_path: Optional[str] = None, tokenizer=None, training_steps: int = 100,
-               device: str = "cpu", **overrides):
+def make_brain(
+    folder, yaml_path: Optional[str] = None, tokenizer=None, training_steps: int = 100, device: str = "cpu", **overrides
+):
     """The recipe's Brain (``brain_class_for``) on ``recipe_hparams(folder, yaml_path, **TINY, **overrides)``.
 
     ``yaml_path`` defaults to the CTC recipe, or the attention-decoder one when ``overrides`` hold
@@ -63,7 +66,12 @@ def make_brain(folder, yaml_path: Optional[str] = None, tokenizer=None, training
     scheduler = hparams.get("lr_annealing")
     if scheduler is not None and getattr(scheduler, "num_training_steps", 0) is None:
         scheduler.num_training_steps = training_steps
-    brain = brain_class_for(hparams)(modules=hparams["modules"], opt_class=hparams["opt_class"], hparams=hparams,
-                                     run_opts={"device": device}, checkpointer=hparams["checkpointer"])
+    brain = brain_class_for(hparams)(
+        modules=hparams["modules"],
+        opt_class=hparams["opt_class"],
+        hparams=hparams,
+        run_opts={"device": device},
+        checkpointer=hparams["checkpointer"],
+    )
     brain.tokenizer = tokenizer
     return brain

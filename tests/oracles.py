@@ -36,6 +36,11 @@ def check_policy_transcription(asr, path: str, policy=None, threshold: Optional[
     expected = policy_exit(asr, path, policy, threshold)
     result = asr.transcribe_file(path, policy=policy, threshold=threshold)
     fixed = asr.transcribe_file(path, exit=expected)
-    assert (result.exit, result.layers, result.text) == (expected, asr.exit_layers[expected - 1], fixed.text), \
-        (path, policy, threshold, result, fixed)
+    assert (result.exit, result.layers, result.text) == (expected, asr.exit_layers[expected - 1], fixed.text), (
+        path,
+        policy,
+        threshold,
+        result,
+        fixed,
+    )
     return expected

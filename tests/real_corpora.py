@@ -12,11 +12,17 @@ import numpy as np
 import soundfile as sf
 
 SR = 16000
-WORDS = ("the a of and to in is was he it that for with as his on be at by had not but "
-         "what all were when we there can an your which their said if do will each about how up "
-         "out them then she many some so these would other into has more her two like him see "
-         "time could no make than first been its who now people my made over did down only way "
-         "find use may water long little very after words called just where most know").upper().split()
+WORDS = (
+    (
+        "the a of and to in is was he it that for with as his on be at by had not but "
+        "what all were when we there can an your which their said if do will each about how up "
+        "out them then she many some so these would other into has more her two like him see "
+        "time could no make than first been its who now people my made over did down only way "
+        "find use may water long little very after words called just where most know"
+    )
+    .upper()
+    .split()
+)
 
 #: split -> speakers (each one chapter) of the generated LibriSpeech tree
 LIBRI_LAYOUT = {
@@ -64,8 +70,7 @@ def make_librispeech(root, seed=0, layout=None, utts=LIBRI_UTTS):
                 utt_id = f"{spk}-{chap}-{u:04d}"
                 words = sentence(rng)
                 wav = tone_speech(words, rng)
-                sf.write(os.path.join(folder, utt_id + ".flac"), wav, SR, format="FLAC",
-                         subtype="PCM_16")
+                sf.write(os.path.join(folder, utt_id + ".flac"), wav, SR, format="FLAC", subtype="PCM_16")
                 lines.append(f"{utt_id} {' '.join(words)}")
                 info[utt_id] = (split, " ".join(words), wav.shape[0])
             with open(os.path.join(folder, f"{spk}-{chap}.trans.txt"), "w") as fout:
@@ -74,8 +79,7 @@ def make_librispeech(root, seed=0, layout=None, utts=LIBRI_UTTS):
 
 
 #: split -> talks of the generated TED-LIUM tree (per partition)
-TED_LAYOUT = {"train": ["AliceTalk_2010", "BobTalk_2012X"], "dev": ["CarolTalk_2011"],
-              "test": ["DaveTalk_2013"]}
+TED_LAYOUT = {"train": ["AliceTalk_2010", "BobTalk_2012X"], "dev": ["CarolTalk_2011"], "test": ["DaveTalk_2013"]}
 TED_SEGMENTS = 5  # scored segments per talk
 
 
@@ -98,8 +102,7 @@ def make_tedlium(root, seed=0, partitions=("legacy", "speaker-adaptation"), layo
             segs = []
             for talk in talks:
                 audio, lines, t = [np.zeros(int(0.5 * SR), dtype=np.float32)], [], 0.5
-                lines.append(f"{talk} 1 inter_segment_gap 0.00 0.50 <o,,unknown> "
-                             f"ignore_time_segment_in_scoring")
+                lines.append(f"{talk} 1 inter_segment_gap 0.00 0.50 <o,,unknown> ignore_time_segment_in_scoring")
                 for k in range(TED_SEGMENTS + 1):
                     if k == TED_SEGMENTS:
                         raw, norm = "<unk>", None
@@ -122,8 +125,9 @@ def make_tedlium(root, seed=0, partitions=("legacy", "speaker-adaptation"), layo
                     gap = np.zeros(int(0.3 * SR), dtype=np.float32)
                     audio.append(gap)
                     t = stop + 0.3
-                sf.write(os.path.join(sph_dir, talk + ".sph"), np.concatenate(audio), SR,
-                         format="NIST", subtype="PCM_16")
+                sf.write(
+                    os.path.join(sph_dir, talk + ".sph"), np.concatenate(audio), SR, format="NIST", subtype="PCM_16"
+                )
                 with open(os.path.join(stm_dir, talk + ".stm"), "w") as fout:
                     fout.write("\n".join(lines) + "\n")
             truth[(partition, split)] = segs

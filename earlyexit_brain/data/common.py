@@ -66,18 +66,24 @@ class Problems:
                 "Fix them, or set the corpus option on_error: skip (corpus_options in the YAML) "
                 "to leave the affected utterances out with a warning."
             )
-        logger.warning("%s preparation: %d problem(s), the affected utterances are left out "
-                       "(on_error: skip):\n%s", self.corpus, len(self.items), self.listing())
+        logger.warning(
+            "%s preparation: %d problem(s), the affected utterances are left out (on_error: skip):\n%s",
+            self.corpus,
+            len(self.items),
+            self.listing(),
+        )
 
 
 def check_common_options(corpus: str, on_error, max_utterances, sample_rate, num_workers) -> None:
     """Validate the options every real-corpus preparation takes; errors name the option."""
     if on_error not in ON_ERROR:
         raise CorpusError(f"{corpus} corpus option 'on_error' must be 'fail' or 'skip', got {on_error!r}")
-    if max_utterances is not None and (isinstance(max_utterances, bool)
-                                       or not isinstance(max_utterances, int) or max_utterances < 1):
-        raise CorpusError(f"{corpus} corpus option 'max_utterances' must be null or an integer >= 1, "
-                         f"got {max_utterances!r}")
+    if max_utterances is not None and (
+        isinstance(max_utterances, bool) or not isinstance(max_utterances, int) or max_utterances < 1
+    ):
+        raise CorpusError(
+            f"{corpus} corpus option 'max_utterances' must be null or an integer >= 1, got {max_utterances!r}"
+        )
     if isinstance(sample_rate, bool) or not isinstance(sample_rate, int) or sample_rate < 1:
         raise CorpusError(f"{corpus} corpus option 'sample_rate' must be an integer >= 1, got {sample_rate!r}")
     if isinstance(num_workers, bool) or not isinstance(num_workers, int) or num_workers < 1:
@@ -94,8 +100,7 @@ def check_split_list(corpus: str, key: str, value, allowed: Sequence[str], allow
         raise CorpusError(f"{corpus} corpus option '{key}' must name at least one split")
     bad = [v for v in value if v not in allowed]
     if bad:
-        raise CorpusError(f"{corpus} corpus option '{key}': unknown split(s) {bad}; "
-                         f"accepted: {list(allowed)}")
+        raise CorpusError(f"{corpus} corpus option '{key}': unknown split(s) {bad}; accepted: {list(allowed)}")
     return list(value)
 
 
@@ -153,9 +158,12 @@ class Stamp:
         and the remaining problems are reported again.
         """
         stored = self._stored()
-        return (stored.get("hash") == self.digest and bool(stored.get("manifests"))
-                and not stored.get("summary", {}).get("problems_skipped")
-                and all(os.path.isfile(p) for p in stored["manifests"]))
+        return (
+            stored.get("hash") == self.digest
+            and bool(stored.get("manifests"))
+            and not stored.get("summary", {}).get("problems_skipped")
+            and all(os.path.isfile(p) for p in stored["manifests"])
+        )
 
     def stored_manifests(self) -> List[str]:
         return list(self._stored().get("manifests", []))
@@ -171,9 +179,12 @@ class Stamp:
 
     def write(self, written: Sequence[str], summary: Dict) -> None:
         """Record the manifests actually ``written`` (last step of a preparation)."""
-        atomic_write_text(self.path, json.dumps(
-            {"hash": self.digest, "manifests": list(written), "key": self.key,
-             "summary": summary}, indent=1))
+        atomic_write_text(
+            self.path,
+            json.dumps(
+                {"hash": self.digest, "manifests": list(written), "key": self.key, "summary": summary}, indent=1
+            ),
+        )
 
 
 def _header(path: str):
@@ -199,5 +210,4 @@ def read_headers(paths: Sequence[str], num_workers: int, desc: str) -> List:
     if not paths:
         return []
     with ThreadPoolExecutor(max(1, int(num_workers))) as pool:
-        return list(tqdm(pool.map(_header, paths), total=len(paths), desc=desc,
-                         dynamic_ncols=True, mininterval=1.0))
+        return list(tqdm(pool.map(_header, paths), total=len(paths), desc=desc, dynamic_ncols=True, mininterval=1.0))

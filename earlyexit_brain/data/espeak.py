@@ -28,9 +28,7 @@ _ESPEAK_INITIALIZE_DONT_EXIT = 0x8000
 _PARAMS = {"rate": 1, "volume": 2, "pitch": 3, "range": 4, "wordgap": 7}
 _EE_OK = 0
 
-_SYNTH_CALLBACK = ctypes.CFUNCTYPE(
-    ctypes.c_int, ctypes.POINTER(ctypes.c_short), ctypes.c_int, ctypes.c_void_p
-)
+_SYNTH_CALLBACK = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.POINTER(ctypes.c_short), ctypes.c_int, ctypes.c_void_p)
 
 _LOCK = threading.Lock()
 _INSTANCE = None
@@ -69,17 +67,21 @@ class ESpeak:
         lib.espeak_SetParameter.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int]
         lib.espeak_SetParameter.restype = ctypes.c_int
         lib.espeak_Synth.argtypes = [
-            ctypes.c_void_p, ctypes.c_size_t, ctypes.c_uint, ctypes.c_int,
-            ctypes.c_uint, ctypes.c_uint, ctypes.c_void_p, ctypes.c_void_p,
+            ctypes.c_void_p,
+            ctypes.c_size_t,
+            ctypes.c_uint,
+            ctypes.c_int,
+            ctypes.c_uint,
+            ctypes.c_uint,
+            ctypes.c_void_p,
+            ctypes.c_void_p,
         ]
         lib.espeak_Synth.restype = ctypes.c_int
         lib.espeak_Synchronize.restype = ctypes.c_int
         lib.espeak_ng_SetRandSeed.argtypes = [ctypes.c_long]
         # The data path must be the *parent* of espeak-ng-data.
         parent = data_path.rsplit("/espeak-ng-data", 1)[0]
-        rate = lib.espeak_Initialize(
-            _AUDIO_OUTPUT_SYNCHRONOUS, 0, parent.encode(), _ESPEAK_INITIALIZE_DONT_EXIT
-        )
+        rate = lib.espeak_Initialize(_AUDIO_OUTPUT_SYNCHRONOUS, 0, parent.encode(), _ESPEAK_INITIALIZE_DONT_EXIT)
         if rate <= 0:
             raise ESpeakError(f"espeak_Initialize failed (data folder {data_path})")
         self.sample_rate = int(rate)
@@ -120,14 +122,14 @@ class ESpeak:
         with _LOCK:
             if lib.espeak_SetVoiceByName(voice.encode()) != _EE_OK:
                 raise ESpeakError(f"eSpeak NG does not know the voice {voice!r}")
-            for name, value in (("rate", rate), ("pitch", pitch), ("range", pitch_range),
-                                ("wordgap", wordgap)):
+            for name, value in (("rate", rate), ("pitch", pitch), ("range", pitch_range), ("wordgap", wordgap)):
                 lib.espeak_SetParameter(_PARAMS[name], int(value), 0)
             self._chunks = []
             data = text.encode("utf-8") + b"\0"
             buf = ctypes.create_string_buffer(data)
-            err = lib.espeak_Synth(buf, len(data), 0, _POS_CHARACTER, 0,
-                                   _ESPEAK_CHARS_UTF8 | _ESPEAK_ENDPAUSE, None, None)
+            err = lib.espeak_Synth(
+                buf, len(data), 0, _POS_CHARACTER, 0, _ESPEAK_CHARS_UTF8 | _ESPEAK_ENDPAUSE, None, None
+            )
             if err != _EE_OK:
                 raise ESpeakError(f"espeak_Synth failed with code {err} for {text!r}")
             lib.espeak_Synchronize()

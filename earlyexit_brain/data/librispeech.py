@@ -33,9 +33,16 @@ import logging
 import os
 from typing import Dict, List, Optional, Sequence
 
-from earlyexit_brain.data.common import (CorpusError, Problems, Stamp, check_common_options,
-                                         check_split_list, file_fingerprint, read_headers,
-                                         write_manifest)
+from earlyexit_brain.data.common import (
+    CorpusError,
+    Problems,
+    Stamp,
+    check_common_options,
+    check_split_list,
+    file_fingerprint,
+    read_headers,
+    write_manifest,
+)
 from earlyexit_brain.files import claim_folder
 
 logger = logging.getLogger(__name__)
@@ -53,8 +60,11 @@ def _read_transcripts(split_dir: str, split: str, problems: Problems) -> List[Di
     utts = []
     files = sorted(glob.glob(os.path.join(split_dir, "*", "*", "*.trans.txt")))
     if not files:
-        problems.add(split_dir, "no <speaker>-<chapter>.trans.txt transcript found under this "
-                                "split folder (expected <split>/<speaker>/<chapter>/)")
+        problems.add(
+            split_dir,
+            "no <speaker>-<chapter>.trans.txt transcript found under this "
+            "split folder (expected <split>/<speaker>/<chapter>/)",
+        )
     for path in files:
         prefix = os.path.basename(path)[: -len(".trans.txt")]
         spk = prefix.split("-")[0]
@@ -67,15 +77,21 @@ def _read_transcripts(split_dir: str, split: str, problems: Problems) -> List[Di
                 utt_id = parts[0]
                 words = " ".join(parts[1].split()).upper() if len(parts) > 1 else ""
                 if not utt_id.startswith(prefix + "-"):
-                    problems.add(path, f"utterance ID {utt_id!r} does not start with {prefix}-",
-                                 line_no)
+                    problems.add(path, f"utterance ID {utt_id!r} does not start with {prefix}-", line_no)
                     continue
                 if not words:
                     problems.add(path, f"utterance {utt_id} has an empty transcript", line_no)
                     continue
-                utts.append(dict(ID=utt_id, spk_id=spk, wrd=words, split=split,
-                                 audio=os.path.join(folder, utt_id + ".flac"),
-                                 source=(path, line_no)))
+                utts.append(
+                    dict(
+                        ID=utt_id,
+                        spk_id=spk,
+                        wrd=words,
+                        split=split,
+                        audio=os.path.join(folder, utt_id + ".flac"),
+                        source=(path, line_no),
+                    )
+                )
     return utts
 
 
@@ -125,8 +141,7 @@ def prepare_librispeech(
     dev_splits = check_split_list("LibriSpeech", "dev_splits", dev_splits, SPLITS, True)
     test_splits = check_split_list("LibriSpeech", "test_splits", test_splits, SPLITS, True)
     if not (train_splits or dev_splits or test_splits):
-        raise CorpusError("LibriSpeech corpus options 'train_splits', 'dev_splits' and "
-                         "'test_splits' are all empty")
+        raise CorpusError("LibriSpeech corpus options 'train_splits', 'dev_splits' and 'test_splits' are all empty")
     if not os.path.isdir(data_folder):
         raise CorpusError(f"LibriSpeech data_folder is not a folder: {data_folder}")
     data_folder = os.path.abspath(data_folder)
@@ -148,19 +163,26 @@ def prepare_librispeech(
             split_dirs[split] = folder
         else:
             problems.add(folder, f"split folder '{split}' not found")
-    transcripts = sorted(p for folder in split_dirs.values()
-                         for p in glob.glob(os.path.join(folder, "*", "*", "*.trans.txt")))
-    key = dict(version=PREP_VERSION, data_folder=data_folder, outputs=outputs,
-               max_utterances=max_utterances, on_error=on_error, sample_rate=sample_rate,
-               inputs=file_fingerprint(transcripts), missing=len(problems))
+    transcripts = sorted(
+        p for folder in split_dirs.values() for p in glob.glob(os.path.join(folder, "*", "*", "*.trans.txt"))
+    )
+    key = dict(
+        version=PREP_VERSION,
+        data_folder=data_folder,
+        outputs=outputs,
+        max_utterances=max_utterances,
+        on_error=on_error,
+        sample_rate=sample_rate,
+        inputs=file_fingerprint(transcripts),
+        missing=len(problems),
+    )
     stamp = Stamp(os.path.join(manifest_folder, STAMP), key, list(paths.values()))
     if stamp.up_to_date():
         logger.info("LibriSpeech manifests in %s are up to date; reusing them.", manifest_folder)
         return {name: p for name, p in paths.items() if p in stamp.stored_manifests()}
     stamp.invalidate()
 
-    by_split = {split: _read_transcripts(folder, split, problems)
-                for split, folder in split_dirs.items()}
+    by_split = {split: _read_transcripts(folder, split, problems) for split, folder in split_dirs.items()}
     selected: Dict[str, List[Dict]] = {}
     for name, splits in outputs.items():
         utts = [u for s in splits for u in by_split.get(s, [])]
@@ -170,8 +192,7 @@ def prepare_librispeech(
         for u in utts:
             if u["ID"] in seen and seen[u["ID"]] != name:
                 path, line = u["source"]
-                problems.add(path, f"utterance {u['ID']} also appears in manifest "
-                                   f"{seen[u['ID']]}", line)
+                problems.add(path, f"utterance {u['ID']} also appears in manifest {seen[u['ID']]}", line)
                 u["bad"] = True
             seen.setdefault(u["ID"], name)
 
@@ -182,15 +203,13 @@ def prepare_librispeech(
             problems.add(path, f"audio file not found: {u['audio']}", line)
             u["bad"] = True
     todo = [u for u in todo if not u.get("bad")]
-    headers = read_headers([u["audio"] for u in todo], num_workers,
-                           f"LibriSpeech: reading {len(todo)} audio headers")
+    headers = read_headers([u["audio"] for u in todo], num_workers, f"LibriSpeech: reading {len(todo)} audio headers")
     for u, (frames, rate, err) in zip(todo, headers):
         path, line = u["source"]
         if err is not None:
             problems.add(u["audio"], f"{err} (transcript {path}:{line})")
         elif rate != sample_rate:
-            problems.add(u["audio"], f"sample rate {rate} Hz, expected {sample_rate} Hz "
-                                     f"(corpus option sample_rate)")
+            problems.add(u["audio"], f"sample rate {rate} Hz, expected {sample_rate} Hz (corpus option sample_rate)")
         elif frames == 0:
             problems.add(u["audio"], f"no audio samples (transcript {path}:{line})")
         else:
@@ -201,20 +220,31 @@ def prepare_librispeech(
 
     summary, written = {}, {}
     for name, utts in selected.items():
-        rows = [dict(ID=u["ID"], duration=f"{u['duration']:.4f}",
-                     wav="$data_root/" + os.path.relpath(u["audio"], data_folder).replace(os.sep, "/"),
-                     spk_id=u["spk_id"], wrd=u["wrd"]) for u in utts if not u.get("bad")]
+        rows = [
+            dict(
+                ID=u["ID"],
+                duration=f"{u['duration']:.4f}",
+                wav="$data_root/" + os.path.relpath(u["audio"], data_folder).replace(os.sep, "/"),
+                spk_id=u["spk_id"],
+                wrd=u["wrd"],
+            )
+            for u in utts
+            if not u.get("bad")
+        ]
         if not rows:
-            logger.warning("LibriSpeech: no usable utterance for manifest %s (splits %s); "
-                           "not written", name, outputs[name])
+            logger.warning(
+                "LibriSpeech: no usable utterance for manifest %s (splits %s); not written", name, outputs[name]
+            )
             continue
         write_manifest(paths[name], rows, COLUMNS)
         written[name] = paths[name]
-        summary[name] = dict(utterances=len(rows), speakers=len({r["spk_id"] for r in rows}),
-                             hours=round(sum(float(r["duration"]) for r in rows) / 3600.0, 3))
+        summary[name] = dict(
+            utterances=len(rows),
+            speakers=len({r["spk_id"] for r in rows}),
+            hours=round(sum(float(r["duration"]) for r in rows) / 3600.0, 3),
+        )
     if train_splits and "train" not in written:
-        raise CorpusError(f"LibriSpeech: no usable training utterance in {train_splits} "
-                          f"under {data_folder}")
+        raise CorpusError(f"LibriSpeech: no usable training utterance in {train_splits} under {data_folder}")
     summary["problems_skipped"] = len(problems)
     stamp.write(list(written.values()), summary)
     logger.info("LibriSpeech manifests written to %s: %s", manifest_folder, summary)

@@ -51,20 +51,87 @@ MANIFEST_COLUMNS = ["ID", "duration", "wav", "spk_id", "wrd"]
 
 #: eSpeak NG English accents used for speakers.
 ACCENTS = (
-    "en-us", "en", "en-gb-x-rp", "en-gb-scotland", "en-gb-x-gbclan",
-    "en-gb-x-gbcwmd", "en-029", "en-us-nyc",
+    "en-us",
+    "en",
+    "en-gb-x-rp",
+    "en-gb-scotland",
+    "en-gb-x-gbclan",
+    "en-gb-x-gbcwmd",
+    "en-029",
+    "en-us-nyc",
 )
 #: eSpeak NG voice variants (timbre). Whisper, croak and robot-like variants
 #: are left out: they are not plausible speech.
 VARIANTS = (
-    "m1", "m2", "m3", "m4", "m5", "m6", "m7", "m8", "f1", "f2", "f3", "f4", "f5",
-    "klatt", "klatt2", "klatt3", "klatt4", "klatt6",
-    "Alex", "Alicia", "Andrea", "Andy", "Annie", "Denis", "Gene", "Hugo", "Jacky",
-    "Lee", "Marco", "Mario", "Michael", "Mike", "Reed", "Storm", "adam", "anika",
-    "announcer", "antonio", "aunty", "belinda", "benjamin", "boris", "caleb",
-    "david", "ed", "edward", "grandma", "grandpa", "gustave", "ian", "iven", "john",
-    "linda", "max", "michel", "miguel", "norbert", "pablo", "paul", "pedro",
-    "quincy", "rob", "robert", "sandro", "shelby", "steph", "travis", "victor", "zac",
+    "m1",
+    "m2",
+    "m3",
+    "m4",
+    "m5",
+    "m6",
+    "m7",
+    "m8",
+    "f1",
+    "f2",
+    "f3",
+    "f4",
+    "f5",
+    "klatt",
+    "klatt2",
+    "klatt3",
+    "klatt4",
+    "klatt6",
+    "Alex",
+    "Alicia",
+    "Andrea",
+    "Andy",
+    "Annie",
+    "Denis",
+    "Gene",
+    "Hugo",
+    "Jacky",
+    "Lee",
+    "Marco",
+    "Mario",
+    "Michael",
+    "Mike",
+    "Reed",
+    "Storm",
+    "adam",
+    "anika",
+    "announcer",
+    "antonio",
+    "aunty",
+    "belinda",
+    "benjamin",
+    "boris",
+    "caleb",
+    "david",
+    "ed",
+    "edward",
+    "grandma",
+    "grandpa",
+    "gustave",
+    "ian",
+    "iven",
+    "john",
+    "linda",
+    "max",
+    "michel",
+    "miguel",
+    "norbert",
+    "pablo",
+    "paul",
+    "pedro",
+    "quincy",
+    "rob",
+    "robert",
+    "sandro",
+    "shelby",
+    "steph",
+    "travis",
+    "victor",
+    "zac",
 )
 
 #: Default options; every one is a YAML key of the synthetic hparams files.
@@ -93,35 +160,43 @@ def _hash(options: Dict) -> str:
 
 def _check_options(opts: Dict) -> None:
     """Validate corpus options; errors name the YAML key."""
-    int_keys = ("seed", "n_train", "n_dev_sentences", "n_test_sentences", "max_vocab",
-                "min_words", "max_words", "n_train_speakers", "n_unseen_speakers",
-                "n_unseen_variants")
+    int_keys = (
+        "seed",
+        "n_train",
+        "n_dev_sentences",
+        "n_test_sentences",
+        "max_vocab",
+        "min_words",
+        "max_words",
+        "n_train_speakers",
+        "n_unseen_speakers",
+        "n_unseen_variants",
+    )
     for key in int_keys:
         if isinstance(opts[key], bool) or not isinstance(opts[key], int):
             raise ValueError(f"synthetic corpus option '{key}' must be an integer, got {opts[key]!r}")
-    for key in ("n_train", "n_dev_sentences", "n_test_sentences", "n_train_speakers",
-                "n_unseen_speakers", "min_words"):
+    for key in ("n_train", "n_dev_sentences", "n_test_sentences", "n_train_speakers", "n_unseen_speakers", "min_words"):
         if opts[key] < 1:
             raise ValueError(f"synthetic corpus option '{key}' must be >= 1, got {opts[key]}")
     if opts["max_words"] < opts["min_words"]:
         raise ValueError("synthetic corpus options: 'max_words' must be >= 'min_words'")
     if not 1 <= opts["n_unseen_variants"] < len(VARIANTS):
-        raise ValueError(
-            f"synthetic corpus option 'n_unseen_variants' must be in 1..{len(VARIANTS) - 1}"
-        )
+        raise ValueError(f"synthetic corpus option 'n_unseen_variants' must be in 1..{len(VARIANTS) - 1}")
     for key in ("rate_range", "pitch_range", "noise_snr_db", "gain_db"):
         val = opts[key]
-        if (not isinstance(val, (list, tuple)) or len(val) != 2
-                or not all(isinstance(v, (int, float)) for v in val) or val[0] > val[1]):
+        if (
+            not isinstance(val, (list, tuple))
+            or len(val) != 2
+            or not all(isinstance(v, (int, float)) for v in val)
+            or val[0] > val[1]
+        ):
             raise ValueError(f"synthetic corpus option '{key}' must be [low, high], got {val!r}")
     for key, low, high, unit in (("rate_range", 80, 450, " words/min"), ("pitch_range", 0, 100, "")):
         if not (low <= opts[key][0] and opts[key][1] <= high):
-            raise ValueError(f"synthetic corpus option '{key}' must lie within {low}..{high}{unit}, "
-                             f"got {opts[key]!r}")
+            raise ValueError(f"synthetic corpus option '{key}' must lie within {low}..{high}{unit}, got {opts[key]!r}")
 
 
-def _split_sentences(sentences: List[str], n_train: int, n_dev: int, n_test: int,
-                     closed: bool, rng):
+def _split_sentences(sentences: List[str], n_train: int, n_dev: int, n_test: int, closed: bool, rng):
     """Shuffle, then hold out dev/test sentences.
 
     When ``closed``, every held-out word occurs in a training sentence that is
@@ -183,13 +258,15 @@ def _make_speakers(prefix: str, n: int, variants: Sequence[str], opts: Dict, rng
     speakers = []
     for i in range(n):
         accent, variant = combos[i % len(combos)]
-        speakers.append(dict(
-            spk_id=f"{prefix}{i:03d}",
-            voice=f"{accent}+{variant}",
-            rate=rng.uniform(*opts["rate_range"]),
-            pitch=rng.uniform(*opts["pitch_range"]),
-            pitch_range=rng.uniform(20, 80),
-        ))
+        speakers.append(
+            dict(
+                spk_id=f"{prefix}{i:03d}",
+                voice=f"{accent}+{variant}",
+                rate=rng.uniform(*opts["rate_range"]),
+                pitch=rng.uniform(*opts["pitch_range"]),
+                pitch_range=rng.uniform(20, 80),
+            )
+        )
     return speakers
 
 
@@ -197,19 +274,25 @@ def plan_corpus(opts: Dict, sentences: List[str]) -> Dict[str, List[Dict]]:
     """Decide every utterance (text, speaker, prosody, noise seed) for every split."""
     rng = random.Random(opts["seed"])
     train_s, dev_s, test_s = _split_sentences(
-        sentences, opts["n_train"], opts["n_dev_sentences"], opts["n_test_sentences"],
-        opts["closed_vocabulary"], rng,
+        sentences,
+        opts["n_train"],
+        opts["n_dev_sentences"],
+        opts["n_test_sentences"],
+        opts["closed_vocabulary"],
+        rng,
     )
     variants = list(VARIANTS)
     rng.shuffle(variants)
     unseen_variants = variants[: opts["n_unseen_variants"]]
-    seen_variants = variants[opts["n_unseen_variants"]:]
+    seen_variants = variants[opts["n_unseen_variants"] :]
     seen = _make_speakers("spk", opts["n_train_speakers"], seen_variants, opts, rng)
     unseen = _make_speakers("new", opts["n_unseen_speakers"], unseen_variants, opts, rng)
 
     def utt(split, idx, text, spk):
         return dict(
-            ID=f"{split}-{spk['spk_id']}-{idx:06d}", spk_id=spk["spk_id"], text=text,
+            ID=f"{split}-{spk['spk_id']}-{idx:06d}",
+            spk_id=spk["spk_id"],
+            text=text,
             voice=spk["voice"],
             rate=int(round(spk["rate"] * rng.uniform(0.92, 1.08))),
             pitch=int(round(min(100, max(0, spk["pitch"] + rng.uniform(-5, 5))))),
@@ -243,8 +326,13 @@ def _render_one(tts, utt, path):
     import soundfile as sf
     from scipy.signal import resample_poly
 
-    raw = tts.synth(utt["text"].lower() + ".", voice=utt["voice"], rate=utt["rate"],
-                    pitch=utt["pitch"], pitch_range=utt["pitch_range"])
+    raw = tts.synth(
+        utt["text"].lower() + ".",
+        voice=utt["voice"],
+        rate=utt["rate"],
+        pitch=utt["pitch"],
+        pitch_range=utt["pitch_range"],
+    )
     if raw.size == 0:
         raise RuntimeError(f"eSpeak NG produced no audio for {utt['ID']}: {utt['text']!r}")
     wav = raw.astype(np.float32) / 32768.0
@@ -261,8 +349,8 @@ def _render_one(tts, utt, path):
     if noise_rng.random() < 0.5:  # brown-ish (low-pass) noise for half of the files
         noise = np.cumsum(noise) * 0.02
         noise -= noise.mean()
-    sig_pow = float(np.mean(wav ** 2)) + 1e-10
-    noise_pow = float(np.mean(noise ** 2)) + 1e-10
+    sig_pow = float(np.mean(wav**2)) + 1e-10
+    noise_pow = float(np.mean(noise**2)) + 1e-10
     noise *= np.sqrt(sig_pow / (noise_pow * 10.0 ** (utt["snr_db"] / 10.0)))
     wav = np.clip(wav + noise, -1.0, 1.0)
     tmp = path + ".tmp"
@@ -330,9 +418,7 @@ def prepare_synthetic(
     """
     unknown = sorted(set(options) - set(DEFAULTS))
     if unknown:
-        raise ValueError(
-            f"synthetic corpus: unknown option(s) {unknown}; accepted: {sorted(DEFAULTS)}"
-        )
+        raise ValueError(f"synthetic corpus: unknown option(s) {unknown}; accepted: {sorted(DEFAULTS)}")
     opts = dict(DEFAULTS)
     opts.update(options)
     for key in ("rate_range", "pitch_range", "noise_snr_db", "gain_db"):
@@ -340,8 +426,12 @@ def prepare_synthetic(
             opts[key] = list(opts[key])
     _check_options(opts)
     # only ever a folder this function made: it deletes wavs/ and rewrites the manifests
-    claim_folder(data_folder, "synthetic_corpus", "data_folder",
-                 legacy=("synthetic_corpus.json", "synthetic_corpus.partial.json"))
+    claim_folder(
+        data_folder,
+        "synthetic_corpus",
+        "data_folder",
+        legacy=("synthetic_corpus.json", "synthetic_corpus.partial.json"),
+    )
     manifests = {s: os.path.join(data_folder, f"{s}.csv") for s in SPLITS}
     key = dict(opts, corpus_version=CORPUS_VERSION)
     digest = _hash(key)
@@ -353,8 +443,7 @@ def prepare_synthetic(
         except (OSError, ValueError):
             done = {}
         if done.get("hash") == digest and all(os.path.isfile(p) for p in manifests.values()):
-            logger.info("Synthetic corpus in %s is up to date (options %s); reusing it.",
-                        data_folder, digest)
+            logger.info("Synthetic corpus in %s is up to date (options %s); reusing it.", data_folder, digest)
             return manifests
         os.remove(done_path)
 
@@ -372,8 +461,9 @@ def prepare_synthetic(
     source = find_fortune_file()
     sentences = extract_sentences(source, opts["min_words"], opts["max_words"])
     sentences = restrict_vocabulary(sentences, opts["max_vocab"])
-    logger.info("Synthetic corpus: %d candidate sentences from %s (max_vocab=%d)",
-                len(sentences), source, opts["max_vocab"])
+    logger.info(
+        "Synthetic corpus: %d candidate sentences from %s (max_vocab=%d)", len(sentences), source, opts["max_vocab"]
+    )
     plan = plan_corpus(opts, sentences)
 
     jobs = []
@@ -382,28 +472,34 @@ def prepare_synthetic(
         for u in utts:
             u["wav"] = os.path.abspath(os.path.join(wav_root, split, u["ID"] + ".wav"))
             jobs.append((u, u["wav"]))
-    shards = [(opts["seed"] * 100003 + i, jobs[i:i + SHARD_SIZE])
-              for i in range(0, len(jobs), SHARD_SIZE)]
+    shards = [(opts["seed"] * 100003 + i, jobs[i : i + SHARD_SIZE]) for i in range(0, len(jobs), SHARD_SIZE)]
     durations = {}
     workers = max(1, num_workers or os.cpu_count() or 1)
     from tqdm import tqdm
 
     ctx = multiprocessing.get_context("fork")
-    with tqdm(total=len(jobs), desc=f"Synthesising {len(jobs)} utterances ({workers} workers)",
-              dynamic_ncols=True) as bar, ctx.Pool(workers, maxtasksperchild=1) as pool:
+    with (
+        tqdm(
+            total=len(jobs), desc=f"Synthesising {len(jobs)} utterances ({workers} workers)", dynamic_ncols=True
+        ) as bar,
+        ctx.Pool(workers, maxtasksperchild=1) as pool,
+    ):
         for results in pool.imap_unordered(_render_shard, shards):
             durations.update(results)
             bar.update(len(results))
     stats = {}
     for split, utts in plan.items():
-        rows = [dict(ID=u["ID"], duration=f"{durations[u['ID']]:.3f}", wav=u["wav"],
-                     spk_id=u["spk_id"], wrd=u["text"]) for u in utts]
+        rows = [
+            dict(ID=u["ID"], duration=f"{durations[u['ID']]:.3f}", wav=u["wav"], spk_id=u["spk_id"], wrd=u["text"])
+            for u in utts
+        ]
         write_manifest(manifests[split], rows)
-        stats[split] = dict(utterances=len(rows),
-                            hours=round(sum(durations[u["ID"]] for u in utts) / 3600.0, 3),
-                            speakers=len({u["spk_id"] for u in utts}))
-    info = dict(hash=digest, options=key, source=source, n_sentences=len(sentences),
-                splits=stats)
+        stats[split] = dict(
+            utterances=len(rows),
+            hours=round(sum(durations[u["ID"]] for u in utts) / 3600.0, 3),
+            speakers=len({u["spk_id"] for u in utts}),
+        )
+    info = dict(hash=digest, options=key, source=source, n_sentences=len(sentences), splits=stats)
     atomic_write_text(done_path, json.dumps(info, indent=1))
     os.remove(progress_path)
     logger.info("Synthetic corpus ready in %s: %s", data_folder, stats)

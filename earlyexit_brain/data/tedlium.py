@@ -43,9 +43,16 @@ import os
 import re
 from typing import Dict, List, Optional, Sequence
 
-from earlyexit_brain.data.common import (CorpusError, Problems, Stamp, check_common_options,
-                                         check_split_list, file_fingerprint, read_headers,
-                                         write_manifest)
+from earlyexit_brain.data.common import (
+    CorpusError,
+    Problems,
+    Stamp,
+    check_common_options,
+    check_split_list,
+    file_fingerprint,
+    read_headers,
+    write_manifest,
+)
 from earlyexit_brain.files import claim_folder
 
 logger = logging.getLogger(__name__)
@@ -91,8 +98,11 @@ def parse_stm(path: str, problems: Problems) -> Dict:
                 continue
             fields = line.split()
             if len(fields) < 5:
-                problems.add(path, "malformed stm line (expected <talk> <channel> <speaker> "
-                                   "<start> <stop> <label> <words>)", line_no)
+                problems.add(
+                    path,
+                    "malformed stm line (expected <talk> <channel> <speaker> <start> <stop> <label> <words>)",
+                    line_no,
+                )
                 continue
             talk, _channel, speaker, start_s, stop_s = fields[:5]
             rest = fields[5:]
@@ -105,8 +115,7 @@ def parse_stm(path: str, problems: Problems) -> Dict:
             try:
                 start, stop = float(start_s), float(stop_s)
             except ValueError:
-                problems.add(path, f"bad times: start {start_s!r}, stop {stop_s!r} are not numbers",
-                             line_no)
+                problems.add(path, f"bad times: start {start_s!r}, stop {stop_s!r} are not numbers", line_no)
                 continue
             if not (math.isfinite(start) and math.isfinite(stop)) or start < 0:
                 problems.add(path, f"bad times: start {start_s}, stop {stop_s}", line_no)
@@ -118,8 +127,7 @@ def parse_stm(path: str, problems: Problems) -> Dict:
             if not wrd:
                 empty += 1
                 continue
-            segments.append(dict(talk=talk, spk_id=speaker, start=start, stop=stop, wrd=wrd,
-                                 source=(path, line_no)))
+            segments.append(dict(talk=talk, spk_id=speaker, start=start, stop=stop, wrd=wrd, source=(path, line_no)))
     return dict(segments=segments, ignored=ignored, empty=empty)
 
 
@@ -163,8 +171,7 @@ def prepare_tedlium(
     """
     check_common_options("TED-LIUM", on_error, max_utterances, sample_rate, num_workers)
     if partition not in PARTITIONS:
-        raise CorpusError(f"TED-LIUM corpus option 'partition' must be one of {list(PARTITIONS)}, "
-                         f"got {partition!r}")
+        raise CorpusError(f"TED-LIUM corpus option 'partition' must be one of {list(PARTITIONS)}, got {partition!r}")
     splits = check_split_list("TED-LIUM", "splits", splits, SPLITS, False)
     if not os.path.isdir(data_folder):
         raise CorpusError(f"TED-LIUM data_folder is not a folder: {data_folder}")
@@ -183,10 +190,17 @@ def prepare_tedlium(
         stm_files[split] = sorted(glob.glob(os.path.join(folder, "stm", "*.stm")))
         if not stm_files[split]:
             problems.add(os.path.join(folder, "stm"), "no .stm file found")
-    key = dict(version=PREP_VERSION, data_folder=data_folder, partition=partition, splits=splits,
-               max_utterances=max_utterances, on_error=on_error, sample_rate=sample_rate,
-               inputs=file_fingerprint([p for files in stm_files.values() for p in files]),
-               missing=len(problems))
+    key = dict(
+        version=PREP_VERSION,
+        data_folder=data_folder,
+        partition=partition,
+        splits=splits,
+        max_utterances=max_utterances,
+        on_error=on_error,
+        sample_rate=sample_rate,
+        inputs=file_fingerprint([p for files in stm_files.values() for p in files]),
+        missing=len(problems),
+    )
     stamp = Stamp(os.path.join(manifest_folder, STAMP), key, list(paths.values()))
     if stamp.up_to_date():
         logger.info("TED-LIUM manifests in %s are up to date; reusing them.", manifest_folder)
@@ -214,18 +228,19 @@ def prepare_tedlium(
     missing = {a for a in talks if not os.path.isfile(a)}
     for audio in sorted(missing):
         path, line = talks[audio]["first"]
-        problems.add(path, f"audio file not found: {audio} (needed by {talks[audio]['n']} "
-                           f"segment(s) of this stm file)", line)
+        problems.add(
+            path, f"audio file not found: {audio} (needed by {talks[audio]['n']} segment(s) of this stm file)", line
+        )
     readable = [a for a in talks if a not in missing]
-    headers = dict(zip(readable, read_headers(readable, num_workers,
-                                              f"TED-LIUM: reading {len(readable)} talk headers")))
+    headers = dict(
+        zip(readable, read_headers(readable, num_workers, f"TED-LIUM: reading {len(readable)} talk headers"))
+    )
     for audio, (_frames, rate, err) in headers.items():
         path, line = talks[audio]["first"]
         if err is not None:
             problems.add(audio, f"{err} (stm {path}:{line})")
         elif rate != sample_rate:
-            problems.add(audio, f"sample rate {rate} Hz, expected {sample_rate} Hz "
-                                f"(corpus option sample_rate)")
+            problems.add(audio, f"sample rate {rate} Hz, expected {sample_rate} Hz (corpus option sample_rate)")
     summary, written, ids = {}, {}, set()
     rows_by_split: Dict[str, List[Dict]] = {}
     for split, segs in selected.items():
@@ -237,9 +252,13 @@ def prepare_tedlium(
             path, line = seg["source"]
             end = frames / rate
             if seg["start"] >= end or seg["stop"] > end + END_TOLERANCE:
-                problems.add(path, f"bad times: segment {seg['start']:.2f}-{seg['stop']:.2f} s "
-                                   f"goes beyond the end of {os.path.basename(seg['audio'])} "
-                                   f"({end:.2f} s)", line)
+                problems.add(
+                    path,
+                    f"bad times: segment {seg['start']:.2f}-{seg['stop']:.2f} s "
+                    f"goes beyond the end of {os.path.basename(seg['audio'])} "
+                    f"({end:.2f} s)",
+                    line,
+                )
                 continue
             start = int(round(seg["start"] * rate))
             stop = min(int(round(seg["stop"] * rate)), frames)
@@ -248,9 +267,17 @@ def prepare_tedlium(
                 problems.add(path, f"segment {utt_id} appears twice", line)
                 continue
             ids.add(utt_id)
-            rows.append(dict(ID=utt_id, duration=f"{(stop - start) / rate:.4f}",
-                             wav="$data_root/" + os.path.relpath(seg["audio"], data_folder).replace(os.sep, "/"),
-                             start=start, stop=stop, spk_id=seg["spk_id"], wrd=seg["wrd"]))
+            rows.append(
+                dict(
+                    ID=utt_id,
+                    duration=f"{(stop - start) / rate:.4f}",
+                    wav="$data_root/" + os.path.relpath(seg["audio"], data_folder).replace(os.sep, "/"),
+                    start=start,
+                    stop=stop,
+                    spk_id=seg["spk_id"],
+                    wrd=seg["wrd"],
+                )
+            )
         rows_by_split[split] = rows
     problems.resolve(on_error)  # raises before anything is written when on_error is fail
 
@@ -260,12 +287,18 @@ def prepare_tedlium(
             continue
         write_manifest(paths[split], rows, COLUMNS)
         written[split] = paths[split]
-        summary[split] = dict(utterances=len(rows), speakers=len({r["spk_id"] for r in rows}),
-                              hours=round(sum(float(r["duration"]) for r in rows) / 3600.0, 3))
+        summary[split] = dict(
+            utterances=len(rows),
+            speakers=len({r["spk_id"] for r in rows}),
+            hours=round(sum(float(r["duration"]) for r in rows) / 3600.0, 3),
+        )
     if not written:
         raise CorpusError(f"TED-LIUM: no usable segment in {partition}/{splits} under {data_folder}")
-    summary.update(dropped_ignore_segments=dropped["ignored"],
-                   dropped_empty_segments=dropped["empty"], problems_skipped=len(problems))
+    summary.update(
+        dropped_ignore_segments=dropped["ignored"],
+        dropped_empty_segments=dropped["empty"],
+        problems_skipped=len(problems),
+    )
     stamp.write(list(written.values()), summary)
     logger.info("TED-LIUM manifests written to %s: %s", manifest_folder, summary)
     return written

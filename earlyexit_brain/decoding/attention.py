@@ -39,8 +39,13 @@ def _heads(x: torch.Tensor, nhead: int) -> torch.Tensor:
     return x.view(x.shape[0], x.shape[1], nhead, -1).transpose(1, 2)
 
 
-def _attend(att: nn.MultiheadAttention, x: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
-            keep: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+def _attend(
+    att: nn.MultiheadAttention,
+    x: torch.Tensor,
+    keys: torch.Tensor,
+    values: torch.Tensor,
+    keep: Optional[torch.Tensor] = None,
+) -> Tuple[torch.Tensor, torch.Tensor]:
     """One query position ``x`` ``(B, 1, D)`` through ``att`` (torch's multi-head attention,
     as SpeechBrain's ``MultiheadAttention`` wraps it) over projected ``keys``/``values``
     ``(B, H, L, D / H)``; ``keep`` ``(B, 1, 1, L)``: the keys to attend to. Returns the
@@ -59,8 +64,10 @@ def _keys_values(att: nn.MultiheadAttention, x: torch.Tensor) -> Tuple[torch.Ten
     """The key and value projections of ``x`` ``(B, L, D)``, split into heads."""
     d = x.shape[-1]
     w, b = att.in_proj_weight, att.in_proj_bias
-    return (_heads(nn.functional.linear(x, w[d:2 * d], b[d:2 * d]), att.num_heads),
-            _heads(nn.functional.linear(x, w[2 * d:], b[2 * d:]), att.num_heads))
+    return (
+        _heads(nn.functional.linear(x, w[d : 2 * d], b[d : 2 * d]), att.num_heads),
+        _heads(nn.functional.linear(x, w[2 * d :], b[2 * d :]), att.num_heads),
+    )
 
 
 class _SearchMemory:
@@ -84,10 +91,13 @@ def _cacheable(decoder) -> bool:
 
     layers = getattr(getattr(decoder, "decoder", None), "layers", None)
     return bool(layers) and all(
-        layer.normalize_before and isinstance(layer.self_attn, MultiheadAttention)
+        layer.normalize_before
+        and isinstance(layer.self_attn, MultiheadAttention)
         and isinstance(layer.multihead_attn, MultiheadAttention)
         and layer.self_attn.att.in_proj_weight is not None
-        and layer.multihead_attn.att.in_proj_weight is not None for layer in layers)
+        and layer.multihead_attn.att.in_proj_weight is not None
+        for layer in layers
+    )
 
 
 class CachedTransformerBeamSearcher(S2STransformerBeamSearcher):
@@ -109,27 +119,29 @@ class CachedTransformerBeamSearcher(S2STransformerBeamSearcher):
             return super().permute_mem(memory, index)
         # the encoder-state projections need no permuting: a hypothesis's
         # predecessor is a hypothesis of the same utterance, with the same states
-        return _SearchMemory([(k.index_select(0, index), v.index_select(0, index))
-                              for k, v in memory.self_kv], memory.cross_kv, memory.keep)
+        return _SearchMemory(
+            [(k.index_select(0, index), v.index_select(0, index)) for k, v in memory.self_kv],
+            memory.cross_kv,
+            memory.keep,
+        )
 
     def forward_step(self, inp_tokens, memory, enc_states, enc_lens):
         model = self.model
         # whether the decoder can be stepped is decided once, at a search's first step: a
         # search that started with the stock step carries its token tensor as memory
-        if model.training or not (isinstance(memory, _SearchMemory)
-                                  or (memory is None and _cacheable(model))):
+        if model.training or not (isinstance(memory, _SearchMemory) or (memory is None and _cacheable(model))):
             return super().forward_step(inp_tokens, memory, enc_states, enc_lens)
         layers = model.decoder.layers
         if memory is None:  # first step: project the encoder states once
             keep = None
             if enc_lens is not None:
                 keep = length_to_mask(enc_lens, max_len=enc_states.shape[1]).bool()[:, None, None]
-            memory = _SearchMemory([None] * len(layers),
-                                   [_keys_values(layer.multihead_attn.att, enc_states)
-                                    for layer in layers], keep)
+            memory = _SearchMemory(
+                [None] * len(layers), [_keys_values(layer.multihead_attn.att, enc_states) for layer in layers], keep
+            )
         position = memory.position
         x = model.embedding(inp_tokens.unsqueeze(1))
-        x = x + model.positions.pe[:, position:position + 1].to(x.dtype)
+        x = x + model.positions.pe[:, position : position + 1].to(x.dtype)
         self_kv, attn = [], None
         for layer, past, (ck, cv) in zip(layers, memory.self_kv, memory.cross_kv):
             h = layer.norm1(x)
@@ -146,13 +158,26 @@ class CachedTransformerBeamSearcher(S2STransformerBeamSearcher):
         return log_probs, _SearchMemory(self_kv, memory.cross_kv, memory.keep), attn
 
 
-def make_aed_searcher(decoders: ExitDecoders, ctc_heads, exit_index: int, bos_index: int,
-                      eos_index: int, blank_index: int = 0, beam_size: int = 10,
-                      ctc_weight: float = 0.4, length_normalization: bool = True,
-                      length_reward: float = 0.0, max_decode_ratio: float = 1.0,
-                      topk: int = 1, lm_path: Optional[str] = None, lm_weight: float = 0.0,
-                      pieces: Optional[Sequence[str]] = None, lm_word_bonus: float = 0.0,
-                      lm_oov_penalty: float = 10.0, cached: bool = True):
+def make_aed_searcher(
+    decoders: ExitDecoders,
+    ctc_heads,
+    exit_index: int,
+    bos_index: int,
+    eos_index: int,
+    blank_index: int = 0,
+    beam_size: int = 10,
+    ctc_weight: float = 0.4,
+    length_normalization: bool = True,
+    length_reward: float = 0.0,
+    max_decode_ratio: float = 1.0,
+    topk: int = 1,
+    lm_path: Optional[str] = None,
+    lm_weight: float = 0.0,
+    pieces: Optional[Sequence[str]] = None,
+    lm_word_bonus: float = 0.0,
+    lm_oov_penalty: float = 10.0,
+    cached: bool = True,
+):
     """SpeechBrain's joint CTC/attention beam search over one exit's decoder and CTC head.
 
     ``ctc_weight`` in [0, 1] weighs the CTC prefix score against the decoder's
@@ -171,30 +196,40 @@ def make_aed_searcher(decoders: ExitDecoders, ctc_heads, exit_index: int, bos_in
     check_search_options(beam_size, ctc_weight)
     full, weights = [], {}
     if ctc_weight > 0:
-        full.append(CTCScorer(ctc_fc=_ExitLogits(ctc_heads, exit_index), blank_index=blank_index,
-                              eos_index=eos_index))
+        full.append(CTCScorer(ctc_fc=_ExitLogits(ctc_heads, exit_index), blank_index=blank_index, eos_index=eos_index))
         weights["ctc"] = ctc_weight
     if length_reward:
         if length_normalization:
-            raise ValueError("aed_length_reward: cannot be combined with aed_length_normalization; "
-                             "set one of them off")
+            raise ValueError("aed_length_reward: cannot be combined with aed_length_normalization; set one of them off")
         full.append(LengthScorer(vocab_size=decoders.config["vocab_size"]))
         weights["length"] = length_reward
     if lm_weight:
         if lm_path is None or pieces is None:
-            raise ValueError("aed_lm_weight: fusing a word n-gram needs the n-gram (ctc_lm_path or "
-                             "ngram_order) and the tokenizer's pieces")
-        full.append(WordNgramScorer(lm_path, pieces, decoders.config["vocab_size"], eos_index,
-                                    lm_weight, lm_word_bonus, lm_oov_penalty))
+            raise ValueError(
+                "aed_lm_weight: fusing a word n-gram needs the n-gram (ctc_lm_path or "
+                "ngram_order) and the tokenizer's pieces"
+            )
+        full.append(
+            WordNgramScorer(
+                lm_path, pieces, decoders.config["vocab_size"], eos_index, lm_weight, lm_word_bonus, lm_oov_penalty
+            )
+        )
         weights["wordngram"] = 1.0
     scorer = scorer_builder(full_scorers=full, weights=weights) if full else None
     searcher_class = CachedTransformerBeamSearcher if cached else S2STransformerBeamSearcher
     return searcher_class(
         modules=[decoders.decoders[exit_index], decoders.out[exit_index]],
-        bos_index=bos_index, eos_index=eos_index, min_decode_ratio=0.0,
-        max_decode_ratio=max_decode_ratio, beam_size=beam_size, scorer=scorer,
-        length_normalization=length_normalization, using_eos_threshold=False,
-        return_topk=topk > 1, topk=topk)
+        bos_index=bos_index,
+        eos_index=eos_index,
+        min_decode_ratio=0.0,
+        max_decode_ratio=max_decode_ratio,
+        beam_size=beam_size,
+        scorer=scorer,
+        length_normalization=length_normalization,
+        using_eos_threshold=False,
+        return_topk=topk > 1,
+        topk=topk,
+    )
 
 
 def _num_at_least(low: float):
@@ -233,11 +268,13 @@ class AEDSearchOptions(Options):
     eos_index: int = option("eos_index", dataclasses.MISSING, lambda v: is_int(v) and v >= 0, "an integer >= 0")
     blank_index: int = option("blank_index", 0, lambda v: is_int(v) and v >= 0, "an integer >= 0")
     beam_size: int = option("beam_size", 10, lambda v: is_int(v) and v >= 1, "an integer >= 1")
-    valid_beam_size: Optional[int] = option("valid_beam_size", None, lambda v: v is None or (is_int(v) and v >= 1),
-                                            "an integer >= 1")
+    valid_beam_size: Optional[int] = option(
+        "valid_beam_size", None, lambda v: v is None or (is_int(v) and v >= 1), "an integer >= 1"
+    )
     ctc_weight: float = option("decode_ctc_weight", 0.4, lambda v: is_num(v) and 0 <= v <= 1, "a number in [0, 1]")
-    length_normalization: bool = option("aed_length_normalization", True, lambda v: isinstance(v, bool),
-                                        "true or false")
+    length_normalization: bool = option(
+        "aed_length_normalization", True, lambda v: isinstance(v, bool), "true or false"
+    )
     length_reward: float = option("aed_length_reward", 0.0, _num_at_least(0), "a number >= 0")
     max_decode_ratio: float = option("max_decode_ratio", 1.0, lambda v: is_num(v) and v > 0, "a number > 0")
     lm_weight: float = option("aed_lm_weight", 0.0, _num_at_least(0), "a number >= 0")
@@ -247,11 +284,11 @@ class AEDSearchOptions(Options):
     def searcher_kwargs(self, beam_size: Optional[int] = None) -> Dict:
         """:func:`make_aed_searcher`'s (and ``EarlyExitAEDModel``'s) keyword arguments, with
         ``beam_size`` instead of the option's when given."""
-        return dict(bos_index=int(self.bos_index), eos_index=int(self.eos_index), blank_index=int(self.blank_index),
-                    beam_size=int(beam_size or self.beam_size), ctc_weight=float(self.ctc_weight),
-                    length_normalization=bool(self.length_normalization), length_reward=float(self.length_reward),
-                    max_decode_ratio=float(self.max_decode_ratio), lm_weight=float(self.lm_weight),
-                    lm_word_bonus=float(self.lm_word_bonus), lm_oov_penalty=float(self.lm_oov_penalty))
+        kwargs = self.as_dict()
+        del kwargs["valid_beam_size"]  # the Brain's choice of beam, not a search option
+        if beam_size is not None:
+            kwargs["beam_size"] = int(beam_size)
+        return kwargs
 
 
 #: The fused word n-gram's YAML keys and their defaults (not fused).
@@ -271,14 +308,16 @@ def exit_searcher(model, exit_index: int):
     :class:`~earlyexit_brain.models.pipeline.EarlyExitAEDModel` (built once, with the
     model's search options and the n-gram of its ``use_lm``)."""
     if exit_index not in model._searchers:
-        model._searchers[exit_index] = make_aed_searcher(model.decoders, model.heads, exit_index,
-                                                         **model.search_options, **model.lm)
+        model._searchers[exit_index] = make_aed_searcher(
+            model.decoders, model.heads, exit_index, **model.search_options, **model.lm
+        )
     return model._searchers[exit_index]
 
 
 @torch.no_grad()
-def decode_exit(model, exit_index: int, hidden: torch.Tensor,
-                rel_lens: Optional[torch.Tensor] = None) -> List[List[int]]:
+def decode_exit(
+    model, exit_index: int, hidden: torch.Tensor, rel_lens: Optional[torch.Tensor] = None
+) -> List[List[int]]:
     """Token ids of the best hypothesis per utterance of exit ``exit_index``'s states
     ``(B, T, D)``; only that exit's decoder runs."""
     if rel_lens is None:

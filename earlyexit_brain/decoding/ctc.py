@@ -31,10 +31,17 @@ def check_token_prune(value) -> float:
     return float(value)
 
 
-def make_ctc_beam_searcher(tokenizer, vocab_size: int, blank_index: int = 0,
-                           beam_size: int = 10, prefix: bool = False, topk: Optional[int] = None,
-                           kenlm_model_path: Optional[str] = None,
-                           token_prune_min_logp: Optional[float] = None, **lm_weights):
+def make_ctc_beam_searcher(
+    tokenizer,
+    vocab_size: int,
+    blank_index: int = 0,
+    beam_size: int = 10,
+    prefix: bool = False,
+    topk: Optional[int] = None,
+    kenlm_model_path: Optional[str] = None,
+    token_prune_min_logp: Optional[float] = None,
+    **lm_weights,
+):
     """SpeechBrain CTC beam searcher returning the ``topk``-best list (default: the whole beam).
 
     ``kenlm_model_path``: an n-gram LM (KenLM ``.arpa`` or ``.bin``; needs the
@@ -53,22 +60,33 @@ def make_ctc_beam_searcher(tokenizer, vocab_size: int, blank_index: int = 0,
             import kenlm  # noqa: F401
             import speechbrain.integrations.decoders.kenlm_scorer  # noqa: F401  (needs pygtrie)
         except ImportError as err:
-            raise ValueError(f"ctc_lm_path: decoding with an n-gram LM needs the KenLM bindings and "
-                             f"pygtrie (pip install camel-kenlm pygtrie; both are in "
-                             f"requirements.txt): {err}") from None
+            raise ValueError(
+                f"ctc_lm_path: decoding with an n-gram LM needs the KenLM bindings and "
+                f"pygtrie (pip install camel-kenlm pygtrie; both are in "
+                f"requirements.txt): {err}"
+            ) from None
         from speechbrain.integrations.decoders.kenlm_scorer import load_unigram_set_from_arpa
 
         # the known words for partial-word scoring, whatever the file is called
         # (SpeechBrain reads them only from names ending in .arpa)
-        if "unigrams" not in lm_weights and not kenlm_model_path.endswith(".arpa") \
-                and not is_kenlm_binary(kenlm_model_path):
+        if (
+            "unigrams" not in lm_weights
+            and not kenlm_model_path.endswith(".arpa")
+            and not is_kenlm_binary(kenlm_model_path)
+        ):
             lm_weights["unigrams"] = sorted(load_unigram_set_from_arpa(kenlm_model_path))
     if token_prune_min_logp is not None:
         lm_weights["token_prune_min_logp"] = check_token_prune(token_prune_min_logp)
     cls = CTCPrefixBeamSearcher if prefix else CTCBeamSearcher
-    return cls(blank_index=blank_index, vocab_list=ctc_vocab_list(tokenizer, vocab_size),
-               space_token="▁", beam_size=beam_size, topk=topk or beam_size,
-               kenlm_model_path=kenlm_model_path, **lm_weights)
+    return cls(
+        blank_index=blank_index,
+        vocab_list=ctc_vocab_list(tokenizer, vocab_size),
+        space_token="▁",
+        beam_size=beam_size,
+        topk=topk or beam_size,
+        kenlm_model_path=kenlm_model_path,
+        **lm_weights,
+    )
 
 
 #: The decoders of CTC exits (:class:`CTCDecoder`).
@@ -101,8 +119,9 @@ class CTCDecoder:
     beam search, ``CTCBeamSearcher``, with a KenLM n-gram when ``lm_path`` names one; its
     word-level LM scoring decodes better than the prefix searcher's: docs/performance.md)."""
 
-    def __init__(self, name: str, tokenizer, vocab_size: int, blank_index: int = 0,
-                 options: Optional[CTCDecodingOptions] = None):
+    def __init__(
+        self, name: str, tokenizer, vocab_size: int, blank_index: int = 0, options: Optional[CTCDecodingOptions] = None
+    ):
         if name not in CTC_DECODERS:
             raise ValueError(f"decoder: {name!r} is not a CTC decoder (ctc_greedy or ctc_beam)")
         self.name, self.tokenizer, self.blank_index = name, tokenizer, blank_index
@@ -111,8 +130,16 @@ class CTCDecoder:
         if name == "ctc_beam":
             o = self.options
             self.searcher = make_ctc_beam_searcher(
-                tokenizer, vocab_size, blank_index, int(o.beam_size), prefix=False, topk=1,
-                kenlm_model_path=o.lm_path, alpha=float(o.alpha), beta=float(o.beta))
+                tokenizer,
+                vocab_size,
+                blank_index,
+                int(o.beam_size),
+                prefix=False,
+                topk=1,
+                kenlm_model_path=o.lm_path,
+                alpha=float(o.alpha),
+                beta=float(o.beta),
+            )
 
     def __call__(self, log_probs: torch.Tensor, lengths: torch.Tensor) -> List[str]:
         """``(B, T, V)`` log-probabilities and relative lengths -> B texts."""

@@ -44,14 +44,13 @@ Gram = Tuple[str, ...]
 def count_ngrams(sentences: Iterable[str], order: int) -> List[Counter]:
     """Raw counts of every n-gram up to ``order``, sentences padded with ``<s>`` and ``</s>``."""
     if not isinstance(order, int) or order < 2:
-        raise ValueError(f"ngram_order: must be an integer >= 2 (KenLM reads bigram models "
-                         f"and up), got {order!r}")
+        raise ValueError(f"ngram_order: must be an integer >= 2 (KenLM reads bigram models and up), got {order!r}")
     counts = [Counter() for _ in range(order)]
     for sentence in sentences:
         words = [BOS] + sentence.split() + [EOS]
         for n in range(1, order + 1):
             for i in range(len(words) - n + 1):
-                counts[n - 1][tuple(words[i:i + n])] += 1
+                counts[n - 1][tuple(words[i : i + n])] += 1
     del counts[0][(BOS,)]  # <s> is a context, never predicted
     return counts
 
@@ -64,8 +63,7 @@ def adjusted_counts(counts: List[Counter]) -> List[Dict[Gram, int]]:
     adjusted[-1] = dict(counts[-1])
     for n in range(order - 1):
         left = Counter(gram[1:] for gram in counts[n + 1])
-        adjusted[n] = {gram: (count if gram[0] == BOS else left[gram])
-                       for gram, count in counts[n].items()}
+        adjusted[n] = {gram: (count if gram[0] == BOS else left[gram]) for gram, count in counts[n].items()}
     return adjusted
 
 
@@ -82,8 +80,7 @@ def discounts(adjusted: Dict[Gram, int]) -> Tuple[float, float, float]:
     return d
 
 
-def estimate(sentences: Sequence[str], order: int) -> Tuple[List[Dict[Gram, float]],
-                                                             List[Dict[Gram, float]]]:
+def estimate(sentences: Sequence[str], order: int) -> Tuple[List[Dict[Gram, float]], List[Dict[Gram, float]]]:
     """Interpolated modified Kneser-Ney: ``(probs, backoffs)``, one dict per order
     (1-based order ``n`` at index ``n - 1``), natural probabilities and backoff weights."""
     counts = count_ngrams(sentences, order)
@@ -153,7 +150,7 @@ def build_ngram_lm(train_csv: str, order: int, path: str, unique: bool = True) -
     text = arpa_text(sentences, order)
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     atomic_write_text(path, text)
-    sizes = ", ".join(line.split()[1] for line in text.splitlines()[1:order + 1])
+    sizes = ", ".join(line.split()[1] for line in text.splitlines()[1 : order + 1])
     logger.info("N-gram LM: %s from %d sentences of %s (%s)", path, len(sentences), train_csv, sizes)
     return path
 
@@ -184,9 +181,12 @@ def lm_summary(hparams: Dict) -> Optional[Dict]:
         for _, line in zip(range(20), fin):  # the ARPA header; a binary file has none
             if line.startswith(b"ngram "):
                 order = int(line.split(b"=")[0].split()[1])
-    summary = {"file": os.path.basename(path), "order": order,
-               "alpha": float(hparams.get("ctc_lm_alpha", 0.5)),
-               "beta": float(hparams.get("ctc_lm_beta", 1.0))}
+    summary = {
+        "file": os.path.basename(path),
+        "order": order,
+        "alpha": float(hparams.get("ctc_lm_alpha", 0.5)),
+        "beta": float(hparams.get("ctc_lm_beta", 1.0)),
+    }
     if float(hparams.get("aed_lm_weight") or 0.0) > 0 and uses_decoders(hparams):
         summary["aed_weight"] = float(hparams["aed_lm_weight"])
         summary["aed_word_bonus"] = float(hparams.get("aed_lm_word_bonus", 0.0))
@@ -254,15 +254,24 @@ class WordNgramScorer:
     (see :func:`scorer_builder`).
     """
 
-    def __init__(self, lm_path: str, pieces: Sequence[str], vocab_size: int, eos_index: int,
-                 weight: float = 0.5, word_bonus: float = 0.0, oov_penalty: float = 10.0):
+    def __init__(
+        self,
+        lm_path: str,
+        pieces: Sequence[str],
+        vocab_size: int,
+        eos_index: int,
+        weight: float = 0.5,
+        word_bonus: float = 0.0,
+        oov_penalty: float = 10.0,
+    ):
         import numpy as np
 
         try:
             import kenlm
         except ImportError as err:
-            raise ValueError("aed_lm_weight: fusing the n-gram into the attention search needs "
-                             "the KenLM bindings (requirements.txt)") from err
+            raise ValueError(
+                "aed_lm_weight: fusing the n-gram into the attention search needs the KenLM bindings (requirements.txt)"
+            ) from err
         check_lm_file(lm_path)
         self.np, self.kenlm = np, kenlm
         stat = os.stat(lm_path)
@@ -275,7 +284,7 @@ class WordNgramScorer:
         self.vocab_size = int(vocab_size)
         self.kind = np.zeros(self.vocab_size, dtype=np.int64)
         self.text = [""] * self.vocab_size
-        for i, piece in enumerate(pieces[:self.vocab_size]):
+        for i, piece in enumerate(pieces[: self.vocab_size]):
             if piece == UNK:
                 self.kind[i], self.text[i] = 2, "\x00"
             elif not (piece.startswith("<") and piece.endswith(">")):
@@ -321,7 +330,7 @@ class WordNgramScorer:
             np = self.np
             row = np.zeros(self.vocab_size, dtype=np.float32)
             before = self._penalty(partial)
-            done, after = (self._word(state, partial) if partial else (0.0, state))
+            done, after = self._word(state, partial) if partial else (0.0, state)
             row[self.starts] = done + self.start_penalty - before
             row[self.inside] = [self._penalty(partial + self.text[i]) - before for i in self.inside]
             row[self.eos_index] = done + self._word(after, EOS)[0] - before

@@ -17,17 +17,56 @@ further passes. (``tests/unit/test_exits.py`` checks that the simulated choice
 equals a real dynamic run.)
 """
 
-
-from .calibration import (budget_sweep, calibrate, candidate_thresholds, confidence_exits, evaluate_policies,
-                          first_stop, nearest_depth, summarize, sweep_thresholds, threshold_points,
-                          WerIncreaseBootstrap)
+from .calibration import (
+    budget_sweep,
+    calibrate,
+    candidate_thresholds,
+    confidence_exits,
+    evaluate_policies,
+    first_stop,
+    nearest_depth,
+    summarize,
+    sweep_thresholds,
+    threshold_points,
+    WerIncreaseBootstrap,
+)
 from .exit_outputs import build_scorers, collect_exit_outputs, ExitOutputs
-from .run import (build_model, CALIBRATED_POLICIES, features_config, nbest_options, POLICY_DEFAULTS,
-                  PolicyEvaluationOptions, report_decoding, run_policy_evaluation, stored_decoding,
-                  SWEEPABLE_POLICIES)
+from .run import (
+    build_model,
+    CALIBRATED_POLICIES,
+    features_config,
+    nbest_options,
+    POLICY_DEFAULTS,
+    PolicyEvaluationOptions,
+    report_decoding,
+    run_policy_evaluation,
+    stored_decoding,
+    SWEEPABLE_POLICIES,
+)
 
-__all__ = ["budget_sweep", "build_model", "build_scorers", "calibrate", "CALIBRATED_POLICIES",
-           "candidate_thresholds", "collect_exit_outputs", "confidence_exits", "evaluate_policies",
-           "ExitOutputs", "features_config", "first_stop", "nbest_options", "nearest_depth", "POLICY_DEFAULTS",
-           "PolicyEvaluationOptions", "report_decoding", "run_policy_evaluation", "stored_decoding", "summarize",
-           "sweep_thresholds", "SWEEPABLE_POLICIES", "threshold_points", "WerIncreaseBootstrap"]
+__all__ = [
+    "budget_sweep",
+    "build_model",
+    "build_scorers",
+    "calibrate",
+    "CALIBRATED_POLICIES",
+    "candidate_thresholds",
+    "collect_exit_outputs",
+    "confidence_exits",
+    "evaluate_policies",
+    "ExitOutputs",
+    "features_config",
+    "first_stop",
+    "nbest_options",
+    "nearest_depth",
+    "POLICY_DEFAULTS",
+    "PolicyEvaluationOptions",
+    "report_decoding",
+    "run_policy_evaluation",
+    "stored_decoding",
+    "summarize",
+    "sweep_thresholds",
+    "SWEEPABLE_POLICIES",
+    "threshold_points",
+    "WerIncreaseBootstrap",
+]

@@ -19,6 +19,7 @@ from .exit_outputs import ExitOutputs
 
 logger = logging.getLogger(__name__)
 
+
 def first_stop(stop: torch.Tensor) -> torch.Tensor:
     """0-based exit per utterance from a ``(U, K)`` stop matrix (the last exit always stops)."""
     stop = stop.clone()
@@ -26,8 +27,7 @@ def first_stop(stop: torch.Tensor) -> torch.Tensor:
     return stop.to(torch.int8).argmax(1)
 
 
-def confidence_exits(outputs: ExitOutputs, scorer: ConfidencePolicy, name: str,
-                     threshold: float) -> torch.Tensor:
+def confidence_exits(outputs: ExitOutputs, scorer: ConfidencePolicy, name: str, threshold: float) -> torch.Tensor:
     """Exits chosen by a confidence policy at ``threshold``."""
     scores = outputs.scores[name]
     return first_stop(scorer.stops(scores.nan_to_num(0.0), threshold))
@@ -43,9 +43,12 @@ def summarize(outputs: ExitOutputs, exits: torch.Tensor, overhead: Optional[str]
     if overhead is not None:
         taken = torch.arange(outputs.num_exits)[None, :] <= exits[:, None]
         ms = ms + (outputs.policy_ms[overhead] * taken).sum(1)
-    return {"wer": round(wer, 2), "avg_layers": round(float(layers.mean()), 3),
-            "avg_exit": round(float((exits + 1).double().mean()), 3),
-            "seconds": round(float(ms.sum()) / 1000.0, 3)}
+    return {
+        "wer": round(wer, 2),
+        "avg_layers": round(float(layers.mean()), 3),
+        "avg_exit": round(float((exits + 1).double().mean()), 3),
+        "seconds": round(float(ms.sum()) / 1000.0, 3),
+    }
 
 
 def candidate_thresholds(outputs: ExitOutputs, name: str) -> torch.Tensor:
@@ -54,8 +57,7 @@ def candidate_thresholds(outputs: ExitOutputs, name: str) -> torch.Tensor:
     return torch.unique(scores[~torch.isnan(scores)])
 
 
-def threshold_points(outputs: ExitOutputs, scorer: ConfidencePolicy, name: str,
-                     thresholds: Sequence[float]) -> List:
+def threshold_points(outputs: ExitOutputs, scorer: ConfidencePolicy, name: str, thresholds: Sequence[float]) -> List:
     """``[(threshold, summary, exits), ...]`` of a confidence policy, decision time included
     in the summary; ``exits`` (each utterance's chosen exit) is kept for the bootstrap."""
     points = []
@@ -92,9 +94,15 @@ class WerIncreaseBootstrap:
         return float(torch.quantile(self.increases(exits), q))
 
 
-def calibrate(outputs: ExitOutputs, scorer: ConfidencePolicy, name: str,
-              target: str = "max_wer_increase", value: float = 1.0,
-              confidence: Optional[float] = None, resamples: int = 1000) -> Dict:
+def calibrate(
+    outputs: ExitOutputs,
+    scorer: ConfidencePolicy,
+    name: str,
+    target: str = "max_wer_increase",
+    value: float = 1.0,
+    confidence: Optional[float] = None,
+    resamples: int = 1000,
+) -> Dict:
     """Pick a confidence policy's threshold on a dev set.
 
     ``max_wer_increase``: going from the most conservative threshold towards
@@ -139,10 +147,16 @@ def calibrate(outputs: ExitOutputs, scorer: ConfidencePolicy, name: str,
             # the top of the policy's range (an N-best posterior of exactly 1 when the beam
             # holds one hypothesis) always stop. Take the lowest dev WER, deeper on ties.
             best_thr, best, best_exits = min(points, key=lambda p: (p[1]["wer"], -p[1]["avg_layers"]))
-            logger.warning("%s: no threshold keeps the dev WER within %.2f points of the last "
-                           "exit (%.2f)%s; using %.4g (dev WER %.2f)", name, value, last["wer"],
-                           "" if confidence is None else f" at confidence {confidence}",
-                           best_thr, best["wer"])
+            logger.warning(
+                "%s: no threshold keeps the dev WER within %.2f points of the last "
+                "exit (%.2f)%s; using %.4g (dev WER %.2f)",
+                name,
+                value,
+                last["wer"],
+                "" if confidence is None else f" at confidence {confidence}",
+                best_thr,
+                best["wer"],
+            )
     elif target == "avg_layers":
         ok = [p for p in points if p[1]["avg_layers"] <= value + 1e-9]
         if ok:
@@ -150,12 +164,10 @@ def calibrate(outputs: ExitOutputs, scorer: ConfidencePolicy, name: str,
         else:  # the target is below the first exit: stop as early as the policy can
             best_thr, best, best_exits = min(points, key=lambda p: (p[1]["avg_layers"], p[1]["wer"]))
     else:
-        raise ValueError(f"calibration_target: accepted values are 'max_wer_increase' and "
-                         f"'avg_layers', got {target!r}")
+        raise ValueError(f"calibration_target: accepted values are 'max_wer_increase' and 'avg_layers', got {target!r}")
     increases = boot.increases(best_exits)
     interval = [round(float(torch.quantile(increases, q)), 2) for q in (0.05, 0.95)]
-    return {"threshold": float(best_thr), "dev": best, "dev_last_exit": last,
-            "dev_increase_interval": interval}
+    return {"threshold": float(best_thr), "dev": best, "dev_last_exit": last, "dev_increase_interval": interval}
 
 
 def sweep_thresholds(outputs: ExitOutputs, name: str, points: int) -> List[float]:
@@ -183,11 +195,17 @@ def nearest_depth(outputs: ExitOutputs, scorer: ConfidencePolicy, name: str, avg
     return {"threshold": thr, **point}
 
 
-def evaluate_policies(dev: ExitOutputs, sets: Dict[str, ExitOutputs],
-                      scorers: Dict[str, ConfidencePolicy], latency_table: Optional[LatencyTable],
-                      policies: Sequence[str] = ("entropy", "posterior", "posterior_greedy", "budget"),
-                      target: str = "max_wer_increase", value: float = 1.0,
-                      sweep_points: int = 9, confidence: Optional[float] = None) -> Dict:
+def evaluate_policies(
+    dev: ExitOutputs,
+    sets: Dict[str, ExitOutputs],
+    scorers: Dict[str, ConfidencePolicy],
+    latency_table: Optional[LatencyTable],
+    policies: Sequence[str] = ("entropy", "posterior", "posterior_greedy", "budget"),
+    target: str = "max_wer_increase",
+    value: float = 1.0,
+    sweep_points: int = 9,
+    confidence: Optional[float] = None,
+) -> Dict:
     """Calibrate on ``dev``, then sweep every policy on every set.
 
     Returns ``{"policies": [...], "calibration": {...}, "depth_matched": {...}}``
@@ -198,8 +216,7 @@ def evaluate_policies(dev: ExitOutputs, sets: Dict[str, ExitOutputs],
     entries: List[Dict] = []
 
     def add(policy, threshold, exits_for, calibrated=False, overhead=None, **extra):
-        entry = {"policy": policy, "threshold": threshold, "calibrated": calibrated, **extra,
-                 "sets": {}}
+        entry = {"policy": policy, "threshold": threshold, "calibrated": calibrated, **extra, "sets": {}}
         for set_name, out in sets.items():
             entry["sets"][set_name] = summarize(out, exits_for(out), overhead=overhead)
         entries.append(entry)
@@ -208,9 +225,12 @@ def evaluate_policies(dev: ExitOutputs, sets: Dict[str, ExitOutputs],
         add("fixed", None, lambda out, k=k: torch.full((len(out.ids),), k), exit=k + 1)
     add("oracle", None, lambda out: torch.tensor(oracle_exits(out.hyps)))
 
-    calibration = {"target": target, "value": value,
-                   "confidence": confidence if target == "max_wer_increase" else None,
-                   "thresholds": {}}
+    calibration = {
+        "target": target,
+        "value": value,
+        "confidence": confidence if target == "max_wer_increase" else None,
+        "thresholds": {},
+    }
     for name in policies:
         if name == "budget":
             if latency_table is None:
@@ -220,23 +240,31 @@ def evaluate_policies(dev: ExitOutputs, sets: Dict[str, ExitOutputs],
                 add("budget", budget, lambda out, p=policy: p.chosen_exits(out.durations))
             continue
         if name not in scorers:
-            raise ValueError(f"policy_sweep: unknown policy {name!r}; accepted: "
-                             f"{', '.join(list(scorers) + ['budget'])}")
+            raise ValueError(
+                f"policy_sweep: unknown policy {name!r}; accepted: {', '.join(list(scorers) + ['budget'])}"
+            )
         scorer = scorers[name]
         cal = calibrate(dev, scorer, name, target, value, confidence)
         calibration["thresholds"][name] = cal
-        thresholds = {t for t in sweep_thresholds(dev, name, sweep_points)
-                      if abs(t - cal["threshold"]) > 1e-5} | {cal["threshold"]}
+        thresholds = {t for t in sweep_thresholds(dev, name, sweep_points) if abs(t - cal["threshold"]) > 1e-5} | {
+            cal["threshold"]
+        }
         for thr in sorted(thresholds):
-            add(name, thr, lambda out, t=thr, s=scorer, n=name: confidence_exits(out, s, n, t),
-                calibrated=thr == cal["threshold"], overhead=name)
+            add(
+                name,
+                thr,
+                lambda out, t=thr, s=scorer, n=name: confidence_exits(out, s, n, t),
+                calibrated=thr == cal["threshold"],
+                overhead=name,
+            )
 
     depth_matched = {}
     if "posterior" in calibration["thresholds"]:
         ref_thr = calibration["thresholds"]["posterior"]["threshold"]
         for set_name, out in sets.items():
-            ref = summarize(out, confidence_exits(out, scorers["posterior"], "posterior", ref_thr),
-                            overhead="posterior")
+            ref = summarize(
+                out, confidence_exits(out, scorers["posterior"], "posterior", ref_thr), overhead="posterior"
+            )
             row = {"posterior": {"threshold": ref_thr, **ref}}
             for name in calibration["thresholds"]:
                 if name != "posterior":

@@ -28,13 +28,13 @@ class ExitOutputs:
     """Per-utterance, per-exit records of one evaluation set (``U`` utterances, ``K`` exits)."""
 
     ids: List[str]
-    durations: torch.Tensor               # (U,) seconds
-    ref_words: torch.Tensor               # (U,) reference words
-    errors: torch.Tensor                  # (U, K) word edits of each exit's hypothesis
-    hyps: List[List[str]]                 # [u][k] hypothesis text
-    exit_ms: torch.Tensor                 # (U, K) cumulative ms from waveform to exit k
+    durations: torch.Tensor  # (U,) seconds
+    ref_words: torch.Tensor  # (U,) reference words
+    errors: torch.Tensor  # (U, K) word edits of each exit's hypothesis
+    hyps: List[List[str]]  # [u][k] hypothesis text
+    exit_ms: torch.Tensor  # (U, K) cumulative ms from waveform to exit k
     exit_layers: List[int]
-    scores: Dict[str, torch.Tensor] = field(default_factory=dict)     # name -> (U, K)
+    scores: Dict[str, torch.Tensor] = field(default_factory=dict)  # name -> (U, K)
     policy_ms: Dict[str, torch.Tensor] = field(default_factory=dict)  # name -> (U, K)
     compute_layers: Optional[List[int]] = None  # layers computed to each exit (None: exit_layers)
 
@@ -43,24 +43,40 @@ class ExitOutputs:
         return len(self.exit_layers)
 
 
-def build_scorers(tokenizer, vocab_size: int, blank_index: int = 0, beam_size: int = 10,
-                  entropy_normalize: bool = True, greedy_form: str = "mean",
-                  token_prune_min_logp: Optional[float] = None) -> Dict[str, ConfidencePolicy]:
+def build_scorers(
+    tokenizer,
+    vocab_size: int,
+    blank_index: int = 0,
+    beam_size: int = 10,
+    entropy_normalize: bool = True,
+    greedy_form: str = "mean",
+    token_prune_min_logp: Optional[float] = None,
+) -> Dict[str, ConfidencePolicy]:
     """The confidence policies whose scores are recorded (thresholds set later)."""
     return {
         "entropy": EntropyPolicy(0.5, normalize=entropy_normalize, vocab_size=vocab_size),
         "posterior": NBestPosteriorPolicy(
-            0.5, make_ctc_beam_searcher(tokenizer, vocab_size, blank_index, beam_size,
-                                        token_prune_min_logp=token_prune_min_logp)),
+            0.5,
+            make_ctc_beam_searcher(
+                tokenizer, vocab_size, blank_index, beam_size, token_prune_min_logp=token_prune_min_logp
+            ),
+        ),
         "posterior_greedy": GreedyPosteriorPolicy(0.5, form=greedy_form),
     }
 
 
 @torch.no_grad()
-def collect_exit_outputs(model, dataset, tokenizer, scorers: Dict[str, ConfidencePolicy],
-                         blank_index: int = 0, sample_rate: int = 16000,
-                         desc: str = "exits", decode_batch: int = 16,
-                         decoder: Optional[CTCDecoder] = None) -> ExitOutputs:
+def collect_exit_outputs(
+    model,
+    dataset,
+    tokenizer,
+    scorers: Dict[str, ConfidencePolicy],
+    blank_index: int = 0,
+    sample_rate: int = 16000,
+    desc: str = "exits",
+    decode_batch: int = 16,
+    decoder: Optional[CTCDecoder] = None,
+) -> ExitOutputs:
     """Run every utterance of ``dataset`` (items with ``id``, ``sig``, ``wrd``) through every exit.
 
     A CTC model's hypotheses come from ``decoder`` (default: greedy CTC).
@@ -117,8 +133,10 @@ def collect_exit_outputs(model, dataset, tokenizer, scorers: Dict[str, Confidenc
     if pending:
         decode_pending()
     ref_words = [r.split() for r in refs]
-    errors = [[d["num_edits"] for d in wer_details_for_batch(ids, ref_words, [h[k].split() for h in hyps])]
-              for k in range(num_exits)]
+    errors = [
+        [d["num_edits"] for d in wer_details_for_batch(ids, ref_words, [h[k].split() for h in hyps])]
+        for k in range(num_exits)
+    ]
     return ExitOutputs(
         ids=ids,
         durations=torch.tensor(durations, dtype=torch.float64),

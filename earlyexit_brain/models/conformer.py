@@ -60,8 +60,7 @@ def resolve_exit_layers(exit_layers: Union[Sequence[int], int, str], num_layers:
     if isinstance(exit_layers, str):
         if not exit_layers.startswith("every_") or not exit_layers[6:].isdigit():
             raise ValueError(
-                f"exit_layers: expected a list of layer numbers, an int k or 'every_k', "
-                f"got {exit_layers!r}"
+                f"exit_layers: expected a list of layer numbers, an int k or 'every_k', got {exit_layers!r}"
             )
         exit_layers = int(exit_layers[6:])
     if isinstance(exit_layers, bool):
@@ -69,9 +68,7 @@ def resolve_exit_layers(exit_layers: Union[Sequence[int], int, str], num_layers:
     if isinstance(exit_layers, int):
         step = exit_layers
         if step < 1 or step > num_layers:
-            raise ValueError(
-                f"exit_layers: 'every {step}' must be between 1 and num_layers={num_layers}"
-            )
+            raise ValueError(f"exit_layers: 'every {step}' must be between 1 and num_layers={num_layers}")
         layers = list(range(step, num_layers + 1, step))
         if layers[-1] != num_layers:
             layers.append(num_layers)
@@ -84,8 +81,7 @@ def resolve_exit_layers(exit_layers: Union[Sequence[int], int, str], num_layers:
             raise ValueError(f"exit_layers: {layer!r} is not an integer layer number ({layers})")
         if layer < 1 or layer > num_layers:
             raise ValueError(
-                f"exit_layers: layer {layer} is out of range; accepted values are "
-                f"1..num_layers={num_layers} ({layers})"
+                f"exit_layers: layer {layer} is out of range; accepted values are 1..num_layers={num_layers} ({layers})"
             )
     if len(set(layers)) != len(layers):
         raise ValueError(f"exit_layers: duplicated layers in {layers}")
@@ -101,8 +97,7 @@ def sinusoidal_positions(length: int, dim: int, device=None, dtype=torch.float32
     if dim % 2:
         raise ValueError(f"abs_pos_encoding needs an even d_model, got {dim}")
     positions = torch.arange(length, device=device, dtype=torch.float32).unsqueeze(1)
-    freqs = torch.exp(torch.arange(0, dim, 2, device=device, dtype=torch.float32)
-                      * (-math.log(10000.0) / dim))
+    freqs = torch.exp(torch.arange(0, dim, 2, device=device, dtype=torch.float32) * (-math.log(10000.0) / dim))
     pe = torch.zeros(length, dim, device=device, dtype=torch.float32)
     pe[:, 0::2] = torch.sin(positions * freqs)
     pe[:, 1::2] = torch.cos(positions * freqs)
@@ -145,10 +140,15 @@ class ChannelsLastFrontEnd(ConvolutionFrontEnd):
             block.reduce_conv is None
             and all(
                 not isinstance(layer, Conv2d)
-                or (layer.padding == "same" and layer.max_norm is None
-                    and not layer.skip_transpose and not layer.swap
+                or (
+                    layer.padding == "same"
+                    and layer.max_norm is None
+                    and not layer.skip_transpose
+                    and not layer.swap
                     and layer.conv.out_channels > 1
-                    and isinstance(layer.conv, nn.Conv2d) and layer.conv.padding == (0, 0))
+                    and isinstance(layer.conv, nn.Conv2d)
+                    and layer.conv.padding == (0, 0)
+                )
                 for layer in block.convs.children()
             )
             for block in self.children()
@@ -329,8 +329,7 @@ class EarlyExitConformerEncoder(IncrementalExits, nn.Module):
         super().__init__()
         if attention_type not in ("RelPosMHAXL", "regularMHA"):
             raise ValueError(
-                f"attention_type: accepted values are 'RelPosMHAXL' and 'regularMHA', "
-                f"got {attention_type!r}"
+                f"attention_type: accepted values are 'RelPosMHAXL' and 'regularMHA', got {attention_type!r}"
             )
         if d_model % nhead != 0:
             raise ValueError(f"nhead: d_model={d_model} must be divisible by nhead={nhead}")
@@ -339,11 +338,18 @@ class EarlyExitConformerEncoder(IncrementalExits, nn.Module):
         self.exit_layers = resolve_exit_layers(exit_layers, num_layers)
         # constructor arguments, written into exported inference YAML files
         self.config = dict(
-            input_size=input_size, num_layers=num_layers, d_model=d_model, nhead=nhead,
-            d_ffn=d_ffn, exit_layers=list(self.exit_layers),
-            kernel_size=kernel_size, dropout=dropout, attention_type=attention_type,
+            input_size=input_size,
+            num_layers=num_layers,
+            d_model=d_model,
+            nhead=nhead,
+            d_ffn=d_ffn,
+            exit_layers=list(self.exit_layers),
+            kernel_size=kernel_size,
+            dropout=dropout,
+            attention_type=attention_type,
             frontend_channels=[int(c) for c in frontend_channels],
-            frontend_strides=[int(s) for s in frontend_strides], causal=causal,
+            frontend_strides=[int(s) for s in frontend_strides],
+            causal=causal,
         )
         if abs_pos_encoding:  # only when set, so older exported configs stay unchanged
             self.config["abs_pos_encoding"] = True
@@ -367,9 +373,7 @@ class EarlyExitConformerEncoder(IncrementalExits, nn.Module):
         for stride in frontend_strides:
             freq_out = (freq_out + stride - 1) // stride
         self.frontend_strides = [int(s) for s in frontend_strides]
-        self.input_projection = nn.Sequential(
-            nn.Linear(frontend_channels[-1] * freq_out, d_model), nn.Dropout(dropout)
-        )
+        self.input_projection = nn.Sequential(nn.Linear(frontend_channels[-1] * freq_out, d_model), nn.Dropout(dropout))
         self.positional_encoding = RelPosEncXL(d_model) if attention_type == "RelPosMHAXL" else None
         self.layers = nn.ModuleList(
             [
@@ -402,8 +406,9 @@ class EarlyExitConformerEncoder(IncrementalExits, nn.Module):
         default of SpeechBrain's ``Conv2d``) needs more input frames than it pads:
         shorter inputs fail inside PyTorch's padding.
         """
-        convs = [layer for block in self.frontend.children() for layer in block.convs.children()
-                 if isinstance(layer, Conv2d)]
+        convs = [
+            layer for block in self.frontend.children() for layer in block.convs.children() if isinstance(layer, Conv2d)
+        ]
         need = 1
         for layer in reversed(convs):  # the time axis is the kernels' last
             k, s, d = layer.kernel_size[-1], layer.stride[-1], layer.dilation[-1]
@@ -470,9 +475,10 @@ class EarlyExitConformerEncoder(IncrementalExits, nn.Module):
         """Run the layers above the state's layer up to layer ``target`` (1-based), updating
         ``state`` in place (no exit norm)."""
         x = state.x
-        for layer in self.layers[state.layer:target]:
-            x, _ = layer(x, src_mask=state.src_mask, src_key_padding_mask=state.key_padding_mask,
-                         pos_embs=state.pos_embs)
+        for layer in self.layers[state.layer : target]:
+            x, _ = layer(
+                x, src_mask=state.src_mask, src_key_padding_mask=state.key_padding_mask, pos_embs=state.pos_embs
+            )
         state.x, state.layer = x, target
 
     def select(self, state: EncoderState, index: torch.Tensor, trim: bool = True) -> EncoderState:

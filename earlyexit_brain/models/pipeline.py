@@ -123,23 +123,43 @@ class EarlyExitAEDModel(EarlyExitCTCModel):
     utterance stopped at ever runs.
     """
 
-    def __init__(self, compute_features, normalize, encoder, heads, decoders, bos_index: int,
-                 eos_index: int, blank_index: int = 0, beam_size: int = 10, ctc_weight: float = 0.4,
-                 length_normalization: bool = True, length_reward: float = 0.0,
-                 max_decode_ratio: float = 1.0, lm_weight: float = 0.0, lm_word_bonus: float = 0.0,
-                 lm_oov_penalty: float = 10.0, default_exit: Optional[int] = None):
+    def __init__(
+        self,
+        compute_features,
+        normalize,
+        encoder,
+        heads,
+        decoders,
+        bos_index: int,
+        eos_index: int,
+        blank_index: int = 0,
+        beam_size: int = 10,
+        ctc_weight: float = 0.4,
+        length_normalization: bool = True,
+        length_reward: float = 0.0,
+        max_decode_ratio: float = 1.0,
+        lm_weight: float = 0.0,
+        lm_word_bonus: float = 0.0,
+        lm_oov_penalty: float = 10.0,
+        default_exit: Optional[int] = None,
+    ):
         super().__init__(compute_features, normalize, encoder, heads, default_exit)
         if decoders.num_exits != self.num_exits:
             raise ValueError(f"decoders: {decoders.num_exits} decoders for {self.num_exits} exits")
         self.decoders = decoders
-        self.search_options = dict(bos_index=int(bos_index), eos_index=int(eos_index),
-                                   blank_index=int(blank_index), beam_size=int(beam_size),
-                                   ctc_weight=float(ctc_weight),
-                                   length_normalization=bool(length_normalization),
-                                   length_reward=float(length_reward),
-                                   max_decode_ratio=float(max_decode_ratio),
-                                   lm_weight=float(lm_weight), lm_word_bonus=float(lm_word_bonus),
-                                   lm_oov_penalty=float(lm_oov_penalty))
+        self.search_options = dict(
+            bos_index=int(bos_index),
+            eos_index=int(eos_index),
+            blank_index=int(blank_index),
+            beam_size=int(beam_size),
+            ctc_weight=float(ctc_weight),
+            length_normalization=bool(length_normalization),
+            length_reward=float(length_reward),
+            max_decode_ratio=float(max_decode_ratio),
+            lm_weight=float(lm_weight),
+            lm_word_bonus=float(lm_word_bonus),
+            lm_oov_penalty=float(lm_oov_penalty),
+        )
         self._searchers: Dict[int, torch.nn.Module] = {}  # not registered: no extra weights
         self.has_decoders = True
         self.lm: Dict = {}
@@ -154,5 +174,3 @@ class EarlyExitAEDModel(EarlyExitCTCModel):
         ``lm_weight`` > 0 fuses (the weights are search options)."""
         self.lm = {"lm_path": lm_path, "pieces": list(pieces)}
         self._searchers = {}
-
-

@@ -64,8 +64,7 @@ def resolve_branch_exits(branch_exits: Optional[Sequence[int]], num_exits: int) 
     exits = list(branch_exits)
     for e in exits:
         if isinstance(e, bool) or not isinstance(e, int) or not 1 <= e <= num_exits:
-            raise ValueError(f"branch_exits: {e!r} is not an exit number; accepted values are 1..{num_exits} "
-                             f"({exits})")
+            raise ValueError(f"branch_exits: {e!r} is not an exit number; accepted values are 1..{num_exits} ({exits})")
     if len(set(exits)) != len(exits) or exits != sorted(exits):
         raise ValueError(f"branch_exits: the exits must be distinct and ascending, got {exits}")
     return exits
@@ -104,18 +103,36 @@ class DownsampledBranch(nn.Module):
     tensor([4, 3, 2])
     """
 
-    def __init__(self, d_model: int, nhead: int, d_ffn: int, factor: int = 2, num_layers: int = 1,
-                 kernel_size: int = 31, dropout: float = 0.1, causal: bool = False,
-                 attention_type: str = "RelPosMHAXL"):
+    def __init__(
+        self,
+        d_model: int,
+        nhead: int,
+        d_ffn: int,
+        factor: int = 2,
+        num_layers: int = 1,
+        kernel_size: int = 31,
+        dropout: float = 0.1,
+        causal: bool = False,
+        attention_type: str = "RelPosMHAXL",
+    ):
         super().__init__()
         self.factor = int(factor)
         self.causal = causal
-        self.layers = nn.ModuleList([
-            ConformerEncoderLayer(d_model=d_model, d_ffn=d_ffn, nhead=nhead, kernel_size=kernel_size,
-                                  activation=Swish, dropout=dropout, causal=causal,
-                                  attention_type=attention_type)
-            for _ in range(num_layers)
-        ])
+        self.layers = nn.ModuleList(
+            [
+                ConformerEncoderLayer(
+                    d_model=d_model,
+                    d_ffn=d_ffn,
+                    nhead=nhead,
+                    kernel_size=kernel_size,
+                    activation=Swish,
+                    dropout=dropout,
+                    causal=causal,
+                    attention_type=attention_type,
+                )
+                for _ in range(num_layers)
+            ]
+        )
         self.positional_encoding = RelPosEncXL(d_model) if attention_type == "RelPosMHAXL" else None
 
     def downsampled_frames(self, frames: torch.Tensor) -> torch.Tensor:
@@ -190,24 +207,46 @@ class SplitformerEncoder(EarlyExitConformerEncoder):
         branch_factor: int = 2,
         branch_layers: int = 1,
     ):
-        super().__init__(input_size, num_layers, d_model, nhead, d_ffn, exit_layers=exit_layers,
-                         kernel_size=kernel_size, dropout=dropout, attention_type=attention_type,
-                         frontend_channels=frontend_channels, frontend_strides=frontend_strides,
-                         causal=causal, abs_pos_encoding=abs_pos_encoding)
+        super().__init__(
+            input_size,
+            num_layers,
+            d_model,
+            nhead,
+            d_ffn,
+            exit_layers=exit_layers,
+            kernel_size=kernel_size,
+            dropout=dropout,
+            attention_type=attention_type,
+            frontend_channels=frontend_channels,
+            frontend_strides=frontend_strides,
+            causal=causal,
+            abs_pos_encoding=abs_pos_encoding,
+        )
         for key, value in (("branch_factor", branch_factor), ("branch_layers", branch_layers)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{key}: expected an integer >= 1, got {value!r}")
         self.branch_exits = resolve_branch_exits(branch_exits, self.num_exits)
         self.branch_factor = branch_factor
         self.branch_layers = branch_layers
-        self.config.update(branch_exits=list(self.branch_exits), branch_factor=branch_factor,
-                           branch_layers=branch_layers)
-        self.branches = nn.ModuleList([
-            DownsampledBranch(d_model, nhead, d_ffn, factor=branch_factor, num_layers=branch_layers,
-                              kernel_size=kernel_size, dropout=dropout, causal=causal,
-                              attention_type=attention_type)
-            for _ in self.branch_exits
-        ])
+        self.config.update(
+            branch_exits=list(self.branch_exits), branch_factor=branch_factor, branch_layers=branch_layers
+        )
+        self.branches = nn.ModuleList(
+            [
+                DownsampledBranch(
+                    d_model,
+                    nhead,
+                    d_ffn,
+                    factor=branch_factor,
+                    num_layers=branch_layers,
+                    kernel_size=kernel_size,
+                    dropout=dropout,
+                    causal=causal,
+                    attention_type=attention_type,
+                )
+                for _ in self.branch_exits
+            ]
+        )
         # 0-based exit index -> its branch
         self._branch_of = {e - 1: i for i, e in enumerate(self.branch_exits)}
 

@@ -57,12 +57,15 @@ def check_source(source: str, key: str = "ssl_source") -> bool:
         raise ValueError(f"{key}: expected a Hub id (owner/name) or a local model folder, got {source!r}")
     if os.path.isdir(source):
         if not os.path.isfile(os.path.join(source, "config.json")):
-            raise ValueError(f"{key}: the folder {source!r} has no config.json (not a saved "
-                             f"Hugging Face model; save one with save_pretrained)")
+            raise ValueError(
+                f"{key}: the folder {source!r} has no config.json (not a saved "
+                f"Hugging Face model; save one with save_pretrained)"
+            )
         return True
     if os.path.exists(source) or not _HUB_ID.match(source):
-        raise ValueError(f"{key}: {source!r} is neither a local model folder nor a Hugging Face "
-                         f"Hub id of the form owner/name")
+        raise ValueError(
+            f"{key}: {source!r} is neither a local model folder nor a Hugging Face Hub id of the form owner/name"
+        )
     return False
 
 
@@ -73,8 +76,9 @@ def _build_hf_model(source: Optional[str], hf_config: Optional[Dict[str, Any]], 
         cfg = dict(hf_config)
         model_type = cfg.pop("model_type", None)
         if model_type not in SUPPORTED_MODEL_TYPES:
-            raise ValueError(f"{key}: model type {model_type!r} is not supported; accepted: "
-                             f"{', '.join(SUPPORTED_MODEL_TYPES)}")
+            raise ValueError(
+                f"{key}: model type {model_type!r} is not supported; accepted: {', '.join(SUPPORTED_MODEL_TYPES)}"
+            )
         config = AutoConfig.for_model(model_type, **cfg)
         return AutoModel.from_config(config)
     local = check_source(source, key)
@@ -83,9 +87,11 @@ def _build_hf_model(source: Optional[str], hf_config: Optional[Dict[str, Any]], 
     except OSError as err:
         raise ValueError(f"{key}: cannot load a model configuration from {source!r} ({err})") from err
     if config.model_type not in SUPPORTED_MODEL_TYPES:
-        raise ValueError(f"{key}: {source!r} is a {config.model_type!r} model, which has no "
-                         f"wav2vec2-style transformer layers to tap; accepted model types: "
-                         f"{', '.join(SUPPORTED_MODEL_TYPES)}")
+        raise ValueError(
+            f"{key}: {source!r} is a {config.model_type!r} model, which has no "
+            f"wav2vec2-style transformer layers to tap; accepted model types: "
+            f"{', '.join(SUPPORTED_MODEL_TYPES)}"
+        )
     return AutoModel.from_pretrained(source, local_files_only=local)
 
 
@@ -106,10 +112,10 @@ class SSLEncoderState:
     x: torch.Tensor
     frames: torch.Tensor
     layer: int
-    valid: torch.Tensor                  # (B, T') bool, True on valid frames
+    valid: torch.Tensor  # (B, T') bool, True on valid frames
     attention_mask: Optional[torch.Tensor]
     position_bias: Optional[torch.Tensor]
-    frozen: bool = False                 # run without gradients (ssl_freeze_steps)
+    frozen: bool = False  # run without gradients (ssl_freeze_steps)
 
 
 class WaveformFeatures(nn.Module):
@@ -231,8 +237,10 @@ class EarlyExitSSLEncoder(IncrementalExits, nn.Module):
             for p in model.feature_extractor.parameters():
                 p.requires_grad = False
         self.config = dict(
-            hf_config=_json_config(cfg), exit_layers=list(self.exit_layers),
-            freeze_feature_extractor=self.freeze_feature_extractor, freeze_steps=self.freeze_steps,
+            hf_config=_json_config(cfg),
+            exit_layers=list(self.exit_layers),
+            freeze_feature_extractor=self.freeze_feature_extractor,
+            freeze_steps=self.freeze_steps,
         )
 
     @property
@@ -273,8 +281,10 @@ class EarlyExitSSLEncoder(IncrementalExits, nn.Module):
         ``wavs`` ``(B, S)``; ``lengths`` ``(B,)`` relative lengths in ``[0, 1]``.
         """
         if wavs.dim() != 2:
-            raise ValueError(f"EarlyExitSSLEncoder expects waveforms (B, S), got shape {tuple(wavs.shape)}; "
-                             f"use compute_features: WaveformFeatures")
+            raise ValueError(
+                f"EarlyExitSSLEncoder expects waveforms (B, S), got shape {tuple(wavs.shape)}; "
+                f"use compute_features: WaveformFeatures"
+            )
         frozen = self._frozen()
         if self.training and self.freeze_steps:
             self.steps += 1
@@ -304,8 +314,9 @@ class EarlyExitSSLEncoder(IncrementalExits, nn.Module):
                 return x
         if self.model_type == "wavlm":
             kwargs = {} if self.stable_layer_norm else {"index": i}
-            x, state.position_bias = layer(x, attention_mask=state.attention_mask,
-                                           position_bias=state.position_bias, **kwargs)
+            x, state.position_bias = layer(
+                x, attention_mask=state.attention_mask, position_bias=state.position_bias, **kwargs
+            )
             return x
         out = layer(x, attention_mask=state.attention_mask)
         return out[0] if isinstance(out, tuple) else out

@@ -21,19 +21,26 @@ from .policies import RUNTIME_POLICIES
 
 
 def parse_args(argv):
-    parser = argparse.ArgumentParser(prog="python -m earlyexit_brain.runtime",
-                                     description="Transcribe audio files with an ONNX export (no PyTorch).")
+    parser = argparse.ArgumentParser(
+        prog="python -m earlyexit_brain.runtime", description="Transcribe audio files with an ONNX export (no PyTorch)."
+    )
     parser.add_argument("model", help="onnx folder written by recipes/export.py")
     parser.add_argument("audio", nargs="+", help="audio files (any rate/channels soundfile reads)")
     choice = parser.add_mutually_exclusive_group()
     choice.add_argument("--exit", type=int, default=None, help="fixed exit K (1-based)")
-    choice.add_argument("--policy", choices=list(RUNTIME_POLICIES), default=None,
-                        help="exit policy (its calibrated threshold unless --threshold)")
-    choice.add_argument("--budget-ms", type=float, default=None,
-                        help="latency budget in ms: the deepest exit that fits (budget policy)")
+    choice.add_argument(
+        "--policy",
+        choices=list(RUNTIME_POLICIES),
+        default=None,
+        help="exit policy (its calibrated threshold unless --threshold)",
+    )
+    choice.add_argument(
+        "--budget-ms", type=float, default=None, help="latency budget in ms: the deepest exit that fits (budget policy)"
+    )
     parser.add_argument("--threshold", type=float, default=None, help="threshold for --policy")
-    parser.add_argument("--threads", type=int, default=None,
-                        help="onnxruntime threads (default: one per physical core)")
+    parser.add_argument(
+        "--threads", type=int, default=None, help="onnxruntime threads (default: one per physical core)"
+    )
     parser.add_argument("--precision", choices=["fp32", "int8"], default="fp32", help="graphs to run")
     args = parser.parse_args(argv)
     if args.threshold is not None and args.policy is None:

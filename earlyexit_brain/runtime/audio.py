@@ -19,8 +19,7 @@ SILENCE_PEAK = 1e-5  # peak amplitude below which a file counts as silent (-100 
 
 
 @lru_cache(maxsize=16)
-def _sinc_kernel(orig: int, new: int, lowpass_filter_width: int = 6,
-                 rolloff: float = 0.99) -> Tuple[np.ndarray, int]:
+def _sinc_kernel(orig: int, new: int, lowpass_filter_width: int = 6, rolloff: float = 0.99) -> Tuple[np.ndarray, int]:
     """torchaudio's ``_get_sinc_resample_kernel`` (``sinc_interp_hann``) for rates already
     divided by their gcd: ``(new, 2 * width + orig)`` float32 kernels and ``width``."""
     base = min(orig, new) * rolloff
@@ -90,6 +89,8 @@ def signal_problem(signal: np.ndarray, min_samples: int, sample_rate: int) -> Op
     if not bool(np.isfinite(signal).all()):
         return "the audio contains NaN or infinite samples"
     if signal.size < min_samples:
-        return (f"the audio is too short: {signal.size} samples, the model needs at least "
-                f"{min_samples} ({1000.0 * min_samples / sample_rate:.0f} ms)")
+        return (
+            f"the audio is too short: {signal.size} samples, the model needs at least "
+            f"{min_samples} ({1000.0 * min_samples / sample_rate:.0f} ms)"
+        )
     return None

@@ -68,15 +68,18 @@ def read_manifest(folder: str) -> Dict:
         with open(path) as fin:
             manifest = json.load(fin)
     except FileNotFoundError:
-        raise ValueError(f"{path}: no such file; {folder} is not an ONNX export "
-                         f"(recipes/export.py writes one)") from None
+        raise ValueError(
+            f"{path}: no such file; {folder} is not an ONNX export (recipes/export.py writes one)"
+        ) from None
     except (OSError, ValueError) as err:
         raise ValueError(f"{path}: cannot be read as JSON ({err})") from err
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
         raise ValueError(f"{path}: not an earlyexit_brain ONNX manifest (format {FORMAT!r} expected)")
     if manifest.get("format_version", 0) > FORMAT_VERSION:
-        raise ValueError(f"{path}: format_version {manifest['format_version']} is newer than this "
-                         f"runtime reads ({FORMAT_VERSION}); update earlyexit_brain")
+        raise ValueError(
+            f"{path}: format_version {manifest['format_version']} is newer than this "
+            f"runtime reads ({FORMAT_VERSION}); update earlyexit_brain"
+        )
     return manifest
 
 
@@ -92,8 +95,10 @@ def check_files(folder: str, manifest: Dict, names: Sequence[str]):
             raise ValueError(f"{path}: missing (listed in {MANIFEST})")
         found = sha256_file(path)
         if found != recorded[name]:
-            raise ValueError(f"{path}: sha256 {found} does not match {MANIFEST} ({recorded[name]}); "
-                             f"the file was changed or corrupted after the export")
+            raise ValueError(
+                f"{path}: sha256 {found} does not match {MANIFEST} ({recorded[name]}); "
+                f"the file was changed or corrupted after the export"
+            )
 
 
 def session_options(threads: Optional[int]) -> ort.SessionOptions:
@@ -121,8 +126,9 @@ def open_session(path: str, options: ort.SessionOptions, opset) -> ort.Inference
         text = str(err) or type(err).__name__
         found = re.search(r"[Oo]pset \d+[^.]*\.", text)  # "Opset 99 is under development ..."
         detail = found.group(0) if found else text.split("failed:")[-1].strip()[:300]
-        raise ValueError(f"{path}: onnxruntime {ort.__version__} cannot load it (the manifest's opset is "
-                         f"{opset}): {detail}") from err
+        raise ValueError(
+            f"{path}: onnxruntime {ort.__version__} cannot load it (the manifest's opset is {opset}): {detail}"
+        ) from err
 
 
 def greedy_ids(log_probs: np.ndarray, blank_index: int) -> List[int]:
@@ -161,8 +167,7 @@ class EarlyExitONNX:
         opset = manifest.get("opset")
         options = session_options(threads)
         self.front = open_session(os.path.join(folder, graphs["front"]["file"]), options, opset)
-        self.segments = [open_session(os.path.join(folder, g["file"]), options, opset)
-                         for g in graphs["segments"]]
+        self.segments = [open_session(os.path.join(folder, g["file"]), options, opset) for g in graphs["segments"]]
         self.heads = [open_session(os.path.join(folder, g["file"]), options, opset) for g in graphs["heads"]]
         self.uses_positions = "pos_embs" in [i["name"] for i in graphs["segments"][0]["inputs"]]
         self.tokenizer = spm.SentencePieceProcessor(model_file=os.path.join(folder, manifest["tokenizer"]))
@@ -192,12 +197,15 @@ class EarlyExitONNX:
         if precision not in PRECISIONS:
             raise ValueError(f"precision: accepted values are {', '.join(PRECISIONS)}, got {precision!r}")
         if precision not in manifest.get("precisions", {}):
-            raise ValueError(f"precision: {folder} has no {precision} graphs (exported: "
-                             f"{', '.join(manifest.get('precisions', {}))}; recipes/export.py --int8 adds int8)")
+            raise ValueError(
+                f"precision: {folder} has no {precision} graphs (exported: "
+                f"{', '.join(manifest.get('precisions', {}))}; recipes/export.py --int8 adds int8)"
+            )
         graphs = manifest["precisions"][precision]
         names = [graphs["front"]["file"]] + [g["file"] for g in graphs["segments"] + graphs["heads"]]
-        names += [manifest["tokenizer"], manifest["policies"]] + \
-            ([graphs["latency_table"]] if graphs.get("latency_table") else [])
+        names += [manifest["tokenizer"], manifest["policies"]] + (
+            [graphs["latency_table"]] if graphs.get("latency_table") else []
+        )
         check_files(folder, manifest, names)
         return cls(folder, manifest, precision, threads)
 
@@ -215,8 +223,7 @@ class EarlyExitONNX:
         return int(self.manifest["vocab_size"])
 
     # ------------------------------------------------------------------ policies
-    def make_policy(self, policy=None, threshold: Optional[float] = None,
-                    exit: Optional[int] = None) -> RuntimePolicy:
+    def make_policy(self, policy=None, threshold: Optional[float] = None, exit: Optional[int] = None) -> RuntimePolicy:
         """Resolve ``exit`` / ``policy`` / ``threshold`` (with the stored defaults) into a policy,
         as :meth:`EarlyExitASR.make_policy <earlyexit_brain.inference.EarlyExitASR.make_policy>`."""
         if isinstance(policy, RuntimePolicy):
@@ -224,8 +231,9 @@ class EarlyExitONNX:
                 raise ValueError("threshold: a policy object carries its own threshold; do not pass threshold=")
             return policy
         if threshold is not None and policy is None:
-            raise ValueError("threshold: give policy= with threshold= (the policy it is for: entropy, "
-                             "posterior_greedy or budget)")
+            raise ValueError(
+                "threshold: give policy= with threshold= (the policy it is for: entropy, posterior_greedy or budget)"
+            )
         if exit is not None and policy not in (None, "fixed"):
             raise ValueError(f"exit: give either an exit or the policy {policy!r}, not both")
         if policy is None and exit is None:
@@ -238,11 +246,13 @@ class EarlyExitONNX:
         if policy not in ("fixed", "posterior") and threshold is None and policy in RUNTIME_POLICIES:
             threshold = self.policies.threshold(policy)
             if threshold is None:
-                raise ValueError(f"threshold: no calibrated threshold is stored for the {policy} policy; "
-                                 f"pass threshold=")
+                raise ValueError(
+                    f"threshold: no calibrated threshold is stored for the {policy} policy; pass threshold="
+                )
         options = {} if policy == "budget" else self.policies.policy_options(policy)
-        return make_runtime_policy(policy, threshold, exit, self.num_exits, self.latency_table,
-                                   self.vocab_size, **options)
+        return make_runtime_policy(
+            policy, threshold, exit, self.num_exits, self.latency_table, self.vocab_size, **options
+        )
 
     # ------------------------------------------------------------------ graphs
     def _run_front(self, wavs: np.ndarray, wav_lens: np.ndarray):
@@ -307,8 +317,11 @@ class EarlyExitONNX:
                 done += 1
             log_probs = self._run_head(k, x)
             if plan is None:
-                stop = np.ones(len(active), bool) if k == self.num_exits - 1 else \
-                    np.asarray(policy(k, log_probs, frames), bool)
+                stop = (
+                    np.ones(len(active), bool)
+                    if k == self.num_exits - 1
+                    else np.asarray(policy(k, log_probs, frames), bool)
+                )
             for i in np.flatnonzero(stop):
                 out[int(active[i])] = log_probs[i, : int(frames[i])]
                 exits[int(active[i])] = k
@@ -320,7 +333,7 @@ class EarlyExitONNX:
                 t_old, t_new = x.shape[1], int(frames.max())
                 x = np.ascontiguousarray(x[keep, :t_new])
                 if pos is not None:  # relative positions of t_new frames: the middle of those of t_old
-                    pos = np.ascontiguousarray(pos[:, t_old - t_new: t_old + t_new - 1])
+                    pos = np.ascontiguousarray(pos[:, t_old - t_new : t_old + t_new - 1])
         layers = np.array([self.exit_layers[int(k)] for k in exits], dtype=np.int64)
         return out, exits, layers
 
@@ -331,9 +344,14 @@ class EarlyExitONNX:
         return self.tokenizer.decode_ids(ids) if ids else ""
 
     # ------------------------------------------------------------------ transcription
-    def transcribe_batch(self, wavs: np.ndarray, wav_lens: Optional[np.ndarray] = None,
-                         exit: Optional[int] = None, policy=None,
-                         threshold: Optional[float] = None) -> List[Transcription]:
+    def transcribe_batch(
+        self,
+        wavs: np.ndarray,
+        wav_lens: Optional[np.ndarray] = None,
+        exit: Optional[int] = None,
+        policy=None,
+        threshold: Optional[float] = None,
+    ) -> List[Transcription]:
         """Transcribe a padded batch ``(B, S)`` of mono waveforms at the model's rate (relative
         ``wav_lens``). A row that cannot be transcribed (empty, too short, NaN or infinite
         samples) gets ``text`` None and ``error``; the other rows are transcribed together."""
@@ -343,8 +361,7 @@ class EarlyExitONNX:
             raise ValueError(f"wavs: expected a (batch, samples) array, got shape {wavs.shape}")
         lens = np.ones(len(wavs), np.float32) if wav_lens is None else np.asarray(wav_lens, np.float32)
         samples = [int(round(float(length) * wavs.shape[1])) for length in lens]
-        problems = [signal_problem(wavs[b, :n], self.min_samples, self.sample_rate)
-                    for b, n in enumerate(samples)]
+        problems = [signal_problem(wavs[b, :n], self.min_samples, self.sample_rate) for b, n in enumerate(samples)]
         results = [Transcription(text=None, error=f"row {b}: {p}") for b, p in enumerate(problems)]
         keep = [b for b, p in enumerate(problems) if p is None]
         if not keep:
@@ -355,8 +372,7 @@ class EarlyExitONNX:
             lens = np.array([samples[b] / longest for b in keep], np.float32)
         log_probs, exits, layers = self.run_dynamic(np.ascontiguousarray(wavs), lens, chosen)
         for i, b in enumerate(keep):
-            results[b] = Transcription(text=self.text(log_probs[i]), exit=int(exits[i]) + 1,
-                                       layers=int(layers[i]))
+            results[b] = Transcription(text=self.text(log_probs[i]), exit=int(exits[i]) + 1, layers=int(layers[i]))
         return results
 
     def load_checked(self, path: str) -> np.ndarray:
@@ -370,16 +386,23 @@ class EarlyExitONNX:
             raise ValueError(f"{path}: the audio is silent (peak amplitude below {SILENCE_PEAK})")
         return signal
 
-    def transcribe_file(self, path: str, exit: Optional[int] = None, policy=None,
-                        threshold: Optional[float] = None) -> Transcription:
+    def transcribe_file(
+        self, path: str, exit: Optional[int] = None, policy=None, threshold: Optional[float] = None
+    ) -> Transcription:
         """Transcribe one file; a ValueError names the file when it cannot be used."""
         chosen = self.make_policy(policy, threshold, exit)
         result = self.transcribe_batch(self.load_checked(path)[None], policy=chosen)[0]
         result.path = path
         return result
 
-    def transcribe_files(self, paths: Sequence[str], exit: Optional[int] = None, policy=None,
-                         threshold: Optional[float] = None, batch_size: int = 8) -> List[Transcription]:
+    def transcribe_files(
+        self,
+        paths: Sequence[str],
+        exit: Optional[int] = None,
+        policy=None,
+        threshold: Optional[float] = None,
+        batch_size: int = 8,
+    ) -> List[Transcription]:
         """Transcribe many files in batches; a bad file is reported (``error``) and the rest transcribed."""
         chosen = self.make_policy(policy, threshold, exit)
         results: List[Optional[Transcription]] = [None] * len(paths)
@@ -391,11 +414,11 @@ class EarlyExitONNX:
                 logger.warning("skipping %s", err)
                 results[i] = Transcription(text=None, path=path, error=str(err))
         for start in range(0, len(good), batch_size):
-            chunk = good[start:start + batch_size]
+            chunk = good[start : start + batch_size]
             longest = max(len(sig) for _, sig in chunk)
             wavs = np.zeros((len(chunk), longest), np.float32)
             for row, (_, sig) in enumerate(chunk):
-                wavs[row, :len(sig)] = sig
+                wavs[row, : len(sig)] = sig
             lens = np.array([len(sig) / longest for _, sig in chunk], np.float32)
             for (i, _), res in zip(chunk, self.transcribe_batch(wavs, lens, policy=chosen)):
                 res.path = paths[i]

@@ -107,8 +107,14 @@ class RuntimePolicy:
     """``policy(exit_index, log_probs, frames, durations) -> (B,) bool``; ``planned_exits`` for
     the policies that choose every exit before any layer runs (None otherwise)."""
 
-    def __init__(self, name: str, threshold: Optional[float] = None, exit_index: Optional[int] = None,
-                 table: Optional[RuntimeLatencyTable] = None, **options):
+    def __init__(
+        self,
+        name: str,
+        threshold: Optional[float] = None,
+        exit_index: Optional[int] = None,
+        table: Optional[RuntimeLatencyTable] = None,
+        **options,
+    ):
         self.name, self.threshold, self.exit_index, self.table = name, threshold, exit_index, table
         self.options = options
 
@@ -133,14 +139,22 @@ class RuntimePolicy:
         return {"policy": self.name, "threshold": self.threshold, **self.options}
 
 
-def make_runtime_policy(name: str, threshold: Optional[float] = None, exit: Optional[int] = None,
-                        num_exits: int = 1, table: Optional[RuntimeLatencyTable] = None,
-                        vocab_size: Optional[int] = None, **options) -> RuntimePolicy:
+def make_runtime_policy(
+    name: str,
+    threshold: Optional[float] = None,
+    exit: Optional[int] = None,
+    num_exits: int = 1,
+    table: Optional[RuntimeLatencyTable] = None,
+    vocab_size: Optional[int] = None,
+    **options,
+) -> RuntimePolicy:
     """Build a runtime policy by name (``exit`` 1-based, ``threshold`` in ms for ``budget``);
     errors name the argument at fault."""
     if name == "posterior":
-        raise ValueError("policy: the N-best 'posterior' policy needs a CTC beam search, which the ONNX "
-                         "runtime does not have; use 'posterior_greedy', 'entropy', 'budget' or an exit")
+        raise ValueError(
+            "policy: the N-best 'posterior' policy needs a CTC beam search, which the ONNX "
+            "runtime does not have; use 'posterior_greedy', 'entropy', 'budget' or an exit"
+        )
     if name not in RUNTIME_POLICIES:
         raise ValueError(f"policy: unknown policy {name!r}; the runtime accepts: {', '.join(RUNTIME_POLICIES)}")
     if name == "fixed":

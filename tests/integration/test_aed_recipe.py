@@ -70,8 +70,9 @@ def test_exported_aed_model_transcribes_at_each_exit(aed_run):
 def test_evaluate_recipe_on_an_aed_experiment(repo_root, aed_run):
     out, _, _ = aed_run
     before = json.loads((out / "report.json").read_text())
-    proc = subprocess.run([sys.executable, "recipes/evaluate.py", str(out)], cwd=repo_root,
-                          capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(
+        [sys.executable, "recipes/evaluate.py", str(out)], cwd=repo_root, capture_output=True, text=True, timeout=600
+    )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
     after = json.loads((out / "report.json").read_text())
     assert after["exits"][0]["sets"]["test"]["wer"] == before["exits"][0]["sets"]["test"]["wer"]

@@ -13,8 +13,7 @@ from tests.oracles import check_policy_transcription
 
 
 def train_losses(log_text):
-    return [float(m) for m in re.findall(r"^epoch: \d+, .*? - train loss: ([0-9.e+-]+)",
-                                          log_text, flags=re.M)]
+    return [float(m) for m in re.findall(r"^epoch: \d+, .*? - train loss: ([0-9.e+-]+)", log_text, flags=re.M)]
 
 
 def test_report_schema(smoke_run):
@@ -83,8 +82,12 @@ def test_policy_evaluation_in_the_report(smoke_run):
             assert set(stats) == {"wer", "avg_layers", "avg_exit", "seconds"}
             assert stats["avg_layers"] == stats["avg_exit"] and stats["seconds"] > 0  # exit k after layer k
     # a stricter threshold never stops earlier: each policy's average depth is monotonic in its threshold
-    for name, deeper_when_higher in (("entropy", False), ("posterior", True), ("posterior_greedy", True),
-                                     ("budget", True)):
+    for name, deeper_when_higher in (
+        ("entropy", False),
+        ("posterior", True),
+        ("posterior_greedy", True),
+        ("budget", True),
+    ):
         rows = sorted((p for p in report["policies"] if p["policy"] == name), key=lambda p: p["threshold"])
         for s in ("test", "test_unseen_voice"):
             depths = [p["sets"][s]["avg_layers"] for p in rows]
@@ -129,8 +132,7 @@ def test_ngram_lm_estimated_used_and_exported(smoke_run):
     report = json.loads((out / "report.json").read_text())
     assert report["test_decoders"] == ["ctc_beam", "ctc_greedy"]
     assert report["ctc_lm"] == {"file": "ngram_2.arpa", "order": 2, "alpha": 0.5, "beta": 1.0}
-    assert report["decoding"] == {"decoder": "ctc_beam", "beam_size": 10, "lm": True,
-                                  "alpha": 0.5, "beta": 1.0}
+    assert report["decoding"] == {"decoder": "ctc_beam", "beam_size": 10, "lm": True, "alpha": 0.5, "beta": 1.0}
     for entry in report["exits"]:  # the headline figures are the first decoder's
         stats = entry["sets"]["test"]
         assert stats["wer"] == stats["decoders"]["ctc_beam"]["wer"]
@@ -160,9 +162,19 @@ def test_evaluate_recipe_on_the_experiment_folder(repo_root, smoke_run, tmp_path
     aside = tmp_path / "original_save"  # the copy must not need the original's checkpoints
     (out / "save").rename(aside)
     try:
-        proc = subprocess.run([sys.executable, "recipes/evaluate.py", str(copy),
-                               "--calibration_target=avg_layers", "--calibration_value=1.5"],
-                              cwd=repo_root, capture_output=True, text=True, timeout=600)
+        proc = subprocess.run(
+            [
+                sys.executable,
+                "recipes/evaluate.py",
+                str(copy),
+                "--calibration_target=avg_layers",
+                "--calibration_value=1.5",
+            ],
+            cwd=repo_root,
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
     finally:  # (without the rewrite, the copy's evaluation writes into the original's save/)
         shutil.rmtree(out / "save", ignore_errors=True)
         aside.rename(out / "save")
@@ -175,12 +187,22 @@ def test_evaluate_recipe_on_the_experiment_folder(repo_root, smoke_run, tmp_path
     assert after["calibration"]["target"] == "avg_layers"
     for cal in after["calibration"]["thresholds"].values():
         assert cal["dev"]["avg_layers"] <= 1.5
-    bad = subprocess.run([sys.executable, "recipes/evaluate.py", str(copy / "save")],
-                         cwd=repo_root, capture_output=True, text=True, timeout=120)
+    bad = subprocess.run(
+        [sys.executable, "recipes/evaluate.py", str(copy / "save")],
+        cwd=repo_root,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert bad.returncode != 0 and "not an experiment folder" in bad.stderr
     # another output folder is refused before any work (the folder is evaluated in place)
     elsewhere = tmp_path / "elsewhere"
-    bad = subprocess.run([sys.executable, "recipes/evaluate.py", str(copy), f"--output_folder={elsewhere}"],
-                         cwd=repo_root, capture_output=True, text=True, timeout=120)
+    bad = subprocess.run(
+        [sys.executable, "recipes/evaluate.py", str(copy), f"--output_folder={elsewhere}"],
+        cwd=repo_root,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert bad.returncode != 0 and "output_folder" in bad.stderr and "cp -r" in bad.stderr
     assert not elsewhere.exists()

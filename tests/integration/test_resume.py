@@ -50,16 +50,13 @@ def kill_when(cmd, cwd, condition, timeout=600):
     return proc.returncode
 
 
-def test_killed_mid_epoch_or_in_evaluation_the_rerun_completes_as_uninterrupted(
-        repo_root, smoke_run, tmp_path):
+def test_killed_mid_epoch_or_in_evaluation_the_rerun_completes_as_uninterrupted(repo_root, smoke_run, tmp_path):
     reference, data, _ = smoke_run
     out = tmp_path / "killed"
     extra = ["--ckpt_interval_steps=2", "--policy_evaluation=False"]
-    cmd = [sys.executable, "recipes/train.py", SMOKE, f"--output_folder={out}",
-           f"--data_folder={data}", *extra]
+    cmd = [sys.executable, "recipes/train.py", SMOKE, f"--output_folder={out}", f"--data_folder={data}", *extra]
     # killed in the third epoch, once it has an intra-epoch checkpoint
-    code = kill_when(cmd, repo_root, lambda: epochs_logged(out) >= 2
-                     and checkpoint_inside_a_new_epoch(out))
+    code = kill_when(cmd, repo_root, lambda: epochs_logged(out) >= 2 and checkpoint_inside_a_new_epoch(out))
     assert code == -signal.SIGKILL, "the run ended before it could be killed"
     killed_at = epochs_logged(out)
     assert 2 <= killed_at < 6
@@ -72,8 +69,11 @@ def test_killed_mid_epoch_or_in_evaluation_the_rerun_completes_as_uninterrupted(
     ref_log = (reference / "train_log.txt").read_text().splitlines()
     got_log = (out / "train_log.txt").read_text().splitlines()
     last = [line for line in got_log if line.startswith("epoch: 6")]
-    assert last and last[0].split(" - ", 1)[1] == [
-        line for line in ref_log if line.startswith("epoch: 6")][0].split(" - ", 1)[1]
+    assert (
+        last
+        and last[0].split(" - ", 1)[1]
+        == [line for line in ref_log if line.startswith("epoch: 6")][0].split(" - ", 1)[1]
+    )
 
     # killed while evaluating (a rerun of a finished run only evaluates): the report on disk
     # stays the complete previous one, and the next rerun completes

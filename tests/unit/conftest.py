@@ -31,8 +31,9 @@ def model(tokenizer_path):
     normalize = InputNormalization(norm_type="global")
     fbank = Fbank(n_mels=20)
     normalize(fbank(torch.randn(2, SR)), torch.ones(2))  # statistics in training mode
-    encoder = EarlyExitConformerEncoder(20, num_layers=6, d_model=32, nhead=4, d_ffn=64,
-                                        exit_layers=[2, 4, 6], kernel_size=3, dropout=0.0)
+    encoder = EarlyExitConformerEncoder(
+        20, num_layers=6, d_model=32, nhead=4, d_ffn=64, exit_layers=[2, 4, 6], kernel_size=3, dropout=0.0
+    )
     heads = CTCExitHeads(32, sp.vocab_size() + 2, 3)
     return EarlyExitCTCModel(fbank, normalize, encoder, heads).eval()
 
@@ -40,15 +41,17 @@ def model(tokenizer_path):
 POLICIES = {
     "default": {"policy": "posterior_greedy", "threshold": 0.05},
     "thresholds": {"entropy": 0.99, "posterior": 0.5, "posterior_greedy": 0.05},
-    "options": {"entropy": {"normalize": True}, "posterior_greedy": {"form": "mean"},
-                "posterior": {"beam_size": 4, "token_prune_min_logp": -3.0}},
+    "options": {
+        "entropy": {"normalize": True},
+        "posterior_greedy": {"form": "mean"},
+        "posterior": {"beam_size": 4, "token_prune_min_logp": -3.0},
+    },
 }
 
 
 @pytest.fixture(scope="module")
 def folder(model, tokenizer_path, tmp_path_factory):
-    table = fit_latency_table([{"seconds": 1.0, "ms": [1.0, 2.0, 3.0]},
-                               {"seconds": 2.0, "ms": [2.0, 4.0, 6.0]}])
+    table = fit_latency_table([{"seconds": 1.0, "ms": [1.0, 2.0, 3.0]}, {"seconds": 2.0, "ms": [2.0, 4.0, 6.0]}])
     out = tmp_path_factory.mktemp("exp") / "inference"
     features = {"sample_rate": SR, "n_fft": 400, "n_mels": 20, "hop_length": 10, "win_length": 25}
     export_inference_folder(str(out), model, features, tokenizer_path, 0, POLICIES, table)

@@ -4,8 +4,7 @@ import importlib
 import os
 import sys
 
-RECIPES = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))),
-                       "recipes")
+RECIPES = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "recipes")
 
 
 def recipe(name: str):

@@ -48,11 +48,11 @@ def sp(sp_path):
 
 def parts(vocab=32, share=True, seed=0):
     torch.manual_seed(seed)
-    enc = EarlyExitConformerEncoder(20, num_layers=4, d_model=16, nhead=2, d_ffn=32,
-                                    exit_layers=[2, 4], kernel_size=3, dropout=0.0)
+    enc = EarlyExitConformerEncoder(
+        20, num_layers=4, d_model=16, nhead=2, d_ffn=32, exit_layers=[2, 4], kernel_size=3, dropout=0.0
+    )
     heads = CTCExitHeads(16, vocab, 2)
-    decoders = ExitDecoders(16, vocab, 2, num_layers=1, nhead=2, d_ffn=32, dropout=0.0,
-                            share_embedding=share)
+    decoders = ExitDecoders(16, vocab, 2, num_layers=1, nhead=2, d_ffn=32, dropout=0.0, share_embedding=share)
     return enc, heads, decoders
 
 
@@ -62,8 +62,18 @@ def aed_model():
     normalize = InputNormalization(norm_type="global")
     fbank = Fbank(n_mels=20)
     normalize(fbank(torch.randn(2, SR)), torch.ones(2))
-    return EarlyExitAEDModel(fbank, normalize, enc, heads, decoders, bos_index=BOS, eos_index=EOS,
-                             beam_size=3, ctc_weight=0.4, max_decode_ratio=0.5).eval()
+    return EarlyExitAEDModel(
+        fbank,
+        normalize,
+        enc,
+        heads,
+        decoders,
+        bos_index=BOS,
+        eos_index=EOS,
+        beam_size=3,
+        ctc_weight=0.4,
+        max_decode_ratio=0.5,
+    ).eval()
 
 
 # ------------------------------------------------------------------ decoders
@@ -116,8 +126,17 @@ def seq2seq_brain(folder, ctc_weight=0.3, smoothing=0.1, weights=None, **keys):
     """The attention-decoder recipe's Brain (tests/factories.py: conformer_aed_ee.yaml) with 2 exits
     after layers 2 and 4 and 32 outputs (bos 1, eos 2); no n-gram fused unless ``keys`` say so."""
     keys = {"aed_lm_weight": 0.0, **keys}
-    brain = make_brain(folder, aed=True, num_layers=4, exit_layers=[2, 4], output_neurons=32,
-                       ctc_weight=ctc_weight, label_smoothing=smoothing, exit_loss_weights=weights, **keys)
+    brain = make_brain(
+        folder,
+        aed=True,
+        num_layers=4,
+        exit_layers=[2, 4],
+        output_neurons=32,
+        ctc_weight=ctc_weight,
+        label_smoothing=smoothing,
+        exit_loss_weights=weights,
+        **keys,
+    )
     assert isinstance(brain, EarlyExitSeq2SeqBrain)
     assert (brain.hparams.bos_index, brain.hparams.eos_index) == (BOS, EOS)
     brain.modules.normalize(torch.randn(2, 50, 20), torch.ones(2))  # statistics, so eval mode works
@@ -126,10 +145,12 @@ def seq2seq_brain(folder, ctc_weight=0.3, smoothing=0.1, weights=None, **keys):
 
 def batch(second_tokens=(4, 5)):
     torch.manual_seed(0)
-    return PaddedBatch([
-        {"id": "a", "sig": torch.randn(8000), "tokens": torch.tensor([3, 4, 5, 6]), "wrd": "A"},
-        {"id": "b", "sig": torch.randn(6000), "tokens": torch.tensor(list(second_tokens)), "wrd": "B"},
-    ])
+    return PaddedBatch(
+        [
+            {"id": "a", "sig": torch.randn(8000), "tokens": torch.tensor([3, 4, 5, 6]), "wrd": "A"},
+            {"id": "b", "sig": torch.randn(6000), "tokens": torch.tensor(list(second_tokens)), "wrd": "B"},
+        ]
+    )
 
 
 @pytest.mark.parametrize("weights", [None, [0.5, 2.0]])
@@ -208,9 +229,12 @@ def test_the_cached_search_steps_like_the_stock_searcher():
     decoders = ExitDecoders(16, 32, 2, num_layers=2, nhead=2, d_ffn=32, dropout=0.0).eval()
     heads = CTCExitHeads(16, 32, 2)
     hidden, lens = torch.randn(3, 30, 16), torch.tensor([1.0, 0.7, 0.4])
-    searchers = {cached: make_aed_searcher(decoders, heads, 1, BOS, EOS, beam_size=4,
-                                           ctc_weight=0.4, max_decode_ratio=0.5, topk=4,
-                                           cached=cached) for cached in (False, True)}
+    searchers = {
+        cached: make_aed_searcher(
+            decoders, heads, 1, BOS, EOS, beam_size=4, ctc_weight=0.4, max_decode_ratio=0.5, topk=4, cached=cached
+        )
+        for cached in (False, True)
+    }
     assert type(searchers[False]) is S2STransformerBeamSearcher
     assert isinstance(searchers[True], CachedTransformerBeamSearcher)
 
@@ -222,8 +246,7 @@ def test_the_cached_search_steps_like_the_stock_searcher():
         out = {}
         with torch.no_grad():
             for cached, searcher in searchers.items():
-                out[cached], memories[cached], attn = searcher.forward_step(
-                    tokens, memories[cached], states, abs_lens)
+                out[cached], memories[cached], attn = searcher.forward_step(tokens, memories[cached], states, abs_lens)
         assert torch.allclose(out[True], out[False], atol=1e-5), step
         assert attn.shape == (12, 1, 30) and torch.allclose(attn.sum(-1), torch.ones(12, 1))
         assert attn[8:, 0, 12:].abs().max() == 0  # the third utterance's 12 frames only
@@ -292,8 +315,9 @@ def test_only_the_chosen_exits_decoder_and_layers_run(aed_model):
 
 def test_exported_aed_model_loads_and_transcribes(aed_model, sp_path, tmp_path):
     features = {"sample_rate": SR, "n_fft": 400, "n_mels": 20, "hop_length": 10, "win_length": 25}
-    folder = export_inference_folder(str(tmp_path / "inference"), aed_model, features, sp_path, 0,
-                                     {"default": {"policy": "fixed", "exit": 2}})
+    folder = export_inference_folder(
+        str(tmp_path / "inference"), aed_model, features, sp_path, 0, {"default": {"policy": "fixed", "exit": 2}}
+    )
     text = open(f"{folder}/hyperparams.yaml").read()
     assert "EarlyExitAEDModel" in text and "ExitDecoders" in text
     asr = EarlyExitASR.from_hparams(source=folder, savedir=str(tmp_path / "saved"))
@@ -345,18 +369,47 @@ def test_a_ctc_model_refuses_the_attention_decoder(tmp_path):
 
 
 # -------------------------------------------------------------------- config
-BASE = {"num_layers": 6, "d_model": 144, "nhead": 4, "exit_layers": [2, 4, 6], "output_neurons": 40,
-        "blank_index": 0, "bos_index": 1, "eos_index": 2, "decoders": "x", "decoder_d_model": 144,
-        "decoder_nhead": 4, "beam_size": 10, "ctc_weight": 0.3, "decode_ctc_weight": 0.4,
-        "test_decoders": ["aed_beam", "ctc_greedy"], "valid_decoder": "aed_beam"}
+BASE = {
+    "num_layers": 6,
+    "d_model": 144,
+    "nhead": 4,
+    "exit_layers": [2, 4, 6],
+    "output_neurons": 40,
+    "blank_index": 0,
+    "bos_index": 1,
+    "eos_index": 2,
+    "decoders": "x",
+    "decoder_d_model": 144,
+    "decoder_nhead": 4,
+    "beam_size": 10,
+    "ctc_weight": 0.3,
+    "decode_ctc_weight": 0.4,
+    "test_decoders": ["aed_beam", "ctc_greedy"],
+    "valid_decoder": "aed_beam",
+}
 
 
-@pytest.mark.parametrize("key, value", [
-    ("beam_size", 0), ("valid_beam_size", 0), ("ctc_weight", 1.5), ("ctc_weight", -0.1),
-    ("decode_ctc_weight", 2.0), ("decoder_d_model", 256), ("decoder_nhead", 5), ("eos_index", 0),
-    ("bos_index", 40), ("test_decoders", ["beam"]), ("valid_decoder", "nope"), ("ctc_beam_size", 0),
-    ("label_smoothing", 1.0), ("ctc_lm_path", "/no/such.arpa"), ("ngram_order", 1), ("ngram_order", -1),
-])
+@pytest.mark.parametrize(
+    "key, value",
+    [
+        ("beam_size", 0),
+        ("valid_beam_size", 0),
+        ("ctc_weight", 1.5),
+        ("ctc_weight", -0.1),
+        ("decode_ctc_weight", 2.0),
+        ("decoder_d_model", 256),
+        ("decoder_nhead", 5),
+        ("eos_index", 0),
+        ("bos_index", 40),
+        ("test_decoders", ["beam"]),
+        ("valid_decoder", "nope"),
+        ("ctc_beam_size", 0),
+        ("label_smoothing", 1.0),
+        ("ctc_lm_path", "/no/such.arpa"),
+        ("ngram_order", 1),
+        ("ngram_order", -1),
+    ],
+)
 def test_bad_decoding_keys_are_named(key, value):
     raw = dict(BASE, **{key: value})
     with pytest.raises(ConfigError, match=key):
@@ -376,8 +429,7 @@ def test_policy_evaluation_records_each_exits_beam_search_hypothesis(aed_model, 
 
     # equal lengths: SpeechBrain caps a batch's hypotheses at max_decode_ratio x its longest
     # utterance, which an untrained decoder reaches
-    items = [{"id": f"u{i}", "sig": torch.from_numpy(tone(0.8, seed=i)).float(),
-              "wrd": "THE CAT"} for i in range(3)]
+    items = [{"id": f"u{i}", "sig": torch.from_numpy(tone(0.8, seed=i)).float(), "wrd": "THE CAT"} for i in range(3)]
     out = collect_exit_outputs(aed_model, items, sp, {}, decode_batch=2)  # batches of 2, then 1
     for item, hyps in zip(items, out.hyps):
         with torch.no_grad():
@@ -425,8 +477,9 @@ def test_ctc_beam_search_with_an_ngram_lm_prefers_the_lm_word(sp, tmp_path):
     log_probs = torch.log_softmax(logits, -1)
     greedy = tokens_to_text(sp, [i for i in log_probs[0].argmax(-1).tolist() if i != 0])
     plain = make_ctc_beam_searcher(sp, vocab, 0, beam_size=8, prefix=True, topk=1)
-    with_lm = make_ctc_beam_searcher(sp, vocab, 0, beam_size=8, prefix=True, topk=1,
-                                     kenlm_model_path=str(lm), alpha=1.0, beta=0.0)
+    with_lm = make_ctc_beam_searcher(
+        sp, vocab, 0, beam_size=8, prefix=True, topk=1, kenlm_model_path=str(lm), alpha=1.0, beta=0.0
+    )
     text = lambda s: " ".join(s(log_probs, torch.ones(1))[0][0].text.split())  # noqa: E731
     assert greedy.startswith("THE CAP") and text(plain) == "THE CAP"
     assert text(with_lm) == "THE CAT"
@@ -482,8 +535,7 @@ def test_word_ngram_scores_add_up_to_the_weighted_sentence_log_probability(sp, a
     binary.write_bytes(b"mmap lm http://kheafield.com" + bytes(64))
     assert arpa_vocabulary(str(binary)) is None
     lm = kenlm.Model(arpa)
-    scorer = WordNgramScorer(arpa, tokenizer_pieces(sp), 32, EOS, weight=0.7, word_bonus=0.5,
-                             oov_penalty=10.0)
+    scorer = WordNgramScorer(arpa, tokenizer_pieces(sp), 32, EOS, weight=0.7, word_bonus=0.5, oov_penalty=10.0)
     scorer.reset_mem(torch.zeros(2, 3, 16), torch.ones(2))
     ln10 = 2.302585092994046
     steps = scored_sentence(scorer, sp.encode_as_ids("THE CAT SAT"))
@@ -508,8 +560,9 @@ def test_fused_search_hypotheses_are_words_of_the_ngram(sp, arpa):
     words = {w for s in LM_TEXT for w in s.split()}
 
     def decode(**lm):
-        searcher = make_aed_searcher(decoders, heads, 1, BOS, EOS, beam_size=4, ctc_weight=0.4,
-                                     max_decode_ratio=0.5, **lm)
+        searcher = make_aed_searcher(
+            decoders, heads, 1, BOS, EOS, beam_size=4, ctc_weight=0.4, max_decode_ratio=0.5, **lm
+        )
         with torch.no_grad():
             hyps = searcher(hidden, torch.ones(2))[0]
         return [tokens_to_text(sp, h).split() for h in hyps]
@@ -520,8 +573,7 @@ def test_fused_search_hypotheses_are_words_of_the_ngram(sp, arpa):
     plain = decode()
     assert not all(starts_a_word(w) for h in plain for w in h)  # the untrained decoder's text
     fused = decode(lm_path=arpa, lm_weight=5.0, pieces=tokenizer_pieces(sp))
-    assert all(len(h) > 1 and all(w in words for w in h[:-1]) and starts_a_word(h[-1])
-               for h in fused), fused
+    assert all(len(h) > 1 and all(w in words for w in h[:-1]) and starts_a_word(h[-1]) for h in fused), fused
     with pytest.raises(ValueError, match="aed_lm_weight"):
         make_aed_searcher(decoders, heads, 1, BOS, EOS, lm_weight=0.5)  # no n-gram given
 
@@ -533,14 +585,23 @@ def test_exported_model_with_a_fused_ngram_loads_and_uses_it(sp, sp_path, arpa, 
     normalize = InputNormalization(norm_type="global")
     fbank = Fbank(n_mels=20)
     normalize(fbank(torch.randn(2, SR)), torch.ones(2))
-    model = EarlyExitAEDModel(fbank, normalize, enc, heads, decoders, bos_index=BOS, eos_index=EOS,
-                              beam_size=3, max_decode_ratio=0.5, lm_weight=2.0,
-                              lm_word_bonus=0.5).eval()
+    model = EarlyExitAEDModel(
+        fbank,
+        normalize,
+        enc,
+        heads,
+        decoders,
+        bos_index=BOS,
+        eos_index=EOS,
+        beam_size=3,
+        max_decode_ratio=0.5,
+        lm_weight=2.0,
+        lm_word_bonus=0.5,
+    ).eval()
     model.use_lm(arpa, tokenizer_pieces(sp))
     features = {"sample_rate": SR, "n_fft": 400, "n_mels": 20, "hop_length": 10, "win_length": 25}
     policies = {"default": {"policy": "fixed", "exit": 2}}
-    folder = export_inference_folder(str(tmp_path / "inference"), model, features, sp_path, 0,
-                                     policies, lm_path=arpa)
+    folder = export_inference_folder(str(tmp_path / "inference"), model, features, sp_path, 0, policies, lm_path=arpa)
     asr = EarlyExitASR.from_hparams(source=folder, savedir=str(tmp_path / "saved"))
     assert asr.model.search_options["lm_weight"] == 2.0 and asr.model.lm["lm_path"]
     wav = torch.from_numpy(tone(1.0, seed=3)).float()[None]
@@ -566,8 +627,9 @@ def test_the_brain_fuses_the_recipe_ngram_into_its_test_search(sp, arpa, tmp_pat
     assert scorer.weight == 0.5
 
 
-@pytest.mark.parametrize("key, value", [("aed_lm_weight", -0.5), ("aed_lm_oov_penalty", -1.0),
-                                        ("aed_lm_word_bonus", "x")])
+@pytest.mark.parametrize(
+    "key, value", [("aed_lm_weight", -0.5), ("aed_lm_oov_penalty", -1.0), ("aed_lm_word_bonus", "x")]
+)
 def test_bad_fusion_keys_are_named(key, value):
     with pytest.raises(ConfigError, match=key):
         check_hparams(dict(BASE, **{key: value}))
@@ -576,8 +638,7 @@ def test_bad_fusion_keys_are_named(key, value):
 def test_fusion_needs_an_ngram_and_decoders():
     with pytest.raises(ConfigError, match="aed_lm_weight.*ngram_order"):
         check_hparams(dict(BASE, aed_lm_weight=0.5, ngram_order=0))
-    raw = dict(BASE, aed_lm_weight=0.5, ngram_order=3, test_decoders=["ctc_greedy"],
-               valid_decoder="ctc_greedy")
+    raw = dict(BASE, aed_lm_weight=0.5, ngram_order=3, test_decoders=["ctc_greedy"], valid_decoder="ctc_greedy")
     check_hparams(raw)
     del raw["decoders"]
     with pytest.raises(ConfigError, match="aed_lm_weight.*decoders"):

@@ -42,8 +42,7 @@ def files(tmp_path):
     bad[100:200] = np.nan
     sf.write(f["nan"], bad, SR, subtype="FLOAT")
     full = tmp_path / "full.flac"
-    sf.write(full, sine(1.0, freq=300.0) + 0.05 * np.random.default_rng(0).standard_normal(SR)
-             .astype("float32"), SR)
+    sf.write(full, sine(1.0, freq=300.0) + 0.05 * np.random.default_rng(0).standard_normal(SR).astype("float32"), SR)
     f["truncated"] = tmp_path / "truncated.flac"
     f["truncated"].write_bytes(full.read_bytes()[:3000])  # a header that promises 1 s
     return {k: str(v) for k, v in f.items()}
@@ -104,15 +103,29 @@ class CharTokenizer:
 
 
 def prepare(tmp_path, files, bad_audio):
-    rows = [{"ID": k, "duration": "1.0", "wav": v, "spk_id": "s", "wrd": "HI"}
-            for k, v in files.items() if k not in ("long",)]
+    rows = [
+        {"ID": k, "duration": "1.0", "wav": v, "spk_id": "s", "wrd": "HI"}
+        for k, v in files.items()
+        if k not in ("long",)
+    ]
     write_manifest(tmp_path / "train.csv", rows)
     write_manifest(tmp_path / "dev.csv", rows[:3])
-    hparams = dict(data_folder=str(tmp_path), train_csv=str(tmp_path / "train.csv"),
-                   valid_csv=str(tmp_path / "dev.csv"), test_sets=["test"],
-                   test_csv={"test": str(tmp_path / "dev.csv")}, sample_rate=SR, hop_length=10,
-                   max_duration=100.0, eval_batch_size=2, batch_size=2, sorting="ascending",
-                   seed=1, bad_audio=bad_audio, save_folder=str(tmp_path / "save"))
+    hparams = dict(
+        data_folder=str(tmp_path),
+        train_csv=str(tmp_path / "train.csv"),
+        valid_csv=str(tmp_path / "dev.csv"),
+        test_sets=["test"],
+        test_csv={"test": str(tmp_path / "dev.csv")},
+        sample_rate=SR,
+        hop_length=10,
+        max_duration=100.0,
+        eval_batch_size=2,
+        batch_size=2,
+        sorting="ascending",
+        seed=1,
+        bad_audio=bad_audio,
+        save_folder=str(tmp_path / "save"),
+    )
     enc = EarlyExitConformerEncoder(40, 1, 16, 2, 32, [1], kernel_size=3)
     return hparams, dataio_prepare(hparams, CharTokenizer(), enc)
 

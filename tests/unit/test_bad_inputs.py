@@ -53,34 +53,53 @@ def runs(model: EarlyExitCTCModel, samples: int) -> bool:
         return False
 
 
-@pytest.mark.parametrize("strides, hop_ms", [([2, 2], 10), ([1, 2], 10), ([2, 2, 2], 10), ([3, 2], 10),
-                                             ([2, 2], 20)])
+@pytest.mark.parametrize("strides, hop_ms", [([2, 2], 10), ([1, 2], 10), ([2, 2, 2], 10), ([3, 2], 10), ([2, 2], 20)])
 def test_min_samples_is_the_shortest_input_the_front_end_takes(strides, hop_ms):
     fbank = Fbank(n_mels=20, hop_length=hop_ms)
     normalize = InputNormalization(norm_type="global")
     normalize(fbank(torch.randn(1, SR)), torch.ones(1))
-    encoder = EarlyExitConformerEncoder(20, num_layers=1, d_model=16, nhead=2, d_ffn=32, exit_layers=[1],
-                                        kernel_size=3, dropout=0.0, frontend_channels=[8] * len(strides),
-                                        frontend_strides=strides)
+    encoder = EarlyExitConformerEncoder(
+        20,
+        num_layers=1,
+        d_model=16,
+        nhead=2,
+        d_ffn=32,
+        exit_layers=[1],
+        kernel_size=3,
+        dropout=0.0,
+        frontend_channels=[8] * len(strides),
+        frontend_strides=strides,
+    )
     model = EarlyExitCTCModel(fbank, normalize, encoder, CTCExitHeads(16, 5, 1)).eval()
     assert not runs(model, model.min_samples - 1) and runs(model, model.min_samples)
 
 
 def test_min_samples_of_a_waveform_encoder():
-    cfg = dict(model_type="wav2vec2", hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
-               intermediate_size=64, conv_dim=[16, 16], conv_stride=[5, 2], conv_kernel=[10, 3],
-               num_conv_pos_embeddings=16, num_conv_pos_embedding_groups=2)
+    cfg = dict(
+        model_type="wav2vec2",
+        hidden_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        intermediate_size=64,
+        conv_dim=[16, 16],
+        conv_stride=[5, 2],
+        conv_kernel=[10, 3],
+        num_conv_pos_embeddings=16,
+        num_conv_pos_embedding_groups=2,
+    )
     encoder = EarlyExitSSLEncoder(hf_config=cfg, exit_layers=[1]).eval()
-    model = EarlyExitCTCModel(WaveformFeatures(), WaveformNormalization(), encoder,
-                              CTCExitHeads(32, 5, 1)).eval()
+    model = EarlyExitCTCModel(WaveformFeatures(), WaveformNormalization(), encoder, CTCExitHeads(32, 5, 1)).eval()
     assert model.min_samples == 20 and runs(model, 20) and not runs(model, 19)
 
 
 def test_too_short_audio_is_a_clear_error_naming_the_file(asr, short):
     assert asr.model.min_samples == MIN_SAMPLES
     for key, samples in ((1, 1), (100, 100), (MIN_SAMPLES - 1, MIN_SAMPLES - 1), ("8k", 300)):
-        with pytest.raises(ValueError, match=rf"too short: {samples} samples, the model needs at least "
-                                             rf"{MIN_SAMPLES} \(20 ms\)") as err:
+        with pytest.raises(
+            ValueError,
+            match=rf"too short: {samples} samples, the model needs at least "
+            rf"{MIN_SAMPLES} \(20 ms\)",
+        ) as err:
             asr.transcribe_file(short[key], exit=1)
         assert short[key] in str(err.value)
     assert asr.transcribe_file(short[MIN_SAMPLES], exit=1).error is None
@@ -93,8 +112,7 @@ def test_transcribe_files_keeps_every_good_result_around_too_short_files(asr, au
     for i in (0, 1, 3):
         assert results[i].text is None and paths[i] in results[i].error and "too short" in results[i].error
     alone = asr.transcribe_files([audio["a"], audio["b"]], exit=2, batch_size=2)  # the same padded batch
-    assert [(r.text, r.exit, r.error) for r in (results[2], results[4])] == \
-        [(r.text, r.exit, None) for r in alone]
+    assert [(r.text, r.exit, r.error) for r in (results[2], results[4])] == [(r.text, r.exit, None) for r in alone]
 
 
 def test_transcribe_command_reports_a_too_short_file_and_goes_on(folder, audio, short, capsys):
@@ -111,8 +129,9 @@ def pad(signals):
     return wavs, torch.tensor([len(s) / wavs.shape[1] for s in signals])
 
 
-@pytest.mark.parametrize("kwargs", [{}, {"exit": 1}, {"policy": "entropy"}, {"policy": "posterior"},
-                                    {"policy": "budget", "threshold": 2.0}])
+@pytest.mark.parametrize(
+    "kwargs", [{}, {"exit": 1}, {"policy": "entropy"}, {"policy": "posterior"}, {"policy": "budget", "threshold": 2.0}]
+)
 def test_transcribe_batch_reports_bad_rows_and_transcribes_the_others(asr, kwargs):
     good = [torch.tensor(tone(1.0, seed=1)), torch.tensor(tone(0.7, freq=300, seed=2))]
     nan, inf = torch.tensor(tone(1.2, seed=3)), torch.tensor(tone(0.5, seed=4))
@@ -126,8 +145,9 @@ def test_transcribe_batch_reports_bad_rows_and_transcribes_the_others(asr, kwarg
     assert "NaN or infinite" in results[4].error and "row 5: the audio is empty" in results[5].error
     assert all(results[b].text is None and results[b].exit is None for b in (1, 2, 4, 5))
     alone = asr.transcribe_batch(*pad(good), **kwargs)  # the good rows alone give the same results
-    assert [(r.text, r.exit, r.layers) for r in alone] == \
-        [(results[b].text, results[b].exit, results[b].layers) for b in (0, 3)]
+    assert [(r.text, r.exit, r.layers) for r in alone] == [
+        (results[b].text, results[b].exit, results[b].layers) for b in (0, 3)
+    ]
     only_bad = asr.transcribe_batch(wavs[[1, 2, 4]], lens[[1, 2, 4]], **kwargs)  # no good row: no raise
     assert [r.text for r in only_bad] == [None] * 3 and all(r.error for r in only_bad)
 
@@ -148,18 +168,22 @@ def test_a_batch_without_bad_rows_is_unchanged(asr, model):
 def wavs(tmp_path):
     """Complete WAV files of several kinds and copies cut short (``cut_*``)."""
     signal = tone(1.0, seed=5)
-    kinds = {"pcm16": ("WAV", "PCM_16", 1, "FILE"), "float_stereo": ("WAV", "FLOAT", 2, "FILE"),
-             "rf64": ("RF64", "PCM_24", 1, "FILE"), "extensible": ("WAVEX", "PCM_16", 2, "FILE"),
-             "u8_odd": ("WAV", "PCM_U8", 1, "FILE"), "rifx": ("WAV", "PCM_16", 1, "BIG")}
+    kinds = {
+        "pcm16": ("WAV", "PCM_16", 1, "FILE"),
+        "float_stereo": ("WAV", "FLOAT", 2, "FILE"),
+        "rf64": ("RF64", "PCM_24", 1, "FILE"),
+        "extensible": ("WAVEX", "PCM_16", 2, "FILE"),
+        "u8_odd": ("WAV", "PCM_U8", 1, "FILE"),
+        "rifx": ("WAV", "PCM_16", 1, "BIG"),
+    }
     files = {}
     for name, (fmt, subtype, channels, endian) in kinds.items():
-        data = signal[:SR - 1] if name == "u8_odd" else signal  # an odd-sized data chunk (padded)
+        data = signal[: SR - 1] if name == "u8_odd" else signal  # an odd-sized data chunk (padded)
         files[name] = tmp_path / f"{name}.wav"
-        sf.write(files[name], np.stack([data] * channels, axis=1), SR, format=fmt, subtype=subtype,
-                 endian=endian)
+        sf.write(files[name], np.stack([data] * channels, axis=1), SR, format=fmt, subtype=subtype, endian=endian)
         whole = files[name].read_bytes()
         files[f"cut_{name}"] = tmp_path / f"cut_{name}.wav"
-        files[f"cut_{name}"].write_bytes(whole[:len(whole) * 2 // 3])
+        files[f"cut_{name}"].write_bytes(whole[: len(whole) * 2 // 3])
     return {k: str(v) for k, v in files.items()}
 
 
@@ -169,8 +193,7 @@ def test_a_truncated_wav_is_bad_audio(wavs):
     for name, problem in problems.items():
         frames = sf.info(wavs[name]).frames  # what libsndfile reads, without a word
         promised = SR - 1 if name == "cut_u8_odd" else SR
-        assert problem == (f"{wavs[name]}: truncated: the header promises {promised} samples, "
-                           f"the file holds {frames}")
+        assert problem == (f"{wavs[name]}: truncated: the header promises {promised} samples, the file holds {frames}")
     with pytest.raises(BadAudioError, match="cut_pcm16.wav: truncated: the header promises 16000 samples"):
         make_reader(SR, "fail", training=True)(wavs["cut_pcm16"])
     assert torch.isnan(make_reader(SR, "skip", training=True)(wavs["cut_pcm16"])).all()  # batch skipped
@@ -219,10 +242,22 @@ def write_csv(path, rows, columns=("ID", "duration", "wav", "spk_id", "wrd")):
 
 
 def manifest_hparams(folder, train, dev, **extra):
-    return dict(data_folder=str(folder), train_csv=str(folder / train), valid_csv=str(folder / dev),
-                test_sets=["test"], test_csv={"test": str(folder / dev)}, sample_rate=SR, hop_length=10,
-                max_duration=100.0, eval_batch_size=2, batch_size=2, sorting="ascending", seed=1,
-                save_folder=str(folder / "save"), **extra)
+    return dict(
+        data_folder=str(folder),
+        train_csv=str(folder / train),
+        valid_csv=str(folder / dev),
+        test_sets=["test"],
+        test_csv={"test": str(folder / dev)},
+        sample_rate=SR,
+        hop_length=10,
+        max_duration=100.0,
+        eval_batch_size=2,
+        batch_size=2,
+        sorting="ascending",
+        seed=1,
+        save_folder=str(folder / "save"),
+        **extra,
+    )
 
 
 @pytest.mark.parametrize("missing", ["duration", "wav", "wrd", "ID"])
@@ -230,10 +265,12 @@ def test_a_manifest_without_a_column_names_the_file_and_the_column(tmp_path, mis
     sf.write(str(tmp_path / "u.wav"), tone(1.0), SR)
     rows = [{"ID": "u", "duration": "1.0", "wav": str(tmp_path / "u.wav"), "spk_id": "s", "wrd": "HI"}]
     write_csv(tmp_path / "train.csv", rows)
-    write_csv(tmp_path / "dev.csv", rows, [c for c in ("ID", "duration", "wav", "spk_id", "wrd")
-                                           if c != missing])
-    with pytest.raises(ValueError, match=rf"dev\.csv: no '{missing}' column; a manifest needs the columns "
-                                         r"ID,duration,wav,wrd"):
+    write_csv(tmp_path / "dev.csv", rows, [c for c in ("ID", "duration", "wav", "spk_id", "wrd") if c != missing])
+    with pytest.raises(
+        ValueError,
+        match=rf"dev\.csv: no '{missing}' column; a manifest needs the columns "
+        r"ID,duration,wav,wrd",
+    ):
         dataio_prepare(manifest_hparams(tmp_path, "train.csv", "dev.csv"), CharTokenizer(), small_encoder())
     rows[0]["duration"] = "one second"
     write_csv(tmp_path / "dev.csv", rows)
@@ -242,10 +279,10 @@ def test_a_manifest_without_a_column_names_the_file_and_the_column(tmp_path, mis
 
 
 # ------------------------------------------------------------ a device this machine cannot use
-@pytest.mark.parametrize("device, words", [("cuda", "no CUDA GPU is available"), ("cuda:3", "no CUDA GPU"),
-                                           ("gpu", "is not a torch device")])
-def test_a_device_the_machine_lacks_is_exit_2_with_a_message(folder, audio, capsys, monkeypatch, device,
-                                                              words):
+@pytest.mark.parametrize(
+    "device, words", [("cuda", "no CUDA GPU is available"), ("cuda:3", "no CUDA GPU"), ("gpu", "is not a torch device")]
+)
+def test_a_device_the_machine_lacks_is_exit_2_with_a_message(folder, audio, capsys, monkeypatch, device, words):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     assert transcribe_main([folder, audio["a"], "--device", device]) == 2
     captured = capsys.readouterr()
@@ -264,16 +301,20 @@ def make_relative_experiment(base, folder, model):
     (data / "test.csv").write_text("ID,duration,wav,spk_id,wrd\nu1,1.5,$data_root/u1.wav,s1,THE MAT\n")
     (exp / "hyperparams.yaml").write_text(
         "sample_rate: 16000\noutput_folder: results/tiny/1234\ndata_folder: data/corpus\n"
-        "test_sets: [test]\ntest_csv:\n    test: !ref <data_folder>/test.csv\n")
+        "test_sets: [test]\ntest_csv:\n    test: !ref <data_folder>/test.csv\n"
+    )
     shutil.copytree(folder, exp / "inference")
     results = {"test": [{"exit": k + 1, "wer": 90.0 - 10 * k, "cer": 50.0, "n": 1} for k in range(3)]}
-    write_report(build_report(model.encoder, model.heads, results, train={"epochs": 1, "seconds": 1.0},
-                              extra={"exit_layers": [2, 4, 6]}), str(exp))
+    write_report(
+        build_report(
+            model.encoder, model.heads, results, train={"epochs": 1, "seconds": 1.0}, extra={"exit_layers": [2, 4, 6]}
+        ),
+        str(exp),
+    )
     return exp
 
 
-def test_publish_from_another_directory_resolves_the_experiment_paths(tmp_path, folder, model, monkeypatch,
-                                                                      capsys):
+def test_publish_from_another_directory_resolves_the_experiment_paths(tmp_path, folder, model, monkeypatch, capsys):
     exp = make_relative_experiment(tmp_path / "where_training_ran", folder, model)
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
@@ -288,8 +329,7 @@ def test_publish_from_another_directory_resolves_the_experiment_paths(tmp_path, 
     capsys.readouterr()
     assert publish([str(moved), "--repo-id", "alice/tiny", "--dry-run", "--out", str(tmp_path / "h2")]) == 1
     err = capsys.readouterr().err
-    assert ("test manifest not found: data/corpus/test.csv (a path relative to the directory "
-            "training ran in") in err
+    assert ("test manifest not found: data/corpus/test.csv (a path relative to the directory training ran in") in err
     assert "moved or deleted" not in err and "--example AUDIO" in err
 
 
@@ -303,14 +343,18 @@ def test_an_example_manifest_without_a_wav_column_is_named(tmp_path):
 
 
 # ------------------------------------------------------------ threshold= without policy=
-@pytest.mark.parametrize("kwargs", [{"threshold": 0.5}, {"threshold": 0.5, "exit": 1},
-                                    {"threshold": 0.5, "policy": GreedyPosteriorPolicy(0.1)}])
+@pytest.mark.parametrize(
+    "kwargs",
+    [{"threshold": 0.5}, {"threshold": 0.5, "exit": 1}, {"threshold": 0.5, "policy": GreedyPosteriorPolicy(0.1)}],
+)
 def test_threshold_without_a_policy_is_refused_as_on_the_command_line(asr, audio, kwargs):
     with pytest.raises(ValueError, match="threshold: "):
         asr.make_policy(**kwargs)
-    for call in (lambda: asr.transcribe_file(audio["a"], **kwargs),
-                 lambda: asr.transcribe_files([audio["a"]], **kwargs),
-                 lambda: asr.transcribe_batch(torch.tensor(tone(1.0))[None], **kwargs)):
+    for call in (
+        lambda: asr.transcribe_file(audio["a"], **kwargs),
+        lambda: asr.transcribe_files([audio["a"]], **kwargs),
+        lambda: asr.transcribe_batch(torch.tensor(tone(1.0))[None], **kwargs),
+    ):
         with pytest.raises(ValueError, match="threshold: "):
             call()
     if "policy" not in kwargs:

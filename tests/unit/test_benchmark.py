@@ -17,8 +17,13 @@ from earlyexit_brain.losses import MultiExitLoss
 
 def test_compute_section_and_tables(repo_root, tmp_path):
     out = tmp_path / "bench.json"
-    proc = subprocess.run([sys.executable, "-m", "benchmarks", "--only", "compute", "--out", str(out)],
-                          cwd=repo_root, capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [sys.executable, "-m", "benchmarks", "--only", "compute", "--out", str(out)],
+        cwd=repo_root,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads(out.read_text())
     paper = next(r for r in result["compute"] if r["config"].startswith("paper"))
@@ -48,18 +53,32 @@ def test_train_step_variants_match_base_and_are_tabulated():
     for variant, check in checks.items():  # float32 on the CPU: the same loss and gradients
         assert "error" not in check, (variant, check)
         assert check["loss_rel_diff"] < 1e-6 and check["grad_rel_diff"] < 1e-5, (variant, check)
-    results = [train_step.bench_train_step(name, 2, 0.5, repeats=1, warmup=0, variant=v, memory=False)
-               for v in ("base", "ctc_stacked", "stacked")]
+    results = [
+        train_step.bench_train_step(name, 2, 0.5, repeats=1, warmup=0, variant=v, memory=False)
+        for v in ("base", "ctc_stacked", "stacked")
+    ]
     assert all(r["ratio"] > 0 and r["early_exit"]["median_s"] > 0 for r in results)
     profile = train_step.profile_train_step(name, "ctc_stacked", 2, 0.5, 32, torch.device("cpu"), steps=1)
     assert [p["model"] for p in profile] == ["early_exit", "single_exit"] and profile[0]["wall_ms_per_step"] > 0
-    failed = {"config": name, "variant": "graphed", "batch": 2, "seconds_per_utterance": 0.5, "vocab": 32,
-              "error": "RuntimeError: no CUDA"}
-    md = tables.markdown({"machine": "test", "train_step": results + [failed],
-                             "train_step_variants": {v: train_step.TRAIN_VARIANTS[v] for v in variants},
-                             "train_step_checks": [{"config": name, "batch": 2, "seconds_per_utterance": 0.5,
-                                                    "vocab": 32, "variants": checks}],
-                             "train_step_profile": profile})
+    failed = {
+        "config": name,
+        "variant": "graphed",
+        "batch": 2,
+        "seconds_per_utterance": 0.5,
+        "vocab": 32,
+        "error": "RuntimeError: no CUDA",
+    }
+    md = tables.markdown(
+        {
+            "machine": "test",
+            "train_step": results + [failed],
+            "train_step_variants": {v: train_step.TRAIN_VARIANTS[v] for v in variants},
+            "train_step_checks": [
+                {"config": name, "batch": 2, "seconds_per_utterance": 0.5, "vocab": 32, "variants": checks}
+            ],
+            "train_step_profile": profile,
+        }
+    )
     assert f"| {name} | ctc_stacked | 2 x 0.5 s, V 32 |" in md
     assert "| graphed | 2 x 0.5 s, V 32 | failed: RuntimeError: no CUDA |" in md
     assert "under torch.profiler" in md and "`stacked_cudnn`:" in md
@@ -83,8 +102,9 @@ def test_train_step_times_the_brains_fit_batch_with_the_loss_object(monkeypatch)
     name = next(iter(CONFIGS))
     train_step.bench_train_step(name, 2, 0.5, repeats=2, warmup=1, variant=train_step.DEFAULT_VARIANT, memory=False)
     assert calls == {"fit_batch": 6, "loss": 6}  # 2 models x (1 warm-up + 2 timed steps)
-    step = train_step.make_train_step(name, "early_exit", train_step.DEFAULT_VARIANT,
-                                      train_step.make_train_batch(2, 0.5, 32, torch.device("cpu")))
+    step = train_step.make_train_step(
+        name, "early_exit", train_step.DEFAULT_VARIANT, train_step.make_train_batch(2, 0.5, 32, torch.device("cpu"))
+    )
     assert isinstance(step.brain.hparams.loss, MultiExitLoss) and step.brain.hparams.loss.ctc == "one_call"
     assert step.brain.optimizer.defaults["fused"] and step.brain.max_grad_norm == 1.0
     before = [p.detach().clone() for p in step.brain.modules.parameters()]

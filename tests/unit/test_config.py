@@ -8,8 +8,11 @@ import pytest
 
 from earlyexit_brain.config import ConfigError, check_hparams, check_hparams_file, read_raw_hparams
 
-HPARAMS = ["hparams/synthetic/conformer_ctc_ee.yaml", "hparams/synthetic/conformer_ctc_single.yaml",
-           "hparams/synthetic/smoke.yaml"]
+HPARAMS = [
+    "hparams/synthetic/conformer_ctc_ee.yaml",
+    "hparams/synthetic/conformer_ctc_single.yaml",
+    "hparams/synthetic/smoke.yaml",
+]
 
 
 @pytest.mark.parametrize("path", HPARAMS)
@@ -25,9 +28,9 @@ def load_default(repo_root, overrides=None):
 @pytest.mark.parametrize(
     "overrides, key",
     [
-        ({"exit_layers": [2, 4, 8]}, "exit_layers"),     # out of range
-        ({"exit_layers": [4, 2, 6]}, "exit_layers"),     # unsorted
-        ({"exit_layers": [2, 2, 6]}, "exit_layers"),     # duplicated
+        ({"exit_layers": [2, 4, 8]}, "exit_layers"),  # out of range
+        ({"exit_layers": [4, 2, 6]}, "exit_layers"),  # unsorted
+        ({"exit_layers": [2, 2, 6]}, "exit_layers"),  # duplicated
         ({"exit_layers": [0, 6]}, "exit_layers"),
         ({"exit_loss_weights": [1.0, 1.0]}, "exit_loss_weights"),  # 2 weights, 3 exits
         ({"exit_loss_weights": [1, -1, 1]}, "exit_loss_weights"),
@@ -71,10 +74,8 @@ def test_bad_values_name_the_key(repo_root, overrides, key):
 
 
 def test_weights_matching_exits_are_accepted(repo_root):
-    assert check_hparams(load_default(repo_root, {"exit_loss_weights": [0.5, 1, 2]})) == {
-        "exit_layers": [2, 4, 6]}
-    assert check_hparams(load_default(repo_root, {"exit_layers": "every_3",
-                                                  "exit_loss_weights": [1, 1]}))
+    assert check_hparams(load_default(repo_root, {"exit_loss_weights": [0.5, 1, 2]})) == {"exit_layers": [2, 4, 6]}
+    assert check_hparams(load_default(repo_root, {"exit_layers": "every_3", "exit_loss_weights": [1, 1]}))
 
 
 def test_unknown_override_is_an_error(repo_root):
@@ -114,17 +115,29 @@ def test_recipe_fails_fast_naming_the_key(repo_root, tmp_path):
     """The recipe stops before generating any data or building the model."""
     data = tmp_path / "data"
     proc = subprocess.run(
-        [sys.executable, "recipes/train.py", HPARAMS[0], f"--data_folder={data}",
-         f"--output_folder={tmp_path / 'out'}", "--exit_layers=[4, 2, 6]"],
-        cwd=repo_root, capture_output=True, text=True, timeout=120,
+        [
+            sys.executable,
+            "recipes/train.py",
+            HPARAMS[0],
+            f"--data_folder={data}",
+            f"--output_folder={tmp_path / 'out'}",
+            "--exit_layers=[4, 2, 6]",
+        ],
+        cwd=repo_root,
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert proc.returncode != 0
     assert "exit_layers" in proc.stderr and "ascending" in proc.stderr
     assert not data.exists() and not (tmp_path / "out").exists()
 
 
-REAL = ["hparams/librispeech/conformer_ctc_ee.yaml", "hparams/librispeech/conformer_ctc_single.yaml",
-        "hparams/tedlium/conformer_ctc_ee.yaml"]
+REAL = [
+    "hparams/librispeech/conformer_ctc_ee.yaml",
+    "hparams/librispeech/conformer_ctc_single.yaml",
+    "hparams/tedlium/conformer_ctc_ee.yaml",
+]
 
 
 @pytest.mark.parametrize("path", REAL)

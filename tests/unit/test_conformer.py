@@ -17,8 +17,14 @@ from earlyexit_brain.models.conformer import (
 def small_encoder(exit_layers=(1, 2, 4), num_layers=4, **kw):
     torch.manual_seed(0)
     return EarlyExitConformerEncoder(
-        input_size=20, num_layers=num_layers, d_model=32, nhead=4, d_ffn=64,
-        exit_layers=list(exit_layers), kernel_size=7, **kw,
+        input_size=20,
+        num_layers=num_layers,
+        d_model=32,
+        nhead=4,
+        d_ffn=64,
+        exit_layers=list(exit_layers),
+        kernel_size=7,
+        **kw,
     ).eval()
 
 
@@ -31,8 +37,15 @@ def test_resolve_exit_layers_forms():
 
 @pytest.mark.parametrize(
     "bad, words",
-    [([0, 2], "out of range"), ([2, 7], "out of range"), ([4, 2], "ascending"),
-     ([2, 2], "duplicated"), ([], "empty"), ("every_x", "every_k"), ([1.5], "integer")],
+    [
+        ([0, 2], "out of range"),
+        ([2, 7], "out of range"),
+        ([4, 2], "ascending"),
+        ([2, 2], "duplicated"),
+        ([], "empty"),
+        ("every_x", "every_k"),
+        ([1.5], "integer"),
+    ],
 )
 def test_resolve_exit_layers_errors_name_the_key(bad, words):
     with pytest.raises(ValueError) as err:
@@ -64,8 +77,10 @@ def count_layer_calls(enc):
     calls = [0] * enc.num_layers
     hooks = []
     for i, layer in enumerate(enc.layers):
+
         def hook(module, inputs, output, i=i):
             calls[i] += 1
+
         hooks.append(layer.register_forward_hook(hook))
     return calls, hooks
 
@@ -137,9 +152,16 @@ def test_constructor_errors():
 
 def front_ends(channels, strides, residual=False):
     """Our front end and SpeechBrain's, with the same arguments and parameters."""
-    kw = dict(input_shape=[None, None, 20], num_blocks=len(channels), num_layers_per_block=1,
-              out_channels=list(channels), kernel_sizes=[3] * len(channels), strides=list(strides),
-              residuals=[residual] * len(channels), dropout=0.0)
+    kw = dict(
+        input_shape=[None, None, 20],
+        num_blocks=len(channels),
+        num_layers_per_block=1,
+        out_channels=list(channels),
+        kernel_sizes=[3] * len(channels),
+        strides=list(strides),
+        residuals=[residual] * len(channels),
+        dropout=0.0,
+    )
     torch.manual_seed(0)
     ours = ChannelsLastFrontEnd(**kw)
     theirs = ConvolutionFrontEnd(**kw)

@@ -18,8 +18,7 @@ from earlyexit_brain import hub
 from earlyexit_brain.data.librispeech import prepare_librispeech
 from earlyexit_brain.data.synthetic import prepare_synthetic
 from earlyexit_brain.data.tedlium import prepare_tedlium
-from earlyexit_brain.files import (OWNER_MARKER, NotOurFolderError, atomic_folder, claim_folder,
-                                   folder_kind)
+from earlyexit_brain.files import OWNER_MARKER, NotOurFolderError, atomic_folder, claim_folder, folder_kind
 from earlyexit_brain.export import export_inference_folder
 from recipe_modules import recipe
 from tests.real_corpora import make_librispeech, make_tedlium
@@ -30,8 +29,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 
 def users_folder(path, files=None):
     """A folder of the user's: some files and a wavs/ folder, nothing this package made."""
-    files = files or {"notes.txt": "mine\n", "train.csv": "ID,wrd\nx,MY OWN\n",
-                      "wavs/keep.wav": "not really audio"}
+    files = files or {"notes.txt": "mine\n", "train.csv": "ID,wrd\nx,MY OWN\n", "wavs/keep.wav": "not really audio"}
     for name, text in files.items():
         os.makedirs(os.path.dirname(os.path.join(path, name)) or path, exist_ok=True)
         with open(os.path.join(path, name), "w") as fout:
@@ -90,12 +88,15 @@ def test_atomic_folder_refuses_before_the_block_runs(tmp_path):
 
 
 # ------------------------------------------------------------- the synthetic corpus
-@pytest.mark.parametrize("files", [
-    None,                                                   # manifests and wavs/ of the user's
-    {"wavs/train/a.wav": "x"},                              # only a wavs/ folder
-    {"dev.csv": "ID\n", "test.csv": "ID\n"},                # only manifests
-    {"photo.jpg": "jpeg"},                                  # anything else
-])
+@pytest.mark.parametrize(
+    "files",
+    [
+        None,  # manifests and wavs/ of the user's
+        {"wavs/train/a.wav": "x"},  # only a wavs/ folder
+        {"dev.csv": "ID\n", "test.csv": "ID\n"},  # only manifests
+        {"photo.jpg": "jpeg"},  # anything else
+    ],
+)
 def test_the_synthetic_corpus_touches_only_a_folder_it_made(tmp_path, files):
     target = str(tmp_path / "data")
     before = users_folder(target, files)
@@ -107,10 +108,18 @@ def test_the_synthetic_corpus_touches_only_a_folder_it_made(tmp_path, files):
 def train_smoke(cwd, data_folder, output_folder):
     """``recipes/train.py`` on the smoke configuration with these folders, in a subprocess."""
     return subprocess.run(
-        [sys.executable, os.path.join(ROOT, "recipes", "train.py"),
-         os.path.join(ROOT, "hparams", "synthetic", "smoke.yaml"), f"--data_folder={data_folder}",
-         f"--output_folder={output_folder}"],
-        capture_output=True, text=True, timeout=600, cwd=str(cwd))
+        [
+            sys.executable,
+            os.path.join(ROOT, "recipes", "train.py"),
+            os.path.join(ROOT, "hparams", "synthetic", "smoke.yaml"),
+            f"--data_folder={data_folder}",
+            f"--output_folder={output_folder}",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=str(cwd),
+    )
 
 
 def test_the_synthetic_recipe_refuses_a_users_data_folder(tmp_path):
@@ -168,8 +177,7 @@ def test_export_refuses_a_users_folder(tmp_path, model, tokenizer_path):
 
 
 @pytest.mark.parametrize("where", ["cwd", "users", "inference"])
-def test_publish_replaces_only_a_hub_folder_it_built(tmp_path, folder, model, where, capsys,
-                                                    monkeypatch):
+def test_publish_replaces_only_a_hub_folder_it_built(tmp_path, folder, model, where, capsys, monkeypatch):
     experiment = make_experiment(tmp_path / "base", folder, model)
     work = tmp_path / "work"
     users_folder(str(work))
@@ -194,10 +202,13 @@ def test_publish_rebuilds_its_own_hub_folder(tmp_path, folder, model):
 
 
 # ------------------------------------------------------------------ result files
-@pytest.mark.parametrize("main, args", [
-    (benchmarks_main, ["--only", "frontend", "--quick"]),
-    (soak.main, ["MODEL", "--files", "10"]),
-])
+@pytest.mark.parametrize(
+    "main, args",
+    [
+        (benchmarks_main, ["--only", "frontend", "--quick"]),
+        (soak.main, ["MODEL", "--files", "10"]),
+    ],
+)
 def test_result_files_of_the_tools_overwrite_only_their_own(tmp_path, main, args, folder):
     target = tmp_path / "results.json"
     target.write_text(json.dumps({"my": "data"}))

@@ -5,10 +5,24 @@ import math
 import pytest
 import torch
 
-from earlyexit_brain.evaluation import (ExitOutputs, WerIncreaseBootstrap, calibrate, confidence_exits,
-                                       evaluate_policies, summarize)
-from earlyexit_brain.policies import (BudgetPolicy, EntropyPolicy, ExitPolicy, FixedExit, GreedyPosteriorPolicy,
-                                      NBestPosteriorPolicy, make_policy, oracle_exits)
+from earlyexit_brain.evaluation import (
+    ExitOutputs,
+    WerIncreaseBootstrap,
+    calibrate,
+    confidence_exits,
+    evaluate_policies,
+    summarize,
+)
+from earlyexit_brain.policies import (
+    BudgetPolicy,
+    EntropyPolicy,
+    ExitPolicy,
+    FixedExit,
+    GreedyPosteriorPolicy,
+    NBestPosteriorPolicy,
+    make_policy,
+    oracle_exits,
+)
 from earlyexit_brain.latency import fit_latency_table
 from earlyexit_brain.dynamic import run_dynamic
 from earlyexit_brain.models.conformer import CTCExitHeads, EarlyExitConformerEncoder
@@ -21,8 +35,7 @@ def log_probs_of(probs):
 # ------------------------------------------------------------------ scores
 def test_entropy_score_matches_formula_and_ignores_padding():
     # utterance 0: frame 1 uniform over 4, frame 2 certain; utterance 1: one certain frame + padding
-    lp = log_probs_of([[[0.25] * 4, [0.997, 0.001, 0.001, 0.001]],
-                       [[0.997, 0.001, 0.001, 0.001], [0.25] * 4]])
+    lp = log_probs_of([[[0.25] * 4, [0.997, 0.001, 0.001, 0.001]], [[0.997, 0.001, 0.001, 0.001], [0.25] * 4]])
     lengths = torch.tensor([1.0, 0.5])
     h_certain = -(0.997 * math.log(0.997) + 3 * 0.001 * math.log(0.001))
     raw = EntropyPolicy(1.0, normalize=False, vocab_size=4).score(lp, lengths)
@@ -54,6 +67,7 @@ class FakeSearcher:
         class Hyp:
             def __init__(self, score):
                 self.score = score
+
         return [[Hyp(s) for s in row] for row in self.scores[: log_probs.shape[0]]]
 
 
@@ -81,8 +95,7 @@ def test_nbest_posterior_with_speechbrain_beam_search():
             return self.pieces[i]
 
     searcher = make_ctc_beam_searcher(Pieces(), vocab_size=4, beam_size=4)
-    sharp = log_probs_of([[[0.01, 0.01, 0.97, 0.01], [0.97, 0.01, 0.01, 0.01],
-                           [0.01, 0.01, 0.01, 0.97]]])
+    sharp = log_probs_of([[[0.01, 0.01, 0.97, 0.01], [0.97, 0.01, 0.01, 0.01], [0.01, 0.01, 0.01, 0.97]]])
     flat = log_probs_of([[[0.25] * 4] * 3])
     policy = NBestPosteriorPolicy(0.5, searcher)
     assert policy.score(sharp, None).item() > 0.9
@@ -90,11 +103,11 @@ def test_nbest_posterior_with_speechbrain_beam_search():
 
     # token pruning: in the middle frame SpeechBrain's -5 searches every token ("A" at
     # log 0.1 = -2.3, "▁" and "B" at -3.0 besides the blank), -2 only the best (the blank)
-    lp = log_probs_of([[[0.01, 0.01, 0.97, 0.01], [0.8, 0.05, 0.1, 0.05],
-                        [0.01, 0.01, 0.01, 0.97]]])
+    lp = log_probs_of([[[0.01, 0.01, 0.97, 0.01], [0.8, 0.05, 0.1, 0.05], [0.01, 0.01, 0.01, 0.97]]])
     full = NBestPosteriorPolicy(0.5, make_ctc_beam_searcher(Pieces(), vocab_size=4, beam_size=4))
-    pruned = NBestPosteriorPolicy(0.5, make_ctc_beam_searcher(Pieces(), vocab_size=4, beam_size=4,
-                                                              token_prune_min_logp=-2.0))
+    pruned = NBestPosteriorPolicy(
+        0.5, make_ctc_beam_searcher(Pieces(), vocab_size=4, beam_size=4, token_prune_min_logp=-2.0)
+    )
     assert full.searcher.token_prune_min_logp == -5.0  # SpeechBrain's default
     assert pruned.searcher.token_prune_min_logp == -2.0
     assert len(pruned.searcher(lp, torch.ones(1))[0]) < len(full.searcher(lp, torch.ones(1))[0])
@@ -105,21 +118,24 @@ def test_nbest_posterior_with_speechbrain_beam_search():
 
 
 # --------------------------------------------------------------- arguments
-@pytest.mark.parametrize("make, words", [
-    (lambda: make_policy("nope", 0.5), "policy: unknown policy 'nope'"),
-    (lambda: make_policy("entropy", 1.5), "threshold: 1.5 is outside"),
-    (lambda: make_policy("entropy", float("nan")), "threshold"),
-    (lambda: make_policy("posterior_greedy", -0.1), "threshold: -0.1 is outside"),
-    (lambda: make_policy("posterior_greedy", "high"), "threshold"),
-    (lambda: make_policy("posterior_greedy"), "threshold: the posterior_greedy policy needs"),
-    (lambda: make_policy("fixed", exit=4, num_exits=3), "exit: the model has exits 1..3, got 4"),
-    (lambda: make_policy("fixed", exit=0, num_exits=3), "exit: the model has exits 1..3, got 0"),
-    (lambda: make_policy("fixed"), "exit"),
-    (lambda: make_policy("oracle"), "analysis"),
-    (lambda: make_policy("budget", 10.0), "latency table"),
-    (lambda: make_policy("posterior", 0.5), "beam searcher"),
-    (lambda: GreedyPosteriorPolicy(0.5, form="median"), "form"),
-])
+@pytest.mark.parametrize(
+    "make, words",
+    [
+        (lambda: make_policy("nope", 0.5), "policy: unknown policy 'nope'"),
+        (lambda: make_policy("entropy", 1.5), "threshold: 1.5 is outside"),
+        (lambda: make_policy("entropy", float("nan")), "threshold"),
+        (lambda: make_policy("posterior_greedy", -0.1), "threshold: -0.1 is outside"),
+        (lambda: make_policy("posterior_greedy", "high"), "threshold"),
+        (lambda: make_policy("posterior_greedy"), "threshold: the posterior_greedy policy needs"),
+        (lambda: make_policy("fixed", exit=4, num_exits=3), "exit: the model has exits 1..3, got 4"),
+        (lambda: make_policy("fixed", exit=0, num_exits=3), "exit: the model has exits 1..3, got 0"),
+        (lambda: make_policy("fixed"), "exit"),
+        (lambda: make_policy("oracle"), "analysis"),
+        (lambda: make_policy("budget", 10.0), "latency table"),
+        (lambda: make_policy("posterior", 0.5), "beam searcher"),
+        (lambda: GreedyPosteriorPolicy(0.5, form="median"), "form"),
+    ],
+)
 def test_bad_arguments_name_the_argument(make, words):
     with pytest.raises(ValueError, match=words.replace("(", r"\(").replace(".", r"\.")):
         make()
@@ -162,8 +178,9 @@ def test_oracle_picks_the_shallowest_exit_agreeing_with_the_last():
 # ------------------------------------------------------- dynamic inference
 def tiny_model(num_layers=6, exits=(2, 4, 6)):
     torch.manual_seed(0)
-    enc = EarlyExitConformerEncoder(20, num_layers=num_layers, d_model=32, nhead=4, d_ffn=64,
-                                    exit_layers=list(exits), kernel_size=3, dropout=0.0).eval()
+    enc = EarlyExitConformerEncoder(
+        20, num_layers=num_layers, d_model=32, nhead=4, d_ffn=64, exit_layers=list(exits), kernel_size=3, dropout=0.0
+    ).eval()
     heads = CTCExitHeads(32, 7, len(exits)).eval()
     return enc, heads
 
@@ -281,15 +298,23 @@ def test_utterances_leaving_the_batch_do_not_change_the_others():
 def hand_outputs():
     """4 utterances, 3 exits (layers 2/4/6), 10 reference words each."""
     errors = torch.tensor([[0, 0, 0], [5, 1, 1], [4, 4, 0], [6, 3, 2]], dtype=torch.float64)
-    conf = torch.tensor([[0.9, 0.95, float("nan")], [0.5, 0.8, float("nan")],
-                         [0.6, 0.7, float("nan")], [0.2, 0.4, float("nan")]], dtype=torch.float64)
+    conf = torch.tensor(
+        [[0.9, 0.95, float("nan")], [0.5, 0.8, float("nan")], [0.6, 0.7, float("nan")], [0.2, 0.4, float("nan")]],
+        dtype=torch.float64,
+    )
     hyps = [["a", "a", "a"], ["b", "c", "c"], ["d", "d", "e"], ["f", "g", "h"]]
     ms = torch.tensor([[1, 2, 3]] * 4, dtype=torch.float64)
-    return ExitOutputs(ids=["u0", "u1", "u2", "u3"], durations=torch.tensor([1.0, 2.0, 3.0, 4.0]),
-                       ref_words=torch.full((4,), 10.0, dtype=torch.float64), errors=errors,
-                       hyps=hyps, exit_ms=ms, exit_layers=[2, 4, 6],
-                       scores={"posterior_greedy": conf},
-                       policy_ms={"posterior_greedy": torch.zeros(4, 3, dtype=torch.float64)})
+    return ExitOutputs(
+        ids=["u0", "u1", "u2", "u3"],
+        durations=torch.tensor([1.0, 2.0, 3.0, 4.0]),
+        ref_words=torch.full((4,), 10.0, dtype=torch.float64),
+        errors=errors,
+        hyps=hyps,
+        exit_ms=ms,
+        exit_layers=[2, 4, 6],
+        scores={"posterior_greedy": conf},
+        policy_ms={"posterior_greedy": torch.zeros(4, 3, dtype=torch.float64)},
+    )
 
 
 def test_summarize_and_simulated_exits():
@@ -298,8 +323,12 @@ def test_summarize_and_simulated_exits():
     exits = confidence_exits(out, scorer, "posterior_greedy", 0.75)
     assert exits.tolist() == [0, 1, 2, 2]
     s = summarize(out, exits)
-    assert s == {"wer": 100 * (0 + 1 + 0 + 2) / 40, "avg_layers": 4.5, "avg_exit": 2.25,
-                 "seconds": (1 + 2 + 3 + 3) / 1000}
+    assert s == {
+        "wer": 100 * (0 + 1 + 0 + 2) / 40,
+        "avg_layers": 4.5,
+        "avg_exit": 2.25,
+        "seconds": (1 + 2 + 3 + 3) / 1000,
+    }
 
 
 def test_calibration_targets():
@@ -322,12 +351,17 @@ def test_calibration_stops_at_the_first_threshold_that_breaks_the_target():
     taken: from the most conservative threshold on, the first violation ends the search."""
     errors = torch.tensor([[3, 3, 0], [0, 3, 3]], dtype=torch.float64)
     conf = torch.tensor([[0.1, 0.9, float("nan")], [0.5, 0.2, float("nan")]], dtype=torch.float64)
-    out = ExitOutputs(ids=["u0", "u1"], durations=torch.tensor([1.0, 2.0]),
-                      ref_words=torch.full((2,), 10.0, dtype=torch.float64), errors=errors,
-                      hyps=[["a", "b", "c"], ["d", "e", "f"]],
-                      exit_ms=torch.tensor([[1, 2, 3]] * 2, dtype=torch.float64), exit_layers=[2, 4, 6],
-                      scores={"posterior_greedy": conf},
-                      policy_ms={"posterior_greedy": torch.zeros(2, 3, dtype=torch.float64)})
+    out = ExitOutputs(
+        ids=["u0", "u1"],
+        durations=torch.tensor([1.0, 2.0]),
+        ref_words=torch.full((2,), 10.0, dtype=torch.float64),
+        errors=errors,
+        hyps=[["a", "b", "c"], ["d", "e", "f"]],
+        exit_ms=torch.tensor([[1, 2, 3]] * 2, dtype=torch.float64),
+        exit_layers=[2, 4, 6],
+        scores={"posterior_greedy": conf},
+        policy_ms={"posterior_greedy": torch.zeros(2, 3, dtype=torch.float64)},
+    )
     scorer = GreedyPosteriorPolicy(0.5)
     # 0.9 stops u0 at exit 2 (+3 errors: 30% vs 15%); 0.5 also stops u1 at exit 1 (-3: 15% again,
     # 3 layers) and 0.1 both at exit 1 (15%, 2 layers): a dip, not a trend
@@ -358,13 +392,25 @@ def test_calibration_confidence_guards_against_one_costly_utterance():
     n = 40
     errors = torch.ones(n, 3, dtype=torch.float64)
     errors[4, 0], errors[20, 0] = 5.0, 2.0
-    conf = torch.stack([torch.linspace(0.99, 0.6, n, dtype=torch.float64), torch.zeros(n, dtype=torch.float64),
-                        torch.full((n,), float("nan"), dtype=torch.float64)], 1)
-    out = ExitOutputs(ids=[f"u{i}" for i in range(n)], durations=torch.ones(n, dtype=torch.float64),
-                      ref_words=torch.full((n,), 10.0, dtype=torch.float64), errors=errors,
-                      hyps=[["a", "b", "c"]] * n, exit_ms=torch.tensor([[1, 2, 3]] * n, dtype=torch.float64),
-                      exit_layers=[2, 4, 6], scores={"posterior_greedy": conf},
-                      policy_ms={"posterior_greedy": torch.zeros(n, 3, dtype=torch.float64)})
+    conf = torch.stack(
+        [
+            torch.linspace(0.99, 0.6, n, dtype=torch.float64),
+            torch.zeros(n, dtype=torch.float64),
+            torch.full((n,), float("nan"), dtype=torch.float64),
+        ],
+        1,
+    )
+    out = ExitOutputs(
+        ids=[f"u{i}" for i in range(n)],
+        durations=torch.ones(n, dtype=torch.float64),
+        ref_words=torch.full((n,), 10.0, dtype=torch.float64),
+        errors=errors,
+        hyps=[["a", "b", "c"]] * n,
+        exit_ms=torch.tensor([[1, 2, 3]] * n, dtype=torch.float64),
+        exit_layers=[2, 4, 6],
+        scores={"posterior_greedy": conf},
+        policy_ms={"posterior_greedy": torch.zeros(n, 3, dtype=torch.float64)},
+    )
     scorer = GreedyPosteriorPolicy(0.5)
     plain = calibrate(out, scorer, "posterior_greedy", "max_wer_increase", 1.0)
     sure = calibrate(out, scorer, "posterior_greedy", "max_wer_increase", 1.0, confidence=0.9)
@@ -381,16 +427,22 @@ def test_calibration_confidence_guards_against_one_costly_utterance():
     with pytest.raises(ValueError, match="calibration_confidence"):
         calibrate(out, scorer, "posterior_greedy", "max_wer_increase", 1.0, confidence=1.0)
     # avg_layers ignores it (a recipe's confidence stays valid when the target is switched)
-    assert calibrate(out, scorer, "posterior_greedy", "avg_layers", 4.0, confidence=0.9) == \
-        calibrate(out, scorer, "posterior_greedy", "avg_layers", 4.0)
+    assert calibrate(out, scorer, "posterior_greedy", "avg_layers", 4.0, confidence=0.9) == calibrate(
+        out, scorer, "posterior_greedy", "avg_layers", 4.0
+    )
 
 
 def test_evaluate_policies_structure():
     out = hand_outputs()
-    table = fit_latency_table([{"seconds": 1.0, "ms": [1.0, 2.0, 3.0]},
-                               {"seconds": 4.0, "ms": [4.0, 8.0, 12.0]}])
-    result = evaluate_policies(out, {"test": out}, {"posterior_greedy": GreedyPosteriorPolicy(0.5)},
-                               table, ["posterior_greedy", "budget"], sweep_points=3)
+    table = fit_latency_table([{"seconds": 1.0, "ms": [1.0, 2.0, 3.0]}, {"seconds": 4.0, "ms": [4.0, 8.0, 12.0]}])
+    result = evaluate_policies(
+        out,
+        {"test": out},
+        {"posterior_greedy": GreedyPosteriorPolicy(0.5)},
+        table,
+        ["posterior_greedy", "budget"],
+        sweep_points=3,
+    )
     names = [p["policy"] for p in result["policies"]]
     assert names[:4] == ["fixed", "fixed", "fixed", "oracle"]
     assert {"posterior_greedy", "budget"} <= set(names)
@@ -405,8 +457,16 @@ def test_calibration_confidence_reaches_the_report():
     from earlyexit_brain.report import policy_markdown
 
     out = hand_outputs()
-    result = evaluate_policies(out, {"test": out}, {"posterior_greedy": GreedyPosteriorPolicy(0.5)},
-                               None, ["posterior_greedy"], value=2.5, sweep_points=3, confidence=0.9)
+    result = evaluate_policies(
+        out,
+        {"test": out},
+        {"posterior_greedy": GreedyPosteriorPolicy(0.5)},
+        None,
+        ["posterior_greedy"],
+        value=2.5,
+        sweep_points=3,
+        confidence=0.9,
+    )
     cal = result["calibration"]
     assert cal["confidence"] == 0.9
     low, high = cal["thresholds"]["posterior_greedy"]["dev_increase_interval"]

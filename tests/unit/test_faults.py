@@ -167,10 +167,10 @@ def _save_and_keep_only_in_ddp(rank, folder, port, rename_delay):
 
     import earlyexit_brain.checkpoints as checkpoints
 
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
-                      WORLD_SIZE="2")
-    torch.distributed.init_process_group("gloo", rank=rank, world_size=2,
-                                         timeout=datetime.timedelta(seconds=30))
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2"
+    )
+    torch.distributed.init_process_group("gloo", rank=rank, world_size=2, timeout=datetime.timedelta(seconds=30))
     replace = checkpoints.os.replace
 
     def slow_replace(src, dst):
@@ -190,7 +190,6 @@ def test_checkpoints_saved_and_pruned_under_ddp_do_not_hang(tmp_path, free_port)
     old ones (one broadcast per deleted checkpoint): a process that listed it before the
     rename deleted nothing and waited at a barrier while the main process broadcast (a hang;
     here a gloo timeout, which fails the spawn)."""
-    torch.multiprocessing.spawn(_save_and_keep_only_in_ddp, args=(str(tmp_path), free_port, 0.5), nprocs=2,
-                                join=True)
+    torch.multiprocessing.spawn(_save_and_keep_only_in_ddp, args=(str(tmp_path), free_port, 0.5), nprocs=2, join=True)
     names = sorted(p.name for p in tmp_path.iterdir())
     assert len(names) == 1 and names[0].startswith("CKPT+"), names

@@ -46,43 +46,132 @@ def keys_apart(a, b):
 
 
 #: The attention-decoder exits' own keys (conformer_aed_ee.yaml, smoke_aed.yaml).
-DECODER_KEYS = ["bos_index", "eos_index", "ctc_weight", "label_smoothing", "beam_size", "valid_beam_size",
-                "decode_ctc_weight", "aed_length_normalization", "aed_length_reward", "max_decode_ratio",
-                "aed_lm_weight", "aed_lm_word_bonus", "aed_lm_oov_penalty", "num_exits", "decoder_layers",
-                "decoder_d_model", "decoder_nhead", "decoder_d_ffn", "share_embedding", "decoders",
-                # the objects that hold the decoders, and the loss with their cross-entropy
-                "modules", "model", "ctc_heads", "loss", "test_decoders"]
+DECODER_KEYS = [
+    "bos_index",
+    "eos_index",
+    "ctc_weight",
+    "label_smoothing",
+    "beam_size",
+    "valid_beam_size",
+    "decode_ctc_weight",
+    "aed_length_normalization",
+    "aed_length_reward",
+    "max_decode_ratio",
+    "aed_lm_weight",
+    "aed_lm_word_bonus",
+    "aed_lm_oov_penalty",
+    "num_exits",
+    "decoder_layers",
+    "decoder_d_model",
+    "decoder_nhead",
+    "decoder_d_ffn",
+    "share_embedding",
+    "decoders",
+    # the objects that hold the decoders, and the loss with their cross-entropy
+    "modules",
+    "model",
+    "ctc_heads",
+    "loss",
+    "test_decoders",
+]
 #: The sizes and budgets that make the smoke recipes quick.
-SMOKE_KEYS = ["data_folder", "corpus_options", "number_of_epochs", "max_batch_length_train", "eval_batch_size",
-              "warmup_steps", "ctc_beam_size", "ctc_lm_alpha", "ctc_lm_beta", "ngram_order", "sweep_points",
-              "latency_durations", "n_mels", "num_layers", "d_model", "d_ffn", "kernel_size", "exit_layers",
-              "frontend_channels", "ckpt_interval_minutes"]
+SMOKE_KEYS = [
+    "data_folder",
+    "corpus_options",
+    "number_of_epochs",
+    "max_batch_length_train",
+    "eval_batch_size",
+    "warmup_steps",
+    "ctc_beam_size",
+    "ctc_lm_alpha",
+    "ctc_lm_beta",
+    "ngram_order",
+    "sweep_points",
+    "latency_durations",
+    "n_mels",
+    "num_layers",
+    "d_model",
+    "d_ffn",
+    "kernel_size",
+    "exit_layers",
+    "frontend_channels",
+    "ckpt_interval_minutes",
+]
 
 COPIES = [
     # (the file copied, its copy, the keys meant to differ)
     ("librispeech/wav2vec2_ctc_ee.yaml", "librispeech/wavlm_ctc_ee.yaml", ["output_folder", "ssl_source"]),
     ("librispeech/wav2vec2_ctc_ee.yaml", "librispeech/hubert_ctc_ee.yaml", ["output_folder", "ssl_source"]),
-    ("librispeech/conformer_ctc_ee.yaml", "librispeech/conformer_ctc_single.yaml",
-     ["output_folder", "exit_layers", "policy_evaluation"]),
-    ("librispeech/conformer_ctc_ee.yaml", "librispeech/conformer_aed_ee.yaml",
-     ["output_folder", "valid_decoder", *DECODER_KEYS]),
-    ("librispeech/conformer_ctc_ee.yaml", "tedlium/conformer_ctc_ee.yaml",
-     ["output_folder", "prepare_corpus", "corpus_options", "train_splits", "dev_splits", "test_splits",
-      "partition", "valid_csv", "test_sets", "test_csv"]),
-    ("synthetic/conformer_ctc_ee.yaml", "synthetic/conformer_ctc_single.yaml",
-     ["output_folder", "exit_layers", "policy_evaluation",
-      "exit_distillation_weight", "exit_distillation_from_epoch", "loss"]),  # one exit: nothing to distil
-    ("synthetic/conformer_ctc_ee.yaml", "synthetic/conformer_aed_ee.yaml",
-     ["output_folder", "output_neurons", "exit_distillation_weight", "exit_distillation_from_epoch",
-      *DECODER_KEYS]),
-    ("synthetic/conformer_ctc_ee.yaml", "synthetic/smoke.yaml",
-     ["output_folder", *SMOKE_KEYS, "exit_distillation_weight", "exit_distillation_from_epoch", "loss"]),
-    ("synthetic/smoke.yaml", "synthetic/smoke_aed.yaml",
-     ["output_folder", "output_neurons", "valid_decoder", "ctc_beam_size", *DECODER_KEYS,
-      "opt_class"]),  # smoke_aed's AdamW is not the fused one
-    ("synthetic/conformer_aed_ee.yaml", "synthetic/smoke_aed.yaml",
-     ["output_folder", *SMOKE_KEYS, "valid_decoder", "beam_size", "valid_beam_size", "max_decode_ratio",
-      "aed_lm_weight", "aed_lm_word_bonus", "decoder_nhead", "decoder_d_ffn", "opt_class"]),
+    (
+        "librispeech/conformer_ctc_ee.yaml",
+        "librispeech/conformer_ctc_single.yaml",
+        ["output_folder", "exit_layers", "policy_evaluation"],
+    ),
+    (
+        "librispeech/conformer_ctc_ee.yaml",
+        "librispeech/conformer_aed_ee.yaml",
+        ["output_folder", "valid_decoder", *DECODER_KEYS],
+    ),
+    (
+        "librispeech/conformer_ctc_ee.yaml",
+        "tedlium/conformer_ctc_ee.yaml",
+        [
+            "output_folder",
+            "prepare_corpus",
+            "corpus_options",
+            "train_splits",
+            "dev_splits",
+            "test_splits",
+            "partition",
+            "valid_csv",
+            "test_sets",
+            "test_csv",
+        ],
+    ),
+    (
+        "synthetic/conformer_ctc_ee.yaml",
+        "synthetic/conformer_ctc_single.yaml",
+        [
+            "output_folder",
+            "exit_layers",
+            "policy_evaluation",
+            "exit_distillation_weight",
+            "exit_distillation_from_epoch",
+            "loss",
+        ],
+    ),  # one exit: nothing to distil
+    (
+        "synthetic/conformer_ctc_ee.yaml",
+        "synthetic/conformer_aed_ee.yaml",
+        ["output_folder", "output_neurons", "exit_distillation_weight", "exit_distillation_from_epoch", *DECODER_KEYS],
+    ),
+    (
+        "synthetic/conformer_ctc_ee.yaml",
+        "synthetic/smoke.yaml",
+        ["output_folder", *SMOKE_KEYS, "exit_distillation_weight", "exit_distillation_from_epoch", "loss"],
+    ),
+    (
+        "synthetic/smoke.yaml",
+        "synthetic/smoke_aed.yaml",
+        ["output_folder", "output_neurons", "valid_decoder", "ctc_beam_size", *DECODER_KEYS, "opt_class"],
+    ),  # smoke_aed's AdamW is not the fused one
+    (
+        "synthetic/conformer_aed_ee.yaml",
+        "synthetic/smoke_aed.yaml",
+        [
+            "output_folder",
+            *SMOKE_KEYS,
+            "valid_decoder",
+            "beam_size",
+            "valid_beam_size",
+            "max_decode_ratio",
+            "aed_lm_weight",
+            "aed_lm_word_bonus",
+            "decoder_nhead",
+            "decoder_d_ffn",
+            "opt_class",
+        ],
+    ),
 ]
 
 
@@ -91,12 +180,24 @@ def test_copies_agree_outside_the_keys_meant_to_differ(repo_root, main, copy, di
     apart = keys_apart(written(repo_root, main), written(repo_root, copy))
     assert apart == sorted(set(differ)), (
         f"hparams/{copy} against hparams/{main}: keys apart that are not listed: "
-        f"{sorted(set(apart) - set(differ))}; listed keys that agree: {sorted(set(differ) - set(apart))}")
+        f"{sorted(set(apart) - set(differ))}; listed keys that agree: {sorted(set(differ) - set(apart))}"
+    )
 
 
-POLICY_KEYS = ["policy_evaluation", "policy_sweep", "sweep_points", "calibration_target", "calibration_value",
-               "calibration_confidence", "default_policy", "nbest_beam_size", "nbest_token_prune_logp",
-               "entropy_normalize", "posterior_greedy_form", "latency_durations"]
+POLICY_KEYS = [
+    "policy_evaluation",
+    "policy_sweep",
+    "sweep_points",
+    "calibration_target",
+    "calibration_value",
+    "calibration_confidence",
+    "default_policy",
+    "nbest_beam_size",
+    "nbest_token_prune_logp",
+    "entropy_normalize",
+    "posterior_greedy_form",
+    "latency_durations",
+]
 #: Per recipe, the exit-policy keys that differ from hparams/synthetic/conformer_ctc_ee.yaml's.
 POLICY_DIFFERENCES = {
     "librispeech/conformer_ctc_single.yaml": ["policy_evaluation"],  # one exit: nothing to choose
@@ -110,8 +211,10 @@ POLICY_DIFFERENCES = {
 def test_every_recipe_has_the_default_exit_policy_block(repo_root):
     main = written(repo_root, "synthetic/conformer_ctc_ee.yaml")
     assert set(POLICY_KEYS) <= set(main)
-    paths = sorted(os.path.relpath(p, os.path.join(repo_root, "hparams"))
-                   for p in glob.glob(os.path.join(repo_root, "hparams", "*", "*.yaml")))
+    paths = sorted(
+        os.path.relpath(p, os.path.join(repo_root, "hparams"))
+        for p in glob.glob(os.path.join(repo_root, "hparams", "*", "*.yaml"))
+    )
     assert len(paths) >= 13 and set(POLICY_DIFFERENCES) <= set(paths)
     for path in paths:
         values = written(repo_root, path)

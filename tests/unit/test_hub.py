@@ -45,16 +45,19 @@ def make_experiment(base, folder, model):
     sf.write(str(data / "long.wav"), tone(11.0, seed=3), SR)
     sf.write(str(data / "u1.wav"), tone(1.5, freq=300, seed=4), SR)
     for name in ("test", "test_unseen_voice"):
-        (data / f"{name}.csv").write_text("ID,duration,wav,spk_id,wrd\n"
-                                          "l,11.0,$data_root/long.wav,s1,THE CAT\n"
-                                          "u1,1.5,$data_root/u1.wav,s1,THE MAT\n")
+        (data / f"{name}.csv").write_text(
+            "ID,duration,wav,spk_id,wrd\nl,11.0,$data_root/long.wav,s1,THE CAT\nu1,1.5,$data_root/u1.wav,s1,THE MAT\n"
+        )
     exp.mkdir()
     (exp / "hyperparams.yaml").write_text(HPARAMS.format(data=data))
     shutil.copytree(folder, exp / "inference")
-    results = {name: [{"exit": k + 1, "wer": 90.0 - 10 * k + i, "cer": 50.0 - 5 * k, "n": 2}
-                      for k in range(3)] for i, name in enumerate(("test", "test_unseen_voice"))}
-    report = build_report(model.encoder, model.heads, results, train={"epochs": 1, "seconds": 2.0},
-                          extra={"exit_layers": [2, 4, 6]})
+    results = {
+        name: [{"exit": k + 1, "wer": 90.0 - 10 * k + i, "cer": 50.0 - 5 * k, "n": 2} for k in range(3)]
+        for i, name in enumerate(("test", "test_unseen_voice"))
+    }
+    report = build_report(
+        model.encoder, model.heads, results, train={"epochs": 1, "seconds": 2.0}, extra={"exit_layers": [2, 4, 6]}
+    )
     write_report(report, str(exp))
     return exp
 
@@ -90,12 +93,14 @@ class RecordingApi:
         self.calls.append(("create_repo", repo_id, private, exist_ok))
         return f"https://huggingface.co/{repo_id}"
 
-    def upload_folder(self, folder_path, repo_id, repo_type=None, commit_message=None,
-                      ignore_patterns=()):
+    def upload_folder(self, folder_path, repo_id, repo_type=None, commit_message=None, ignore_patterns=()):
         import fnmatch
 
-        sent = [name for name in sorted(os.listdir(folder_path))
-                if not any(fnmatch.fnmatch(name, pattern) for pattern in ignore_patterns)]
+        sent = [
+            name
+            for name in sorted(os.listdir(folder_path))
+            if not any(fnmatch.fnmatch(name, pattern) for pattern in ignore_patterns)
+        ]
         self.calls.append(("upload_folder", folder_path, repo_id, sent))
         return type("Commit", (), {"commit_url": f"https://huggingface.co/{repo_id}/commit/abc"})()
 
@@ -118,8 +123,10 @@ def publish(*args):
 # ------------------------------------------------------------------ the folder
 def test_folder_has_what_the_hub_and_speechbrain_need(built):
     _, out = built
-    assert sorted(os.listdir(out)) == sorted(list(hub.MODEL_FILES) + [
-        "README.md", "config.json", "example.wav", "report.json", "wer_vs_compute.png", OWNER_MARKER])
+    assert sorted(os.listdir(out)) == sorted(
+        list(hub.MODEL_FILES)
+        + ["README.md", "config.json", "example.wav", "report.json", "wer_vs_compute.png", OWNER_MARKER]
+    )
     config = json.load(open(os.path.join(out, "config.json")))
     assert config["speechbrain"]["interface"] == "EncoderASR"
     assert config["earlyexit_brain"]["interface"] == "earlyexit_brain.inference.EarlyExitASR"
@@ -139,12 +146,14 @@ def test_model_card_front_matter_and_model_index(built):
     assert data.language == "en" and "early-exit" in data.tags and data.metrics == ["wer"]
     assert data.datasets == ["earlyexit_brain-synthetic"]
     report = json.load(open(exp / "report.json"))
-    expected = {(s, f"WER exit {e['exit']} (layer {e['layer']})"): stats["wer"]
-                for e in report["exits"] for s, stats in e["sets"].items()}
+    expected = {
+        (s, f"WER exit {e['exit']} (layer {e['layer']})"): stats["wer"]
+        for e in report["exits"]
+        for s, stats in e["sets"].items()
+    }
     got = {(r.dataset_split, r.metric_name): r.metric_value for r in data.eval_results}
     assert got == expected and len(got) == 6
-    assert all(r.task_type == "automatic-speech-recognition" and r.metric_type == "wer"
-               for r in data.eval_results)
+    assert all(r.task_type == "automatic-speech-recognition" and r.metric_type == "wer" for r in data.eval_results)
     assert "| exit | layer |" in card.text and "](wer_vs_compute.png)" in card.text
     assert 'EarlyExitASR.from_hparams(source="alice/tiny-ee"' in card.text
     assert "EncoderASR.from_hparams" in card.text
@@ -153,11 +162,13 @@ def test_model_card_front_matter_and_model_index(built):
 
 def test_model_card_names_an_ssl_backbone():
     kind = hub.encoder_kind({"encoder": "new:earlyexit_brain.models.ssl.EarlyExitSSLEncoder"})
-    report = {"params_total": 10, "num_layers": 12, "train": {"epochs": 1, "seconds": 1.0},
-              "exits": [{"exit": 1, "layer": 2, "params_to_exit": 5,
-                         "sets": {"test": {"wer": 50.0, "cer": 20.0, "n": 1}}}]}
-    card = hub.build_model_card(report, "alice/ssl-ee", ("custom", "custom corpus"), {},
-                                with_plot=False, encoder=kind)
+    report = {
+        "params_total": 10,
+        "num_layers": 12,
+        "train": {"epochs": 1, "seconds": 1.0},
+        "exits": [{"exit": 1, "layer": 2, "params_to_exit": 5, "sets": {"test": {"wer": 50.0, "cer": 20.0, "n": 1}}}],
+    }
+    card = hub.build_model_card(report, "alice/ssl-ee", ("custom", "custom corpus"), {}, with_plot=False, encoder=kind)
     assert "self-supervised (wav2vec2-family) encoder" in card.text and "wav2vec2" in card.data.tags
     assert "Conformer" not in card.text
 
@@ -174,8 +185,7 @@ def test_validation_loads_both_interfaces(built):
 def test_example_option_resamples_and_down_mixes(tmp_path, experiment):
     stereo = np.stack([tone(1.0, sr=8000), tone(1.0, sr=8000)], axis=1)
     sf.write(str(tmp_path / "mine.flac"), stereo, 8000)
-    out = hub.build_hub_folder(str(experiment), str(tmp_path / "hub"), "alice/x",
-                               example=str(tmp_path / "mine.flac"))
+    out = hub.build_hub_folder(str(experiment), str(tmp_path / "hub"), "alice/x", example=str(tmp_path / "mine.flac"))
     info = sf.info(os.path.join(out, "example.wav"))
     assert info.samplerate == SR and info.channels == 1 and abs(info.duration - 1.0) < 0.01
 
@@ -188,8 +198,7 @@ def test_dry_run_makes_no_network_call(tmp_path, experiment, recorder, capsys):
     assert "Validated" in out and "Dry run: nothing uploaded." in out
 
 
-def test_upload_goes_through_hfapi_and_never_shows_the_token(tmp_path, experiment, recorder,
-                                                             capsys, caplog):
+def test_upload_goes_through_hfapi_and_never_shows_the_token(tmp_path, experiment, recorder, capsys, caplog):
     caplog.set_level("DEBUG")
     assert publish(experiment, "--repo-id", "alice/tiny-ee", "--private", "--out", tmp_path / "h") == 0
     (api,) = recorder.instances
@@ -219,8 +228,9 @@ def test_existing_repo_needs_exist_ok(tmp_path, experiment, recorder, capsys):
     assert recorder.instances[-1].calls[-2] == ("create_repo", "alice/tiny-ee", False, True)
 
 
-@pytest.mark.parametrize("repo_id", ["tiny-ee", "alice/", "/tiny", "a/b/c", "alice/ti ny",
-                                     "alice/-x", "alice/x..y", "alice/x--y", "al!ce/x"])
+@pytest.mark.parametrize(
+    "repo_id", ["tiny-ee", "alice/", "/tiny", "a/b/c", "alice/ti ny", "alice/-x", "alice/x..y", "alice/x--y", "al!ce/x"]
+)
 def test_bad_repo_ids(tmp_path, experiment, recorder, capsys, repo_id):
     assert publish(experiment, "--repo-id", repo_id, "--out", tmp_path / "h") == 1
     assert "not of the form OWNER/NAME" in capsys.readouterr().err
@@ -263,13 +273,16 @@ def test_own_inference_yaml_is_on_the_allowlist(folder):
     assert unsafe_tags(open(os.path.join(folder, "hyperparams.yaml")).read()) == []
 
 
-@pytest.mark.parametrize("extra, words", [
-    ("pwn: !apply:os.system ['touch {marker}']\n", "!apply:os.system (os.system is not on"),
-    ("pwn: !name:speechbrain.utils.superpowers.run_shell\n", "run_shell is not on the allowlist"),
-    ("pwn: !new:subprocess.Popen [['touch', '{marker}']]\n", "subprocess.Popen"),
-    ("pwn: !include:other.yaml\n", "!include:other.yaml (reaches outside the file)"),
-    ("pwn: !!python/object/apply:os.system ['touch {marker}']\n", "a Python object tag"),
-])
+@pytest.mark.parametrize(
+    "extra, words",
+    [
+        ("pwn: !apply:os.system ['touch {marker}']\n", "!apply:os.system (os.system is not on"),
+        ("pwn: !name:speechbrain.utils.superpowers.run_shell\n", "run_shell is not on the allowlist"),
+        ("pwn: !new:subprocess.Popen [['touch', '{marker}']]\n", "subprocess.Popen"),
+        ("pwn: !include:other.yaml\n", "!include:other.yaml (reaches outside the file)"),
+        ("pwn: !!python/object/apply:os.system ['touch {marker}']\n", "a Python object tag"),
+    ],
+)
 def test_disallowed_yaml_is_refused_before_anything_runs(folder, tmp_path, extra, words):
     marker = tmp_path / "ran"
     copy = tampered(folder, tmp_path, extra.format(marker=marker))
@@ -300,20 +313,39 @@ def fake_hub_cache(cache, repo_id, folder):
 def test_hub_id_loads_offline_from_the_cache(built, tmp_path):
     _, out = built
     fake_hub_cache(tmp_path / "cache", "alice/tiny-ee", out)
-    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_HUB_CACHE=str(tmp_path / "cache"),
-               PYTHONPATH=ROOT)
+    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_HUB_CACHE=str(tmp_path / "cache"), PYTHONPATH=ROOT)
     example = os.path.join(out, "example.wav")
-    proc = subprocess.run([sys.executable, "-m", "earlyexit_brain.transcribe", "alice/tiny-ee",
-                           example, "--exit", "2", "--savedir", str(tmp_path / "saved")],
-                          env=env, capture_output=True, text=True, timeout=300, cwd=str(tmp_path))
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "earlyexit_brain.transcribe",
+            "alice/tiny-ee",
+            example,
+            "--exit",
+            "2",
+            "--savedir",
+            str(tmp_path / "saved"),
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=str(tmp_path),
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     path, exit_used, ms, text = proc.stdout.strip().split("\t")
     assert path == example and exit_used == "exit 2 (4 layers)" and ms.endswith(" ms")
     expected = EarlyExitASR.from_hparams(source=out).transcribe_file(example, exit=2).text
     assert text == expected
-    proc = subprocess.run([sys.executable, "-m", "earlyexit_brain.transcribe", "alice/missing",
-                           example], env=env, capture_output=True, text=True, timeout=300,
-                          cwd=str(tmp_path))
+    proc = subprocess.run(
+        [sys.executable, "-m", "earlyexit_brain.transcribe", "alice/missing", example],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=str(tmp_path),
+    )
     assert proc.returncode == 2 and "alice/missing: cannot fetch the model's files" in proc.stderr
 
 

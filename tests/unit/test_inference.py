@@ -35,8 +35,16 @@ def test_folder_contents(folder):
     from earlyexit_brain.files import OWNER_MARKER
 
     assert sorted(os.listdir(folder)) == sorted(
-        ["hyperparams.yaml", "model.ckpt", "normalizer.ckpt", "tokenizer.ckpt",
-         "exit_policies.ckpt", "latency_table.ckpt", OWNER_MARKER])
+        [
+            "hyperparams.yaml",
+            "model.ckpt",
+            "normalizer.ckpt",
+            "tokenizer.ckpt",
+            "exit_policies.ckpt",
+            "latency_table.ckpt",
+            OWNER_MARKER,
+        ]
+    )
 
 
 def test_fixed_exit_transcription_matches_the_model(asr, model, tokenizer_path, audio):
@@ -49,8 +57,7 @@ def test_fixed_exit_transcription_matches_the_model(asr, model, tokenizer_path, 
 
 
 def test_policies_by_name_and_stored_defaults(asr):
-    assert asr.make_policy().describe() == {"policy": "posterior_greedy", "threshold": 0.05,
-                                            "form": "mean"}
+    assert asr.make_policy().describe() == {"policy": "posterior_greedy", "threshold": 0.05, "form": "mean"}
     assert asr.make_policy("entropy").threshold == 0.99
     assert asr.make_policy("posterior").threshold == 0.5
     assert asr.make_policy("posterior_greedy", 0.7).threshold == 0.7
@@ -90,28 +97,37 @@ def test_resampling_and_down_mixing(asr, audio):
     assert signal.dim() == 1
     assert abs(signal.shape[0] - 2 * SR) <= 2
     # channels 0.4 and 0.2 amplitude -> mean 0.3
-    assert float(signal[SR // 2: SR].abs().max()) == pytest.approx(0.3, abs=0.03)
+    assert float(signal[SR // 2 : SR].abs().max()) == pytest.approx(0.3, abs=0.03)
     assert asr.transcribe_file(audio["stereo8k"], exit=1).exit == 1
 
 
-@pytest.mark.parametrize("name, words", [
-    ("missing", "no such audio file"), ("zero_bytes", "cannot be decoded"),
-    ("garbage", "cannot be decoded"), ("empty", "empty"), ("silent", "silent"),
-])
+@pytest.mark.parametrize(
+    "name, words",
+    [
+        ("missing", "no such audio file"),
+        ("zero_bytes", "cannot be decoded"),
+        ("garbage", "cannot be decoded"),
+        ("empty", "empty"),
+        ("silent", "silent"),
+    ],
+)
 def test_bad_files_name_the_file(asr, audio, name, words):
     with pytest.raises(ValueError, match=words) as err:
         asr.transcribe_file(audio[name])
     assert audio[name] in str(err.value)
 
 
-@pytest.mark.parametrize("kwargs, words", [
-    ({"policy": "fastest"}, "policy: unknown policy 'fastest'"),
-    ({"policy": "oracle"}, "analysis"),
-    ({"policy": "posterior_greedy", "threshold": 2.0}, "threshold"),
-    ({"policy": "entropy", "threshold": -1.0}, "threshold"),
-    ({"exit": 4}, "exit: the model has exits 1..3, got 4"),
-    ({"exit": 1, "policy": "entropy"}, "exit: give either"),
-])
+@pytest.mark.parametrize(
+    "kwargs, words",
+    [
+        ({"policy": "fastest"}, "policy: unknown policy 'fastest'"),
+        ({"policy": "oracle"}, "analysis"),
+        ({"policy": "posterior_greedy", "threshold": 2.0}, "threshold"),
+        ({"policy": "entropy", "threshold": -1.0}, "threshold"),
+        ({"exit": 4}, "exit: the model has exits 1..3, got 4"),
+        ({"exit": 1, "policy": "entropy"}, "exit: give either"),
+    ],
+)
 def test_bad_arguments(asr, audio, kwargs, words):
     with pytest.raises(ValueError, match=words.replace(".", r"\.")):
         asr.transcribe_file(audio["a"], **kwargs)
@@ -146,8 +162,10 @@ def test_stock_speechbrain_encoder_asr_loads_the_folder(folder, asr, audio):
 
 def test_simulated_policy_decisions_equal_a_real_dynamic_run(asr, model, tokenizer_path):
     sp = spm.SentencePieceProcessor(model_file=tokenizer_path)
-    items = [{"id": f"u{i}", "sig": torch.tensor(tone(0.5 + 0.3 * i, freq=150 + 40 * i, seed=i)),
-              "wrd": "THE CAT"} for i in range(6)]
+    items = [
+        {"id": f"u{i}", "sig": torch.tensor(tone(0.5 + 0.3 * i, freq=150 + 40 * i, seed=i)), "wrd": "THE CAT"}
+        for i in range(6)
+    ]
     scorer = GreedyPosteriorPolicy(0.5)
     outputs = collect_exit_outputs(model, items, sp, {"posterior_greedy": scorer})
     assert outputs.errors.shape == (6, 3) and (outputs.exit_ms[:, 1:] >= outputs.exit_ms[:, :-1]).all()
@@ -164,8 +182,9 @@ def test_moving_the_model_moves_the_normalisation_statistics(tokenizer_path):
     normalize = InputNormalization(norm_type="global")
     fbank = Fbank(n_mels=20)
     normalize(fbank(torch.randn(1, SR)), torch.ones(1))
-    encoder = EarlyExitConformerEncoder(20, num_layers=2, d_model=16, nhead=2, d_ffn=32,
-                                        exit_layers=[1, 2], kernel_size=3)
+    encoder = EarlyExitConformerEncoder(
+        20, num_layers=2, d_model=16, nhead=2, d_ffn=32, exit_layers=[1, 2], kernel_size=3
+    )
     model = EarlyExitCTCModel(fbank, normalize, encoder, CTCExitHeads(16, 5, 2)).eval()
     model.to(torch.float64)  # stands in for a device move: the same _apply path
     assert normalize.glob_mean.dtype == torch.float64 and normalize.glob_std.dtype == torch.float64

@@ -4,23 +4,34 @@ layers below (docs/architecture.md), and no cycle exists, function-level imports
 import ast
 import os
 
-ROOT = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))),
-                    "earlyexit_brain")
+ROOT = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "earlyexit_brain")
 
 #: Layers, lowest first (docs/architecture.md); a module is matched by its longest prefix.
 LAYERS = [
-    ["earlyexit_brain", "earlyexit_brain.utils", "earlyexit_brain.options", "earlyexit_brain.files",
-     "earlyexit_brain.safe_load",
-     "earlyexit_brain.records", "earlyexit_brain.checkpoints", "earlyexit_brain.policy_bundle",
-     "earlyexit_brain.runtime"],
+    [
+        "earlyexit_brain",
+        "earlyexit_brain.utils",
+        "earlyexit_brain.options",
+        "earlyexit_brain.files",
+        "earlyexit_brain.safe_load",
+        "earlyexit_brain.records",
+        "earlyexit_brain.checkpoints",
+        "earlyexit_brain.policy_bundle",
+        "earlyexit_brain.runtime",
+    ],
     ["earlyexit_brain.data", "earlyexit_brain.audio_check", "earlyexit_brain.dataio"],
     ["earlyexit_brain.models"],
     ["earlyexit_brain.losses", "earlyexit_brain.decoding"],
     ["earlyexit_brain.latency", "earlyexit_brain.policies", "earlyexit_brain.dynamic"],
-    ["earlyexit_brain.brain", "earlyexit_brain.inference", "earlyexit_brain.export",
-     "earlyexit_brain.report", "earlyexit_brain.evaluation", "earlyexit_brain.onnx_export"],
-    ["earlyexit_brain.config", "earlyexit_brain.experiment", "earlyexit_brain.hub",
-     "earlyexit_brain.transcribe"],
+    [
+        "earlyexit_brain.brain",
+        "earlyexit_brain.inference",
+        "earlyexit_brain.export",
+        "earlyexit_brain.report",
+        "earlyexit_brain.evaluation",
+        "earlyexit_brain.onnx_export",
+    ],
+    ["earlyexit_brain.config", "earlyexit_brain.experiment", "earlyexit_brain.hub", "earlyexit_brain.transcribe"],
 ]
 
 
@@ -66,8 +77,7 @@ def layer(name):
 
 def graph():
     mods = modules()
-    return {name: {m for m in imports(name, path) if m in mods and m != name}
-            for name, path in mods.items()}
+    return {name: {m for m in imports(name, path) if m in mods and m != name} for name, path in mods.items()}
 
 
 def test_every_module_has_a_layer():
@@ -76,8 +86,12 @@ def test_every_module_has_a_layer():
 
 
 def test_no_import_points_up_the_layers():
-    upward = [f"{name} (layer {layer(name)}) imports {dep} (layer {layer(dep)})"
-              for name, deps in graph().items() for dep in deps if layer(dep) > layer(name)]
+    upward = [
+        f"{name} (layer {layer(name)}) imports {dep} (layer {layer(dep)})"
+        for name, deps in graph().items()
+        for dep in deps
+        if layer(dep) > layer(name)
+    ]
     assert upward == []
 
 
@@ -90,7 +104,7 @@ def test_no_import_cycle():
             if dep == "earlyexit_brain":
                 continue  # the package's __init__ holds only the version
             if state.get(dep) == "active":
-                cycles.append(stack[stack.index(dep):] + [dep])
+                cycles.append(stack[stack.index(dep) :] + [dep])
             elif dep not in state:
                 visit(dep, stack + [dep])
         state[node] = "done"

@@ -47,7 +47,7 @@ def test_one_call_and_per_exit_ctc_agree():
     log_probs, inputs, reference, _ = per_exit_ctc()
     one_call = MultiExitLoss(blank_index=0, ctc="one_call")(log_probs, *inputs)
     per_exit = MultiExitLoss(blank_index=0, ctc="per_exit")(log_probs, *inputs)
-    assert [float(x) for x in per_exit.per_exit] == [float(x) for x in reference]  # SpeechBrain's own calls
+    assert [float(x.detach()) for x in per_exit.per_exit] == [float(x.detach()) for x in reference]
     assert torch.allclose(one_call.total, per_exit.total, rtol=1e-6)
 
 
@@ -63,12 +63,19 @@ def test_weight_count_must_match_exits():
         MultiExitLoss(blank_index=0, exit_weights=[1.0, 1.0])(log_probs, *inputs)
 
 
-@pytest.mark.parametrize("kwargs, key", [
-    ({"exit_weights": [1, -1]}, "exit_loss_weights"), ({"exit_weights": [0, 0]}, "exit_loss_weights"),
-    ({"ctc": "fast"}, "key .ctc. must be"), ({"ctc_weight": 1.5}, "ctc_weight"),
-    ({"label_smoothing": 1.0}, "label_smoothing"), ({"distillation_weight": -1}, "exit_distillation_weight"),
-    ({"distillation_from_epoch": 0}, "exit_distillation_from_epoch"), ({"blank_index": -1}, "blank_index"),
-])
+@pytest.mark.parametrize(
+    "kwargs, key",
+    [
+        ({"exit_weights": [1, -1]}, "exit_loss_weights"),
+        ({"exit_weights": [0, 0]}, "exit_loss_weights"),
+        ({"ctc": "fast"}, "key .ctc. must be"),
+        ({"ctc_weight": 1.5}, "ctc_weight"),
+        ({"label_smoothing": 1.0}, "label_smoothing"),
+        ({"distillation_weight": -1}, "exit_distillation_weight"),
+        ({"distillation_from_epoch": 0}, "exit_distillation_from_epoch"),
+        ({"blank_index": -1}, "blank_index"),
+    ],
+)
 def test_bad_loss_options_name_the_key(kwargs, key):
     with pytest.raises(ValueError, match=key):
         MultiExitLoss(**{"blank_index": 0, **kwargs})
@@ -103,10 +110,20 @@ def test_unfit_training_utterances_are_dropped_and_counted(tiny_corpus, tmp_path
         writer = csv.DictWriter(fout, fieldnames=list(rows[0]))
         writer.writeheader()
         writer.writerows(rows)
-    hparams = dict(data_folder=folder, train_csv=str(train_csv), valid_csv=manifests["dev"],
-                   test_sets=["test"], test_csv={"test": manifests["test"]}, sample_rate=16000,
-                   hop_length=10, max_duration=100.0, eval_batch_size=4, batch_size=4,
-                   sorting="ascending", seed=1)
+    hparams = dict(
+        data_folder=folder,
+        train_csv=str(train_csv),
+        valid_csv=manifests["dev"],
+        test_sets=["test"],
+        test_csv={"test": manifests["test"]},
+        sample_rate=16000,
+        hop_length=10,
+        max_duration=100.0,
+        eval_batch_size=4,
+        batch_size=4,
+        sorting="ascending",
+        seed=1,
+    )
     with caplog.at_level(logging.INFO):
         train, valid, tests, loaders, _ = dataio_prepare(hparams, CharTokenizer(), enc)
     assert len(train) == len(rows) - 2
@@ -123,20 +140,42 @@ def test_encoder_frames_agrees_with_the_encoder():
 
 def test_missing_manifest_is_named(tmp_path):
     enc = EarlyExitConformerEncoder(40, 1, 16, 2, 32, [1], kernel_size=3)
-    hparams = dict(data_folder=str(tmp_path), train_csv=str(tmp_path / "nope.csv"),
-                   valid_csv="x", test_sets=["test"], test_csv={"test": "y"}, sample_rate=16000, seed=1,
-                   max_duration=10.0, eval_batch_size=2, batch_size=2)
+    hparams = dict(
+        data_folder=str(tmp_path),
+        train_csv=str(tmp_path / "nope.csv"),
+        valid_csv="x",
+        test_sets=["test"],
+        test_csv={"test": "y"},
+        sample_rate=16000,
+        seed=1,
+        max_duration=10.0,
+        eval_batch_size=2,
+        batch_size=2,
+    )
     with pytest.raises(FileNotFoundError, match="nope.csv"):
         dataio_prepare(hparams, CharTokenizer(), enc)
 
 
-@pytest.mark.parametrize("drop, message", [
-    ("seed", "DataOptions: key 'seed' missing"), ("batch_size", "'batch_size' is needed without dynamic_batching"),
-])
+@pytest.mark.parametrize(
+    "drop, message",
+    [
+        ("seed", "DataOptions: key 'seed' missing"),
+        ("batch_size", "'batch_size' is needed without dynamic_batching"),
+    ],
+)
 def test_data_options_name_a_missing_key(tmp_path, drop, message):
-    hparams = dict(data_folder=str(tmp_path), train_csv="a.csv", valid_csv="b.csv", test_sets=["test"],
-                   test_csv={"test": "c.csv"}, sample_rate=16000, seed=1, max_duration=10.0,
-                   eval_batch_size=2, batch_size=2)
+    hparams = dict(
+        data_folder=str(tmp_path),
+        train_csv="a.csv",
+        valid_csv="b.csv",
+        test_sets=["test"],
+        test_csv={"test": "c.csv"},
+        sample_rate=16000,
+        seed=1,
+        max_duration=10.0,
+        eval_batch_size=2,
+        batch_size=2,
+    )
     del hparams[drop]
     with pytest.raises(ConfigError, match=message):
         DataOptions.from_hparams(hparams)

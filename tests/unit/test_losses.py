@@ -37,16 +37,19 @@ def brain_objective(folder, ctc="one_call", epoch=1, **loss_keys):
     """Loss, per-exit loss sums and parameter gradients of one training batch of the recipe's Brain
     (tests/factories.py; 3 exits weighted 0.5, 1 and 2; in epoch ``epoch``). ``ctc`` is the loss's CTC
     implementation; ``loss_keys`` are recipe keys (``exit_distillation_weight``, ...)."""
-    brain = make_brain(folder, num_layers=3, exit_layers=[1, 2, 3], exit_loss_weights=[0.5, 1.0, 2.0],
-                       loss={"ctc": ctc}, **loss_keys)
+    brain = make_brain(
+        folder, num_layers=3, exit_layers=[1, 2, 3], exit_loss_weights=[0.5, 1.0, 2.0], loss={"ctc": ctc}, **loss_keys
+    )
     assert brain.hparams.loss.ctc == ctc
     brain.hparams.epoch_counter.current = epoch
     brain.on_stage_start(sb.Stage.TRAIN)
-    data = PaddedBatch([
-        {"id": "a", "sig": torch.randn(8000), "tokens": torch.tensor([1, 2, 3]), "wrd": "A"},
-        {"id": "b", "sig": torch.randn(5000), "tokens": torch.tensor([4, 5]), "wrd": "B"},
-        {"id": "c", "sig": torch.randn(6500), "tokens": torch.tensor([6]), "wrd": "C"},
-    ])
+    data = PaddedBatch(
+        [
+            {"id": "a", "sig": torch.randn(8000), "tokens": torch.tensor([1, 2, 3]), "wrd": "A"},
+            {"id": "b", "sig": torch.randn(5000), "tokens": torch.tensor([4, 5]), "wrd": "B"},
+            {"id": "c", "sig": torch.randn(6500), "tokens": torch.tensor([6]), "wrd": "C"},
+        ]
+    )
     loss = brain.compute_objectives(brain.compute_forward(data, sb.Stage.TRAIN), data, sb.Stage.TRAIN)
     loss.backward()
     grads = [p.grad.clone() for p in brain.modules.parameters()]
@@ -73,8 +76,9 @@ def test_distillation_is_the_masked_mean_kl_from_the_last_exit():
     expected = 0.0
     for student in log_probs[:-1]:
         for b, valid in enumerate((6, 4)):
-            expected += torch.nn.functional.kl_div(student[b, :valid], teacher[b, :valid], log_target=True,
-                                                   reduction="sum")
+            expected += torch.nn.functional.kl_div(
+                student[b, :valid], teacher[b, :valid], log_target=True, reduction="sum"
+            )
     assert torch.allclose(loss, expected / 10)
     loss.backward()
     assert x.grad[-1].abs().max() == 0  # the last exit is the target: no gradient through this term
@@ -85,8 +89,9 @@ def test_distillation_is_the_masked_mean_kl_from_the_last_exit():
 def test_brain_adds_the_weighted_distillation_only_when_asked(tmp_path):
     plain = brain_objective(tmp_path)
     assert torch.equal(brain_objective(tmp_path, exit_distillation_weight=0.0)[0], plain[0])
-    half, one = (brain_objective(tmp_path, exit_distillation_weight=w, exit_distillation_from_epoch=1)
-                 for w in (0.5, 1.0))
+    half, one = (
+        brain_objective(tmp_path, exit_distillation_weight=w, exit_distillation_from_epoch=1) for w in (0.5, 1.0)
+    )
     assert one[1] == plain[1]  # the per-exit CTC losses logged are the CTC losses alone
     distill = one[0] - plain[0]
     assert distill > 0
@@ -97,6 +102,5 @@ def test_brain_adds_the_weighted_distillation_only_when_asked(tmp_path):
 def test_distillation_waits_for_its_first_epoch(tmp_path):
     plain = brain_objective(tmp_path)
     for epoch, applied in ((1, False), (2, True), (3, True)):
-        loss = brain_objective(tmp_path, epoch=epoch, exit_distillation_weight=1.0,
-                               exit_distillation_from_epoch=2)[0]
+        loss = brain_objective(tmp_path, epoch=epoch, exit_distillation_weight=1.0, exit_distillation_from_epoch=2)[0]
         assert (loss > plain[0]) == applied and (loss == plain[0]) != applied

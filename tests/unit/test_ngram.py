@@ -6,8 +6,15 @@ import pytest
 import torch
 
 from earlyexit_brain.decoding.ctc import CTCDecoder, CTCDecodingOptions
-from earlyexit_brain.decoding.ngram import (FALLBACK_DISCOUNTS, adjusted_counts, arpa_text, build_ngram_lm,
-                                            count_ngrams, discounts, prepare_recipe_lm)
+from earlyexit_brain.decoding.ngram import (
+    FALLBACK_DISCOUNTS,
+    adjusted_counts,
+    arpa_text,
+    build_ngram_lm,
+    count_ngrams,
+    discounts,
+    prepare_recipe_lm,
+)
 from tests.unit.tokenizer_helpers import char_tokenizer
 
 kenlm = pytest.importorskip("kenlm")  # installed from requirements.txt (camel-kenlm)
@@ -65,8 +72,14 @@ def test_probabilities_match_a_hand_computation(tmp_path):
 
 @pytest.mark.parametrize("order", [2, 3, 4])
 def test_every_context_is_a_distribution(tmp_path, order):
-    sentences = ["THE CAT SAT ON THE MAT", "THE DOG SAT", "A CAT AND A DOG", "THE MAT",
-                 "ON THE MAT THE CAT SAT", "A DOG"]
+    sentences = [
+        "THE CAT SAT ON THE MAT",
+        "THE DOG SAT",
+        "A CAT AND A DOG",
+        "THE MAT",
+        "ON THE MAT THE CAT SAT",
+        "A DOG",
+    ]
     model = model_of(tmp_path, sentences, order)
     vocab = sorted({w for s in sentences for w in s.split()}) + ["</s>", "<unk>"]
     for context in ([], ["THE"], ["THE", "CAT"], ["A", "DOG", "SAT"], ["MAT"], ["NEVER", "SEEN"]):
@@ -132,8 +145,9 @@ def test_a_decoder_with_the_estimated_lm_prefers_known_words(tmp_path):
     lens = torch.ones(1)
     assert CTCDecoder("ctc_greedy", sp, vocab)(log_probs, lens) == ["THE CAP"]
     assert CTCDecoder("ctc_beam", sp, vocab, options=CTCDecodingOptions(beam_size=8))(log_probs, lens) == ["THE CAP"]
-    with_lm = CTCDecoder("ctc_beam", sp, vocab, options=CTCDecodingOptions(beam_size=8, lm_path=str(lm), alpha=1.0,
-                                                                            beta=0.0))
+    with_lm = CTCDecoder(
+        "ctc_beam", sp, vocab, options=CTCDecodingOptions(beam_size=8, lm_path=str(lm), alpha=1.0, beta=0.0)
+    )
     assert with_lm.searcher.unigrams and "CAT" in with_lm.searcher.unigrams
     assert with_lm(log_probs, lens) == ["THE CAT"]
     with pytest.raises(ValueError, match="not a CTC decoder"):

@@ -15,22 +15,31 @@ import torchaudio
 
 from earlyexit_brain import transcribe
 from earlyexit_brain.files import NotOurFolderError
-from earlyexit_brain.onnx_export import (check_agreement, ExportMismatchError, export_onnx_folder,
-                                         runtime_default_policy, torch_exit_log_probs)
+from earlyexit_brain.onnx_export import (
+    check_agreement,
+    ExportMismatchError,
+    export_onnx_folder,
+    runtime_default_policy,
+    torch_exit_log_probs,
+)
 from earlyexit_brain.policies import EntropyPolicy, GreedyPosteriorPolicy
 from earlyexit_brain.runtime import EarlyExitONNX
 from earlyexit_brain.runtime.audio import resample
 from earlyexit_brain.runtime.model import sha256_file
-from earlyexit_brain.runtime.policies import (entropy_score, greedy_posterior_score, RuntimeLatencyTable,
-                                              RuntimePolicy)
+from earlyexit_brain.runtime.policies import entropy_score, greedy_posterior_score, RuntimeLatencyTable, RuntimePolicy
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 @pytest.fixture(scope="module")
 def onnx_folder(folder):
-    return export_onnx_folder(folder, os.path.join(os.path.dirname(folder), "onnx"), int8=True,
-                              latency_durations=(0.5, 1.0), latency_repeats=1)
+    return export_onnx_folder(
+        folder,
+        os.path.join(os.path.dirname(folder), "onnx"),
+        int8=True,
+        latency_durations=(0.5, 1.0),
+        latency_repeats=1,
+    )
 
 
 @pytest.fixture(scope="module")
@@ -56,6 +65,7 @@ def test_manifest_lists_exits_graphs_and_every_file(onnx_folder, asr):
     manifest = json.load(open(os.path.join(onnx_folder, "manifest.json")))
     assert manifest["exit_layers"] == [2, 4, 6] and manifest["opset"] == 18
     import onnxruntime
+
     assert manifest["onnxruntime_version"] == onnxruntime.__version__
     fp32 = manifest["precisions"]["fp32"]
     assert [s["layers"] for s in fp32["segments"]] == [[1, 2], [3, 4], [5, 6]]
@@ -63,8 +73,12 @@ def test_manifest_lists_exits_graphs_and_every_file(onnx_folder, asr):
     assert [i["name"] for i in fp32["segments"][0]["inputs"]] == ["x", "frames", "pos_embs"]
     assert fp32["front"]["inputs"][0]["shape"] == ["batch", "samples"]  # dynamic batch and length
     assert fp32["heads"][0]["outputs"][0]["shape"][0] == "batch"
-    on_disk = {os.path.relpath(os.path.join(r, n), onnx_folder) for r, _, names in os.walk(onnx_folder)
-               for n in names if not n.startswith(".")} - {"manifest.json"}
+    on_disk = {
+        os.path.relpath(os.path.join(r, n), onnx_folder)
+        for r, _, names in os.walk(onnx_folder)
+        for n in names
+        if not n.startswith(".")
+    } - {"manifest.json"}
     assert set(manifest["files"]) == on_disk
     assert all(sha256_file(os.path.join(onnx_folder, n)) == h for n, h in manifest["files"].items())
     assert {"int8/segment_3.onnx", "tokenizer.model", "policies.json", "fp32/latency_table.json"} <= on_disk
@@ -90,8 +104,13 @@ def test_fp32_agrees_with_pytorch_at_every_exit(onnx_folder, runtime, asr, audio
 
 def test_policies_give_the_exits_and_texts_of_pytorch(runtime, asr, audio):
     files = [audio["a"], audio["b"], audio["stereo8k"]]
-    for policy, threshold in (("entropy", 0.99), ("entropy", 0.9999), ("posterior_greedy", 0.05),
-                              ("posterior_greedy", 0.99), (None, None)):
+    for policy, threshold in (
+        ("entropy", 0.99),
+        ("entropy", 0.9999),
+        ("posterior_greedy", 0.05),
+        ("posterior_greedy", 0.99),
+        (None, None),
+    ):
         ours = runtime.transcribe_files(files, policy=policy, threshold=threshold)
         theirs = asr.transcribe_files(files, policy=policy, threshold=threshold)
         assert [(r.text, r.exit) for r in ours] == [(r.text, r.exit) for r in theirs], policy
@@ -115,20 +134,31 @@ def test_numpy_scores_equal_the_pytorch_policies():
     log_probs = torch.log_softmax(3 * torch.randn(3, 11, 7, generator=gen), -1)
     lengths = torch.tensor([1.0, 0.55, 0.1])
     frames = np.array([11, 6, 1])
-    np.testing.assert_allclose(entropy_score(log_probs.numpy(), frames),
-                               EntropyPolicy(0.5).score(log_probs, lengths).numpy(), rtol=1e-5)
-    np.testing.assert_allclose(entropy_score(log_probs.numpy(), frames, normalize=False),
-                               EntropyPolicy(0.5, normalize=False).score(log_probs, lengths).numpy(), rtol=1e-5)
+    np.testing.assert_allclose(
+        entropy_score(log_probs.numpy(), frames), EntropyPolicy(0.5).score(log_probs, lengths).numpy(), rtol=1e-5
+    )
+    np.testing.assert_allclose(
+        entropy_score(log_probs.numpy(), frames, normalize=False),
+        EntropyPolicy(0.5, normalize=False).score(log_probs, lengths).numpy(),
+        rtol=1e-5,
+    )
     for form in ("mean", "geometric"):
-        np.testing.assert_allclose(greedy_posterior_score(log_probs.numpy(), frames, form),
-                                   GreedyPosteriorPolicy(0.5, form).score(log_probs, lengths).numpy(), rtol=1e-5)
+        np.testing.assert_allclose(
+            greedy_posterior_score(log_probs.numpy(), frames, form),
+            GreedyPosteriorPolicy(0.5, form).score(log_probs, lengths).numpy(),
+            rtol=1e-5,
+        )
 
 
 def test_int8_runs_and_is_smaller(onnx_folder, audio):
     manifest = json.load(open(os.path.join(onnx_folder, "manifest.json")))
+
     def size(precision, part=""):
-        return sum(os.path.getsize(os.path.join(onnx_folder, n)) for n in manifest["files"]
-                   if n.startswith(f"{precision}/{part}") and n.endswith(".onnx"))
+        return sum(
+            os.path.getsize(os.path.join(onnx_folder, n))
+            for n in manifest["files"]
+            if n.startswith(f"{precision}/{part}") and n.endswith(".onnx")
+        )
 
     assert size("int8") < size("fp32") and size("int8", "segment_") < 0.75 * size("fp32", "segment_")
     int8 = EarlyExitONNX.from_folder(onnx_folder, threads=1, precision="int8")
@@ -201,7 +231,9 @@ sys.meta_path.insert(0, Block())
 
 
 def test_the_runtime_runs_with_torch_blocked(onnx_folder, audio):
-    code = BLOCKER + f"""
+    code = (
+        BLOCKER
+        + f"""
 import json, runpy
 from earlyexit_brain.runtime import EarlyExitONNX
 asr = EarlyExitONNX.from_folder({onnx_folder!r}, threads=1)
@@ -212,6 +244,7 @@ print(json.dumps({{"exit": r.exit, "text": r.text, "errors": [b.error is not Non
 sys.argv = ["x", {onnx_folder!r}, {audio["a"]!r}, "--exit", "2", "--threads", "1"]
 runpy.run_module("earlyexit_brain.runtime", run_name="__main__")
 """
+    )
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=300)
     assert proc.returncode == 0, proc.stderr
     lines = proc.stdout.strip().splitlines()
@@ -265,8 +298,13 @@ def test_folder_and_argument_errors(onnx_folder, runtime, tmp_path):
 
 
 def test_bad_audio_is_named_and_the_rest_transcribed(runtime, asr, audio):
-    for name, why in (("empty", "empty"), ("silent", "silent"), ("zero_bytes", "cannot be decoded"),
-                      ("garbage", "cannot be decoded"), ("missing", "no such audio file")):
+    for name, why in (
+        ("empty", "empty"),
+        ("silent", "silent"),
+        ("zero_bytes", "cannot be decoded"),
+        ("garbage", "cannot be decoded"),
+        ("missing", "no such audio file"),
+    ):
         with pytest.raises(ValueError, match=why) as err:
             runtime.transcribe_file(audio[name])
         assert audio[name] in str(err.value)

@@ -44,25 +44,47 @@ LINTED = ["earlyexit_brain", "recipes", "benchmarks", "scripts", "tests", "setup
 
 def test_ruff_finds_no_lint_error(repo_root):
     """ruff, pinned in requirements.txt, with the rules of pyproject.toml: a lint error fails the tests."""
-    proc = subprocess.run([sys.executable, "-m", "ruff", "check", "--no-cache", "--output-format", "concise",
-                           *LINTED], cwd=repo_root, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, (f"ruff check {' '.join(LINTED)} (pip install -r requirements.txt installs "
-                                  f"it):\n{proc.stdout[-4000:]}{proc.stderr[-2000:]}")
+    proc = subprocess.run(
+        [sys.executable, "-m", "ruff", "check", "--no-cache", "--output-format", "concise", *LINTED],
+        cwd=repo_root,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, (
+        f"ruff check {' '.join(LINTED)} (pip install -r requirements.txt installs "
+        f"it):\n{proc.stdout[-4000:]}{proc.stderr[-2000:]}"
+    )
+
+
+def test_ruff_format_leaves_the_code_unchanged(repo_root):
+    """The code is as ``ruff format`` writes it (pyproject.toml's [tool.ruff.format]); run it to fix."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "ruff", "format", "--check", "--no-cache", *LINTED],
+        cwd=repo_root,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, (
+        f"ruff format --check {' '.join(LINTED)}; run `ruff format` on these "
+        f"files:\n{proc.stdout[-4000:]}{proc.stderr[-2000:]}"
+    )
 
 
 def tiny_report():
     """A two-exit encoder, its heads and the report of made-up per-exit results."""
     enc = EarlyExitConformerEncoder(20, 4, 16, 2, 32, [2, 4], kernel_size=3)
     heads = CTCExitHeads(16, 10, 2)
-    results = {"test": [{"exit": 1, "wer": 30.0, "cer": 10.0, "n": 5},
-                        {"exit": 2, "wer": 20.0, "cer": 5.0, "n": 5}]}
+    results = {"test": [{"exit": 1, "wer": 30.0, "cer": 10.0, "n": 5}, {"exit": 2, "wer": 20.0, "cer": 5.0, "n": 5}]}
     return enc, heads, build_report(enc, heads, results, {"epochs": 2, "seconds": 12.34})
 
 
 def test_report_json_and_markdown(tmp_path):
     enc, heads, report = tiny_report()
     assert report["params_total"] == sum(p.numel() for p in enc.parameters()) + sum(
-        p.numel() for p in heads.parameters())
+        p.numel() for p in heads.parameters()
+    )
     assert [e["layer"] for e in report["exits"]] == [2, 4]
     assert report["exits"][1]["sets"]["test"] == {"wer": 20.0, "cer": 5.0, "n": 5}
     assert report["exits"][0]["params_to_exit"] < report["exits"][1]["params_to_exit"]

@@ -31,7 +31,7 @@ def rows(path):
 
 def resolve(wav, data_folder):
     assert wav.startswith("$data_root/")
-    return os.path.join(data_folder, wav[len("$data_root/"):])
+    return os.path.join(data_folder, wav[len("$data_root/") :])
 
 
 @pytest.fixture
@@ -70,11 +70,17 @@ def test_librispeech_manifests(libri):
 
 def test_librispeech_subset_and_limit(libri):
     root, _, out = libri
-    manifests = prepare_librispeech(root, out, train_splits=["train-clean-100"], dev_splits=[],
-                                    test_splits=["test-other"], max_utterances=3, num_workers=1)
+    manifests = prepare_librispeech(
+        root,
+        out,
+        train_splits=["train-clean-100"],
+        dev_splits=[],
+        test_splits=["test-other"],
+        max_utterances=3,
+        num_workers=1,
+    )
     assert sorted(manifests) == ["test-other", "train"]
-    assert [r["ID"] for r in rows(manifests["train"])[1]] == ["19-119-0000", "19-119-0001",
-                                                              "19-119-0002"]
+    assert [r["ID"] for r in rows(manifests["train"])[1]] == ["19-119-0000", "19-119-0001", "19-119-0002"]
     assert len(rows(manifests["test-other"])[1]) == 3
 
 
@@ -140,8 +146,10 @@ def test_librispeech_bad_input_lists_every_problem(libri):
     msg = str(err.value)
     assert "4 problem(s)" in msg
     assert os.path.join(root, "test-other") + ": split folder 'test-other' not found" in msg
-    assert (os.path.join(root, "train-clean-100", "19", "119", "19-119.trans.txt") + ":3: audio file "
-            "not found: " + os.path.join(root, "train-clean-100", "19", "119", "19-119-0002.flac")) in msg
+    assert (
+        os.path.join(root, "train-clean-100", "19", "119", "19-119.trans.txt") + ":3: audio file "
+        "not found: " + os.path.join(root, "train-clean-100", "19", "119", "19-119-0002.flac")
+    ) in msg
     assert os.path.join(root, "dev-clean", "40", "140", "40-140-0001.flac") + ": cannot read the audio header" in msg
     assert f"{bad_id_file}:{LIBRI_UTTS + 1}: utterance ID '99-999-0000'" in msg
     assert "on_error: skip" in msg
@@ -165,8 +173,12 @@ def test_librispeech_skip_mode_warns_and_leaves_out(libri, caplog):
     with caplog.at_level(logging.WARNING):
         assert prepare_librispeech(root, out, train_splits=TRAIN, on_error="skip") == manifests
     assert "4 problem(s)" in caplog.text
-    sf.write(os.path.join(root, "train-clean-100", "19", "119", "19-119-0002.flac"),
-             np.zeros(8000, dtype=np.float32), SR, format="FLAC")
+    sf.write(
+        os.path.join(root, "train-clean-100", "19", "119", "19-119-0002.flac"),
+        np.zeros(8000, dtype=np.float32),
+        SR,
+        format="FLAC",
+    )
     again = prepare_librispeech(root, out, train_splits=TRAIN, on_error="skip")
     assert "19-119-0002" in [r["ID"] for r in rows(again["train"])[1]]
 
@@ -232,10 +244,10 @@ def test_tedlium_bad_input_lists_every_problem(ted):
     root, _, out = ted
     stm = os.path.join(root, "legacy", "train", "stm", "AliceTalk_2010.stm")
     with open(stm, "a") as fout:
-        fout.write("AliceTalk_2010 1 AliceTalk_2010 abc 2.0 <o,f0,female> bad start\n")       # line 8
+        fout.write("AliceTalk_2010 1 AliceTalk_2010 abc 2.0 <o,f0,female> bad start\n")  # line 8
         fout.write("AliceTalk_2010 1 AliceTalk_2010 3.00 2.50 <o,f0,female> stop first\n")  # line 9
         fout.write("AliceTalk_2010 1 AliceTalk_2010 900.0 901.0 <o,f0,female> too late\n")  # line 10
-        fout.write("AliceTalk_2010 1\n")                                                       # line 11
+        fout.write("AliceTalk_2010 1\n")  # line 11
     dev_stm = os.path.join(root, "legacy", "dev", "stm", "CarolTalk_2011.stm")
     os.remove(os.path.join(root, "legacy", "dev", "sph", "CarolTalk_2011.sph"))
     with open(os.path.join(root, "legacy", "train", "sph", "BobTalk_2012X.sph"), "wb") as fout:
@@ -287,10 +299,21 @@ def test_pipeline_reads_segments_and_whole_files(ted, libri):
         writer = csv.DictWriter(fout, fieldnames=list(test_rows[0]))
         writer.writeheader()
         writer.writerows(test_rows)
-    hparams = dict(data_folder=ted_root, train_csv=ted_m["train"], valid_csv=ted_m["dev"],
-                   test_csv={"test": plain}, test_sets=["test"], sample_rate=SR, hop_length=10,
-                   max_duration=30.0, eval_batch_size=2, dynamic_batching=False, batch_size=2,
-                   sorting="ascending", seed=1)
+    hparams = dict(
+        data_folder=ted_root,
+        train_csv=ted_m["train"],
+        valid_csv=ted_m["dev"],
+        test_csv={"test": plain},
+        test_sets=["test"],
+        sample_rate=SR,
+        hop_length=10,
+        max_duration=30.0,
+        eval_batch_size=2,
+        dynamic_batching=False,
+        batch_size=2,
+        sorting="ascending",
+        seed=1,
+    )
     train, valid, tests, _, _ = dataio_prepare(hparams, _Tokens, _Encoder)
     for ds, manifest in ((train, ted_m["train"]), (valid, ted_m["dev"])):
         by_id = {r["ID"]: r for r in rows(manifest)[1]}
@@ -312,8 +335,15 @@ def test_bpe_tokenizer_with_256_units(tmp_path):
         fout.write("ID,duration,wav,spk_id,wrd\n")
         for i in range(300):
             fout.write(f"u{i},1.0,x.flac,s,{' '.join(rng.choice(words, size=8))}\n")
-    tok = build_tokenizer(dict(save_folder=str(tmp_path / "save"), output_neurons=256,
-                               train_csv=str(manifest), token_type="bpe", blank_index=0))
+    tok = build_tokenizer(
+        dict(
+            save_folder=str(tmp_path / "save"),
+            output_neurons=256,
+            train_csv=str(manifest),
+            token_type="bpe",
+            blank_index=0,
+        )
+    )
     assert tok.sp.vocab_size() == 256
     assert os.path.basename(tok.prefix_model_file) == "256_bpe"
     assert tok.sp.decode_ids(tok.sp.encode_as_ids(" ".join(words[:5]))) == " ".join(words[:5])

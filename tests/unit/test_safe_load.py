@@ -14,8 +14,14 @@ import pytest
 import torch
 
 from earlyexit_brain.inference import EarlyExitASR
-from earlyexit_brain.safe_load import (MAX_EXPANDED_NODES, UnsafeCheckpointError, UnsafeHparamsError,
-                                       check_alias_expansion, resolve_name, unsafe_tags)
+from earlyexit_brain.safe_load import (
+    MAX_EXPANDED_NODES,
+    UnsafeCheckpointError,
+    UnsafeHparamsError,
+    check_alias_expansion,
+    resolve_name,
+    unsafe_tags,
+)
 
 
 def tampered(folder, tmp_path, extra, name="tampered"):
@@ -48,8 +54,8 @@ REACHED_THROUGH_ALLOWED_MODULES = [
     "pwn: !module:earlyexit_brain.models.ssl.os",
     "pwn: !new:earlyexit_brain.inference.JsonRecord.__class__ ['x', [], {{}}]",
     "pwn: !apply:torch.nn.Module.register_forward_hook\n    - !new:torch.nn.Linear [1, 1]\n    - !name:builtins.print",
-    "pwn: !apply:eval ['__import__(\"os\").system(\"touch {marker}\")']",
-    "pwn: !apply:builtins.exec ['open(\"{marker}\", \"w\")']",
+    'pwn: !apply:eval [\'__import__("os").system("touch {marker}")\']',
+    'pwn: !apply:builtins.exec [\'open("{marker}", "w")\']',
     "pwn: !apply:importlib.import_module ['antigravity']",
     "pwn: !new:antigravity.Anything",
     "pwn: !apply:speechbrain.utils.superpowers.run_shell ['touch {marker}']",
@@ -79,17 +85,22 @@ def test_the_resolver_imports_nothing_outside_the_trusted_packages(monkeypatch):
 
 def test_allowed_objects_reached_another_way_are_still_allowed():
     """A name is allowed for what it resolves to: torch's Linear via our module is Linear."""
-    text = ("a: !new:earlyexit_brain.models.conformer.nn.Linear [2, 2]\n"
-            "b: !new:torch.nn.ModuleList\n"
-            "c: !name:speechbrain.decoders.ctc_greedy_decode\n")
+    text = (
+        "a: !new:earlyexit_brain.models.conformer.nn.Linear [2, 2]\n"
+        "b: !new:torch.nn.ModuleList\n"
+        "c: !name:speechbrain.decoders.ctc_greedy_decode\n"
+    )
     assert unsafe_tags(text) == []
 
 
-@pytest.mark.parametrize("line, words", [
-    ("x: !ref <tokenizer.__class__>", "attribute access in a reference"),
-    ("x: !ref <encoder.forward.__globals__>", "attribute access in a reference"),
-    ("x: !copy <model.__dict__>", "attribute access in a reference"),
-])
+@pytest.mark.parametrize(
+    "line, words",
+    [
+        ("x: !ref <tokenizer.__class__>", "attribute access in a reference"),
+        ("x: !ref <encoder.forward.__globals__>", "attribute access in a reference"),
+        ("x: !copy <model.__dict__>", "attribute access in a reference"),
+    ],
+)
 def test_references_with_attribute_access_are_refused(folder, tmp_path, line, words):
     copy = tampered(folder, tmp_path, line + "\n")
     with pytest.raises(UnsafeHparamsError, match=words):
@@ -97,21 +108,25 @@ def test_references_with_attribute_access_are_refused(folder, tmp_path, line, wo
 
 
 # ------------------------------------------------- the Pretrainer stays in the model folder
-@pytest.mark.parametrize("paths, words", [
-    ("paths:\n        model: {outside}/model.ckpt", "paths.model"),
-    ("paths:\n        tokenizer: ../tokenizer.ckpt", "paths.tokenizer"),
-    ("paths:\n        model: someone/else/model.ckpt", "paths.model"),
-    ("paths:\n        model: https://example.org/model.ckpt", "paths.model"),
-    ("paths:\n        model: !ref <sample_rate>", "paths.model"),
-    ("collect_in: {outside}/collected", "collect_in"),
-    ("collect_in: collected_here", "collect_in"),
-])
+@pytest.mark.parametrize(
+    "paths, words",
+    [
+        ("paths:\n        model: {outside}/model.ckpt", "paths.model"),
+        ("paths:\n        tokenizer: ../tokenizer.ckpt", "paths.tokenizer"),
+        ("paths:\n        model: someone/else/model.ckpt", "paths.model"),
+        ("paths:\n        model: https://example.org/model.ckpt", "paths.model"),
+        ("paths:\n        model: !ref <sample_rate>", "paths.model"),
+        ("collect_in: {outside}/collected", "collect_in"),
+        ("collect_in: collected_here", "collect_in"),
+    ],
+)
 def test_the_pretrainer_cannot_reach_outside_the_model_folder(folder, tmp_path, paths, words):
     outside = tmp_path / "outside"
     outside.mkdir()
     torch.save(torch.load(os.path.join(folder, "model.ckpt")), outside / "model.ckpt")
-    copy = replace_in_yaml(folder, tmp_path, "    loadables:\n",
-                           "    " + paths.format(outside=outside) + "\n    loadables:\n")
+    copy = replace_in_yaml(
+        folder, tmp_path, "    loadables:\n", "    " + paths.format(outside=outside) + "\n    loadables:\n"
+    )
     cwd = os.getcwd()
     os.chdir(tmp_path)
     try:
@@ -125,17 +140,23 @@ def test_the_pretrainer_cannot_reach_outside_the_model_folder(folder, tmp_path, 
 
 
 def test_a_positional_pretrainer_is_refused(folder, tmp_path):
-    copy = tampered(folder, tmp_path, "other: !new:speechbrain.utils.parameter_transfer.Pretrainer "
-                                      "['/tmp/elsewhere']\n")
+    copy = tampered(
+        folder, tmp_path, "other: !new:speechbrain.utils.parameter_transfer.Pretrainer ['/tmp/elsewhere']\n"
+    )
     with pytest.raises(UnsafeHparamsError, match="by name"):
         EarlyExitASR.from_hparams(source=str(copy), savedir=str(tmp_path / "saved"))
 
 
-@pytest.mark.parametrize("line, words", [
-    ("x: !new:earlyexit_brain.models.ssl.EarlyExitSSLEncoder\n    source: facebook/wav2vec2-base",
-     "may not download"),
-    ("x: !new:sentencepiece.SentencePieceProcessor\n    model_file: /etc/hostname", "takes no arguments"),
-])
+@pytest.mark.parametrize(
+    "line, words",
+    [
+        (
+            "x: !new:earlyexit_brain.models.ssl.EarlyExitSSLEncoder\n    source: facebook/wav2vec2-base",
+            "may not download",
+        ),
+        ("x: !new:sentencepiece.SentencePieceProcessor\n    model_file: /etc/hostname", "takes no arguments"),
+    ],
+)
 def test_allowed_classes_may_not_open_other_files(folder, tmp_path, line, words):
     copy = tampered(folder, tmp_path, line + "\n")
     with pytest.raises(UnsafeHparamsError, match=words):
@@ -150,13 +171,17 @@ def alias_bomb(levels: int, width: int = 10) -> str:
     return "\n".join(lines) + "\n"
 
 
-@pytest.mark.parametrize("text", [
-    alias_bomb(9),                                  # 10^9 leaves in under 1 KB
-    alias_bomb(6),                                  # 10^6: still far above the bound
-    "a: &a {k: [x, x, x, x]}\nb: &b [*a, *a, *a, *a, *a, *a, *a, *a]\n" * 1
-    + "".join(f"c{i}: &c{i} [" + ", ".join([f"*{'b' if i == 0 else f'c{i - 1}'}"] * 8) + "]\n"
-              for i in range(7)),                   # mappings inside, width 8
-])
+@pytest.mark.parametrize(
+    "text",
+    [
+        alias_bomb(9),  # 10^9 leaves in under 1 KB
+        alias_bomb(6),  # 10^6: still far above the bound
+        "a: &a {k: [x, x, x, x]}\nb: &b [*a, *a, *a, *a, *a, *a, *a, *a]\n" * 1
+        + "".join(
+            f"c{i}: &c{i} [" + ", ".join([f"*{'b' if i == 0 else f'c{i - 1}'}"] * 8) + "]\n" for i in range(7)
+        ),  # mappings inside, width 8
+    ],
+)
 def test_alias_bombs_are_refused_before_anything_is_built(folder, tmp_path, monkeypatch, text):
     import speechbrain.inference.interfaces as interfaces
 
@@ -170,8 +195,9 @@ def test_alias_bombs_are_refused_before_anything_is_built(folder, tmp_path, monk
     copy = tampered(folder, tmp_path, text)
     for trust in (False, True):
         with pytest.raises(UnsafeHparamsError, match="alias bomb"):
-            EarlyExitASR.from_hparams(source=str(copy), savedir=str(tmp_path / f"saved{trust}"),
-                                      trust_remote_code=trust)
+            EarlyExitASR.from_hparams(
+                source=str(copy), savedir=str(tmp_path / f"saved{trust}"), trust_remote_code=trust
+            )
 
 
 def test_a_recursive_alias_is_refused():
@@ -195,13 +221,17 @@ class Exploit:
         return (os.system, ("true",))
 
 
-@pytest.mark.parametrize("name, payload", [
-    ("model.ckpt", Payload()),
-    ("model.ckpt", Exploit()),
-    ("normalizer.ckpt", Exploit()),
-])
+@pytest.mark.parametrize(
+    "name, payload",
+    [
+        ("model.ckpt", Payload()),
+        ("model.ckpt", Exploit()),
+        ("normalizer.ckpt", Exploit()),
+    ],
+)
 def test_a_pickled_checkpoint_is_refused_by_name_without_suggesting_to_unprotect(
-        folder, tmp_path, monkeypatch, name, payload):
+    folder, tmp_path, monkeypatch, name, payload
+):
     copy = tmp_path / "pickled"
     shutil.copytree(folder, copy)
     state = torch.load(copy / name, weights_only=True)
@@ -210,8 +240,7 @@ def test_a_pickled_checkpoint_is_refused_by_name_without_suggesting_to_unprotect
     monkeypatch.setenv("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD", "1")  # the loader overrides this
     for trust in (False, True):
         with pytest.raises(UnsafeCheckpointError) as err:
-            EarlyExitASR.from_hparams(source=str(copy), savedir=str(tmp_path / f"s{trust}"),
-                                      trust_remote_code=trust)
+            EarlyExitASR.from_hparams(source=str(copy), savedir=str(tmp_path / f"s{trust}"), trust_remote_code=trust)
         message = str(err.value)
         assert name in message and "holds pickled Python objects" in message
         assert "weights_only" not in message and "weights_only=False" not in repr(err.value)

@@ -7,8 +7,7 @@ from benchmarks import soak
 
 def test_soak_reports_memory_every_tenth(folder, tmp_path, capsys):
     out = tmp_path / "soak.json"
-    result = soak.main([folder, "--files", "20", "--seconds", "0.5", "--policy", "entropy",
-                        "--out", str(out)])
+    result = soak.main([folder, "--files", "20", "--seconds", "0.5", "--policy", "entropy", "--out", str(out)])
     assert [s["files"] for s in result["rss"]] == list(range(2, 21, 2))
     assert all(s["rss_mb"] > 0 for s in result["rss"])
     assert sum(result["exit_counts"].values()) == 20

@@ -65,8 +65,13 @@ def test_an_utterance_gives_the_same_output_alone_and_padded_in_a_batch(attentio
         for b, u in enumerate(utts):
             alone = enc(u, torch.ones(1))
             for k in range(enc.num_exits):
-                torch.testing.assert_close(batched[k][b, : lengths[b]], alone[k][0], atol=1e-5, rtol=1e-5,
-                                           msg=f"exit {k + 1}, {lengths[b]} frames")
+                torch.testing.assert_close(
+                    batched[k][b, : lengths[b]],
+                    alone[k][0],
+                    atol=1e-5,
+                    rtol=1e-5,
+                    msg=f"exit {k + 1}, {lengths[b]} frames",
+                )
 
 
 def test_the_branch_masks_padding_and_repeats_its_frames():
@@ -99,8 +104,17 @@ def counting_hooks(enc):
 @pytest.mark.parametrize("max_exit, layers, branches", [(0, 2, [2, 0]), (1, 4, [2, 0]), (2, 6, [2, 2])])
 def test_stopping_at_an_exit_runs_only_the_layers_and_branches_up_to_it(max_exit, layers, branches):
     torch.manual_seed(0)
-    enc = SplitformerEncoder(20, num_layers=6, d_model=D, nhead=2, d_ffn=32, exit_layers=[2, 4, 6],
-                             kernel_size=3, dropout=0.0, branch_layers=2).eval()
+    enc = SplitformerEncoder(
+        20,
+        num_layers=6,
+        d_model=D,
+        nhead=2,
+        d_ffn=32,
+        exit_layers=[2, 4, 6],
+        kernel_size=3,
+        dropout=0.0,
+        branch_layers=2,
+    ).eval()
     calls = counting_hooks(enc)
     with torch.no_grad():
         enc(torch.randn(2, 60, 20), torch.tensor([1.0, 0.6]), max_exit=max_exit)
@@ -115,8 +129,9 @@ def test_stopping_at_an_exit_runs_only_the_layers_and_branches_up_to_it(max_exit
 
 def test_the_incremental_path_gives_the_hidden_states_of_forward():
     torch.manual_seed(0)
-    enc = SplitformerEncoder(20, num_layers=6, d_model=D, nhead=2, d_ffn=32, exit_layers=[2, 4, 6],
-                             kernel_size=3, dropout=0.0).eval()
+    enc = SplitformerEncoder(
+        20, num_layers=6, d_model=D, nhead=2, d_ffn=32, exit_layers=[2, 4, 6], kernel_size=3, dropout=0.0
+    ).eval()
     feats, lens = torch.randn(3, 81, 20), torch.tensor([1.0, 0.7, 0.45])
     with torch.no_grad():
         full = enc(feats, lens)
@@ -141,8 +156,9 @@ def test_the_incremental_path_gives_the_hidden_states_of_forward():
 
 
 def test_params_and_layers_to_each_exit_count_the_branches(tmp_path):
-    kwargs = dict(input_size=20, num_layers=6, d_model=D, nhead=2, d_ffn=32, exit_layers=[2, 4, 6],
-                  kernel_size=3, dropout=0.0)
+    kwargs = dict(
+        input_size=20, num_layers=6, d_model=D, nhead=2, d_ffn=32, exit_layers=[2, 4, 6], kernel_size=3, dropout=0.0
+    )
     torch.manual_seed(0)
     plain = EarlyExitConformerEncoder(**kwargs)
     split = SplitformerEncoder(**kwargs, branch_exits=[1, 3], branch_layers=2)
@@ -161,32 +177,53 @@ def test_params_and_layers_to_each_exit_count_the_branches(tmp_path):
     results = {"test": [{"exit": k + 1, "wer": 1.0, "cer": 1.0, "n": 1} for k in range(3)]}
     report = build_report(split, heads, results, {"epochs": 1, "seconds": 1.0})
     assert [e.get("compute_layers") for e in report["exits"]] == [4, 6, 10] and report["compute_layers"] == 10
-    assert [e["params_to_exit"] for e in report["exits"]] == [split.params_to_exit(k) + heads.params_of_exit(k)
-                                                              for k in range(3)]
+    assert [e["params_to_exit"] for e in report["exits"]] == [
+        split.params_to_exit(k) + heads.params_of_exit(k) for k in range(3)
+    ]
     assert "compute_layers" not in build_report(plain, heads, results, {"epochs": 1, "seconds": 1.0})
     assert os.path.isfile(plot_wer_vs_compute(report, str(tmp_path / "plot.png")))  # x: layers counted, of 10
-    outputs = ExitOutputs(ids=["a", "b"], durations=torch.ones(2, dtype=torch.float64),
-                          ref_words=torch.ones(2, dtype=torch.float64), errors=torch.zeros(2, 3, dtype=torch.float64),
-                          hyps=[["x"] * 3] * 2, exit_ms=torch.ones(2, 3, dtype=torch.float64),
-                          exit_layers=split.exit_layers, compute_layers=split.exit_compute_layers)
+    outputs = ExitOutputs(
+        ids=["a", "b"],
+        durations=torch.ones(2, dtype=torch.float64),
+        ref_words=torch.ones(2, dtype=torch.float64),
+        errors=torch.zeros(2, 3, dtype=torch.float64),
+        hyps=[["x"] * 3] * 2,
+        exit_ms=torch.ones(2, 3, dtype=torch.float64),
+        exit_layers=split.exit_layers,
+        compute_layers=split.exit_compute_layers,
+    )
     assert summarize(outputs, torch.tensor([0, 2]))["avg_layers"] == 7.0  # (4 + 10) / 2
 
 
 def test_policy_table_says_how_layers_are_counted():
-    report = {"params_total": 1, "num_layers": 6, "compute_layers": 8, "train": {"epochs": 1, "seconds": 1},
-              "exits": [{"exit": 1, "layer": 2, "params_to_exit": 1, "sets": {"t": {"wer": 1, "cer": 1, "n": 1}}}],
-              "policies": [{"policy": "fixed", "exit": 1, "threshold": None,
-                            "sets": {"t": {"wer": 1.0, "avg_layers": 3.0, "seconds": 1.0}}}]}
+    report = {
+        "params_total": 1,
+        "num_layers": 6,
+        "compute_layers": 8,
+        "train": {"epochs": 1, "seconds": 1},
+        "exits": [{"exit": 1, "layer": 2, "params_to_exit": 1, "sets": {"t": {"wer": 1, "cer": 1, "n": 1}}}],
+        "policies": [
+            {
+                "policy": "fixed",
+                "exit": 1,
+                "threshold": None,
+                "sets": {"t": {"wer": 1.0, "avg_layers": 3.0, "seconds": 1.0}},
+            }
+        ],
+    }
     assert "branches counted (of 8: 6 in the stack)" in report_markdown(report)
 
 
-@pytest.mark.parametrize("kwargs, words", [
-    ({"branch_exits": [0, 3]}, "branch_exits: 0 is not an exit number; accepted values are 1..3"),
-    ({"branch_exits": [3, 1]}, "branch_exits: the exits must be distinct and ascending"),
-    ({"branch_exits": "first"}, "branch_exits: expected null or a list"),
-    ({"branch_factor": 0}, "branch_factor: expected an integer >= 1"),
-    ({"branch_layers": 1.5}, "branch_layers: expected an integer >= 1"),
-])
+@pytest.mark.parametrize(
+    "kwargs, words",
+    [
+        ({"branch_exits": [0, 3]}, "branch_exits: 0 is not an exit number; accepted values are 1..3"),
+        ({"branch_exits": [3, 1]}, "branch_exits: the exits must be distinct and ascending"),
+        ({"branch_exits": "first"}, "branch_exits: expected null or a list"),
+        ({"branch_factor": 0}, "branch_factor: expected an integer >= 1"),
+        ({"branch_layers": 1.5}, "branch_layers: expected an integer >= 1"),
+    ],
+)
 def test_bad_branch_arguments_name_the_key(kwargs, words):
     with pytest.raises(ValueError, match=words):
         SplitformerEncoder(20, num_layers=6, d_model=D, nhead=2, d_ffn=32, exit_layers=[2, 4, 6], **kwargs)
@@ -213,14 +250,19 @@ def test_the_yamls_differ_from_the_conformers_only_in_the_encoder(repo_root, tmp
     folder = os.path.join(repo_root, "hparams", corpus)
     conformer = open(os.path.join(folder, "conformer_ctc_ee.yaml")).read().splitlines()
     split = open(os.path.join(folder, "splitformer_ctc_ee.yaml")).read().splitlines()
-    changed = [line[1:] for line in difflib.unified_diff(conformer, split, lineterm="", n=0)
-               if line[:1] in "+-" and not line.startswith(("+++", "---"))]
+    changed = [
+        line[1:]
+        for line in difflib.unified_diff(conformer, split, lineterm="", n=0)
+        if line[:1] in "+-" and not line.startswith(("+++", "---"))
+    ]
     allowed = ("#", "output_folder: !ref results/", "branch_", "    branch_", "encoder: !new:earlyexit_brain.models.")
     assert changed and all(not line.strip() or line.startswith(allowed) for line in changed), changed
     overrides = {"data_folder": str(tmp_path)} if corpus != "synthetic" else None
     raw = check_hparams_file(os.path.join(folder, "splitformer_ctc_ee.yaml"), overrides)
-    assert raw["output_folder"] != check_hparams_file(os.path.join(folder, "conformer_ctc_ee.yaml"),
-                                                      overrides)["output_folder"]
+    assert (
+        raw["output_folder"]
+        != check_hparams_file(os.path.join(folder, "conformer_ctc_ee.yaml"), overrides)["output_folder"]
+    )
 
 
 def test_an_exported_splitformer_folder_transcribes(tmp_path):
@@ -231,13 +273,26 @@ def test_an_exported_splitformer_folder_transcribes(tmp_path):
     normalize = InputNormalization(norm_type="global")
     fbank = Fbank(n_mels=20)
     normalize(fbank(torch.randn(2, SR)), torch.ones(2))
-    encoder = SplitformerEncoder(20, num_layers=6, d_model=32, nhead=4, d_ffn=64, exit_layers=[2, 4, 6],
-                                 kernel_size=3, dropout=0.0, branch_exits=[1, 3], branch_factor=3)
+    encoder = SplitformerEncoder(
+        20,
+        num_layers=6,
+        d_model=32,
+        nhead=4,
+        d_ffn=64,
+        exit_layers=[2, 4, 6],
+        kernel_size=3,
+        dropout=0.0,
+        branch_exits=[1, 3],
+        branch_factor=3,
+    )
     model = EarlyExitCTCModel(fbank, normalize, encoder, CTCExitHeads(32, sp.vocab_size() + 2, 3)).eval()
     table = fit_latency_table([{"seconds": 1.0, "ms": [1.0, 2.0, 3.0]}, {"seconds": 2.0, "ms": [2.0, 4.0, 6.0]}])
     features = {"sample_rate": SR, "n_fft": 400, "n_mels": 20, "hop_length": 10, "win_length": 25}
-    policies = {"default": {"policy": "posterior_greedy", "threshold": 0.05},
-                "thresholds": {"posterior_greedy": 0.05}, "options": {"posterior_greedy": {"form": "mean"}}}
+    policies = {
+        "default": {"policy": "posterior_greedy", "threshold": 0.05},
+        "thresholds": {"posterior_greedy": 0.05},
+        "options": {"posterior_greedy": {"form": "mean"}},
+    }
     folder = export_inference_folder(str(tmp_path / "inference"), model, features, tokenizer_path, 0, policies, table)
     assert "SplitformerEncoder" in open(os.path.join(folder, "hyperparams.yaml")).read()
     asr = EarlyExitASR.from_hparams(source=folder)
@@ -248,8 +303,9 @@ def test_an_exported_splitformer_folder_transcribes(tmp_path):
     wav = torch.tensor(sf.read(path, dtype="float32")[0])[None]
     with torch.no_grad():
         for k in range(3):
-            torch.testing.assert_close(asr.model.exit_log_probs(wav, torch.ones(1), k),
-                                       model.exit_log_probs(wav, torch.ones(1), k))
+            torch.testing.assert_close(
+                asr.model.exit_log_probs(wav, torch.ones(1), k), model.exit_log_probs(wav, torch.ones(1), k)
+            )
             result = asr.transcribe_file(path, exit=k + 1)
             assert result.exit == k + 1 and result.layers == [3, 5, 8][k] and result.error is None
     assert asr.transcribe_file(path).layers in (3, 5, 8)  # the stored default policy
@@ -259,8 +315,11 @@ def test_the_side_by_side_benchmark(monkeypatch):
     from benchmarks import timing
     from benchmarks.splitformer import bench_splitformer, markdown
 
-    monkeypatch.setitem(timing.CONFIGS, "tiny", (dict(num_layers=2, d_model=D, nhead=2, d_ffn=32, kernel_size=3,
-                                                      frontend_channels=(8, 8)), [1, 2], [2]))
+    monkeypatch.setitem(
+        timing.CONFIGS,
+        "tiny",
+        (dict(num_layers=2, d_model=D, nhead=2, d_ffn=32, kernel_size=3, frontend_channels=(8, 8)), [1, 2], [2]),
+    )
     result = bench_splitformer("tiny", seconds=1.0, train_batch=2, train_seconds=0.5, repeats=1, warmup=0)
     assert [e["splitformer_compute_layers"] for e in result["exits"]] == [2, 4]
     assert [b["exit"] for b in result["branches"]] == [1, 2]
@@ -276,5 +335,7 @@ def test_the_side_by_side_benchmark(monkeypatch):
 def test_the_model_card_names_the_splitformer():
     words, tag = hub.encoder_kind({"encoder": "new:earlyexit_brain.models.splitformer.SplitformerEncoder"})
     assert words.startswith("Splitformer encoder") and tag == "splitformer"
-    assert hub.encoder_kind({"encoder": "new:earlyexit_brain.models.conformer.EarlyExitConformerEncoder"}) == \
-        ("Conformer encoder", "conformer")
+    assert hub.encoder_kind({"encoder": "new:earlyexit_brain.models.conformer.EarlyExitConformerEncoder"}) == (
+        "Conformer encoder",
+        "conformer",
+    )

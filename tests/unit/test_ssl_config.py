@@ -10,8 +10,11 @@ import pytest
 from earlyexit_brain.config import ConfigError, check_hparams_file
 
 SYNTH = "hparams/synthetic/wav2vec2_ctc_ee.yaml"
-LIBRI = ["hparams/librispeech/wav2vec2_ctc_ee.yaml", "hparams/librispeech/wavlm_ctc_ee.yaml",
-         "hparams/librispeech/hubert_ctc_ee.yaml"]
+LIBRI = [
+    "hparams/librispeech/wav2vec2_ctc_ee.yaml",
+    "hparams/librispeech/wavlm_ctc_ee.yaml",
+    "hparams/librispeech/hubert_ctc_ee.yaml",
+]
 
 
 def fake_model_folder(folder, model_type="wav2vec2", layers=4, hidden=32):
@@ -33,11 +36,14 @@ def test_shipped_ssl_hparams_are_valid(repo_root, tmp_path):
     assert sources == {"facebook/wav2vec2-base", "microsoft/wavlm-base-plus", "facebook/hubert-base-ls960"}
 
 
-@pytest.mark.parametrize("overrides, message", [
-    ({"ssl_source": "not a model"}, "key 'ssl_source'.*neither a local model folder nor"),
-    ({"ssl_source": "owner/name/extra"}, "key 'ssl_source'"),
-    ({"exit_layers": [2, 14]}, "key exit_layers.*out of range"),
-])
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        ({"ssl_source": "not a model"}, "key 'ssl_source'.*neither a local model folder nor"),
+        ({"ssl_source": "owner/name/extra"}, "key 'ssl_source'"),
+        ({"exit_layers": [2, 14]}, "key exit_layers.*out of range"),
+    ],
+)
 def test_bad_ssl_keys_name_the_key(repo_root, overrides, message):
     with pytest.raises(ConfigError, match=message):
         check_hparams_file(os.path.join(repo_root, SYNTH), overrides)
@@ -62,8 +68,18 @@ def test_local_folder_is_checked(repo_root, tmp_path):
 def test_ssl_recipe_fails_fast_naming_the_key(repo_root, tmp_path):
     data = tmp_path / "data"
     proc = subprocess.run(
-        [sys.executable, "recipes/train.py", SYNTH, f"--data_folder={data}",
-         f"--output_folder={tmp_path / 'out'}", f"--ssl_source={tmp_path / 'missing folder'}"],
-        cwd=repo_root, capture_output=True, text=True, timeout=120)
+        [
+            sys.executable,
+            "recipes/train.py",
+            SYNTH,
+            f"--data_folder={data}",
+            f"--output_folder={tmp_path / 'out'}",
+            f"--ssl_source={tmp_path / 'missing folder'}",
+        ],
+        cwd=repo_root,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode != 0 and "ssl_source" in proc.stderr
     assert not data.exists() and not (tmp_path / "out").exists()

@@ -7,12 +7,25 @@ transformers = pytest.importorskip("transformers")
 
 from earlyexit_brain.dynamic import run_dynamic  # noqa: E402
 from earlyexit_brain.models.conformer import CTCExitHeads  # noqa: E402
-from earlyexit_brain.models.ssl import (EarlyExitSSLEncoder, WaveformNormalization,  # noqa: E402
-                                        check_source, init_heads_from_shared)
+from earlyexit_brain.models.ssl import (  # noqa: E402
+    EarlyExitSSLEncoder,
+    WaveformNormalization,
+    check_source,
+    init_heads_from_shared,
+)
 
-TINY = dict(hidden_size=32, num_hidden_layers=4, num_attention_heads=2, intermediate_size=64,
-            conv_dim=[16, 16], conv_stride=[5, 2], conv_kernel=[10, 3], num_conv_pos_embeddings=16,
-            num_conv_pos_embedding_groups=2, layerdrop=0.0)
+TINY = dict(
+    hidden_size=32,
+    num_hidden_layers=4,
+    num_attention_heads=2,
+    intermediate_size=64,
+    conv_dim=[16, 16],
+    conv_stride=[5, 2],
+    conv_kernel=[10, 3],
+    num_conv_pos_embeddings=16,
+    num_conv_pos_embedding_groups=2,
+    layerdrop=0.0,
+)
 CONFIGS = {"wav2vec2": "Wav2Vec2Config", "wavlm": "WavLMConfig", "hubert": "HubertConfig"}
 MODELS = {"wav2vec2": "Wav2Vec2Model", "wavlm": "WavLMModel", "hubert": "HubertModel"}
 
@@ -83,8 +96,9 @@ def test_dynamic_inference_with_select(tmp_path, family, trim):
 
 def test_training_controls_and_export_config(tmp_path):
     save_tiny(tmp_path, "hubert", False)
-    enc = EarlyExitSSLEncoder(str(tmp_path), exit_layers="every_2", freeze_steps=1,
-                              overrides={"layerdrop": 0.5}).train()
+    enc = EarlyExitSSLEncoder(
+        str(tmp_path), exit_layers="every_2", freeze_steps=1, overrides={"layerdrop": 0.5}
+    ).train()
     assert enc.exit_layers == [2, 4]
     assert not any(p.requires_grad for p in enc.model.feature_extractor.parameters())
     wavs = torch.randn(2, 2000)
@@ -119,8 +133,11 @@ def test_bad_input(tmp_path):
     with pytest.raises(ValueError, match="exit_layers.*out of range.*4 transformer layers"):
         EarlyExitSSLEncoder(str(tmp_path), exit_layers=[2, 6])
     bert = tmp_path / "bert"
-    transformers.BertModel(transformers.BertConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
-                                                   intermediate_size=32, vocab_size=10)).save_pretrained(str(bert))
+    transformers.BertModel(
+        transformers.BertConfig(
+            hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32, vocab_size=10
+        )
+    ).save_pretrained(str(bert))
     with pytest.raises(ValueError, match="ssl_source.*'bert'.*no wav2vec2-style"):
         EarlyExitSSLEncoder(str(bert), exit_layers=[1])
     enc = EarlyExitSSLEncoder(str(tmp_path), exit_layers=[4])

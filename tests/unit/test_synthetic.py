@@ -27,8 +27,7 @@ def read_manifest(path):
 
 
 def test_normalisation_is_librispeech_style():
-    assert normalize_text("Don't panic -- it's a well-known 'test'!") == \
-        "DON'T PANIC IT'S A WELL KNOWN TEST"
+    assert normalize_text("Don't panic -- it's a well-known 'test'!") == "DON'T PANIC IT'S A WELL KNOWN TEST"
     assert normalize_text("  Hello,\tworld.  ") == "HELLO WORLD"
 
 
@@ -69,8 +68,8 @@ def test_manifests_and_splits(tiny_corpus):
 def test_unseen_voices_use_variants_never_used_in_training():
     opts = dict(synthetic.DEFAULTS, **dict(TINY_CORPUS, n_train=2000, closed_vocabulary=True))
     sentences = restrict_vocabulary(
-        extract_sentences(find_fortune_file(), opts["min_words"], opts["max_words"]),
-        opts["max_vocab"])
+        extract_sentences(find_fortune_file(), opts["min_words"], opts["max_words"]), opts["max_vocab"]
+    )
     plan = synthetic.plan_corpus(opts, sentences)
     variant = lambda u: u["voice"].split("+")[1]  # noqa: E731
     train_variants = {variant(u) for u in plan["train"] + plan["dev"] + plan["test"]}
@@ -96,8 +95,7 @@ def test_deterministic_for_a_seed_whatever_the_worker_count(tiny_corpus, tmp_pat
     _, manifests = tiny_corpus
     again = prepare_synthetic(str(tmp_path / "again"), num_workers=1, **TINY_CORPUS)
     assert digest_corpus(again) == digest_corpus(manifests)
-    other = prepare_synthetic(str(tmp_path / "other"), num_workers=2,
-                              **dict(TINY_CORPUS, seed=8))
+    other = prepare_synthetic(str(tmp_path / "other"), num_workers=2, **dict(TINY_CORPUS, seed=8))
     assert digest_corpus(other) != digest_corpus(manifests)
 
 
@@ -123,11 +121,18 @@ def test_interrupted_generation_is_completed_not_trusted(tmp_path):
 
 @pytest.mark.parametrize(
     "options, key",
-    [(dict(n_train=0), "n_train"), (dict(n_train="many"), "n_train"),
-     (dict(rate_range=[200, 100]), "rate_range"), (dict(max_words=2), "max_words"),
-     (dict(rate_range=[150, 600]), "rate_range"), (dict(rate_range=[50, 200]), "rate_range"),
-     (dict(pitch_range=[20, 150]), "pitch_range"), (dict(pitch_range=[-5, 50]), "pitch_range"),
-     (dict(colour="blue"), "colour"), (dict(n_test_sentences=100000), "n_test_sentences")],
+    [
+        (dict(n_train=0), "n_train"),
+        (dict(n_train="many"), "n_train"),
+        (dict(rate_range=[200, 100]), "rate_range"),
+        (dict(max_words=2), "max_words"),
+        (dict(rate_range=[150, 600]), "rate_range"),
+        (dict(rate_range=[50, 200]), "rate_range"),
+        (dict(pitch_range=[20, 150]), "pitch_range"),
+        (dict(pitch_range=[-5, 50]), "pitch_range"),
+        (dict(colour="blue"), "colour"),
+        (dict(n_test_sentences=100000), "n_test_sentences"),
+    ],
 )
 def test_bad_options_name_the_key(tmp_path, options, key):
     with pytest.raises(ValueError, match=key):

@@ -1,6 +1,5 @@
 """Checkpoint averaging, waveform/feature augmentation hooks, absolute positions."""
 
-
 import pytest
 import speechbrain as sb
 import torch
@@ -45,10 +44,12 @@ def tiny_brain(folder, wav_augment=None, fea_augment=None):
 
 def batch():
     torch.manual_seed(0)
-    return PaddedBatch([
-        {"id": "a", "sig": torch.randn(8000), "tokens": torch.tensor([1, 2, 3]), "wrd": "A"},
-        {"id": "b", "sig": torch.randn(6000), "tokens": torch.tensor([4, 5]), "wrd": "B"},
-    ])
+    return PaddedBatch(
+        [
+            {"id": "a", "sig": torch.randn(8000), "tokens": torch.tensor([1, 2, 3]), "wrd": "A"},
+            {"id": "b", "sig": torch.randn(6000), "tokens": torch.tensor([4, 5]), "wrd": "B"},
+        ]
+    )
 
 
 def test_augmentation_hooks_apply_in_training_only_and_replicate_targets(tmp_path):
@@ -76,10 +77,10 @@ def test_absolute_positions_for_regular_attention():
     ref = PositionalEncoding(64)(torch.zeros(1, 37, 64))
     assert torch.allclose(sinusoidal_positions(37, 64), ref, atol=1e-6)
     torch.manual_seed(0)
-    with_pos = EarlyExitConformerEncoder(20, 2, 64, 4, 32, [2], kernel_size=3,
-                                         attention_type="regularMHA", abs_pos_encoding=True).eval()
-    without = EarlyExitConformerEncoder(20, 2, 64, 4, 32, [2], kernel_size=3,
-                                        attention_type="regularMHA").eval()
+    with_pos = EarlyExitConformerEncoder(
+        20, 2, 64, 4, 32, [2], kernel_size=3, attention_type="regularMHA", abs_pos_encoding=True
+    ).eval()
+    without = EarlyExitConformerEncoder(20, 2, 64, 4, 32, [2], kernel_size=3, attention_type="regularMHA").eval()
     without.load_state_dict(with_pos.state_dict())  # no parameters added
     feats = torch.randn(1, 40, 20)
     assert not torch.allclose(with_pos(feats)[0], without(feats)[0])
