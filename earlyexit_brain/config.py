@@ -94,6 +94,7 @@ _CORPUS_RULES: Dict[str, Rule] = {
     "on_error": (lambda v: v in ("fail", "skip"), "'fail' or 'skip'"),
     "max_utterances": (lambda v: v is None or (_is_int(v) and v >= 1), "null or an integer >= 1"),
     "sample_rate": (lambda v: _is_int(v) and v >= 1, "an integer >= 1"),
+    "num_workers": (lambda v: v is None or (_is_int(v) and v >= 1), "null or an integer >= 1"),
     "partition": (lambda v: v in ("legacy", "speaker-adaptation"), "'legacy' or 'speaker-adaptation'"),
     "splits": (
         lambda v: isinstance(v, list) and len(v) > 0 and all(s in ("train", "dev", "test") for s in v),
@@ -118,7 +119,6 @@ _RULES: Dict[str, Rule] = {
     "dropout": (lambda v: _is_num(v) and 0 <= v < 1, "a number in [0, 1)"),
     "warmup_steps": (lambda v: _is_int(v) and v >= 1, "an integer >= 1"),
     "max_grad_norm": (lambda v: _is_num(v) and v > 0, "a number > 0"),
-    "num_workers": (lambda v: _is_int(v) and v >= 0, "an integer >= 0"),
     "checkpoints_to_keep": (lambda v: _is_int(v) and v >= 1, "an integer >= 1"),
     "ckpt_interval_minutes": (lambda v: _is_num(v) and v >= 0, "a number of minutes >= 0 (0 = off)"),
     "ckpt_interval_steps": (lambda v: _is_int(v) and v >= 0, "an integer >= 0 (0 = off)"),

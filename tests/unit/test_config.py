@@ -184,3 +184,6 @@ def test_corpus_options_are_checked(repo_root, tmp_path):
     raw["corpus_options"].update(partition="legacy", splits=["train", "eval"])
     with pytest.raises(ConfigError, match="'corpus_options.splits'"):
         check_hparams(raw)
+    raw["corpus_options"].update(splits=["train"], num_workers=0)
+    with pytest.raises(ConfigError, match="'corpus_options.num_workers'"):
+        check_hparams(raw)
