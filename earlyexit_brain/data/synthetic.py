@@ -14,7 +14,12 @@ Splits (SpeechBrain CSV manifests ``ID,duration,wav,spk_id,wrd``):
 - ``dev``: held-out sentences, training speakers;
 - ``test``: other held-out sentences, training speakers (seen voices);
 - ``test_unseen_voice``: the same held-out sentences as ``test``, spoken by
-  speakers whose voice variants never occur in training.
+  speakers whose voice variants never occur in training;
+- ``controller`` (only with ``n_controller_sentences`` > 0): sentences with exactly one
+  word outside the ``max_vocab`` vocabulary, so none of them can be a training, dev or
+  test sentence, spoken by training speakers: the held-out utterances a learned exit
+  controller is trained on (:mod:`earlyexit_brain.controller`) without taking a sentence
+  away from the recogniser.
 
 Generation is deterministic for a seed (every random choice is drawn up front
 in the main process, noise from a per-utterance seed), parallel, shows a
@@ -39,6 +44,7 @@ from earlyexit_brain.data.text import (
     extract_sentences,
     find_fortune_file,
     restrict_vocabulary,
+    top_words,
 )
 from earlyexit_brain.files import atomic_write_text, claim_folder
 
@@ -47,6 +53,8 @@ logger = logging.getLogger(__name__)
 CORPUS_VERSION = 3
 SAMPLE_RATE = 16000
 SPLITS = ("train", "dev", "test", "test_unseen_voice")
+#: The optional split of held-out utterances for the learned exit controller.
+CONTROLLER_SPLIT = "controller"
 MANIFEST_COLUMNS = ["ID", "duration", "wav", "spk_id", "wrd"]
 
 #: eSpeak NG English accents used for speakers.
@@ -151,10 +159,13 @@ DEFAULTS = dict(
     pitch_range=(25, 75),
     noise_snr_db=(20.0, 40.0),
     gain_db=(-8.0, 0.0),
+    n_controller_sentences=0,
 )
 
 
 def _hash(options: Dict) -> str:
+    if not options.get("n_controller_sentences"):  # corpora made before the option keep their hash
+        options = {k: v for k, v in options.items() if k != "n_controller_sentences"}
     return hashlib.sha1(json.dumps(options, sort_keys=True).encode()).hexdigest()[:12]
 
 
@@ -171,6 +182,7 @@ def _check_options(opts: Dict) -> None:
         "n_train_speakers",
         "n_unseen_speakers",
         "n_unseen_variants",
+        "n_controller_sentences",
     )
     for key in int_keys:
         if isinstance(opts[key], bool) or not isinstance(opts[key], int):
@@ -178,6 +190,15 @@ def _check_options(opts: Dict) -> None:
     for key in ("n_train", "n_dev_sentences", "n_test_sentences", "n_train_speakers", "n_unseen_speakers", "min_words"):
         if opts[key] < 1:
             raise ValueError(f"synthetic corpus option '{key}' must be >= 1, got {opts[key]}")
+    if opts["n_controller_sentences"] < 0:
+        raise ValueError(
+            f"synthetic corpus option 'n_controller_sentences' must be >= 0, got {opts['n_controller_sentences']}"
+        )
+    if opts["n_controller_sentences"] and opts["max_vocab"] <= 0:
+        raise ValueError(
+            "synthetic corpus option 'n_controller_sentences' needs 'max_vocab' > 0: its sentences are "
+            "those with one word outside the max_vocab most frequent words"
+        )
     if opts["max_words"] < opts["min_words"]:
         raise ValueError("synthetic corpus options: 'max_words' must be >= 'min_words'")
     if not 1 <= opts["n_unseen_variants"] < len(VARIANTS):
@@ -270,8 +291,13 @@ def _make_speakers(prefix: str, n: int, variants: Sequence[str], opts: Dict, rng
     return speakers
 
 
-def plan_corpus(opts: Dict, sentences: List[str]) -> Dict[str, List[Dict]]:
-    """Decide every utterance (text, speaker, prosody, noise seed) for every split."""
+def plan_corpus(opts: Dict, sentences: List[str], controller_sentences: Sequence[str] = ()) -> Dict[str, List[Dict]]:
+    """Decide every utterance (text, speaker, prosody, noise seed) for every split.
+
+    ``controller_sentences`` (the candidates of the ``controller`` split) are drawn from after
+    every other split, with a generator of their own: the other splits are the same with or
+    without them.
+    """
     rng = random.Random(opts["seed"])
     train_s, dev_s, test_s = _split_sentences(
         sentences,
@@ -314,7 +340,28 @@ def plan_corpus(opts: Dict, sentences: List[str]) -> Dict[str, List[Dict]]:
         plan["test"].append(utt("test", i, text, rng.choice(seen)))
     for i, text in enumerate(test_s):
         plan["test_unseen_voice"].append(utt("test_unseen_voice", i, text, rng.choice(unseen)))
+    wanted = opts["n_controller_sentences"]
+    if wanted:
+        if len(controller_sentences) < wanted:
+            raise ValueError(
+                f"synthetic corpus: n_controller_sentences = {wanted}, but only {len(controller_sentences)} "
+                f"sentences have exactly one word outside the {opts['max_vocab']} most frequent words"
+            )
+        rng = random.Random(f"{opts['seed']}-{CONTROLLER_SPLIT}")
+        pool = sorted(controller_sentences)
+        rng.shuffle(pool)
+        plan[CONTROLLER_SPLIT] = [
+            utt(CONTROLLER_SPLIT, i, text, rng.choice(seen)) for i, text in enumerate(pool[:wanted])
+        ]
     return plan
+
+
+def controller_candidates(sentences: Sequence[str], max_vocab: int) -> List[str]:
+    """The distinct sentences with exactly one word outside the ``max_vocab`` most frequent words
+    (ranked as :func:`~earlyexit_brain.data.text.restrict_vocabulary` ranks them): none can be a
+    sentence of the vocabulary-restricted pool that train, dev and test come from."""
+    vocab = top_words(sentences, max_vocab)
+    return sorted({s for s in sentences if sum(w not in vocab for w in s.split()) == 1})
 
 
 SHARD_SIZE = 64
@@ -432,7 +479,8 @@ def prepare_synthetic(
         "data_folder",
         legacy=("synthetic_corpus.json", "synthetic_corpus.partial.json"),
     )
-    manifests = {s: os.path.join(data_folder, f"{s}.csv") for s in SPLITS}
+    splits = SPLITS + ((CONTROLLER_SPLIT,) if opts["n_controller_sentences"] else ())
+    manifests = {s: os.path.join(data_folder, f"{s}.csv") for s in splits}
     key = dict(opts, corpus_version=CORPUS_VERSION)
     digest = _hash(key)
     done_path = os.path.join(data_folder, "synthetic_corpus.json")
@@ -459,12 +507,13 @@ def prepare_synthetic(
     atomic_write_text(progress_path, json.dumps({"hash": digest, "options": key}, indent=1))
 
     source = find_fortune_file()
-    sentences = extract_sentences(source, opts["min_words"], opts["max_words"])
-    sentences = restrict_vocabulary(sentences, opts["max_vocab"])
+    all_sentences = extract_sentences(source, opts["min_words"], opts["max_words"])
+    sentences = restrict_vocabulary(all_sentences, opts["max_vocab"])
     logger.info(
         "Synthetic corpus: %d candidate sentences from %s (max_vocab=%d)", len(sentences), source, opts["max_vocab"]
     )
-    plan = plan_corpus(opts, sentences)
+    extra = controller_candidates(all_sentences, opts["max_vocab"]) if opts["n_controller_sentences"] else ()
+    plan = plan_corpus(opts, sentences, extra)
 
     jobs = []
     for split, utts in plan.items():

