@@ -250,6 +250,27 @@ def oracle_exits(hypotheses: Sequence[Sequence]) -> List[int]:
     return exits
 
 
+def error_oracle_exits(errors) -> List[int]:
+    """Error-aware oracle (analysis only): per utterance, the shallowest exit whose word errors
+    are no more than the last exit's (``errors[u][k] <= errors[u][-1]``).
+
+    ``errors[u][k]`` is utterance ``u``'s word edits at exit ``k`` (a ``(U, K)``
+    tensor or nested sequences). Unlike :func:`oracle_exits` (agreement with the
+    last exit's text), an earlier exit with a different hypothesis but no more
+    errors is taken, so its WER is at most the last exit's. Returns 0-based exits.
+
+    Example
+    -------
+    >>> error_oracle_exits([[2, 1, 1], [0, 0, 0], [3, 2, 1], [1, 4, 2]])
+    [1, 0, 2, 0]
+    """
+    exits = []
+    for row in errors:
+        row = [float(e) for e in row]
+        exits.append(next(k for k, e in enumerate(row) if e <= row[-1]))
+    return exits
+
+
 def make_policy(
     name: str,
     threshold: Optional[float] = None,

@@ -128,11 +128,18 @@ def decoder_markdown(report: Dict, decoders: List[str], sets: List[str]) -> List
     return lines
 
 
+#: How report.md names the two analysis-only oracles.
+ORACLE_WORDS = {
+    "oracle": "oracle (agreement: the last exit's text)",
+    "oracle_errors": "oracle_errors (no more word errors than the last exit)",
+}
+
+
 def _policy_label(entry: Dict) -> str:
     if entry["policy"] == "fixed":
         return f"fixed exit {entry['exit']}"
     if entry["threshold"] is None:
-        return entry["policy"]
+        return ORACLE_WORDS.get(entry["policy"], entry["policy"])
     unit = " ms" if entry["policy"] == "budget" else ""
     mark = " (calibrated)" if entry.get("calibrated") else ""
     return f"{entry['policy']} {entry['threshold']:.4g}{unit}{mark}"
@@ -189,6 +196,52 @@ def policy_markdown(report: Dict) -> List[str]:
             f"- {set_name}: at the calibrated posterior's average depth "
             f"({ref['avg_layers']:.2f} layers, WER {ref['wer']:.2f}), WER of {others}."
         )
+    if report.get("references"):
+        lines += ["", *reference_markdown(report["references"])]
+    return lines
+
+
+def _signed(value: Optional[float], digits: int = 2) -> str:
+    return "-" if value is None else f"{value:+.{digits}f}"
+
+
+def reference_markdown(references: Dict) -> List[str]:
+    """Per set, every policy against the fixed-exit line (``evaluate_policies``'s ``references``)."""
+    lines = [
+        "## Policies against the fixed-exit line",
+        "",
+        "The fixed-exit line joins adjacent fixed exits in (average layers, WER): the expected WER of "
+        "sending a random share of the utterances to each of the two exits at the same average depth. "
+        "Area: the integral over the policy's depth range of the line's WER minus the policy's, in WER "
+        "points x layers; mean gap: area / depth range; gap: the line's WER minus the calibrated "
+        "point's at its depth. Positive means the policy lies below the line (better than the random "
+        "split); negative, above it.",
+    ]
+    for set_name, row in references.items():
+        lines += [
+            "",
+            f"### {set_name}",
+            "",
+            "| policy | depth range (layers) | area below the line (WER points x layers) | mean gap (WER points) "
+            "| calibrated layers | calibrated WER | calibrated gap |",
+            "|---|---|---|---|---|---|---|",
+        ]
+        for name, ref in row["policies"].items():
+            low_high = ref.get("depth_range")
+            if low_high is None:
+                span = "-"
+            elif low_high[0] == low_high[1]:
+                span = f"{low_high[0]:.2f} (single depth)"
+            else:
+                span = f"{low_high[0]:.2f} to {low_high[1]:.2f}"
+            cal = ref.get("calibrated")
+            point = f" {cal['avg_layers']:.2f} | {cal['wer']:.2f} | {_signed(cal['gap'])} |" if cal else " - | - | - |"
+            lines.append(f"| {name} | {span} | {_signed(ref['area'])} | {_signed(ref['mean_gap'])} |{point}")
+        for name, o in row.get("oracles", {}).items():
+            lines.append(
+                f"- {ORACLE_WORDS.get(name, name)}: {o['avg_layers']:.2f} layers, WER {o['wer']:.2f} "
+                f"(the line: {o['line_wer']:.2f} at that depth, gap {_signed(o['gap'])})."
+            )
     return lines
 
 
@@ -243,16 +296,20 @@ def plot_wer_vs_compute(report: Dict, path: str) -> Optional[str]:
 
 
 def _plot_policies(ax, policies: List[Dict], set_name: str):
-    fixed = [p for p in policies if p["policy"] == "fixed"]
+    fixed = sorted(
+        (p["sets"][set_name]["avg_layers"], p["sets"][set_name]["wer"]) for p in policies if p["policy"] == "fixed"
+    )
+    ax.plot([x for x, _ in fixed], [y for _, y in fixed], "ks", label="fixed exits", zorder=3)
     ax.plot(
-        [p["sets"][set_name]["avg_layers"] for p in fixed],
-        [p["sets"][set_name]["wer"] for p in fixed],
-        "ks",
-        label="fixed exits",
-        zorder=3,
+        [x for x, _ in fixed],
+        [y for _, y in fixed],
+        "k--",
+        linewidth=1,
+        label="fixed-exit line (random split)",
+        zorder=2,
     )
     for name in dict.fromkeys(p["policy"] for p in policies):
-        if name in ("fixed", "oracle"):
+        if name in ("fixed", "oracle", "oracle_errors"):
             continue
         pts = sorted(
             (p["sets"][set_name]["avg_layers"], p["sets"][set_name]["wer"]) for p in policies if p["policy"] == name
@@ -269,7 +326,23 @@ def _plot_policies(ax, policies: List[Dict], set_name: str):
                 )
     for p in policies:
         if p["policy"] == "oracle":
-            ax.plot(p["sets"][set_name]["avg_layers"], p["sets"][set_name]["wer"], "r^", label="oracle", zorder=3)
+            ax.plot(
+                p["sets"][set_name]["avg_layers"],
+                p["sets"][set_name]["wer"],
+                "r^",
+                label="oracle (agreement)",
+                zorder=3,
+            )
+        elif p["policy"] == "oracle_errors":
+            ax.plot(
+                p["sets"][set_name]["avg_layers"],
+                p["sets"][set_name]["wer"],
+                "D",
+                color="darkviolet",
+                markeredgecolor="k",
+                label="oracle (errors)",
+                zorder=3,
+            )
 
 
 def write_report(report: Dict, folder: str) -> Dict[str, str]:

@@ -18,13 +18,19 @@ equals a real dynamic run.)
 """
 
 from .calibration import (
+    area_below_line,
     budget_sweep,
     calibrate,
     candidate_thresholds,
     confidence_exits,
+    curve_thresholds,
+    depth_and_wer,
     evaluate_policies,
     first_stop,
+    fixed_exit_line,
+    line_wer,
     nearest_depth,
+    policy_references,
     summarize,
     sweep_thresholds,
     threshold_points,
@@ -45,6 +51,7 @@ from .run import (
 )
 
 __all__ = [
+    "area_below_line",
     "budget_sweep",
     "build_model",
     "build_scorers",
@@ -53,12 +60,17 @@ __all__ = [
     "candidate_thresholds",
     "collect_exit_outputs",
     "confidence_exits",
+    "curve_thresholds",
+    "depth_and_wer",
     "evaluate_policies",
     "ExitOutputs",
     "features_config",
     "first_stop",
+    "fixed_exit_line",
+    "line_wer",
     "nbest_options",
     "nearest_depth",
+    "policy_references",
     "POLICY_DEFAULTS",
     "PolicyEvaluationOptions",
     "report_decoding",

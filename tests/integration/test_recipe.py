@@ -74,7 +74,7 @@ def test_policy_evaluation_in_the_report(smoke_run):
     out, _, proc = smoke_run
     report = json.loads((out / "report.json").read_text())
     names = [p["policy"] for p in report["policies"]]
-    assert names[:3] == ["fixed", "fixed", "oracle"]
+    assert names[:4] == ["fixed", "fixed", "oracle", "oracle_errors"]
     assert {"entropy", "posterior", "posterior_greedy", "budget"} <= set(names)
     for p in report["policies"]:
         assert set(p["sets"]) == {"test", "test_unseen_voice"}

@@ -444,10 +444,12 @@ def test_evaluate_policies_structure():
         sweep_points=3,
     )
     names = [p["policy"] for p in result["policies"]]
-    assert names[:4] == ["fixed", "fixed", "fixed", "oracle"]
+    assert names[:5] == ["fixed", "fixed", "fixed", "oracle", "oracle_errors"]
     assert {"posterior_greedy", "budget"} <= set(names)
     oracle = result["policies"][3]["sets"]["test"]
     assert oracle["wer"] == 7.5 and oracle["avg_layers"] == pytest.approx((2 + 4 + 6 + 6) / 4)
+    assert result["policies"][4]["sets"]["test"] == oracle  # no exit with fewer errors but other text
+    assert set(result["references"]["test"]["policies"]) == {"posterior_greedy", "budget"}
     assert sum(p["calibrated"] for p in result["policies"]) == 1
     for p in result["policies"]:
         assert set(p["sets"]["test"]) == {"wer", "avg_layers", "avg_exit", "seconds"}
