@@ -102,6 +102,9 @@ class DataOptions(Options):
         The training and validation manifests.
     test_csv : dict
         ``{set name: manifest}``; ``test_sets`` names the sets evaluated, in order.
+    controller_csv : str, optional
+        Held-out utterances (never trained on, never a test set) that the learned exit controller
+        is trained on (``exit_controller``; docs/exit_policies.md); None: no such set.
     sample_rate : int
         Audio is down-mixed and resampled to it when read.
     seed : int
@@ -169,6 +172,9 @@ class DataOptions(Options):
         "hop_length", None, lambda v: v is None or _seconds(v), "null or a hop in ms > 0"
     )
     num_workers: int = option("num_workers", 0, lambda v: is_int(v) and v >= 0, "an integer >= 0")
+    controller_csv: Optional[str] = option(
+        "controller_csv", None, lambda v: v is None or _folder(v), "null or a manifest path"
+    )
 
     def __post_init__(self):
         super().__post_init__()
@@ -189,6 +195,7 @@ class PreparedData(NamedTuple):
     tests: Dict[str, DynamicItemDataset]
     loaders: Dict[str, Dict]
     audio_check: Dict[str, Dict]  # per set: utterances left out for bad audio, files resampled / down-mixed
+    controller: Optional[DynamicItemDataset] = None  # the learned exit controller's utterances (controller_csv)
 
 
 def dataio_prepare(options, tokenizer, encoder) -> PreparedData:
@@ -211,21 +218,23 @@ def dataio_prepare(options, tokenizer, encoder) -> PreparedData:
     Returns
     -------
     PreparedData
-        ``train, valid, tests, loaders, audio_check``: ``tests`` maps each name in ``test_sets``
-        to its dataset; ``loaders`` has ``train``/``valid``/``test`` DataLoader options;
-        ``audio_check`` the per-set summary of the audio checks (report.json).
+        ``train, valid, tests, loaders, audio_check, controller``: ``tests`` maps each name in
+        ``test_sets`` to its dataset; ``loaders`` has ``train``/``valid``/``test`` DataLoader options;
+        ``audio_check`` the per-set summary of the audio checks (report.json); ``controller`` the
+        ``controller_csv`` set (None without one), prepared as the test sets are.
     """
     o = options if isinstance(options, DataOptions) else DataOptions.from_hparams(options)
     train = _load(o.train_csv, o.data_folder)
     valid = _load(o.valid_csv, o.data_folder)
     tests = {name: _load(o.test_csv[name], o.data_folder) for name in o.test_sets}
+    held = {"controller": _load(o.controller_csv, o.data_folder)} if o.controller_csv is not None else {}
 
     sample_rate, bad_audio = o.sample_rate, o.bad_audio
     cache = os.path.join(o.save_folder, "audio_check") if o.save_folder is not None else None
-    manifests = {"train": o.train_csv, "valid": o.valid_csv, **o.test_csv}
+    manifests = {"train": o.train_csv, "valid": o.valid_csv, **o.test_csv, "controller": o.controller_csv}
     audio_summary = {}
     checked = []
-    for name, dataset in [("train", train), ("valid", valid)] + list(tests.items()):
+    for name, dataset in [("train", train), ("valid", valid)] + list(tests.items()) + list(held.items()):
         dataset, audio_summary[name] = check_manifest_audio(
             dataset,
             name,
@@ -238,8 +247,9 @@ def dataio_prepare(options, tokenizer, encoder) -> PreparedData:
         )
         checked.append(dataset)
     train, valid = checked[0], checked[1]
-    tests = dict(zip(tests, checked[2:]))
-    datasets = [train, valid] + list(tests.values())
+    tests = dict(zip(tests, checked[2 : 2 + len(tests)]))
+    held = dict(zip(held, checked[2 + len(tests) :]))
+    datasets = [train, valid] + list(tests.values()) + list(held.values())
 
     def audio_pipelines(training):
         read = make_reader(sample_rate, bad_audio, training)
@@ -293,7 +303,7 @@ def dataio_prepare(options, tokenizer, encoder) -> PreparedData:
     )
     if len(train) == 0:
         raise ValueError(f"no usable training utterance left in {o.train_csv}")
-    for name, ds in [("valid", valid)] + list(tests.items()):
+    for name, ds in [("valid", valid)] + list(tests.items()) + list(held.items()):
         with ds.output_keys_as(["ctc_fits"]):
             bad = sum(1 for item in ds if not item["ctc_fits"])
         if bad:
@@ -301,7 +311,10 @@ def dataio_prepare(options, tokenizer, encoder) -> PreparedData:
 
     valid = valid.filtered_sorted(sort_key="duration")
     tests = {name: ds.filtered_sorted(sort_key="duration") for name, ds in tests.items()}
-    sb.dataio.dataset.set_output_keys([train, valid] + list(tests.values()), ["id", "sig", "wrd", "tokens"])
+    held = {name: ds.filtered_sorted(sort_key="duration") for name, ds in held.items()}
+    sb.dataio.dataset.set_output_keys(
+        [train, valid] + list(tests.values()) + list(held.values()), ["id", "sig", "wrd", "tokens"]
+    )
 
     num_workers = o.num_workers
     loader = {
@@ -330,4 +343,4 @@ def dataio_prepare(options, tokenizer, encoder) -> PreparedData:
     # global one, so that a run resumed from a checkpoint (which restores the global random
     # state, see checkpoints.RandomState) draws the same dropout masks as the uninterrupted run.
     loader["train"]["generator"] = torch.Generator().manual_seed(int(o.seed))
-    return PreparedData(train, valid, tests, loader, audio_summary)
+    return PreparedData(train, valid, tests, loader, audio_summary, held.get("controller"))

@@ -66,6 +66,8 @@ def run_dynamic(
     exits = torch.zeros(batch, dtype=torch.long)
     planner = getattr(policy, "planned_exits", None)  # a plain function decides at every exit
     plan = planner(batch, durations, num_exits) if planner is not None else None
+    context = getattr(policy, "needs_context", False)  # also reads the states and the previous exit
+    previous = None  # the previous exit's log-probabilities of the utterances still running
     for k in range(num_exits):
         if plan is not None:
             stop = plan[active] == k
@@ -79,7 +81,11 @@ def run_dynamic(
             else:
                 rel = state.frames.to(log_probs.dtype) / log_probs.shape[1]
                 sub_durations = durations[active] if durations is not None else None
-                stop = policy(k, log_probs, rel, sub_durations).cpu()
+                if context:
+                    stop = policy(k, log_probs, rel, sub_durations, hidden=hidden, previous=previous).cpu()
+                else:
+                    stop = policy(k, log_probs, rel, sub_durations).cpu()
+            previous = log_probs
         for i in torch.nonzero(stop).flatten().tolist():
             b = int(active[i])
             out_lp[b] = log_probs[i, : int(state.frames[i])]
@@ -92,6 +98,8 @@ def run_dynamic(
             keep = torch.nonzero(~stop).flatten()
             state = encoder.select(state, keep.to(state.x.device), trim=trim)
             active = active[keep]
+            if previous is not None:
+                previous = previous[keep.to(previous.device)]
     computed = encoder.exit_compute_layers
     layers = torch.tensor([computed[int(k)] for k in exits], dtype=torch.long)
     return DynamicOutput(out_lp, exits, layers, out_hidden if keep_hidden else None)

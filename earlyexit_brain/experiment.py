@@ -271,7 +271,14 @@ def evaluate_and_report(hparams: Dict, hparams_file: str, brain, tokenizer, data
     )
     if hparams.get("policy_evaluation", True):
         report.update(
-            run_policy_evaluation(hparams, tokenizer.sp, data.valid, data.tests, tokenizer.prefix_model_file + ".model")
+            run_policy_evaluation(
+                hparams,
+                tokenizer.sp,
+                data.valid,
+                data.tests,
+                tokenizer.prefix_model_file + ".model",
+                controller_data=data.controller,
+            )
         )
     paths = write_report(report, hparams["output_folder"])
     print()

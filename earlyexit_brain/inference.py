@@ -74,7 +74,8 @@ class EarlyExitASR(Pretrained):
     policies read the exits' CTC posteriors).
 
     ``exit`` is 1-based; ``policy`` is one of ``fixed``, ``entropy``,
-    ``posterior``, ``posterior_greedy``, ``budget`` (or an
+    ``posterior``, ``posterior_greedy``, ``budget``, ``learned`` (the learned exit controller, when
+    the model was trained with one) (or an
     :class:`~earlyexit_brain.policies.ExitPolicy`); ``threshold`` defaults to the
     threshold calibrated on the dev set and stored with the model (milliseconds
     for ``budget``). With neither exit nor policy, the stored default policy is
@@ -134,9 +135,10 @@ class EarlyExitASR(Pretrained):
         self.model = self.mods.encoder
         self.tokenizer = self.hparams.tokenizer
         record = getattr(self.hparams, "exit_policies", None)
-        self.policies = PolicyBundle.from_json(
-            record.data if record is not None else None, source=getattr(record, "path", None) or "exit_policies"
-        )
+        source = getattr(record, "path", None) or "exit_policies"
+        self.policies = PolicyBundle.from_json(record.data if record is not None else None, source=source)
+        if self.policies.controller is not None:
+            self.policies.controller.check_model(self.model.num_exits, self.model.heads.heads[0].in_features, source)
         record = getattr(self.hparams, "latency_table", None)
         self.latency_table = LatencyTable(**record.data) if record is not None and record.data else None
         self._searcher = None
@@ -198,7 +200,7 @@ class EarlyExitASR(Pretrained):
         if threshold is not None and policy is None:
             raise ValueError(
                 "threshold: give policy= with threshold= (the policy it is for: entropy, "
-                "posterior, posterior_greedy or budget)"
+                "posterior, posterior_greedy, budget or learned)"
             )
         if isinstance(policy, ExitPolicy):
             if threshold is not None:
@@ -236,6 +238,7 @@ class EarlyExitASR(Pretrained):
             num_exits=self.num_exits,
             searcher=self._nbest_searcher() if policy == "posterior" else None,
             latency_table=self.latency_table,
+            controller=self.policies.controller,
             **options,
         )
 

@@ -20,6 +20,9 @@ Policies (formulas in docs/exit_policies.md):
 * ``posterior_greedy``: the cheap greedy form (mean, or geometric mean, over
   frames of the best path's posterior), stop when ``>= threshold``;
 * ``budget``: the deepest exit whose measured latency fits a budget in ms;
+* ``learned``: the learned exit controller's probability that stopping costs no word error
+  (:mod:`earlyexit_brain.controller`), stop when ``>= threshold``; it also reads the exit's
+  encoder states and the previous exit's posteriors (``needs_context``);
 * ``oracle`` (analysis only): the shallowest exit whose hypothesis equals the
   last exit's, see :func:`oracle_exits`.
 """
@@ -29,10 +32,12 @@ from typing import Dict, List, Optional, Sequence
 
 import torch
 
+from .controller import controller_probability, exit_features
 from .latency import LatencyTable
-from .utils import frame_mask
+from .policy_bundle import ControllerWeights
+from .utils import frame_mask, valid_frames
 
-POLICY_NAMES = ("fixed", "entropy", "posterior", "posterior_greedy", "budget", "oracle")
+POLICY_NAMES = ("fixed", "entropy", "posterior", "posterior_greedy", "budget", "learned", "oracle")
 
 
 def check_threshold(name: str, threshold, low: float, high: float):
@@ -48,6 +53,10 @@ class ExitPolicy:
     """Base class: ``policy(exit_index, log_probs, lengths, durations) -> (B,) bool``."""
 
     name = "policy"
+    #: True for a policy that also reads the exit's encoder states and the previous exit's
+    #: log-probabilities: :func:`~earlyexit_brain.dynamic.run_dynamic` then passes them as the
+    #: keywords ``hidden`` and ``previous``.
+    needs_context = False
 
     def __call__(
         self,
@@ -199,6 +208,36 @@ class NBestPosteriorPolicy(ConfidencePolicy):
         return torch.tensor(scores, dtype=torch.float32)
 
 
+class LearnedPolicy(ConfidencePolicy):
+    """Stop when the learned exit controller's probability that stopping costs no word error
+    (against the last exit) is ``>= threshold`` (:mod:`earlyexit_brain.controller`)."""
+
+    name = "learned"
+    needs_context = True
+
+    def __init__(self, threshold: float, weights: ControllerWeights):
+        if not isinstance(weights, ControllerWeights):
+            raise ValueError(f"the learned policy needs ControllerWeights, got {type(weights).__name__}")
+        self.weights = weights
+        super().__init__(threshold)
+
+    def score(self, log_probs, lengths, exit_index=None, hidden=None, previous=None):
+        """``(B,)`` probabilities at ``exit_index`` from the exit's ``hidden`` states ``(B, T, D)``
+        and the previous exit's log-probabilities (None at the first exit)."""
+        if exit_index is None or hidden is None:
+            raise ValueError("the learned policy needs the exit index and the exit's encoder states")
+        if exit_index >= len(self.weights.exits):
+            raise ValueError(
+                f"the learned controller decides at exits 1..{len(self.weights.exits)}, not {exit_index + 1}"
+            )
+        frames = valid_frames(log_probs, lengths)
+        feats = exit_features(hidden, log_probs, frames, previous, self.weights.blank_index)
+        return controller_probability(self.weights, exit_index, feats.cpu())
+
+    def __call__(self, exit_index, log_probs, lengths, durations=None, hidden=None, previous=None):
+        return self.stops(self.score(log_probs, lengths, exit_index, hidden, previous))
+
+
 class BudgetPolicy(ExitPolicy):
     """Stop at the deepest exit whose predicted latency fits ``budget_ms``.
 
@@ -278,12 +317,14 @@ def make_policy(
     num_exits: Optional[int] = None,
     searcher=None,
     latency_table: Optional[LatencyTable] = None,
+    controller: Optional[ControllerWeights] = None,
     **options,
 ) -> ExitPolicy:
     """Build a policy by name.
 
     ``exit`` is 1-based (as in reports); ``threshold`` is the policy's
-    threshold (ms for ``budget``). Errors name the argument at fault.
+    threshold (ms for ``budget``); ``controller`` the weights of the ``learned`` policy.
+    Errors name the argument at fault.
     """
     if name not in POLICY_NAMES:
         raise ValueError(f"policy: unknown policy {name!r}; accepted: {', '.join(POLICY_NAMES)}")
@@ -306,6 +347,13 @@ def make_policy(
         if searcher is None:
             raise ValueError("the posterior policy needs a CTC beam searcher")
         return NBestPosteriorPolicy(threshold, searcher)
+    if name == "learned":
+        if controller is None:
+            raise ValueError(
+                "policy: this model has no learned exit controller (train one with the recipe's "
+                "exit_controller: True, see docs/exit_policies.md)"
+            )
+        return LearnedPolicy(threshold, controller)
     if latency_table is None:
         raise ValueError("the budget policy needs a latency table (latency_table.json)")
     return BudgetPolicy(threshold, latency_table)

@@ -20,6 +20,7 @@ class JsonRecord:
 
     def __init__(self, data: Optional[Dict] = None):
         self.data = data or {}
+        self.path: Optional[str] = None  # the file it was loaded from
 
     @mark_as_saver
     def _save(self, path):
@@ -27,8 +28,12 @@ class JsonRecord:
 
     @mark_as_loader
     def _load(self, path, end_of_epoch=False):
-        with open(path) as fin:
-            self.data = json.load(fin)
+        self.path = str(path)
+        try:
+            with open(path) as fin:
+                self.data = json.load(fin)
+        except ValueError as err:  # a truncated or corrupted file
+            raise ValueError(f"{path}: not a valid JSON document ({err})") from None
 
 
 @register_checkpoint_hooks

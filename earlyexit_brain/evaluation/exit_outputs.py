@@ -16,6 +16,7 @@ import torch
 from speechbrain.utils.edit_distance import wer_details_for_batch
 from tqdm import tqdm
 
+from ..controller import exit_features
 from ..decoding.attention import decode_states
 from ..decoding.ctc import CTCDecoder, make_ctc_beam_searcher
 from ..latency import timed_exits
@@ -37,6 +38,7 @@ class ExitOutputs:
     scores: Dict[str, torch.Tensor] = field(default_factory=dict)  # name -> (U, K)
     policy_ms: Dict[str, torch.Tensor] = field(default_factory=dict)  # name -> (U, K)
     compute_layers: Optional[List[int]] = None  # layers computed to each exit (None: exit_layers)
+    features: Optional[List[torch.Tensor]] = None  # per exit (U, F): the learned controller's inputs
 
     @property
     def num_exits(self) -> int:
@@ -76,10 +78,14 @@ def collect_exit_outputs(
     desc: str = "exits",
     decode_batch: int = 16,
     decoder: Optional[CTCDecoder] = None,
+    keep_features: bool = False,
 ) -> ExitOutputs:
     """Run every utterance of ``dataset`` (items with ``id``, ``sig``, ``wrd``) through every exit.
 
-    A CTC model's hypotheses come from ``decoder`` (default: greedy CTC).
+    A CTC model's hypotheses come from ``decoder`` (default: greedy CTC). A scorer that
+    ``needs_context`` (the learned policy) also gets the exit's encoder states and the previous
+    exit's log-probabilities. ``keep_features``: also record the learned controller's inputs
+    (:func:`earlyexit_brain.controller.exit_features`) at every exit, to train it on.
 
     An :class:`EarlyExitAEDModel`'s hypotheses come from each exit's joint
     CTC/attention beam search, run on the batch-1 encoder states in batches of
@@ -96,6 +102,7 @@ def collect_exit_outputs(
     scores = {name: [] for name in scorers}
     policy_ms = {name: [] for name in scorers}
     pending: List = []  # AED: (utterance index, per-exit encoder states) awaiting decoding
+    features: List[List[torch.Tensor]] = [[] for _ in range(num_exits)]
 
     def decode_pending():
         for k in range(num_exits):
@@ -118,6 +125,11 @@ def collect_exit_outputs(
                 decode_pending()
         else:
             hyps.append([decoder(lp, lens)[0] for lp in log_probs])
+        if keep_features:
+            frames = torch.tensor([log_probs[0].shape[1]])
+            for k in range(num_exits):
+                previous = log_probs[k - 1] if k else None
+                features[k].append(exit_features(hiddens[k], log_probs[k], frames, previous, blank_index)[0])
         for name, scorer in scorers.items():
             row, row_ms = [], []
             for k in range(num_exits):
@@ -126,7 +138,12 @@ def collect_exit_outputs(
                     row_ms.append(0.0)
                     continue
                 start = time.perf_counter()
-                row.append(float(scorer.score(log_probs[k], lens)[0]))
+                if getattr(scorer, "needs_context", False):
+                    previous = log_probs[k - 1] if k else None
+                    score = scorer.score(log_probs[k], lens, exit_index=k, hidden=hiddens[k], previous=previous)
+                else:
+                    score = scorer.score(log_probs[k], lens)
+                row.append(float(score[0]))
                 row_ms.append((time.perf_counter() - start) * 1000.0)
             scores[name].append(row)
             policy_ms[name].append(row_ms)
@@ -148,4 +165,5 @@ def collect_exit_outputs(
         compute_layers=list(model.exit_compute_layers),
         scores={n: torch.tensor(v, dtype=torch.float64) for n, v in scores.items()},
         policy_ms={n: torch.tensor(v, dtype=torch.float64) for n, v in policy_ms.items()},
+        features=[torch.stack(f) for f in features] if keep_features and ids else None,
     )

@@ -12,17 +12,20 @@ from ..decoding.ctc import CTC_DECODERS, CTCDecoder, CTCDecodingOptions
 from ..export import export_inference_folder
 from ..latency import measure_latency_table
 from ..models.pipeline import EarlyExitAEDModel, EarlyExitCTCModel
-from ..options import is_int, is_num, option, Options
+from ..controller import controller_probability, fit_controller, parameter_count, auc, stop_labels
+from ..options import ConfigError, is_int, is_num, option, Options
+from ..policies import LearnedPolicy
 from ..policy_bundle import PolicyBundle
 from ..utils import tokenizer_pieces, uses_decoders
 from .calibration import evaluate_policies
-from .exit_outputs import build_scorers, collect_exit_outputs
+from .exit_outputs import build_scorers, collect_exit_outputs, ExitOutputs
 
 logger = logging.getLogger(__name__)
 
 
-#: The policies whose threshold is calibrated on dev, and those the sweep can run.
-CALIBRATED_POLICIES = ("entropy", "posterior", "posterior_greedy")
+#: The policies whose threshold is calibrated on dev, and those the sweep can run (``learned``
+#: only when the recipe trains the exit controller, ``exit_controller``).
+CALIBRATED_POLICIES = ("entropy", "posterior", "posterior_greedy", "learned")
 SWEEPABLE_POLICIES = CALIBRATED_POLICIES + ("budget",)
 
 
@@ -43,7 +46,9 @@ class PolicyEvaluationOptions(Options):
         Calibrate on a bootstrap upper bound of the WER increase at this confidence
         (``calibration_confidence``; null: on the dev WER itself).
     default_policy : str
-        The policy ``EarlyExitASR`` uses by default (``default_policy``).
+        The policy ``EarlyExitASR`` uses by default (``default_policy``), unless the learned policy
+        computes fewer layers on dev at its calibrated threshold than every other calibrated policy:
+        then the learned policy.
     nbest_beam_size : int
         The N-best posterior policy's beam (``nbest_beam_size``).
     nbest_token_prune_logp : float, optional
@@ -54,11 +59,18 @@ class PolicyEvaluationOptions(Options):
         ``mean`` or ``geometric`` mean of the greedy path's posteriors (``posterior_greedy_form``).
     latency_durations : list of float
         Audio durations (s) of the latency table (``latency_durations``).
+    exit_controller : bool
+        Train the learned exit controller on ``controller_csv`` after the recogniser and add the
+        ``learned`` policy (``exit_controller``).
+    controller_hidden_units : int
+        Its hidden layer (``controller_hidden_units``; 0: logistic regression).
+    controller_weight_decay : float
+        Its L2 penalty (``controller_weight_decay``).
     """
 
     policy_sweep: List[str] = option(
         "policy_sweep",
-        list(SWEEPABLE_POLICIES),
+        [p for p in SWEEPABLE_POLICIES if p != "learned"],
         lambda v: isinstance(v, list) and all(p in SWEEPABLE_POLICIES for p in v),
         "a list of policies among " + ", ".join(repr(p) for p in SWEEPABLE_POLICIES),
     )
@@ -95,6 +107,13 @@ class PolicyEvaluationOptions(Options):
         [2.0, 5.0, 10.0, 20.0],
         lambda v: isinstance(v, list) and len(v) >= 2 and all(is_num(d) and d > 0 for d in v),
         "a list of at least two durations in seconds > 0",
+    )
+    exit_controller: bool = option("exit_controller", False, lambda v: isinstance(v, bool), "true or false")
+    controller_hidden_units: int = option(
+        "controller_hidden_units", 0, lambda v: is_int(v) and 0 <= v <= 256, "an integer in 0..256"
+    )
+    controller_weight_decay: float = option(
+        "controller_weight_decay", 0.01, lambda v: is_num(v) and v >= 0, "a number >= 0"
     )
 
 
@@ -159,15 +178,29 @@ def features_config(hparams: Dict) -> Dict:
     }
 
 
-def run_policy_evaluation(hparams: Dict, tokenizer, valid_data, test_datasets: Dict, tokenizer_path: str) -> Dict:
-    """Measure latency, calibrate on dev, sweep the policies on the test sets, export the model.
+def run_policy_evaluation(
+    hparams: Dict, tokenizer, valid_data, test_datasets: Dict, tokenizer_path: str, controller_data=None
+) -> Dict:
+    """Measure latency, train the exit controller, calibrate on dev, sweep the policies on the test
+    sets, export the model.
 
-    ``tokenizer`` is a SentencePieceProcessor. Returns the fields added to
-    report.json: ``policies``, ``calibration``, ``depth_matched``,
-    ``latency_table`` and ``inference_folder``.
+    ``tokenizer`` is a SentencePieceProcessor; ``controller_data`` the held-out utterances the
+    learned exit controller is trained on (``controller_csv``; needed with ``exit_controller``).
+    Returns the fields added to report.json: ``policies``, ``calibration``, ``depth_matched``,
+    ``latency_table``, ``inference_folder`` and, with the controller, ``controller``.
     """
 
     opts = PolicyEvaluationOptions.from_hparams(hparams)
+    if "learned" in opts.policy_sweep and not opts.exit_controller:
+        raise ConfigError("key 'policy_sweep': 'learned' needs exit_controller: True")
+    if opts.default_policy == "learned" and not opts.exit_controller:
+        raise ConfigError("key 'default_policy': 'learned' needs exit_controller: True")
+    if opts.exit_controller and controller_data is None:
+        raise ConfigError(
+            "key 'exit_controller': the learned exit controller is trained on held-out utterances; "
+            "set 'controller_csv' to a manifest of utterances neither trained on nor tested on "
+            "(docs/exit_policies.md)"
+        )
     model = build_model(hparams).to("cpu").eval()
     fused = model.has_decoders and model.fuses_lm
     if fused:  # the attention search fuses the recipe's word n-gram
@@ -187,11 +220,30 @@ def run_policy_evaluation(hparams: Dict, tokenizer, valid_data, test_datasets: D
         opts.nbest_token_prune_logp,
     )
     scorers = {n: s for n, s in scorers.items() if n in opts.policy_sweep}
+    sweep = list(opts.policy_sweep)
     decoding = report_decoding(hparams)
     decoder = None
     if decoding["decoder"] in CTC_DECODERS and not model.has_decoders:
         decoder = CTCDecoder(decoding["decoder"], tokenizer, vocab, blank, decoding["options"])
-    dev = collect_exit_outputs(model, valid_data, tokenizer, scorers, blank, sample_rate, "dev exits", decoder=decoder)
+    controller = None
+    if opts.exit_controller and model.num_exits > 1:
+        controller = train_exit_controller(model, controller_data, tokenizer, blank, sample_rate, decoder, opts)
+        scorers["learned"] = LearnedPolicy(0.5, controller)
+        if "learned" not in sweep:
+            sweep.append("learned")
+    dev = collect_exit_outputs(
+        model,
+        valid_data,
+        tokenizer,
+        scorers,
+        blank,
+        sample_rate,
+        "dev exits",
+        decoder=decoder,
+        keep_features=controller is not None,
+    )
+    if controller is not None:
+        record_dev_auc(controller, dev)
     sets = {
         name: collect_exit_outputs(model, ds, tokenizer, scorers, blank, sample_rate, f"{name} exits", decoder=decoder)
         for name, ds in test_datasets.items()
@@ -201,20 +253,16 @@ def run_policy_evaluation(hparams: Dict, tokenizer, valid_data, test_datasets: D
         sets,
         scorers,
         table,
-        opts.policy_sweep,
+        sweep,
         opts.calibration_target,
         float(opts.calibration_value),
         int(opts.sweep_points),
         opts.calibration_confidence,
     )
     thresholds = {n: c["threshold"] for n, c in result["calibration"]["thresholds"].items()}
-    default = opts.default_policy
+    default = choose_default_policy(opts.default_policy, result["calibration"]["thresholds"])
     stored = PolicyBundle(
-        default=(
-            {"policy": default, "threshold": thresholds[default]}
-            if default in thresholds
-            else {"policy": "fixed", "exit": model.num_exits}
-        ),
+        default=default or {"policy": "fixed", "exit": model.num_exits},
         thresholds=thresholds,
         options={
             "entropy": {"normalize": bool(opts.entropy_normalize)},
@@ -223,6 +271,7 @@ def run_policy_evaluation(hparams: Dict, tokenizer, valid_data, test_datasets: D
         },
         calibration=result["calibration"],
         decoding=stored_decoding(decoding, decoder),
+        controller=controller,
     )
     lm_path = decoder.options.lm_path if decoder is not None else model.lm["lm_path"] if fused else None
     folder = export_inference_folder(
@@ -236,6 +285,81 @@ def run_policy_evaluation(hparams: Dict, tokenizer, valid_data, test_datasets: D
         lm_path=lm_path,
     )
     result["decoding"] = stored.decoding
+    result["default_policy"] = stored.default
+    if controller is not None:
+        result["controller"] = controller_summary(controller, dev, sets)
     result["latency_table"] = table.to_json()
     result["inference_folder"] = folder
     return result
+
+
+def train_exit_controller(model, dataset, tokenizer, blank: int, sample_rate: int, decoder, opts):
+    """Record every exit of the held-out ``dataset`` (hypotheses from the report's decoder, the
+    controller's features) and fit the learned exit controller on them, the recogniser frozen."""
+    held = collect_exit_outputs(
+        model, dataset, tokenizer, {}, blank, sample_rate, "controller exits", decoder=decoder, keep_features=True
+    )
+    if len(held.ids) < 20:
+        raise ValueError(
+            f"controller_csv: {len(held.ids)} utterances are too few to train the exit controller (at least 20)"
+        )
+    logger.info(
+        "Training the exit controller on %d held-out utterances (WER per exit: %s)",
+        len(held.ids),
+        ", ".join(f"{100.0 * float(e.sum() / held.ref_words.sum()):.2f}" for e in held.errors.T),
+    )
+    weights = fit_controller(
+        held.features,
+        held.errors,
+        blank,
+        hidden_units=int(opts.controller_hidden_units),
+        weight_decay=float(opts.controller_weight_decay),
+    )
+    weights.training["held_out_wer"] = [
+        round(100.0 * float(e.sum() / held.ref_words.sum().clamp(min=1)), 2) for e in held.errors.T
+    ]
+    return weights
+
+
+def record_dev_auc(weights, dev: ExitOutputs) -> None:
+    """Add each exit's dev AUC (how well the controller ranks dev utterances by whether stopping
+    is free) to the controller's training record."""
+    labels = stop_labels(dev.errors)
+    for k, row in enumerate(weights.training["exits"]):
+        p = controller_probability(weights, k, dev.features[k])
+        row["dev_auc"] = None if (a := auc(p, labels[:, k])) is None else round(a, 4)
+        row["dev_stop_is_free"] = round(float(labels[:, k].mean()), 4)
+
+
+def controller_summary(weights, dev: ExitOutputs, sets: Dict[str, ExitOutputs]) -> Dict:
+    """report.json's ``controller``: its size, its training record, and the time of its decisions
+    against the encoder time to each exit (per set, summed over utterances)."""
+    cost = {}
+    for name, out in {"dev": dev, **sets}.items():
+        if "learned" not in out.policy_ms:
+            continue
+        segment = torch.diff(out.exit_ms, dim=1, prepend=torch.zeros(len(out.ids), 1, dtype=out.exit_ms.dtype))
+        share = out.policy_ms["learned"][:, :-1].sum(0) / segment[:, :-1].sum(0).clamp(min=1e-9)
+        cost[name] = [round(float(v), 4) for v in share]
+    return {
+        "parameters": parameter_count(weights),
+        "bytes_float32": 4 * parameter_count(weights),
+        "training": weights.training,
+        "decision_time_share": cost,
+    }
+
+
+def choose_default_policy(configured: str, calibrated: Dict[str, Dict]) -> Dict:
+    """The stored default policy: the learned policy when it computes fewer layers on dev at its
+    calibrated threshold than every other calibrated policy (ties: fewer dev errors), else the
+    configured ``default_policy`` (the last exit when that one was not calibrated)."""
+    learned = calibrated.get("learned")
+    others = [c for n, c in calibrated.items() if n != "learned"]
+    if learned is not None and all(
+        (learned["dev"]["avg_layers"], learned["dev"]["wer"]) < (c["dev"]["avg_layers"], c["dev"]["wer"])
+        for c in others
+    ):
+        return {"policy": "learned", "threshold": learned["threshold"]}
+    if configured in calibrated:
+        return {"policy": configured, "threshold": calibrated[configured]["threshold"]}
+    return None  # the caller stores the last exit

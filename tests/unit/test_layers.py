@@ -22,7 +22,7 @@ LAYERS = [
     ["earlyexit_brain.data", "earlyexit_brain.audio_check", "earlyexit_brain.dataio"],
     ["earlyexit_brain.models"],
     ["earlyexit_brain.losses", "earlyexit_brain.decoding"],
-    ["earlyexit_brain.latency", "earlyexit_brain.policies", "earlyexit_brain.dynamic"],
+    ["earlyexit_brain.latency", "earlyexit_brain.controller", "earlyexit_brain.policies", "earlyexit_brain.dynamic"],
     [
         "earlyexit_brain.brain",
         "earlyexit_brain.inference",

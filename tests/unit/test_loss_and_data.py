@@ -125,7 +125,7 @@ def test_unfit_training_utterances_are_dropped_and_counted(tiny_corpus, tmp_path
         seed=1,
     )
     with caplog.at_level(logging.INFO):
-        train, valid, tests, loaders, _ = dataio_prepare(hparams, CharTokenizer(), enc)
+        train, valid, tests, loaders = dataio_prepare(hparams, CharTokenizer(), enc)[:4]
     assert len(train) == len(rows) - 2
     assert "2 dropped because their tokens cannot fit" in caplog.text
     assert len(valid) == len(open(manifests["dev"]).readlines()) - 1  # dev is never filtered

@@ -314,7 +314,7 @@ def test_pipeline_reads_segments_and_whole_files(ted, libri):
         sorting="ascending",
         seed=1,
     )
-    train, valid, tests, _, _ = dataio_prepare(hparams, _Tokens, _Encoder)
+    train, valid, tests = dataio_prepare(hparams, _Tokens, _Encoder)[:3]
     for ds, manifest in ((train, ted_m["train"]), (valid, ted_m["dev"])):
         by_id = {r["ID"]: r for r in rows(manifest)[1]}
         for item in ds:
