@@ -12,11 +12,13 @@
     fp32/segment_<k>.onnx    the encoder layers between exit k-1 and exit k: x, frames
                              (, pos_embs) -> x
     fp32/head_<k>.onnx       exit k's LayerNorm, linear and log-softmax: x -> log_probs (B, T', V)
+                             and hidden (B, T', D), the normalised states (the learned policy's)
     fp32/latency_table.json  per-exit latency measured in onnxruntime (the budget policy's)
     int8/...                 with ``int8=True``: the same graphs with dynamically quantised
                              int8 weights (onnxruntime.quantization.quantize_dynamic)
     tokenizer.model          the SentencePiece model
-    policies.json            the calibrated thresholds (the inference folder's exit_policies.ckpt)
+    policies.json            the calibrated thresholds and the learned exit controller, if any
+                             (the inference folder's exit_policies.ckpt)
 
 Exit ``k`` of the runtime runs the front end, segments 1..k and head k: exactly the layers
 :meth:`EarlyExitConformerEncoder.advance <earlyexit_brain.models.conformer.EarlyExitConformerEncoder.advance>`
@@ -163,7 +165,9 @@ class SegmentGraph(nn.Module):
 
 
 class HeadGraph(nn.Module):
-    """Exit ``k``: its LayerNorm, linear layer and log-softmax, ``x`` -> ``(B, T, V)``."""
+    """Exit ``k``: its LayerNorm, linear layer and log-softmax, ``x`` -> ``log_probs`` ``(B, T, V)``
+    and ``hidden`` ``(B, T, D)``, the normalised states (what ``advance`` returns: the learned
+    exit controller reads them; the runtime fetches them only for that policy)."""
 
     def __init__(self, model, exit_index: int):
         super().__init__()
@@ -171,7 +175,8 @@ class HeadGraph(nn.Module):
         self.linear = model.heads.heads[exit_index]
 
     def forward(self, x):
-        return torch.log_softmax(self.linear(self.norm(x)), dim=-1)
+        hidden = self.norm(x)
+        return torch.log_softmax(self.linear(hidden), dim=-1), hidden
 
 
 # ---------------------------------------------------------------- source
@@ -291,7 +296,7 @@ def export_graphs(model, folder: str, opset: int = OPSET, sample_rate: int = 160
         )
         entry["segments"].append({"file": path, "layers": [start + 1, stop], **_io(path)})
         path = os.path.join(folder, f"head_{k + 1}.onnx")
-        _export(HeadGraph(model, k), (x,), path, ["x"], ["log_probs"], ({0: batch, 1: frames_dim},), opset)
+        _export(HeadGraph(model, k), (x,), path, ["x"], ["log_probs", "hidden"], ({0: batch, 1: frames_dim},), opset)
         entry["heads"].append({"file": path, "exit_layer": stop, **_io(path)})
         start = stop
     return entry

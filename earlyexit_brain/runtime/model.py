@@ -5,9 +5,10 @@ soundfile only (no PyTorch, torchaudio, SpeechBrain or transformers).
 It loads an ``onnx/`` folder written by :func:`earlyexit_brain.onnx_export.export_onnx_folder`
 (docs/deployment.md): the front end (waveform -> features -> normalisation -> convolutional
 front end -> projection), one graph per encoder segment between consecutive exits, one
-graph per exit head (norm, linear, log-softmax), the tokenizer, the calibrated policies, a
-latency table measured in this runtime and ``manifest.json``, whose sha256 of every file is
-checked before anything is loaded.
+graph per exit head (norm, linear, log-softmax; it also outputs the normalised states that the
+learned exit controller reads), the tokenizer, the calibrated policies (and the learned exit
+controller's weights, if any), a latency table measured in this runtime and ``manifest.json``,
+whose sha256 of every file is checked before anything is loaded.
 """
 
 import hashlib
@@ -151,14 +152,14 @@ def greedy_ids(log_probs: np.ndarray, blank_index: int) -> List[int]:
 class EarlyExitONNX:
     """Early-exit transcription in onnxruntime with a fixed exit, a budget or a confidence policy.
 
-    ``exit`` is 1-based; ``policy`` is ``fixed``, ``entropy``, ``posterior_greedy`` or
-    ``budget`` (the N-best ``posterior`` policy needs a beam search the runtime does not
-    have); ``threshold`` defaults to the threshold calibrated on the dev set and stored
-    with the model (milliseconds for ``budget``, predicted by the latency table the export
-    measured in onnxruntime). With neither exit nor policy, the stored default policy is
-    used. Utterances that stop leave the batch, and the segments above the deepest exit
-    still needed never run (``runs`` counts the graphs run). Decoding is greedy CTC.
-    Use :meth:`from_folder`.
+    ``exit`` is 1-based; ``policy`` is ``fixed``, ``entropy``, ``posterior_greedy``, ``budget``
+    or ``learned`` (when the model's policies.json holds a learned exit controller; the N-best
+    ``posterior`` policy needs a beam search the runtime does not have); ``threshold`` defaults
+    to the threshold calibrated on the dev set and stored with the model (milliseconds for
+    ``budget``, predicted by the latency table the export measured in onnxruntime). With neither
+    exit nor policy, the stored default policy is used. Utterances that stop leave the batch, and
+    the segments above the deepest exit still needed never run (``runs`` counts the graphs run).
+    Decoding is greedy CTC. Use :meth:`from_folder`.
     """
 
     def __init__(self, folder: str, manifest: Dict, precision: str, threads: Optional[int]):
@@ -174,6 +175,11 @@ class EarlyExitONNX:
         path = os.path.join(folder, manifest["policies"])
         with open(path) as fin:
             self.policies = PolicyBundle.from_json(json.load(fin), source=path)
+        self.hidden_size = self._hidden_size()
+        if self.policies.controller is not None:
+            self.policies.controller.check_model(len(self.heads), self.hidden_size, path)
+        # the heads of exports made before the learned policy give the log-probabilities only
+        self.heads_give_states = all("hidden" in [o.name for o in head.get_outputs()] for head in self.heads)
         table = graphs.get("latency_table")
         self.latency_table = None
         if table:
@@ -210,6 +216,13 @@ class EarlyExitONNX:
         return cls(folder, manifest, precision, threads)
 
     # ------------------------------------------------------------------ properties
+    def _hidden_size(self) -> Optional[int]:
+        """The encoder states' size: the last axis of the head graphs' input (None where a graph
+        does not give it as a number)."""
+        sizes = {head.get_inputs()[0].shape[-1] for head in self.heads}
+        size = sizes.pop() if len(sizes) == 1 else None
+        return size if isinstance(size, int) and not isinstance(size, bool) else None
+
     @property
     def num_exits(self) -> int:
         return len(self.heads)
@@ -232,7 +245,8 @@ class EarlyExitONNX:
             return policy
         if threshold is not None and policy is None:
             raise ValueError(
-                "threshold: give policy= with threshold= (the policy it is for: entropy, posterior_greedy or budget)"
+                "threshold: give policy= with threshold= (the policy it is for: entropy, posterior_greedy, "
+                "budget or learned)"
             )
         if exit is not None and policy not in (None, "fixed"):
             raise ValueError(f"exit: give either an exit or the policy {policy!r}, not both")
@@ -250,8 +264,21 @@ class EarlyExitONNX:
                     f"threshold: no calibrated threshold is stored for the {policy} policy; pass threshold="
                 )
         options = {} if policy == "budget" else self.policies.policy_options(policy)
+        if policy == "learned" and self.policies.controller is not None and not self.heads_give_states:
+            raise ValueError(
+                f"policy: the learned policy reads the exits' normalised states, which the head graphs of "
+                f"{self.folder} do not output (exported before the learned policy); export the model again "
+                f"(recipes/export.py)"
+            )
         return make_runtime_policy(
-            policy, threshold, exit, self.num_exits, self.latency_table, self.vocab_size, **options
+            policy,
+            threshold,
+            exit,
+            self.num_exits,
+            self.latency_table,
+            self.vocab_size,
+            controller=self.policies.controller,
+            **options,
         )
 
     # ------------------------------------------------------------------ graphs
@@ -269,7 +296,13 @@ class EarlyExitONNX:
 
     def _run_head(self, k: int, x: np.ndarray) -> np.ndarray:
         self.runs["heads"][k] += 1
-        return self.heads[k].run(None, {"x": x})[0]
+        return self.heads[k].run(["log_probs"], {"x": x})[0]
+
+    def _run_head_states(self, k: int, x: np.ndarray):
+        """Exit ``k``'s log-probabilities ``(B, T, V)`` and normalised states ``(B, T, D)``."""
+        self.runs["heads"][k] += 1
+        log_probs, hidden = self.heads[k].run(["log_probs", "hidden"], {"x": x})
+        return log_probs, hidden
 
     def exit_log_probs(self, wavs: np.ndarray, wav_lens: Optional[np.ndarray] = None) -> List[np.ndarray]:
         """Every exit's log-probabilities ``(B, T', V)`` for a padded batch (no policy, no
@@ -298,7 +331,9 @@ class EarlyExitONNX:
         exit it stopped at (0-based ``exits``) and the layers computed, as
         :func:`earlyexit_brain.dynamic.run_dynamic`: stopped utterances leave the batch (its time
         axis cut to the longest still running); fixed and budget policies plan the exits first, so
-        only the heads of the exits someone stops at run, and no segment above the deepest."""
+        only the heads of the exits someone stops at run, and no segment above the deepest. A
+        policy that ``needs_context`` (``learned``) also gets each exit's normalised encoder states
+        and the previous exit's log-probabilities of the utterances still running."""
         batch = wavs.shape[0]
         durations = wav_lens.astype(np.float64) * wavs.shape[1] / self.sample_rate
         x, frames, pos = self._run_front(wavs, wav_lens)
@@ -307,6 +342,8 @@ class EarlyExitONNX:
         out: List[Optional[np.ndarray]] = [None] * batch
         exits = np.zeros(batch, dtype=np.int64)
         done = 0  # segments run
+        context = plan is None and getattr(policy, "needs_context", False)
+        previous = None  # the previous exit's log-probabilities of the utterances still running
         for k in range(self.num_exits):
             if plan is not None:
                 stop = plan[active] == k
@@ -315,13 +352,15 @@ class EarlyExitONNX:
             while done <= k:
                 x = self._run_segment(done, x, frames, pos)
                 done += 1
-            log_probs = self._run_head(k, x)
-            if plan is None:
-                stop = (
-                    np.ones(len(active), bool)
-                    if k == self.num_exits - 1
-                    else np.asarray(policy(k, log_probs, frames), bool)
-                )
+            last = k == self.num_exits - 1
+            if context and not last:
+                log_probs, hidden = self._run_head_states(k, x)
+                stop = np.asarray(policy(k, log_probs, frames, hidden=hidden, previous=previous), bool)
+                previous = log_probs
+            else:
+                log_probs = self._run_head(k, x)
+                if plan is None:
+                    stop = np.ones(len(active), bool) if last else np.asarray(policy(k, log_probs, frames), bool)
             for i in np.flatnonzero(stop):
                 out[int(active[i])] = log_probs[i, : int(frames[i])]
                 exits[int(active[i])] = k
@@ -332,6 +371,8 @@ class EarlyExitONNX:
                 frames, active = frames[keep], active[keep]
                 t_old, t_new = x.shape[1], int(frames.max())
                 x = np.ascontiguousarray(x[keep, :t_new])
+                if previous is not None:
+                    previous = previous[keep, :t_new]
                 if pos is not None:  # relative positions of t_new frames: the middle of those of t_old
                     pos = np.ascontiguousarray(pos[:, t_old - t_new : t_old + t_new - 1])
         layers = np.array([self.exit_layers[int(k)] for k in exits], dtype=np.int64)

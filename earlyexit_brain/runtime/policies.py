@@ -11,7 +11,11 @@ running and their valid frames ``(B,)``, and says which stop there (``(B,)`` boo
 * ``posterior_greedy``: mean (or geometric mean) over the frames of the best token's
   posterior, stop when ``>= threshold``;
 * ``budget``: the deepest exit whose latency in the runtime's latency table fits
-  ``threshold`` ms (the first exit when none fits).
+  ``threshold`` ms (the first exit when none fits);
+* ``learned``: the learned exit controller's probability that stopping costs no word error
+  (:func:`controller_features`, :func:`controller_probability`, the weights of the policy
+  bundle), stop when ``>= threshold``; it also reads the exit's encoder states and the previous
+  exit's log-probabilities (:attr:`RuntimePolicy.needs_context`).
 
 The N-best ``posterior`` policy needs a CTC beam search, which the runtime does not have.
 """
@@ -21,8 +25,10 @@ from typing import Dict, List, Optional, Sequence
 
 import numpy as np
 
+from ..policy_bundle import CONTROLLER_STATISTICS, ControllerWeights
+
 #: Policies the runtime runs.
-RUNTIME_POLICIES = ("fixed", "entropy", "posterior_greedy", "budget")
+RUNTIME_POLICIES = ("fixed", "entropy", "posterior_greedy", "budget", "learned")
 
 
 def _mask(frames: np.ndarray, t: int) -> np.ndarray:
@@ -53,6 +59,88 @@ def greedy_posterior_score(log_probs: np.ndarray, frames: np.ndarray, form: str 
     if form == "mean":
         return (np.exp(best) * mask).sum(1) / mask.sum(1)
     return np.exp((best * mask).sum(1) / mask.sum(1))
+
+
+def _greedy_tokens(best: np.ndarray, blank_index: int) -> List[int]:
+    """The greedy CTC hypothesis (repeats merged, blanks dropped) of one utterance's best tokens."""
+    if best.size == 0:
+        return []
+    merged = best[np.concatenate([[True], best[1:] != best[:-1]])]
+    return [int(i) for i in merged if i != blank_index]
+
+
+def controller_features(
+    hidden: np.ndarray,
+    log_probs: np.ndarray,
+    frames: np.ndarray,
+    previous: Optional[np.ndarray] = None,
+    blank_index: int = 0,
+) -> np.ndarray:
+    """The learned controller's features ``(B, 9 + D)`` (float32) at one exit, as
+    :func:`earlyexit_brain.controller.exit_features`: the statistics of
+    :data:`~earlyexit_brain.policy_bundle.CONTROLLER_STATISTICS` over the valid frames, then the
+    exit's encoder states ``hidden`` ``(B, T, D)`` averaged over them.
+
+    ``log_probs`` are the exit's ``(B, T, V)``, ``frames`` the valid frames ``(B,)``,
+    ``previous`` the previous exit's log-probabilities ``(B, T', V)`` with ``T' >= T`` (extra
+    frames are padding) or its best tokens ``(B, T')``; None at the first exit (which agrees
+    with itself).
+    """
+    b, t, v = log_probs.shape
+    lp = np.asarray(log_probs, np.float32)
+    frames = np.clip(np.asarray(frames).astype(np.int64), 1, t)
+    mask = _mask(frames, t)
+    n = frames.astype(np.float32)
+
+    def mean(x):
+        return (x * mask).sum(1) / n
+
+    best = lp.argmax(-1)
+    best_lp = np.take_along_axis(lp, best[..., None], -1)[..., 0]
+    best_p = np.exp(best_lp)
+    entropy = -(np.exp(lp) * lp).sum(-1) / np.float32(math.log(v))
+    if previous is None:
+        prev = best
+    else:
+        previous = np.asarray(previous)
+        prev = (previous.argmax(-1) if previous.ndim == 3 else previous)[:, :t]
+    voiced = ((best != blank_index) | (prev != blank_index)).astype(np.float32) * mask
+    agree = ((best == prev).astype(np.float32) * voiced).sum(1)
+    count = voiced.sum(1)
+    frame_agreement = np.where(count > 0, agree / np.maximum(count, 1), np.float32(1))
+    tokens, same = np.zeros(b, np.float32), np.zeros(b, np.float32)
+    for i in range(b):
+        hyp = _greedy_tokens(best[i, : frames[i]], blank_index)
+        tokens[i] = len(hyp)
+        same[i] = float(hyp == _greedy_tokens(prev[i, : frames[i]], blank_index))
+    stats = np.stack(
+        [
+            mean(entropy),
+            mean(best_p),
+            mean(best_lp),
+            np.where(mask > 0, best_p, np.float32(1)).min(1),
+            mean((best == blank_index).astype(np.float32)),
+            tokens / n,
+            frame_agreement,
+            same,
+            np.log(n),
+        ],
+        1,
+    ).astype(np.float32)
+    assert stats.shape[1] == len(CONTROLLER_STATISTICS)
+    pooled = (np.asarray(hidden, np.float32) * mask[:, :, None]).sum(1) / n[:, None]
+    return np.concatenate([stats, pooled.astype(np.float32)], 1)
+
+
+def controller_probability(weights: ControllerWeights, exit_index: int, features: np.ndarray) -> np.ndarray:
+    """``P(no extra word error if stopping here)`` ``(B,)`` (float32) at ``exit_index`` (0-based,
+    not the last), as :func:`earlyexit_brain.controller.controller_probability` (float64 inside)."""
+    est = weights.exits[exit_index]
+    z = (np.asarray(features, np.float64) - np.asarray(est["mean"], np.float64)) / np.asarray(est["scale"], np.float64)
+    if weights.hidden_units:
+        z = np.tanh(z @ np.asarray(est["w1"], np.float64).T + np.asarray(est["b1"], np.float64))
+    logit = z @ np.asarray(est["weight"], np.float64) + float(est["bias"])
+    return np.exp(-np.logaddexp(0.0, -logit)).astype(np.float32)  # sigmoid without overflow
 
 
 def check_threshold(name: str, threshold, low: float, high: float) -> float:
@@ -104,8 +192,11 @@ def fit_latency(points: List[Dict]) -> Dict:
 
 
 class RuntimePolicy:
-    """``policy(exit_index, log_probs, frames, durations) -> (B,) bool``; ``planned_exits`` for
-    the policies that choose every exit before any layer runs (None otherwise)."""
+    """``policy(exit_index, log_probs, frames) -> (B,) bool``; ``planned_exits`` for the policies
+    that choose every exit before any layer runs (None otherwise). A policy with
+    :attr:`needs_context` (``learned``) is also called with ``hidden=`` the exit's encoder states
+    ``(B, T, D)`` and ``previous=`` the previous exit's log-probabilities of the same utterances
+    (None at the first exit)."""
 
     def __init__(
         self,
@@ -113,10 +204,17 @@ class RuntimePolicy:
         threshold: Optional[float] = None,
         exit_index: Optional[int] = None,
         table: Optional[RuntimeLatencyTable] = None,
+        controller: Optional[ControllerWeights] = None,
         **options,
     ):
         self.name, self.threshold, self.exit_index, self.table = name, threshold, exit_index, table
+        self.controller = controller
         self.options = options
+
+    @property
+    def needs_context(self) -> bool:
+        """Whether the policy also reads the exit's encoder states and the previous exit."""
+        return self.name == "learned"
 
     def planned_exits(self, durations: np.ndarray, num_exits: int) -> Optional[np.ndarray]:
         if self.name == "fixed":
@@ -128,9 +226,36 @@ class RuntimePolicy:
             return np.minimum(chosen, num_exits - 1)
         return None
 
-    def __call__(self, exit_index: int, log_probs: np.ndarray, frames: np.ndarray) -> np.ndarray:
+    def score(
+        self,
+        exit_index: int,
+        log_probs: np.ndarray,
+        frames: np.ndarray,
+        hidden: Optional[np.ndarray] = None,
+        previous: Optional[np.ndarray] = None,
+    ) -> np.ndarray:
+        """The learned controller's probabilities ``(B,)`` at ``exit_index`` (0-based, not the last)."""
+        if hidden is None:
+            raise ValueError("the learned policy needs the exit's encoder states (hidden=)")
+        if not 0 <= exit_index < len(self.controller.exits):
+            raise ValueError(
+                f"the learned controller decides at exits 1..{len(self.controller.exits)}, not {exit_index + 1}"
+            )
+        feats = controller_features(hidden, log_probs, frames, previous, self.controller.blank_index)
+        return controller_probability(self.controller, exit_index, feats)
+
+    def __call__(
+        self,
+        exit_index: int,
+        log_probs: np.ndarray,
+        frames: np.ndarray,
+        hidden: Optional[np.ndarray] = None,
+        previous: Optional[np.ndarray] = None,
+    ) -> np.ndarray:
         if self.name == "entropy":
             return entropy_score(log_probs, frames, self.options.get("normalize", True)) <= self.threshold
+        if self.name == "learned":
+            return self.score(exit_index, log_probs, frames, hidden, previous) >= self.threshold
         return greedy_posterior_score(log_probs, frames, self.options.get("form", "mean")) >= self.threshold
 
     def describe(self) -> Dict:
@@ -146,10 +271,11 @@ def make_runtime_policy(
     num_exits: int = 1,
     table: Optional[RuntimeLatencyTable] = None,
     vocab_size: Optional[int] = None,
+    controller: Optional[ControllerWeights] = None,
     **options,
 ) -> RuntimePolicy:
-    """Build a runtime policy by name (``exit`` 1-based, ``threshold`` in ms for ``budget``);
-    errors name the argument at fault."""
+    """Build a runtime policy by name (``exit`` 1-based, ``threshold`` in ms for ``budget``,
+    ``controller`` the weights of the ``learned`` policy); errors name the argument at fault."""
     if name == "posterior":
         raise ValueError(
             "policy: the N-best 'posterior' policy needs a CTC beam search, which the ONNX "
@@ -161,12 +287,29 @@ def make_runtime_policy(
         if exit is None:
             raise ValueError("exit: the fixed policy needs an exit number")
         return RuntimePolicy(name, exit_index=check_exit(exit, num_exits) - 1)
+    if name == "learned" and controller is None:
+        raise ValueError(
+            "policy: the learned policy needs a learned exit controller, and this model has none "
+            "(its policies.json holds no 'controller'; train one with the recipe's exit_controller: True, "
+            "see docs/exit_policies.md)"
+        )
     if threshold is None:
         raise ValueError(f"threshold: the {name} policy needs a threshold")
     if name == "budget":
         if table is None:
             raise ValueError("the budget policy needs a latency table (latency_table.json in the onnx folder)")
         return RuntimePolicy(name, check_threshold(name, threshold, 1e-9, float("inf")), table=table)
+    if name == "learned":
+        if not isinstance(controller, ControllerWeights):
+            raise ValueError(f"controller: the learned policy needs ControllerWeights, got {type(controller).__name__}")
+        if controller.num_exits != num_exits:
+            raise ValueError(
+                f"controller: the learned exit controller was trained for {controller.num_exits} exits, "
+                f"the model has {num_exits}"
+            )
+        if options:
+            raise ValueError(f"options: unknown learned option(s) {sorted(options)}")
+        return RuntimePolicy(name, check_threshold(name, threshold, 0.0, 1.0), controller=controller)
     if name == "entropy":
         unknown = set(options) - {"normalize"}
         normalize = bool(options.get("normalize", True))

@@ -1,6 +1,7 @@
 """ONNX export of the exits and the runtime without PyTorch (earlyexit_brain.onnx_export,
 earlyexit_brain.runtime): the smoke model of conftest.py exported once for the module."""
 
+import copy
 import json
 import os
 import shutil
@@ -10,25 +11,43 @@ import sys
 import numpy as np
 import onnx
 import pytest
+import soundfile as sf
 import torch
 import torchaudio
 
 from earlyexit_brain import transcribe
+from earlyexit_brain.controller import controller_probability as torch_probability
+from earlyexit_brain.controller import exit_features
 from earlyexit_brain.files import NotOurFolderError
 from earlyexit_brain.onnx_export import (
+    _export,
     check_agreement,
     ExportMismatchError,
     export_onnx_folder,
+    HeadGraph,
+    pad_batch,
     runtime_default_policy,
     torch_exit_log_probs,
 )
+from earlyexit_brain.inference import EarlyExitASR
 from earlyexit_brain.policies import EntropyPolicy, GreedyPosteriorPolicy
 from earlyexit_brain.runtime import EarlyExitONNX
 from earlyexit_brain.runtime.audio import resample
 from earlyexit_brain.runtime.model import sha256_file
-from earlyexit_brain.runtime.policies import entropy_score, greedy_posterior_score, RuntimeLatencyTable, RuntimePolicy
+from earlyexit_brain.runtime.policies import (
+    controller_features,
+    controller_probability,
+    entropy_score,
+    greedy_posterior_score,
+    RuntimeLatencyTable,
+    RuntimePolicy,
+)
+from signals import SR, tone  # tests/unit/signals.py
+from test_controller import random_weights  # tests/unit/test_controller.py
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+D = 32  # the smoke model's d_model
+B, T = torch.export.Dim("batch"), torch.export.Dim("frames")  # a head graph's dynamic axes
 
 
 @pytest.fixture(scope="module")
@@ -218,6 +237,190 @@ def test_stopped_utterances_leave_the_batch(onnx_folder):
     assert results[1].text == alone.text
 
 
+# ---------------------------------------------------------------- the learned policy
+CONTROLLER = random_weights(num_exits=3, hidden_size=D, hidden_units=4, seed=2, scale=2.0)
+
+
+def learned_bundle(policies) -> dict:
+    """A stored bundle with :data:`CONTROLLER` and a calibrated learned threshold."""
+    data = policies.to_json()
+    data["thresholds"] = {**data["thresholds"], "learned": 0.5}
+    return {**data, "controller": CONTROLLER.to_json()}
+
+
+@pytest.fixture(scope="module")
+def controller_folder(folder, asr, tmp_path_factory):
+    """conftest's inference folder with a random controller in its policy bundle."""
+    out = tmp_path_factory.mktemp("learned") / "inference"
+    shutil.copytree(folder, out)
+    with open(out / "exit_policies.ckpt", "w") as fout:
+        json.dump(learned_bundle(asr.policies), fout)
+    return str(out)
+
+
+@pytest.fixture(scope="module")
+def learned_onnx(onnx_folder, asr, tmp_path_factory):
+    """The module's export with the same bundle as policies.json (what the export writes from
+    exit_policies.ckpt: see test_manifest_lists_exits_graphs_and_every_file)."""
+    dest = tmp_path_factory.mktemp("learned_onnx") / "onnx"
+    shutil.copytree(onnx_folder, dest)
+    with open(dest / "policies.json", "w") as fout:
+        json.dump(learned_bundle(asr.policies), fout)
+    rewrite_sha(dest, "policies.json")
+    return str(dest)
+
+
+@pytest.fixture(scope="module")
+def learned_asr(controller_folder):
+    return EarlyExitASR.from_hparams(source=controller_folder)
+
+
+@pytest.fixture(scope="module")
+def learned_runtime(learned_onnx):
+    return EarlyExitONNX.from_folder(learned_onnx, threads=1)
+
+
+@pytest.fixture(scope="module")
+def utterances(tmp_path_factory):
+    d = tmp_path_factory.mktemp("learned_audio")
+    out = []
+    for i, seconds in enumerate((1.2, 0.6, 2.0, 0.9, 1.5, 0.7, 1.1)):
+        path = str(d / f"u{i}.wav")
+        sf.write(path, tone(seconds, freq=150.0 + 60 * i, amp=0.1 + 0.05 * i, seed=i), SR)
+        out.append(path)
+    return out
+
+
+def test_the_heads_give_the_normalised_states(learned_onnx, learned_runtime):
+    assert learned_runtime.policies.controller == CONTROLLER
+    assert learned_runtime.hidden_size == D and learned_runtime.heads_give_states
+    manifest = json.load(open(os.path.join(learned_onnx, "manifest.json")))
+    for precision in ("fp32", "int8"):
+        heads = manifest["precisions"][precision]["heads"]
+        assert [o["name"] for o in heads[0]["outputs"]] == ["log_probs", "hidden"]
+        assert heads[0]["outputs"][1]["shape"] == ["batch", heads[0]["inputs"][0]["shape"][1], D]
+
+
+@torch.no_grad()
+def test_the_runtime_features_equal_pytorch_at_every_exit(learned_onnx, learned_asr, utterances, tmp_path):
+    """The heads' ``hidden`` are the normalised states that ``advance`` gives (the segments' output is
+    not: with exit norms that are not the identity, as after training, the features would differ)."""
+    model = copy.deepcopy(learned_asr.model)
+    gen = torch.Generator().manual_seed(5)
+    for norm in model.encoder.exit_norms[:2]:
+        for name, param in norm.named_parameters():  # the scale around 1, the shift around 0
+            param.copy_(float(name.endswith("weight")) + 0.5 * torch.randn(param.shape, generator=gen))
+    dest = copy_of(learned_onnx, tmp_path)
+    x = torch.randn(2, 7, D, generator=gen)
+    for k in range(2):  # heads with these norms
+        name = f"fp32/head_{k + 1}.onnx"
+        _export(HeadGraph(model, k), (x,), str(dest / name), ["x"], ["log_probs", "hidden"], ({0: B, 1: T},), 18)
+        rewrite_sha(dest, name)
+    runtime = EarlyExitONNX.from_folder(dest, threads=1)
+    wavs, lens = pad_batch([runtime.load_checked(p) for p in utterances[:4]])
+    w, rel = torch.from_numpy(wavs), torch.from_numpy(lens)
+    state = model.encoder.start(model.features(w, rel), rel)
+    x, frames, pos = runtime._run_front(wavs, lens)
+    ref_prev = ours_prev = None
+    for k in range(2):
+        hidden = model.encoder.advance(state, k)
+        lp = model.heads.forward_exit(k, hidden)
+        ref = exit_features(hidden, lp, state.frames, ref_prev, 0)
+        x = runtime._run_segment(k, x, frames, pos)
+        ours_lp, ours_hidden = runtime._run_head_states(k, x)
+        ours = controller_features(ours_hidden, ours_lp, frames, ours_prev, 0)
+        np.testing.assert_allclose(ours, ref.numpy(), atol=1e-4)
+        np.testing.assert_allclose(
+            controller_probability(CONTROLLER, k, ours), torch_probability(CONTROLLER, k, ref).numpy(), atol=1e-4
+        )
+        assert np.abs(controller_features(x, ours_lp, frames, ours_prev, 0) - ours).max() > 0.1
+        ref_prev, ours_prev = lp, ours_lp
+
+
+def test_learned_exits_and_texts_equal_pytorch(learned_runtime, learned_asr, utterances):
+    policy = learned_asr.make_policy("learned", threshold=0.5)
+    # thresholds between the utterances' exit-1 probabilities (each alone) send them to different exits
+    probs = []
+    for path in utterances:
+        wav = torch.from_numpy(learned_runtime.load_checked(path))[None]
+        model = learned_asr.model
+        with torch.no_grad():
+            state = model.encoder.start(model.features(wav, torch.ones(1)), torch.ones(1))
+            hidden = model.encoder.advance(state, 0)
+            probs.append(float(policy.score(model.heads.forward_exit(0, hidden), torch.ones(1), 0, hidden)[0]))
+    ranked = sorted(probs)
+    middles = [(a + c) / 2 for a, c in zip(ranked, ranked[1:]) if c - a > 1e-3]
+    thresholds = [0.0, 0.5, 1.0] + middles[:: max(1, len(middles) // 3)]
+    spread = 0
+    for threshold in thresholds:
+        ours = learned_runtime.transcribe_files(utterances, policy="learned", threshold=threshold)
+        theirs = learned_asr.transcribe_files(utterances, policy="learned", threshold=threshold)
+        assert [(r.text, r.exit, r.layers) for r in ours] == [(r.text, r.exit, r.layers) for r in theirs], threshold
+        spread = max(spread, len({r.exit for r in ours}))
+    assert spread >= 2  # some threshold sent the utterances to different exits
+    default = learned_runtime.transcribe_files(utterances, policy="learned")  # the stored threshold, 0.5
+    assert [r.exit for r in default] == [r.exit for r in learned_asr.transcribe_files(utterances, policy="learned")]
+
+
+def test_learned_utterances_leave_the_batch_and_no_segment_runs_beyond(learned_runtime, utterances):
+    runtime = learned_runtime
+    runtime.runs = {"front": 0, "segments": [0, 0, 0], "heads": [0, 0, 0]}
+    first = runtime.transcribe_files(utterances, policy="learned", threshold=0.0)
+    assert {r.exit for r in first} == {1}
+    assert runtime.runs["segments"] == [1, 0, 0] and runtime.runs["heads"] == [1, 0, 0]
+    seen = []
+
+    class Spy:  # stops the longest utterance still running at each exit
+        needs_context = True
+
+        def planned_exits(self, durations, num_exits):
+            return None
+
+        def __call__(self, k, log_probs, frames, hidden=None, previous=None):
+            seen.append((log_probs.shape, hidden.shape, None if previous is None else previous.shape))
+            return np.arange(len(frames)) == int(np.argmax(frames))
+
+    wavs, lens = pad_batch([runtime.load_checked(p) for p in utterances[:4]])
+    _, exits, _ = runtime.run_dynamic(wavs, lens, Spy())
+    assert exits.tolist() == [1, 2, 0, 2]  # 1.2, 0.6, 2.0 and 0.9 s
+    (lp0, h0, p0), (lp1, h1, p1) = seen
+    assert p0 is None and h0 == lp0[:2] + (D,)
+    assert lp1[0] == 3 and lp1[1] < lp0[1]  # the longest left: the batch's time axis was cut
+    assert h1 == lp1[:2] + (D,) and p1 == lp1  # the previous exit's, re-indexed and cut to the current length
+
+
+def copy_with_policies(onnx_folder, tmp_path, change):
+    dest = copy_of(onnx_folder, tmp_path)
+    data = json.load(open(dest / "policies.json"))
+    change(data)
+    json.dump(data, open(dest / "policies.json", "w"))
+    rewrite_sha(dest, "policies.json")
+    return dest
+
+
+@pytest.mark.parametrize(
+    "num_exits, hidden_size, message",
+    [(3, 16, "3 exits and 16-dimensional"), (2, D, f"2 exits and {D}-dimensional")],
+)
+def test_a_controller_for_another_model_is_refused(learned_onnx, tmp_path, num_exits, hidden_size, message):
+    wrong = random_weights(num_exits=num_exits, hidden_size=hidden_size)
+    dest = copy_with_policies(learned_onnx, tmp_path, lambda data: data.update(controller=wrong.to_json()))
+    with pytest.raises(ValueError, match=rf"policies.json: its learned exit controller was trained for {message}"):
+        EarlyExitONNX.from_folder(dest)
+
+
+def test_without_a_controller_or_the_heads_states_learned_is_refused(learned_onnx, learned_runtime, tmp_path):
+    dest = copy_with_policies(learned_onnx, tmp_path, lambda data: data.pop("controller"))
+    runtime = EarlyExitONNX.from_folder(dest)
+    with pytest.raises(ValueError, match="policy: the learned policy needs a learned exit controller"):
+        runtime.make_policy("learned", threshold=0.5)
+    runtime.make_policy("entropy")  # the others still run
+    old = EarlyExitONNX.from_folder(learned_onnx)
+    old.heads_give_states = False  # as an export made before the heads gave their states
+    with pytest.raises(ValueError, match="export the model again"):
+        old.make_policy("learned")
+
+
 # ---------------------------------------------------------------- without PyTorch
 BLOCKER = """
 import importlib.abc, sys
@@ -230,7 +433,8 @@ sys.meta_path.insert(0, Block())
 """
 
 
-def test_the_runtime_runs_with_torch_blocked(onnx_folder, audio):
+def test_the_runtime_runs_with_torch_blocked(onnx_folder, learned_onnx, learned_runtime, utterances, audio):
+    learned = [r.exit for r in learned_runtime.transcribe_files(utterances, policy="learned")]
     code = (
         BLOCKER
         + f"""
@@ -239,7 +443,9 @@ from earlyexit_brain.runtime import EarlyExitONNX
 asr = EarlyExitONNX.from_folder({onnx_folder!r}, threads=1)
 r = asr.transcribe_file({audio["stereo8k"]!r}, policy="entropy")
 bad = asr.transcribe_files([{audio["a"]!r}, {audio["silent"]!r}])
+learned = EarlyExitONNX.from_folder({learned_onnx!r}, threads=1).transcribe_files({utterances!r}, policy="learned")
 print(json.dumps({{"exit": r.exit, "text": r.text, "errors": [b.error is not None for b in bad],
+                  "learned": [r.exit for r in learned],
                   "loaded": sorted(m for m in sys.modules if m.split(".")[0] in BLOCKED)}}))
 sys.argv = ["x", {onnx_folder!r}, {audio["a"]!r}, "--exit", "2", "--threads", "1"]
 runpy.run_module("earlyexit_brain.runtime", run_name="__main__")
@@ -250,6 +456,7 @@ runpy.run_module("earlyexit_brain.runtime", run_name="__main__")
     lines = proc.stdout.strip().splitlines()
     result = json.loads(lines[0])
     assert result["loaded"] == [] and result["exit"] in (1, 2, 3) and result["errors"] == [False, True]
+    assert result["learned"] == learned  # the learned policy's numpy features and estimator
     assert "exit 2 (4 layers)" in lines[1]
 
 

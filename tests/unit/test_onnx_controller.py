@@ -1,0 +1,88 @@
+"""The learned exit policy of the ONNX runtime in numpy (earlyexit_brain.runtime.policies): its
+features and estimator against the PyTorch controller's (earlyexit_brain.controller). The exported
+smoke model with a controller is tested in test_onnx.py, which exports it once."""
+
+import numpy as np
+import pytest
+import torch
+
+from earlyexit_brain.controller import controller_probability as torch_probability
+from earlyexit_brain.controller import exit_features
+from earlyexit_brain.policy_bundle import controller_probabilities, CONTROLLER_STATISTICS
+from earlyexit_brain.runtime.policies import (
+    controller_features,
+    controller_probability,
+    make_runtime_policy,
+    RUNTIME_POLICIES,
+)
+from test_controller import random_weights  # tests/unit/test_controller.py
+
+S = len(CONTROLLER_STATISTICS)
+
+
+def random_exit(gen, b, t, v, blank_bias):
+    """Peaky log-probabilities ``(B, T, V)`` with many blank frames."""
+    logits = 4 * torch.randn(b, t, v, generator=gen)
+    logits[..., 0] += blank_bias
+    return torch.log_softmax(logits, -1)
+
+
+# ---------------------------------------------------------------- numpy against PyTorch
+@pytest.mark.parametrize("hidden_units", [0, 5])
+def test_numpy_features_and_probabilities_equal_pytorch(hidden_units):
+    gen = torch.Generator().manual_seed(0)
+    b, t, v, d = 4, 13, 6, 7
+    lp = random_exit(gen, b, t, v, 2.0)
+    hidden = torch.randn(b, t, d, generator=gen)
+    frames = torch.tensor([13, 9, 4, 1])
+    for i, n in enumerate(frames.tolist()):
+        hidden[i, n:] = 100.0  # padding: must not count
+    prev_lp = random_exit(gen, b, t + 3, v, 2.0)  # the previous exit's, longer (before a trim)
+    prev_lp[0, :t] = lp[0]  # utterance 0: the same best tokens as the previous exit
+    weights = random_weights(num_exits=3, hidden_size=d, hidden_units=hidden_units, seed=1, scale=0.3)
+    cases = [None, prev_lp, prev_lp.argmax(-1)]  # first exit, log-probabilities, best tokens
+    seen = set()
+    for previous in cases:
+        ref = exit_features(hidden, lp, frames, previous, blank_index=0)
+        ours = controller_features(
+            hidden.numpy(), lp.numpy(), frames.numpy(), None if previous is None else previous.numpy(), 0
+        )
+        assert ours.dtype == np.float32 and ours.shape == (b, S + d)
+        np.testing.assert_allclose(ours, ref.numpy(), rtol=1e-5, atol=1e-5)
+        assert np.abs(ours[:, S:]).max() < 10  # the padding's 100s are not averaged in
+        seen.update(ours[:, CONTROLLER_STATISTICS.index("same_hypothesis")].tolist())
+        for k in range(2):
+            p = controller_probability(weights, k, ours)
+            assert p.dtype == np.float32 and p.shape == (b,)
+            np.testing.assert_allclose(p, torch_probability(weights, k, ref).numpy(), atol=1e-5)
+            np.testing.assert_allclose(p, controller_probabilities(weights, k, ours.tolist()), atol=1e-6)
+    assert seen == {0.0, 1.0}  # both outcomes of the hypothesis comparison were exercised
+    agreement = controller_features(hidden.numpy(), lp.numpy(), frames.numpy(), prev_lp.numpy())[:, S - 3]
+    assert agreement[0] == 1.0 and 0.0 < agreement[1] < 1.0  # the same best tokens; a partial agreement
+
+
+def test_the_estimator_saturates_without_overflow():
+    weights = random_weights(num_exits=2, hidden_size=1, scale=1e4)
+    x = np.full((2, S + 1), 1e3, np.float32)
+    x[1] *= -1
+    with np.errstate(over="raise", invalid="raise", divide="raise"):
+        p = controller_probability(weights, 0, x)
+    assert np.isfinite(p).all() and ((0 <= p) & (p <= 1)).all()
+    np.testing.assert_allclose(p, controller_probabilities(weights, 0, x.tolist()), atol=1e-6)
+
+
+def test_the_runtime_policy_needs_a_controller():
+    assert "learned" in RUNTIME_POLICIES
+    with pytest.raises(ValueError, match=r"policy: the learned policy .* this model has none"):
+        make_runtime_policy("learned", 0.5, num_exits=3)
+    weights = random_weights(num_exits=3, hidden_size=4)
+    with pytest.raises(ValueError, match=r"threshold: .* outside the learned policy's valid range"):
+        make_runtime_policy("learned", 1.5, num_exits=3, controller=weights)
+    with pytest.raises(ValueError, match="trained for 3 exits, the model has 4"):
+        make_runtime_policy("learned", 0.5, num_exits=4, controller=weights)
+    with pytest.raises(ValueError, match="unknown learned option"):
+        make_runtime_policy("learned", 0.5, num_exits=3, controller=weights, form="mean")
+    policy = make_runtime_policy("learned", 0.5, num_exits=3, controller=weights)
+    assert policy.needs_context and policy.planned_exits(np.ones(2), 3) is None
+    assert policy.describe() == {"policy": "learned", "threshold": 0.5}
+    assert not make_runtime_policy("entropy", 0.5, num_exits=3).needs_context
