@@ -132,11 +132,13 @@ def prepare(tmp_path, files, bad_audio):
 
 def test_manifest_with_bad_audio_skip_leaves_out_and_counts(tmp_path, files, caplog):
     with caplog.at_level(logging.INFO):
-        hparams, (train, valid, tests, _, audio_check) = prepare(tmp_path, files, "skip")
+        hparams, data = prepare(tmp_path, files, "skip")
+    train, audio_check = data.train, data.audio_check
     ids = {item["id"] for item in train}
     assert ids == {"good", "stereo8k", "nan", "truncated"}  # header-valid files stay
     assert audio_check["train"] == {"skipped": 4, "resampled": 1, "downmixed": 1}
     assert "audio_check" not in hparams  # returned, not written into the hparams
+    assert data.controller is None  # no controller_csv, no controller set
     assert "4 utterance(s) with bad audio left out" in caplog.text
     assert "zero_bytes.wav: zero-byte file" in caplog.text
     stereo = next(item for item in train if item["id"] == "stereo8k")
