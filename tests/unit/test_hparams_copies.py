@@ -138,12 +138,21 @@ COPIES = [
             "exit_distillation_weight",
             "exit_distillation_from_epoch",
             "loss",
+            "controller_csv",
+            "exit_controller",
         ],
-    ),  # one exit: nothing to distil
+    ),  # one exit: nothing to distil, no exit to choose
     (
         "synthetic/conformer_ctc_ee.yaml",
         "synthetic/conformer_aed_ee.yaml",
-        ["output_folder", "output_neurons", "exit_distillation_weight", "exit_distillation_from_epoch", *DECODER_KEYS],
+        [
+            "output_folder",
+            "output_neurons",
+            "exit_distillation_weight",
+            "exit_distillation_from_epoch",
+            "exit_controller",  # the attention beam search over the controller's utterances: opt-in
+            *DECODER_KEYS,
+        ],
     ),
     (
         "synthetic/conformer_ctc_ee.yaml",
@@ -170,6 +179,7 @@ COPIES = [
             "decoder_nhead",
             "decoder_d_ffn",
             "opt_class",
+            "exit_controller",
         ],
     ),
 ]
@@ -197,14 +207,28 @@ POLICY_KEYS = [
     "entropy_normalize",
     "posterior_greedy_form",
     "latency_durations",
+    "exit_controller",
+    "controller_hidden_units",
+    "controller_weight_decay",
 ]
 #: Per recipe, the exit-policy keys that differ from hparams/synthetic/conformer_ctc_ee.yaml's.
 POLICY_DIFFERENCES = {
-    "librispeech/conformer_ctc_single.yaml": ["policy_evaluation"],  # one exit: nothing to choose
-    "synthetic/conformer_ctc_single.yaml": ["policy_evaluation"],
+    "librispeech/conformer_ctc_single.yaml": ["policy_evaluation", "exit_controller"],  # one exit: nothing to choose
+    "synthetic/conformer_ctc_single.yaml": ["policy_evaluation", "exit_controller"],
+    "synthetic/conformer_aed_ee.yaml": ["exit_controller"],  # opt-in: an attention beam search per utterance
     "synthetic/smoke.yaml": ["sweep_points", "latency_durations"],  # quick
     "synthetic/smoke_aed.yaml": ["sweep_points", "latency_durations"],
     "synthetic/wav2vec2_ctc_ee.yaml": ["sweep_points", "latency_durations"],
+    # real corpora: no held-out set of their own for the controller (docs/exit_policies.md)
+    **{
+        f"{corpus}/{name}.yaml": ["exit_controller"]
+        for corpus, names in {
+            "librispeech": ["conformer_aed_ee", "conformer_ctc_ee", "hubert_ctc_ee", "splitformer_ctc_ee"]
+            + ["wav2vec2_ctc_ee", "wavlm_ctc_ee"],
+            "tedlium": ["conformer_ctc_ee"],
+        }.items()
+        for name in names
+    },
 }
 
 
