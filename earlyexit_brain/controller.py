@@ -23,23 +23,26 @@ What it reads at exit ``k`` (:func:`exit_features`, ``F = 9 + D`` values per utt
 The estimator (:class:`~earlyexit_brain.policy_bundle.ControllerWeights`) is one logistic
 regression per exit on the standardised features, or with ``hidden_units`` > 0 one ``tanh``
 hidden layer; it is a few kilobytes, stored as JSON in the model's policy bundle (no pickle).
+The features and the estimator's output are computed by :mod:`earlyexit_brain.controller_numpy`
+(numpy: the ONNX runtime uses the same functions); this module fits the estimator in PyTorch.
 """
 
 import logging
 import math
 from typing import Dict, List, Optional, Sequence
 
+import numpy as np
 import torch
 
+from .controller_numpy import controller_features, controller_probability as numpy_probability
 from .policy_bundle import CONTROLLER_STATISTICS, ControllerWeights
 
 logger = logging.getLogger(__name__)
 
 
-def _greedy(tokens: torch.Tensor, blank_index: int) -> List[int]:
-    """The greedy CTC hypothesis (repeats merged, blanks dropped) of one utterance's best tokens."""
-    merged = torch.unique_consecutive(tokens)
-    return merged[merged != blank_index].tolist()
+def _host(x: torch.Tensor) -> np.ndarray:
+    x = x.detach()
+    return (x.float() if x.is_floating_point() else x).cpu().numpy()
 
 
 def exit_features(
@@ -49,7 +52,9 @@ def exit_features(
     previous: Optional[torch.Tensor] = None,
     blank_index: int = 0,
 ) -> torch.Tensor:
-    """The controller's features ``(B, F)`` at one exit (float32; the module docstring lists them).
+    """The controller's features ``(B, F)`` (float32, on ``log_probs``' device) at one exit:
+    :func:`earlyexit_brain.controller_numpy.controller_features` on the tensors' values (the
+    module docstring lists the features).
 
     Arguments
     ---------
@@ -65,60 +70,27 @@ def exit_features(
     blank_index : int
         The CTC blank's id.
     """
-    b, t, v = log_probs.shape
-    lp = log_probs.float()
-    frames = frames.to(lp.device).long().clamp(1, t)
-    mask = (torch.arange(t, device=lp.device)[None, :] < frames[:, None]).float()  # (B, T)
-    n = frames.float()
-
-    def mean(x):
-        return (x * mask).sum(1) / n
-
-    best_lp, best = lp.max(-1)  # (B, T)
-    best_p = best_lp.exp()
-    entropy = -(lp.exp() * lp).sum(-1) / math.log(v)
-    if previous is None:
-        prev = best
-    else:
-        prev = previous.argmax(-1) if previous.dim() == 3 else previous
-        prev = prev[:, :t].to(best.device)
-    voiced = ((best != blank_index) | (prev != blank_index)).float() * mask
-    agree = ((best == prev).float() * voiced).sum(1)
-    frame_agreement = torch.where(voiced.sum(1) > 0, agree / voiced.sum(1).clamp(min=1), torch.ones_like(agree))
-    same, tokens = [], []
-    for i in range(b):
-        hyp = _greedy(best[i, : int(frames[i])], blank_index)
-        tokens.append(len(hyp))
-        same.append(float(hyp == _greedy(prev[i, : int(frames[i])], blank_index)))
-    stats = torch.stack(
-        [
-            mean(entropy),
-            mean(best_p),
-            mean(best_lp),
-            torch.where(mask > 0, best_p, torch.ones_like(best_p)).min(1).values,
-            mean((best == blank_index).float()),
-            torch.tensor(tokens, dtype=torch.float32, device=lp.device) / n,
-            frame_agreement,
-            torch.tensor(same, dtype=torch.float32, device=lp.device),
-            n.log(),
-        ],
-        1,
+    feats = controller_features(
+        _host(hidden),
+        _host(log_probs),
+        _host(torch.as_tensor(frames)),
+        None if previous is None else _host(previous),
+        blank_index,
     )
-    assert stats.shape[1] == len(CONTROLLER_STATISTICS)
-    pooled = (hidden.float() * mask[:, :, None]).sum(1) / n[:, None]
-    return torch.cat([stats, pooled], 1)
+    return torch.from_numpy(feats).to(log_probs.device)
 
 
-def controller_probability(weights: ControllerWeights, exit_index: int, features: torch.Tensor) -> torch.Tensor:
-    """``P(no extra word error if stopping here)`` ``(B,)`` at ``exit_index`` (0-based, not the last)."""
-    est = weights.exits[exit_index]
-    x = features.double()
-    z = (x - torch.tensor(est["mean"], dtype=torch.float64)) / torch.tensor(est["scale"], dtype=torch.float64)
-    if weights.hidden_units:
-        z = torch.tanh(
-            z @ torch.tensor(est["w1"], dtype=torch.float64).T + torch.tensor(est["b1"], dtype=torch.float64)
-        )
-    return torch.sigmoid(z @ torch.tensor(est["weight"], dtype=torch.float64) + est["bias"]).float()
+def controller_probability(
+    weights: ControllerWeights,
+    exit_index: int,
+    features: torch.Tensor,
+    arrays: Optional[List[Dict[str, np.ndarray]]] = None,
+) -> torch.Tensor:
+    """``P(no extra word error if stopping here)`` ``(B,)`` (float32, on the CPU) at ``exit_index``
+    (0-based, not the last): :func:`earlyexit_brain.controller_numpy.controller_probability`;
+    ``arrays``: :func:`~earlyexit_brain.controller_numpy.estimator_arrays` of ``weights`` when the
+    caller keeps them."""
+    return torch.from_numpy(numpy_probability(weights, exit_index, _host(features), arrays))
 
 
 def stop_labels(errors: torch.Tensor) -> torch.Tensor:

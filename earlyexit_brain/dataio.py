@@ -185,6 +185,17 @@ class DataOptions(Options):
             raise ConfigError("key 'max_batch_length_train' is needed with dynamic_batching")
         if not self.dynamic_batching and self.batch_size is None:
             raise ConfigError("key 'batch_size' is needed without dynamic_batching")
+        if self.controller_csv is not None:
+            others = {"train_csv": self.train_csv, "valid_csv": self.valid_csv}
+            others.update({f"test_csv.{name}": path for name, path in self.test_csv.items()})
+            same = [
+                key for key, path in others.items() if os.path.abspath(path) == os.path.abspath(self.controller_csv)
+            ]
+            if same:
+                raise ConfigError(
+                    f"key 'controller_csv': {self.controller_csv} is also {same[0]}; the exit controller is "
+                    "trained on held-out utterances that are neither trained on, nor dev, nor a test set"
+                )
 
 
 class PreparedData(NamedTuple):

@@ -33,6 +33,7 @@ from typing import Dict, List, Optional, Sequence
 import torch
 
 from .controller import controller_probability, exit_features
+from .controller_numpy import estimator_arrays
 from .latency import LatencyTable
 from .policy_bundle import ControllerWeights
 from .utils import frame_mask, valid_frames
@@ -219,6 +220,7 @@ class LearnedPolicy(ConfidencePolicy):
         if not isinstance(weights, ControllerWeights):
             raise ValueError(f"the learned policy needs ControllerWeights, got {type(weights).__name__}")
         self.weights = weights
+        self._arrays = estimator_arrays(weights)
         super().__init__(threshold)
 
     def score(self, log_probs, lengths, exit_index=None, hidden=None, previous=None):
@@ -232,7 +234,7 @@ class LearnedPolicy(ConfidencePolicy):
             )
         frames = valid_frames(log_probs, lengths)
         feats = exit_features(hidden, log_probs, frames, previous, self.weights.blank_index)
-        return controller_probability(self.weights, exit_index, feats.cpu())
+        return controller_probability(self.weights, exit_index, feats, self._arrays)
 
     def __call__(self, exit_index, log_probs, lengths, durations=None, hidden=None, previous=None):
         return self.stops(self.score(log_probs, lengths, exit_index, hidden, previous))

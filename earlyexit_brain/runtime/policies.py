@@ -25,7 +25,8 @@ from typing import Dict, List, Optional, Sequence
 
 import numpy as np
 
-from ..policy_bundle import CONTROLLER_STATISTICS, ControllerWeights
+from ..controller_numpy import controller_features, controller_probability, estimator_arrays
+from ..policy_bundle import ControllerWeights
 
 #: Policies the runtime runs.
 RUNTIME_POLICIES = ("fixed", "entropy", "posterior_greedy", "budget", "learned")
@@ -59,88 +60,6 @@ def greedy_posterior_score(log_probs: np.ndarray, frames: np.ndarray, form: str 
     if form == "mean":
         return (np.exp(best) * mask).sum(1) / mask.sum(1)
     return np.exp((best * mask).sum(1) / mask.sum(1))
-
-
-def _greedy_tokens(best: np.ndarray, blank_index: int) -> List[int]:
-    """The greedy CTC hypothesis (repeats merged, blanks dropped) of one utterance's best tokens."""
-    if best.size == 0:
-        return []
-    merged = best[np.concatenate([[True], best[1:] != best[:-1]])]
-    return [int(i) for i in merged if i != blank_index]
-
-
-def controller_features(
-    hidden: np.ndarray,
-    log_probs: np.ndarray,
-    frames: np.ndarray,
-    previous: Optional[np.ndarray] = None,
-    blank_index: int = 0,
-) -> np.ndarray:
-    """The learned controller's features ``(B, 9 + D)`` (float32) at one exit, as
-    :func:`earlyexit_brain.controller.exit_features`: the statistics of
-    :data:`~earlyexit_brain.policy_bundle.CONTROLLER_STATISTICS` over the valid frames, then the
-    exit's encoder states ``hidden`` ``(B, T, D)`` averaged over them.
-
-    ``log_probs`` are the exit's ``(B, T, V)``, ``frames`` the valid frames ``(B,)``,
-    ``previous`` the previous exit's log-probabilities ``(B, T', V)`` with ``T' >= T`` (extra
-    frames are padding) or its best tokens ``(B, T')``; None at the first exit (which agrees
-    with itself).
-    """
-    b, t, v = log_probs.shape
-    lp = np.asarray(log_probs, np.float32)
-    frames = np.clip(np.asarray(frames).astype(np.int64), 1, t)
-    mask = _mask(frames, t)
-    n = frames.astype(np.float32)
-
-    def mean(x):
-        return (x * mask).sum(1) / n
-
-    best = lp.argmax(-1)
-    best_lp = np.take_along_axis(lp, best[..., None], -1)[..., 0]
-    best_p = np.exp(best_lp)
-    entropy = -(np.exp(lp) * lp).sum(-1) / np.float32(math.log(v))
-    if previous is None:
-        prev = best
-    else:
-        previous = np.asarray(previous)
-        prev = (previous.argmax(-1) if previous.ndim == 3 else previous)[:, :t]
-    voiced = ((best != blank_index) | (prev != blank_index)).astype(np.float32) * mask
-    agree = ((best == prev).astype(np.float32) * voiced).sum(1)
-    count = voiced.sum(1)
-    frame_agreement = np.where(count > 0, agree / np.maximum(count, 1), np.float32(1))
-    tokens, same = np.zeros(b, np.float32), np.zeros(b, np.float32)
-    for i in range(b):
-        hyp = _greedy_tokens(best[i, : frames[i]], blank_index)
-        tokens[i] = len(hyp)
-        same[i] = float(hyp == _greedy_tokens(prev[i, : frames[i]], blank_index))
-    stats = np.stack(
-        [
-            mean(entropy),
-            mean(best_p),
-            mean(best_lp),
-            np.where(mask > 0, best_p, np.float32(1)).min(1),
-            mean((best == blank_index).astype(np.float32)),
-            tokens / n,
-            frame_agreement,
-            same,
-            np.log(n),
-        ],
-        1,
-    ).astype(np.float32)
-    assert stats.shape[1] == len(CONTROLLER_STATISTICS)
-    pooled = (np.asarray(hidden, np.float32) * mask[:, :, None]).sum(1) / n[:, None]
-    return np.concatenate([stats, pooled.astype(np.float32)], 1)
-
-
-def controller_probability(weights: ControllerWeights, exit_index: int, features: np.ndarray) -> np.ndarray:
-    """``P(no extra word error if stopping here)`` ``(B,)`` (float32) at ``exit_index`` (0-based,
-    not the last), as :func:`earlyexit_brain.controller.controller_probability` (float64 inside)."""
-    est = weights.exits[exit_index]
-    z = (np.asarray(features, np.float64) - np.asarray(est["mean"], np.float64)) / np.asarray(est["scale"], np.float64)
-    if weights.hidden_units:
-        z = np.tanh(z @ np.asarray(est["w1"], np.float64).T + np.asarray(est["b1"], np.float64))
-    logit = z @ np.asarray(est["weight"], np.float64) + float(est["bias"])
-    return np.exp(-np.logaddexp(0.0, -logit)).astype(np.float32)  # sigmoid without overflow
 
 
 def check_threshold(name: str, threshold, low: float, high: float) -> float:
@@ -209,6 +128,7 @@ class RuntimePolicy:
     ):
         self.name, self.threshold, self.exit_index, self.table = name, threshold, exit_index, table
         self.controller = controller
+        self._arrays = estimator_arrays(controller) if controller is not None else None
         self.options = options
 
     @property
@@ -242,7 +162,7 @@ class RuntimePolicy:
                 f"the learned controller decides at exits 1..{len(self.controller.exits)}, not {exit_index + 1}"
             )
         feats = controller_features(hidden, log_probs, frames, previous, self.controller.blank_index)
-        return controller_probability(self.controller, exit_index, feats)
+        return controller_probability(self.controller, exit_index, feats, self._arrays)
 
     def __call__(
         self,

@@ -246,3 +246,31 @@ def test_asr_refuses_a_controller_of_another_model(controller_folder, tmp_path):
 def test_asr_without_controller_refuses_the_learned_policy(asr, audio):
     with pytest.raises(ValueError, match="no learned exit controller"):
         asr.transcribe_file(audio["a"], policy="learned", threshold=0.5)
+
+
+def test_report_shows_the_controller_size_ranking_and_decision_cost():
+    from types import SimpleNamespace
+
+    from earlyexit_brain.evaluation.run import controller_summary
+    from earlyexit_brain.report import controller_markdown
+
+    gen = torch.Generator().manual_seed(4)
+    feats = [torch.randn(60, S + 2, generator=gen) for _ in range(3)]
+    errors = torch.stack([(feats[0][:, 0] <= 0).float(), torch.zeros(60), torch.zeros(60)], 1)
+    weights = fit_controller(feats, errors, blank_index=0)
+    weights.training["held_out_wer"] = [30.0, 20.0, 10.0]
+    # the encoder takes 10 ms to exit 1 and 10 ms more to exit 2; the controller 0.1 and 0.3 ms
+    timing = SimpleNamespace(
+        ids=list(range(60)),
+        exit_ms=torch.tensor([[10.0, 20.0, 30.0]]).repeat(60, 1),
+        policy_ms={"learned": torch.tensor([[0.1, 0.3, 0.0]]).repeat(60, 1)},
+    )
+    summary = controller_summary(weights, timing, {"test": timing})
+    assert summary["parameters"] == parameter_count(weights) == 2 * (3 * (S + 2) + 1)
+    assert summary["decision_time_share"] == {"dev": [0.01, 0.03], "test": [0.01, 0.03]}
+    md = "\n".join(controller_markdown(summary))
+    assert "## Learned exit controller" in md and f"{summary['parameters']:,} parameters" in md
+    assert "trained on 60 held-out utterances (WER per exit: 30.00, 20.00, 10.00)" in md
+    free = weights.training["exits"][0]["stop_is_free"]
+    assert f"| 1 | {free:.3f} | {weights.training['exits'][0]['train_auc']:.3f} | - | - | 1.00% | 1.00% |" in md
+    assert "| 2 | 1.000 | - | - | - | 3.00% | 3.00% |" in md  # every stop free: no AUC

@@ -17,6 +17,7 @@ LAYERS = [
         "earlyexit_brain.records",
         "earlyexit_brain.checkpoints",
         "earlyexit_brain.policy_bundle",
+        "earlyexit_brain.controller_numpy",
         "earlyexit_brain.runtime",
     ],
     ["earlyexit_brain.data", "earlyexit_brain.audio_check", "earlyexit_brain.dataio"],

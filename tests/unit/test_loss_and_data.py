@@ -181,3 +181,23 @@ def test_data_options_name_a_missing_key(tmp_path, drop, message):
         DataOptions.from_hparams(hparams)
     with pytest.raises(ConfigError, match="key 'test_sets'"):
         DataOptions.from_hparams(dict(hparams, **{drop: 2}, test_sets=["other"]))
+
+
+@pytest.mark.parametrize("taken", ["b.csv", "c.csv", "a.csv"])
+def test_controller_csv_may_not_be_a_training_dev_or_test_manifest(tmp_path, taken):
+    hparams = dict(
+        data_folder=str(tmp_path),
+        train_csv=str(tmp_path / "a.csv"),
+        valid_csv=str(tmp_path / "b.csv"),
+        test_sets=["test"],
+        test_csv={"test": str(tmp_path / "c.csv")},
+        sample_rate=16000,
+        seed=1,
+        max_duration=10.0,
+        eval_batch_size=2,
+        batch_size=2,
+    )
+    assert DataOptions.from_hparams(dict(hparams, controller_csv=str(tmp_path / "d.csv"))).controller_csv
+    key = {"a.csv": "train_csv", "b.csv": "valid_csv", "c.csv": "test_csv.test"}[taken]
+    with pytest.raises(ConfigError, match=rf"key 'controller_csv': .*{taken} is also {key}"):
+        DataOptions.from_hparams(dict(hparams, controller_csv=str(tmp_path / taken)))
