@@ -38,11 +38,13 @@ from typing import Dict, List, Optional, Sequence
 import numpy as np
 import onnxruntime as ort
 import torch
+from speechbrain.lobes.models.transformer.TransformerASR import make_transformer_src_mask
 from torch import nn
 
 from .files import atomic_folder, atomic_write_text
 from .inference import EarlyExitASR
 from .models.conformer import EarlyExitConformerEncoder
+from .models.splitformer import DownsampledBranch, SplitformerEncoder
 from .runtime.audio import read_audio
 from .runtime.model import EarlyExitONNX, FORMAT, FORMAT_VERSION, MANIFEST, sha256_file
 from .runtime.policies import fit_latency, RUNTIME_POLICIES
@@ -147,21 +149,42 @@ class FrontGraph(nn.Module):
 
 class SegmentGraph(nn.Module):
     """Encoder layers ``[start, stop)``: ``x`` ``(B, T, D)``, valid ``frames`` ``(B,)`` (the padding
-    mask is made inside) and ``pos_embs`` -> ``x`` (before the exit's norm), as ``advance``."""
+    mask is made inside) and ``pos_embs`` -> ``x`` (before the exit's norm), as ``advance``; for
+    a Splitformer block with a branch (``branch``), plus the branch's output on the block's input."""
 
-    def __init__(self, encoder: EarlyExitConformerEncoder, start: int, stop: int):
+    def __init__(self, encoder: EarlyExitConformerEncoder, start: int, stop: int, branch=None):
         super().__init__()
         self.layers = encoder.layers[start:stop]
         self.causal = encoder.causal
+        self.branch = branch
 
     def forward(self, x, frames, pos_embs=None):
-        from speechbrain.lobes.models.transformer.TransformerASR import make_transformer_src_mask
-
+        block_input = x
         mask = padding_mask(frames, x.shape[1])
         src_mask = make_transformer_src_mask(x, causal=self.causal)
         for layer in self.layers:
             x, _ = layer(x, src_mask=src_mask, src_key_padding_mask=mask, pos_embs=pos_embs)
+        if self.branch is not None:
+            x = x + branch_output(self.branch, block_input, frames)
         return x
+
+
+def branch_output(branch: DownsampledBranch, x: torch.Tensor, frames: torch.Tensor) -> torch.Tensor:
+    """:meth:`DownsampledBranch.forward <earlyexit_brain.models.splitformer.DownsampledBranch.forward>`
+    in exportable form: the padding to a multiple of the factor always applied (zero frames when
+    the length is one already; a branch on the symbolic length would fix it at export) and the
+    relative positions of :func:`relative_positions`."""
+    t, factor = x.shape[1], branch.factor
+    down = nn.functional.pad(x, (0, 0, 0, (factor - t % factor) % factor))[:, ::factor]
+    mask = padding_mask(branch.downsampled_frames(frames), down.shape[1])
+    src_mask = make_transformer_src_mask(down, causal=branch.causal)
+    encoding = branch.positional_encoding
+    pos = None
+    if encoding is not None:
+        pos = relative_positions(down.shape[1], down.shape[2], encoding.inv_freq).to(encoding.emb_dtype)
+    for layer in branch.layers:
+        down, _ = layer(down, src_mask=src_mask, src_key_padding_mask=mask, pos_embs=pos)
+    return down.repeat_interleave(factor, dim=1)[:, :t]
 
 
 class HeadGraph(nn.Module):
@@ -198,12 +221,15 @@ def resolve_source(source: str) -> str:
     return folder
 
 
+EXPORTED_ENCODERS = (EarlyExitConformerEncoder, SplitformerEncoder)
+
+
 def check_exportable(model):
     """A ValueError naming the encoder unless this exporter covers it."""
-    if type(model.encoder) is not EarlyExitConformerEncoder:  # a subclass may compute its exits otherwise
+    if type(model.encoder) not in EXPORTED_ENCODERS:  # a subclass may compute its exits otherwise
         raise ValueError(
             f"encoder: {type(model.encoder).__name__} is not exported to ONNX (only "
-            f"EarlyExitConformerEncoder is; see docs/deployment.md)"
+            f"{' and '.join(e.__name__ for e in EXPORTED_ENCODERS)} are; see docs/deployment.md)"
         )
 
 
@@ -285,8 +311,9 @@ def export_graphs(model, folder: str, opset: int = OPSET, sample_rate: int = 160
     start = 0
     for k, stop in enumerate(encoder.exit_layers):
         path = os.path.join(folder, f"segment_{k + 1}.onnx")
+        branch = encoder.branch_of(k) if isinstance(encoder, SplitformerEncoder) else None
         _export(
-            SegmentGraph(encoder, start, stop),
+            SegmentGraph(encoder, start, stop, branch),
             (x,) + tuple(s.detach() for s in state[1:]),
             path,
             names,
@@ -294,7 +321,8 @@ def export_graphs(model, folder: str, opset: int = OPSET, sample_rate: int = 160
             seg_dims,
             opset,
         )
-        entry["segments"].append({"file": path, "layers": [start + 1, stop], **_io(path)})
+        extra = {"branch_layers": len(branch.layers), "branch_factor": branch.factor} if branch is not None else {}
+        entry["segments"].append({"file": path, "layers": [start + 1, stop], **extra, **_io(path)})
         path = os.path.join(folder, f"head_{k + 1}.onnx")
         _export(HeadGraph(model, k), (x,), path, ["x"], ["log_probs", "hidden"], ({0: batch, 1: frames_dim},), opset)
         entry["heads"].append({"file": path, "exit_layer": stop, **_io(path)})
@@ -461,6 +489,7 @@ def export_onnx_folder(
             "vocab_size": int(model.heads.heads[0].out_features),
             "min_samples": int(model.min_samples),
             "exit_layers": list(model.exit_layers),
+            "compute_layers": [int(v) for v in model.encoder.exit_compute_layers],
             "num_layers": int(model.encoder.num_layers),
             "decoding": "ctc_greedy",
             "default_policy": runtime_default_policy(policies, model.num_exits),

@@ -280,6 +280,11 @@ class SplitformerEncoder(EarlyExitConformerEncoder):
                 state.x = state.x + self.branches[self._branch_of[k]](block_input, state.frames)
         return self.exit_norms[exit_index](state.x)
 
+    def branch_of(self, exit_index: int) -> Optional[DownsampledBranch]:
+        """The branch beside the block before exit ``exit_index`` (0-based), or None."""
+        i = self._branch_of.get(exit_index)
+        return None if i is None else self.branches[i]
+
     def params_to_exit(self, exit_index: int) -> int:
         """Encoder parameters used when stopping at ``exit_index`` (0-based), branches included."""
         total = super().params_to_exit(exit_index)

@@ -188,6 +188,16 @@ class EarlyExitONNX:
         self.sample_rate = int(manifest["sample_rate"])
         self.blank_index = int(manifest["blank_index"])
         self.min_samples = int(manifest["min_samples"])
+        counted = manifest.get("compute_layers")
+        if counted is not None and not (
+            isinstance(counted, list)
+            and len(counted) == len(self.heads)
+            and all(isinstance(c, int) and c >= e for c, e in zip(counted, manifest["exit_layers"]))
+        ):
+            raise ValueError(
+                f"{os.path.join(folder, MANIFEST)}: compute_layers must list, per exit, the layers computed "
+                f"to it (at least the exit's layer {manifest['exit_layers']}), got {counted!r}"
+            )
         self.runs = {"front": 0, "segments": [0] * len(self.segments), "heads": [0] * len(self.heads)}
 
     @classmethod
@@ -230,6 +240,12 @@ class EarlyExitONNX:
     @property
     def exit_layers(self) -> List[int]:
         return list(self.manifest["exit_layers"])
+
+    @property
+    def compute_layers(self) -> List[int]:
+        """Layers computed to reach each exit: a Splitformer's branches counted (as
+        ``Transcription.layers`` reports them); the exits' layers for a folder without the key."""
+        return list(self.manifest.get("compute_layers") or self.manifest["exit_layers"])
 
     @property
     def vocab_size(self) -> int:
@@ -375,7 +391,7 @@ class EarlyExitONNX:
                     previous = previous[keep, :t_new]
                 if pos is not None:  # relative positions of t_new frames: the middle of those of t_old
                     pos = np.ascontiguousarray(pos[:, t_old - t_new : t_old + t_new - 1])
-        layers = np.array([self.exit_layers[int(k)] for k in exits], dtype=np.int64)
+        layers = np.array([self.compute_layers[int(k)] for k in exits], dtype=np.int64)
         return out, exits, layers
 
     def text(self, log_probs: np.ndarray) -> str:

@@ -2,6 +2,7 @@
 interface, parameters, compute counted with the branches, its YAMLs and its exported folder."""
 
 import difflib
+import json
 import os
 
 import pytest
@@ -265,7 +266,9 @@ def test_the_yamls_differ_from_the_conformers_only_in_the_encoder(repo_root, tmp
     )
 
 
-def test_an_exported_splitformer_folder_transcribes(tmp_path):
+def splitformer_folder(tmp_path):
+    """A tiny random Splitformer (exits at layers 2/4/6, branches before exits 1 and 3, factor 3)
+    written as an inference folder: ``(folder, model)``."""
     (tmp_path / "spm").mkdir()
     tokenizer_path = char_tokenizer(tmp_path / "spm")
     torch.manual_seed(0)
@@ -294,6 +297,12 @@ def test_an_exported_splitformer_folder_transcribes(tmp_path):
         "options": {"posterior_greedy": {"form": "mean"}},
     }
     folder = export_inference_folder(str(tmp_path / "inference"), model, features, tokenizer_path, 0, policies, table)
+    return folder, model
+
+
+def test_an_exported_splitformer_folder_transcribes(tmp_path):
+    folder, model = splitformer_folder(tmp_path)
+    encoder = model.encoder
     assert "SplitformerEncoder" in open(os.path.join(folder, "hyperparams.yaml")).read()
     asr = EarlyExitASR.from_hparams(source=folder)
     loaded = asr.model.encoder
@@ -339,3 +348,53 @@ def test_the_model_card_names_the_splitformer():
         "Conformer encoder",
         "conformer",
     )
+
+
+@pytest.mark.slow
+def test_a_splitformer_exports_to_onnx_and_the_runtime_counts_its_branches(tmp_path):
+    """The branches go into the segments before exits 1 and 3; onnxruntime agrees with PyTorch at
+    every exit (the export's own check: a padded batch of odd and even lengths, and each alone),
+    and the runtime reports the layers with the branches counted, as EarlyExitASR does."""
+    from earlyexit_brain.onnx_export import export_onnx_folder
+    from earlyexit_brain.runtime import EarlyExitONNX
+
+    folder, model = splitformer_folder(tmp_path)
+    out = export_onnx_folder(folder, str(tmp_path / "onnx"), latency_durations=(0.5,), latency_repeats=1)
+    manifest = json.load(open(os.path.join(out, "manifest.json")))
+    assert manifest["exit_layers"] == [2, 4, 6] and manifest["compute_layers"] == [3, 5, 8]
+    segments = manifest["precisions"]["fp32"]["segments"]
+    assert [s.get("branch_layers") for s in segments] == [1, None, 1]
+    assert [s.get("branch_factor") for s in segments] == [3, None, 3]
+    assert max(manifest["precisions"]["fp32"]["agreement"]["max_abs_diff"]) <= manifest["tolerance"]
+    runtime = EarlyExitONNX.from_folder(out, threads=1)
+    asr = EarlyExitASR.from_hparams(source=folder)
+    for seconds, seed in ((1.3, 3), (0.97, 4)):
+        path = str(tmp_path / f"{seed}.wav")
+        sf.write(path, tone(seconds, seed=seed), SR)
+        for k in (1, 2, 3):
+            mine, theirs = runtime.transcribe_file(path, exit=k), asr.transcribe_file(path, exit=k)
+            assert (
+                (mine.text, mine.exit, mine.layers)
+                == (theirs.text, theirs.exit, theirs.layers)
+                == (
+                    theirs.text,
+                    k,
+                    [3, 5, 8][k - 1],
+                )
+            )
+    # a manifest whose compute_layers do not fit the exits is refused, naming the file and key
+    manifest["compute_layers"] = [1, 5, 8]
+    with open(os.path.join(out, "manifest.json"), "w") as fout:
+        json.dump(manifest, fout)
+    with pytest.raises(ValueError, match="manifest.json: compute_layers"):
+        EarlyExitONNX(out, manifest, "fp32", 1)
+
+
+def test_only_the_conformer_and_the_splitformer_are_exported():
+    from types import SimpleNamespace
+
+    from earlyexit_brain.onnx_export import check_exportable
+
+    check_exportable(SimpleNamespace(encoder=stack_only()))
+    with pytest.raises(ValueError, match="encoder: Linear is not exported to ONNX"):
+        check_exportable(SimpleNamespace(encoder=nn.Linear(2, 2)))
