@@ -156,15 +156,9 @@ def test_missing_manifest_is_named(tmp_path):
         dataio_prepare(hparams, CharTokenizer(), enc)
 
 
-@pytest.mark.parametrize(
-    "drop, message",
-    [
-        ("seed", "DataOptions: key 'seed' missing"),
-        ("batch_size", "'batch_size' is needed without dynamic_batching"),
-    ],
-)
-def test_data_options_name_a_missing_key(tmp_path, drop, message):
-    hparams = dict(
+def minimal_data_hparams(tmp_path):
+    """The keys DataOptions needs, with manifests a.csv (train), b.csv (dev), c.csv (test)."""
+    return dict(
         data_folder=str(tmp_path),
         train_csv="a.csv",
         valid_csv="b.csv",
@@ -176,6 +170,17 @@ def test_data_options_name_a_missing_key(tmp_path, drop, message):
         eval_batch_size=2,
         batch_size=2,
     )
+
+
+@pytest.mark.parametrize(
+    "drop, message",
+    [
+        ("seed", "DataOptions: key 'seed' missing"),
+        ("batch_size", "'batch_size' is needed without dynamic_batching"),
+    ],
+)
+def test_data_options_name_a_missing_key(tmp_path, drop, message):
+    hparams = minimal_data_hparams(tmp_path)
     del hparams[drop]
     with pytest.raises(ConfigError, match=message):
         DataOptions.from_hparams(hparams)
@@ -185,17 +190,9 @@ def test_data_options_name_a_missing_key(tmp_path, drop, message):
 
 @pytest.mark.parametrize("taken", ["b.csv", "c.csv", "a.csv"])
 def test_controller_csv_may_not_be_a_training_dev_or_test_manifest(tmp_path, taken):
-    hparams = dict(
-        data_folder=str(tmp_path),
-        train_csv=str(tmp_path / "a.csv"),
-        valid_csv=str(tmp_path / "b.csv"),
-        test_sets=["test"],
-        test_csv={"test": str(tmp_path / "c.csv")},
-        sample_rate=16000,
-        seed=1,
-        max_duration=10.0,
-        eval_batch_size=2,
-        batch_size=2,
+    hparams = minimal_data_hparams(tmp_path)
+    hparams.update(
+        train_csv=str(tmp_path / "a.csv"), valid_csv=str(tmp_path / "b.csv"), test_csv={"test": str(tmp_path / "c.csv")}
     )
     assert DataOptions.from_hparams(dict(hparams, controller_csv=str(tmp_path / "d.csv"))).controller_csv
     key = {"a.csv": "train_csv", "b.csv": "valid_csv", "c.csv": "test_csv.test"}[taken]
