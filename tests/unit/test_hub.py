@@ -1,4 +1,4 @@
-"""Publishing (hub.py, recipes/publish.py), safe loading and the transcribe command.
+"""Publishing (earlyexit_brain/hub, recipes/publish.py), safe loading and the transcribe command.
 
 The experiment is a tiny random model exported by the shared fixtures with a
 report written by the report code; the Hub is replaced by a recorder at the
@@ -254,7 +254,7 @@ def test_bad_experiment_folders(tmp_path, experiment, recorder, capsys):
 
 def test_no_token_is_a_clear_error(tmp_path, experiment, recorder, monkeypatch, capsys):
     monkeypatch.delenv("HF_TOKEN")
-    monkeypatch.setattr(hub, "hub_token", lambda: None)
+    monkeypatch.setattr(hub.folder, "hub_token", lambda: None)
     monkeypatch.setattr(recipe("publish"), "hub_token", lambda: None)
     assert publish(experiment, "--repo-id", "alice/x", "--out", tmp_path / "h") == 1
     assert "no Hugging Face token" in capsys.readouterr().err
