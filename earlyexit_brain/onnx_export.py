@@ -38,17 +38,17 @@ from typing import Dict, List, Optional, Sequence
 import numpy as np
 import onnxruntime as ort
 import torch
-from speechbrain.lobes.models.transformer.TransformerASR import make_transformer_src_mask
 from torch import nn
 
 from .files import atomic_folder, atomic_write_text
 from .inference import EarlyExitASR
 from .models.conformer import EarlyExitConformerEncoder
-from .models.splitformer import DownsampledBranch, SplitformerEncoder
+from .models.splitformer import SplitformerEncoder
+from .onnx_graphs import FrontGraph, HeadGraph, SegmentGraph
 from .runtime.audio import read_audio
 from .runtime.model import EarlyExitONNX, FORMAT, FORMAT_VERSION, MANIFEST, sha256_file
 from .runtime.policies import fit_latency, RUNTIME_POLICIES
-from .utils import padding_mask, valid_frames
+from .utils import padding_mask
 
 logger = logging.getLogger(__name__)
 
@@ -60,146 +60,6 @@ INT8_FRONT_OPS = ("MatMul",)  # the front end's Conv (the STFT's DFT basis among
 
 class ExportMismatchError(ValueError):
     """An exit's onnxruntime output differs from PyTorch's beyond the tolerance."""
-
-
-# ---------------------------------------------------------------- the graphs
-class ConvSTFT(nn.Module):
-    """SpeechBrain's ``STFT`` (``torch.stft``) of ``(B, S)`` waveforms as one strided convolution with
-    the windowed DFT basis: ``(B, T, n_fft // 2 + 1, 2)``, real and imaginary parts, as ``STFT``
-    returns them. onnxruntime's STFT operator computes a plain DFT per frame (for 10 s at 1 thread
-    about 10x the time of the whole Fbank in PyTorch); the convolution is one matrix product."""
-
-    def __init__(self, stft):
-        super().__init__()
-        if stft.normalized_stft or not stft.onesided:
-            raise ValueError("compute_features: only a one-sided, unnormalised STFT is exported as a convolution")
-        n_fft, win = int(stft.n_fft), int(stft.win_length)
-        window = torch.zeros(n_fft, dtype=torch.float64)
-        left = (n_fft - win) // 2  # torch.stft centres a shorter window in n_fft
-        window[left : left + win] = stft.window.to(torch.float64)
-        k = torch.arange(n_fft // 2 + 1, dtype=torch.float64)[:, None]
-        n = torch.arange(n_fft, dtype=torch.float64)[None, :]
-        angle = 2 * torch.pi * k * n / n_fft
-        basis = torch.cat([torch.cos(angle), -torch.sin(angle)]) * window  # (2F, n_fft)
-        self.register_buffer("basis", basis[:, None, :].float(), persistent=False)
-        self.n_fft, self.hop, self.center, self.pad_mode = n_fft, int(stft.hop_length), stft.center, stft.pad_mode
-
-    def forward(self, wavs):
-        """``(B, T, F, 2)``, as SpeechBrain's ``STFT``."""
-        spec = self.spectrum(wavs)
-        b, _, t = spec.shape
-        return spec.reshape(b, 2, -1, t).permute(0, 3, 2, 1)
-
-    def spectrum(self, wavs):
-        """Real parts then imaginary parts ``(B, 2F, T)``."""
-        x = wavs[:, None, :]
-        if self.center:
-            x = nn.functional.pad(x, (self.n_fft // 2, self.n_fft // 2), mode=self.pad_mode)
-        return nn.functional.conv1d(x, self.basis, stride=self.hop)
-
-    def power(self, wavs):
-        """The power spectrogram ``(B, T, F)``: ``spectral_magnitude(stft(wavs))`` without the
-        transpose of the two parts."""
-        spec = self.spectrum(wavs)
-        half = spec.shape[1] // 2
-        return (spec[:, :half] ** 2 + spec[:, half:] ** 2).transpose(1, 2)
-
-
-def relative_positions(length: int, dim: int, inv_freq: torch.Tensor) -> torch.Tensor:
-    """SpeechBrain's ``RelPosEncXL.make_pe(length)`` ``(1, 2 length - 1, dim)`` without its indexed
-    assignments (ScatterElements in ONNX): sines and cosines interleaved by a reshape."""
-    positions = torch.arange(length, dtype=torch.float32, device=inv_freq.device)[:, None] * inv_freq
-    pe = torch.stack([torch.sin(positions), torch.cos(positions)], dim=-1).reshape(length, dim)
-    return torch.cat([torch.flip(pe, (0,)), pe[1:]], dim=0)[None]
-
-
-def _exportable_fbank(features) -> bool:
-    """Whether ``features`` is SpeechBrain's Fbank without deltas or context (its STFT then runs as
-    :class:`ConvSTFT`)."""
-    from speechbrain.lobes.features import Fbank
-
-    return isinstance(features, Fbank) and not features.deltas and not features.context
-
-
-class FrontGraph(nn.Module):
-    """Waveforms ``(B, S)`` and relative lengths ``(B,)`` -> the encoder's input state: projected
-    front-end output ``x`` ``(B, T', D)``, valid frames ``(B,)`` and, for relative attention,
-    the positional encodings ``(1, 2T'-1, D)`` (``EarlyExitConformerEncoder.start``)."""
-
-    def __init__(self, model):
-        super().__init__()
-        self.model = model
-        self.stft = ConvSTFT(model.compute_features.compute_STFT) if _exportable_fbank(model.compute_features) else None
-
-    def features(self, wavs, wav_lens):
-        """``model.features``, with the Fbank's STFT as a convolution when it is one."""
-        if self.stft is None:
-            return self.model.features(wavs, wav_lens)
-        fbanks = self.model.compute_features.compute_fbanks(self.stft.power(wavs))
-        return self.model.normalize(fbanks, wav_lens)
-
-    def forward(self, wavs, wav_lens):
-        x = self.model.encoder.embed(self.features(wavs, wav_lens))
-        frames = valid_frames(x, wav_lens)
-        encoding = self.model.encoder.positional_encoding
-        if encoding is None:
-            return x, frames
-        return x, frames, relative_positions(x.shape[1], x.shape[2], encoding.inv_freq).to(encoding.emb_dtype)
-
-
-class SegmentGraph(nn.Module):
-    """Encoder layers ``[start, stop)``: ``x`` ``(B, T, D)``, valid ``frames`` ``(B,)`` (the padding
-    mask is made inside) and ``pos_embs`` -> ``x`` (before the exit's norm), as ``advance``; for
-    a Splitformer block with a branch (``branch``), plus the branch's output on the block's input."""
-
-    def __init__(self, encoder: EarlyExitConformerEncoder, start: int, stop: int, branch=None):
-        super().__init__()
-        self.layers = encoder.layers[start:stop]
-        self.causal = encoder.causal
-        self.branch = branch
-
-    def forward(self, x, frames, pos_embs=None):
-        block_input = x
-        mask = padding_mask(frames, x.shape[1])
-        src_mask = make_transformer_src_mask(x, causal=self.causal)
-        for layer in self.layers:
-            x, _ = layer(x, src_mask=src_mask, src_key_padding_mask=mask, pos_embs=pos_embs)
-        if self.branch is not None:
-            x = x + branch_output(self.branch, block_input, frames)
-        return x
-
-
-def branch_output(branch: DownsampledBranch, x: torch.Tensor, frames: torch.Tensor) -> torch.Tensor:
-    """:meth:`DownsampledBranch.forward <earlyexit_brain.models.splitformer.DownsampledBranch.forward>`
-    in exportable form: the padding to a multiple of the factor always applied (zero frames when
-    the length is one already; a branch on the symbolic length would fix it at export) and the
-    relative positions of :func:`relative_positions`."""
-    t, factor = x.shape[1], branch.factor
-    down = nn.functional.pad(x, (0, 0, 0, (factor - t % factor) % factor))[:, ::factor]
-    mask = padding_mask(branch.downsampled_frames(frames), down.shape[1])
-    src_mask = make_transformer_src_mask(down, causal=branch.causal)
-    encoding = branch.positional_encoding
-    pos = None
-    if encoding is not None:
-        pos = relative_positions(down.shape[1], down.shape[2], encoding.inv_freq).to(encoding.emb_dtype)
-    for layer in branch.layers:
-        down, _ = layer(down, src_mask=src_mask, src_key_padding_mask=mask, pos_embs=pos)
-    return down.repeat_interleave(factor, dim=1)[:, :t]
-
-
-class HeadGraph(nn.Module):
-    """Exit ``k``: its LayerNorm, linear layer and log-softmax, ``x`` -> ``log_probs`` ``(B, T, V)``
-    and ``hidden`` ``(B, T, D)``, the normalised states (what ``advance`` returns: the learned
-    exit controller reads them; the runtime fetches them only for that policy)."""
-
-    def __init__(self, model, exit_index: int):
-        super().__init__()
-        self.norm = model.encoder.exit_norms[exit_index]
-        self.linear = model.heads.heads[exit_index]
-
-    def forward(self, x):
-        hidden = self.norm(x)
-        return torch.log_softmax(self.linear(hidden), dim=-1), hidden
 
 
 # ---------------------------------------------------------------- source

@@ -30,6 +30,7 @@ LAYERS = [
         "earlyexit_brain.export",
         "earlyexit_brain.report",
         "earlyexit_brain.evaluation",
+        "earlyexit_brain.onnx_graphs",
         "earlyexit_brain.onnx_export",
     ],
     ["earlyexit_brain.config", "earlyexit_brain.experiment", "earlyexit_brain.hub", "earlyexit_brain.transcribe"],

@@ -24,12 +24,12 @@ from earlyexit_brain.onnx_export import (
     check_agreement,
     ExportMismatchError,
     export_onnx_folder,
-    HeadGraph,
     pad_batch,
     runtime_default_policy,
     torch_exit_log_probs,
 )
 from earlyexit_brain.inference import EarlyExitASR
+from earlyexit_brain.onnx_graphs import HeadGraph
 from earlyexit_brain.policies import EntropyPolicy, GreedyPosteriorPolicy
 from earlyexit_brain.runtime import EarlyExitONNX
 from earlyexit_brain.runtime.audio import resample
@@ -601,7 +601,7 @@ def test_the_exported_front_end_computes_speechbrains_features(model):
     from speechbrain.nnet.attention import RelPosEncXL
     from speechbrain.processing.features import spectral_magnitude
 
-    from earlyexit_brain.onnx_export import FrontGraph, relative_positions
+    from earlyexit_brain.onnx_graphs import FrontGraph, relative_positions
 
     front = FrontGraph(model)
     wavs, lens = 0.1 * torch.randn(2, 12345, generator=torch.Generator().manual_seed(0)), torch.tensor([1.0, 0.6])
