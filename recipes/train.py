@@ -20,6 +20,7 @@ import os
 import sys
 
 import speechbrain as sb
+import torch
 from speechbrain.utils.distributed import run_on_main
 
 from earlyexit_brain.brain import brain_class_for
@@ -99,6 +100,10 @@ def main(argv):
     )
 
     evaluate_and_report(hparams, hparams_file, brain, tokenizer, data)
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        # tear the process group down before the interpreter does: gloo's threads left
+        # running at exit can abort a rank ("terminate called without an active exception")
+        torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":
