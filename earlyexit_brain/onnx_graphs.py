@@ -8,8 +8,7 @@ import torch
 from speechbrain.lobes.models.transformer.TransformerASR import make_transformer_src_mask
 from torch import nn
 
-from .models.conformer import EarlyExitConformerEncoder
-from .models.splitformer import DownsampledBranch
+from .models.conformer import EarlyExitConformerEncoder, relative_positions
 from .utils import padding_mask, valid_frames
 
 
@@ -53,14 +52,6 @@ class ConvSTFT(nn.Module):
         spec = self.spectrum(wavs)
         half = spec.shape[1] // 2
         return (spec[:, :half] ** 2 + spec[:, half:] ** 2).transpose(1, 2)
-
-
-def relative_positions(length: int, dim: int, inv_freq: torch.Tensor) -> torch.Tensor:
-    """SpeechBrain's ``RelPosEncXL.make_pe(length)`` ``(1, 2 length - 1, dim)`` without its indexed
-    assignments (ScatterElements in ONNX): sines and cosines interleaved by a reshape."""
-    positions = torch.arange(length, dtype=torch.float32, device=inv_freq.device)[:, None] * inv_freq
-    pe = torch.stack([torch.sin(positions), torch.cos(positions)], dim=-1).reshape(length, dim)
-    return torch.cat([torch.flip(pe, (0,)), pe[1:]], dim=0)[None]
 
 
 def _exportable_fbank(features) -> bool:
@@ -115,26 +106,8 @@ class SegmentGraph(nn.Module):
         for layer in self.layers:
             x, _ = layer(x, src_mask=src_mask, src_key_padding_mask=mask, pos_embs=pos_embs)
         if self.branch is not None:
-            x = x + branch_output(self.branch, block_input, frames)
+            x = x + self.branch(block_input, frames)
         return x
-
-
-def branch_output(branch: DownsampledBranch, x: torch.Tensor, frames: torch.Tensor) -> torch.Tensor:
-    """:meth:`DownsampledBranch.forward <earlyexit_brain.models.splitformer.DownsampledBranch.forward>`
-    in exportable form: the padding to a multiple of the factor always applied (zero frames when
-    the length is one already; a branch on the symbolic length would fix it at export) and the
-    relative positions of :func:`relative_positions`."""
-    t, factor = x.shape[1], branch.factor
-    down = nn.functional.pad(x, (0, 0, 0, (factor - t % factor) % factor))[:, ::factor]
-    mask = padding_mask(branch.downsampled_frames(frames), down.shape[1])
-    src_mask = make_transformer_src_mask(down, causal=branch.causal)
-    encoding = branch.positional_encoding
-    pos = None
-    if encoding is not None:
-        pos = relative_positions(down.shape[1], down.shape[2], encoding.inv_freq).to(encoding.emb_dtype)
-    for layer in branch.layers:
-        down, _ = layer(down, src_mask=src_mask, src_key_padding_mask=mask, pos_embs=pos)
-    return down.repeat_interleave(factor, dim=1)[:, :t]
 
 
 class HeadGraph(nn.Module):

@@ -104,6 +104,15 @@ def sinusoidal_positions(length: int, dim: int, device=None, dtype=torch.float32
     return pe.unsqueeze(0).to(dtype)
 
 
+def relative_positions(length: int, dim: int, inv_freq: torch.Tensor) -> torch.Tensor:
+    """SpeechBrain's ``RelPosEncXL.make_pe(length)`` ``(1, 2 length - 1, dim)`` (equal to it) without
+    its indexed assignments, which export to ONNX as ScatterElements: sines and cosines
+    interleaved by a reshape."""
+    positions = torch.arange(length, dtype=torch.float32, device=inv_freq.device)[:, None] * inv_freq
+    pe = torch.stack([torch.sin(positions), torch.cos(positions)], dim=-1).reshape(length, dim)
+    return torch.cat([torch.flip(pe, (0,)), pe[1:]], dim=0)[None]
+
+
 class ChannelsLastFrontEnd(ConvolutionFrontEnd):
     """SpeechBrain's ``ConvolutionFrontEnd``, computed without its layout changes.
 

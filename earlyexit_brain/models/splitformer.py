@@ -25,7 +25,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from ..utils import padding_mask
-from .conformer import EarlyExitConformerEncoder, EncoderState
+from .conformer import EarlyExitConformerEncoder, EncoderState, relative_positions
 
 
 def resolve_branch_exits(branch_exits: Optional[Sequence[int]], num_exits: int) -> List[int]:
@@ -142,12 +142,14 @@ class DownsampledBranch(nn.Module):
     def forward(self, x: torch.Tensor, frames: torch.Tensor) -> torch.Tensor:
         """The branch's output ``(B, T, D)`` for the input ``x`` ``(B, T, D)`` with ``frames`` ``(B,)`` valid frames."""
         t = x.shape[1]
-        pad = -t % self.factor
-        if pad:  # zero frames up to a multiple of the factor, dropped again below
-            x = F.pad(x, (0, 0, 0, pad))
-        down = x[:, :: self.factor]
+        # zero frames up to a multiple of the factor (none when it is one already: no branch on
+        # the length, so that the ONNX export keeps it dynamic), dropped again below
+        down = F.pad(x, (0, 0, 0, (self.factor - t % self.factor) % self.factor))[:, :: self.factor]
         src_mask = make_transformer_src_mask(down, causal=self.causal)
-        pos_embs = self.positional_encoding(down) if self.positional_encoding is not None else None
+        encoding = self.positional_encoding
+        pos_embs = None
+        if encoding is not None:  # RelPosEncXL's positions, in exportable operators
+            pos_embs = relative_positions(down.shape[1], down.shape[2], encoding.inv_freq).to(encoding.emb_dtype)
         key_padding_mask = padding_mask(self.downsampled_frames(frames), down.shape[1])
         for layer in self.layers:
             down, _ = layer(down, src_mask=src_mask, src_key_padding_mask=key_padding_mask, pos_embs=pos_embs)

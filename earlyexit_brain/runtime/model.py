@@ -23,6 +23,7 @@ import numpy as np
 import onnxruntime as ort
 import sentencepiece as spm
 
+from ..controller_numpy import greedy_tokens
 from ..policy_bundle import PolicyBundle
 from .audio import read_audio, signal_problem, SILENCE_PEAK
 from .policies import make_runtime_policy, RUNTIME_POLICIES, RuntimeLatencyTable, RuntimePolicy
@@ -142,11 +143,7 @@ def greedy_ids(log_probs: np.ndarray, blank_index: int) -> List[int]:
     >>> greedy_ids(lp, 0)
     [1, 1]
     """
-    best = log_probs.argmax(-1)
-    if best.size == 0:
-        return []
-    keep = np.concatenate([[True], best[1:] != best[:-1]])
-    return [int(i) for i in best[keep] if i != blank_index]
+    return greedy_tokens(log_probs.argmax(-1), blank_index).tolist()
 
 
 class EarlyExitONNX:

@@ -601,7 +601,8 @@ def test_the_exported_front_end_computes_speechbrains_features(model):
     from speechbrain.nnet.attention import RelPosEncXL
     from speechbrain.processing.features import spectral_magnitude
 
-    from earlyexit_brain.onnx_graphs import FrontGraph, relative_positions
+    from earlyexit_brain.models.conformer import relative_positions
+    from earlyexit_brain.onnx_graphs import FrontGraph
 
     front = FrontGraph(model)
     wavs, lens = 0.1 * torch.randn(2, 12345, generator=torch.Generator().manual_seed(0)), torch.tensor([1.0, 0.6])
