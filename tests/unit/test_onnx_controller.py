@@ -1,6 +1,9 @@
 """The learned exit policy of the ONNX runtime in numpy (earlyexit_brain.runtime.policies): its
-features and estimator against the PyTorch controller's (earlyexit_brain.controller). The exported
-smoke model with a controller is tested in test_onnx.py, which exports it once."""
+features and estimator against the PyTorch controller's (earlyexit_brain.controller). Both now
+compute with earlyexit_brain.controller_numpy, so the comparison checks the PyTorch wrapper's
+conversions (devices, dtypes, the best-token form of ``previous``); the independent references are
+policy_bundle's pure-Python estimator (below) and test_controller.py's hand-computed features. The
+exported smoke model with a controller is tested in test_onnx.py, which exports it once."""
 
 import numpy as np
 import pytest
