@@ -22,7 +22,7 @@ import statistics
 import torch
 from speechbrain.nnet.losses import ctc_loss
 
-from earlyexit_brain.models.conformer import CTCExitHeads
+from earlyexit_brain.models.exits import CTCExitHeads
 from earlyexit_brain.models.pipeline import EarlyExitCTCModel
 from earlyexit_brain.models.splitformer import SplitformerEncoder
 

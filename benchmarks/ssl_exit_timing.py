@@ -16,7 +16,8 @@ from speechbrain.processing.features import InputNormalization
 from transformers import AutoConfig
 
 from earlyexit_brain.latency import timed_exits
-from earlyexit_brain.models.conformer import CTCExitHeads, EarlyExitConformerEncoder
+from earlyexit_brain.models.conformer import EarlyExitConformerEncoder
+from earlyexit_brain.models.exits import CTCExitHeads
 from earlyexit_brain.models.pipeline import EarlyExitCTCModel
 from earlyexit_brain.models.ssl import EarlyExitSSLEncoder, WaveformFeatures, WaveformNormalization
 

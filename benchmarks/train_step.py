@@ -25,7 +25,8 @@ from torch.autograd import DeviceType
 
 from earlyexit_brain.brain import EarlyExitCTCBrain
 from earlyexit_brain.losses import MultiExitLoss
-from earlyexit_brain.models.conformer import CTCExitHeads, EarlyExitConformerEncoder
+from earlyexit_brain.models.conformer import EarlyExitConformerEncoder
+from earlyexit_brain.models.exits import CTCExitHeads
 
 from .memory import cpu_peak_memory_gb as child_peak_memory_gb
 from .stacked import StackedExitsBrain

@@ -6,6 +6,7 @@ paper's plain sum) and evaluates every exit in the same pass: WER and CER per
 exit on validation and test, per-exit alignment files at test time.
 """
 
+import functools
 import logging
 import os
 import time
@@ -16,11 +17,11 @@ import torch
 
 # RandomState and TrainClock moved to checkpoints.py; the names stay here for the hyperparams.yaml
 # of experiments made before (their YAML builds earlyexit_brain.brain.TrainClock)
-from .checkpoints import load_average_of_best, RandomState, TrainClock  # noqa: F401
-
+from .brain_options import BrainOptions
+from .checkpoints import RandomState, TrainClock, load_average_of_best  # noqa: F401
+from .decoding.attention import AEDSearchOptions, make_aed_searcher
 from .decoding.ctc import CTC_DECODERS, CTCDecoder, CTCDecodingOptions
 from .models.decoders import add_bos_eos
-from .decoding.attention import AEDSearchOptions, make_aed_searcher
 from .utils import tokenizer_pieces, tokens_to_text, uses_decoders
 
 logger = logging.getLogger(__name__)
@@ -34,7 +35,8 @@ class EarlyExitCTCBrain(sb.Brain):
     per exit) and ``normalize`` (feature normalisation). Expected hparams:
     ``compute_features``, ``blank_index``, ``epoch_counter`` and ``loss``
     (:class:`earlyexit_brain.losses.MultiExitLoss`: per-exit CTC, exit weights,
-    distillation), and optionally:
+    distillation), and optionally (:class:`~earlyexit_brain.brain_options.BrainOptions`
+    holds these keys, their defaults and rules):
 
     - ``wav_augment``: applied to the waveforms in training, called as
       ``wavs, lens = wav_augment(wavs, lens)`` (SpeechBrain's ``Augmenter``,
@@ -54,6 +56,12 @@ class EarlyExitCTCBrain(sb.Brain):
     """
 
     # ------------------------------------------------------------------ helpers
+    @functools.cached_property
+    def options(self) -> BrainOptions:
+        """The Brain's own keys of ``hparams`` (:class:`~earlyexit_brain.brain_options.BrainOptions`:
+        decoders, checkpoint averaging, the optional hooks), read and checked once."""
+        return BrainOptions.from_hparams(self.hparams)
+
     @property
     def num_exits(self) -> int:
         """Number of exits of the encoder."""
@@ -78,17 +86,15 @@ class EarlyExitCTCBrain(sb.Brain):
         batch = batch.to(self.device)
         wavs, wav_lens = batch.sig
         train = stage == sb.Stage.TRAIN
-        wav_augment = getattr(self.hparams, "wav_augment", None)
-        if train and wav_augment is not None:
-            wavs, wav_lens = wav_augment(wavs, wav_lens)
+        options = self.options
+        if train and options.wav_augment is not None:
+            wavs, wav_lens = options.wav_augment(wavs, wav_lens)
         feats = self.hparams.compute_features(wavs)
         feats = self.modules.normalize(feats, wav_lens)
-        fea_augment = getattr(self.hparams, "fea_augment", None)
-        if train and fea_augment is not None:
-            feats, wav_lens = fea_augment(feats, wav_lens)
-        augment = getattr(self.hparams, "augmentation", None)
-        if train and augment is not None:
-            feats = augment(feats)
+        if train and options.fea_augment is not None:
+            feats, wav_lens = options.fea_augment(feats, wav_lens)
+        if train and options.augmentation is not None:
+            feats = options.augmentation(feats)
         return self.modules.encoder(feats, wav_lens), wav_lens
 
     def compute_forward(self, batch, stage):
@@ -104,9 +110,8 @@ class EarlyExitCTCBrain(sb.Brain):
         """``(tokens, token_lens)``, replicated as the augmenters enlarged the batch in training."""
         tokens, token_lens = batch.tokens
         if stage == sb.Stage.TRAIN:
-            for name in ("wav_augment", "fea_augment"):
-                augmenter = getattr(self.hparams, name, None)
-                if augmenter is not None and hasattr(augmenter, "replicate_labels"):
+            for augmenter in self.options.augmenters:
+                if hasattr(augmenter, "replicate_labels"):
                     tokens = augmenter.replicate_labels(tokens)
                     token_lens = augmenter.replicate_labels(token_lens)
         return tokens, token_lens
@@ -138,8 +143,8 @@ class EarlyExitCTCBrain(sb.Brain):
         """Decoders run on every exit: ``valid_decoder`` in validation, ``test_decoders`` in test
         (the first one gives the per-exit WER/CER; the others are reported beside it)."""
         if stage == sb.Stage.TEST:
-            return list(getattr(self.hparams, "test_decoders", None) or [self.DEFAULT_DECODER])
-        return [getattr(self.hparams, "valid_decoder", None) or self.DEFAULT_DECODER]
+            return list(self.options.test_decoders or [self.DEFAULT_DECODER])
+        return [self.options.valid_decoder or self.DEFAULT_DECODER]
 
     def ctc_decoder(self, name: str) -> CTCDecoder:
         """The CTC decoder ``name`` (``ctc_greedy``, or ``ctc_beam``: SpeechBrain's CTC
@@ -262,7 +267,7 @@ class EarlyExitCTCBrain(sb.Brain):
         (``optimizer``, ``ssl_optimizer``); ``lr_annealing`` steps ``opt_class``'s
         optimiser and ``ssl_lr_annealing`` (optional) the SSL one.
         """
-        ssl_opt_class = getattr(self.hparams, "ssl_opt_class", None)
+        ssl_opt_class = self.options.ssl_opt_class
         if ssl_opt_class is None or self.opt_class is None:
             return super().init_optimizers()
         encoder = getattr(self.modules.encoder, "module", self.modules.encoder)  # DDP
@@ -285,9 +290,9 @@ class EarlyExitCTCBrain(sb.Brain):
     def on_fit_batch_end(self, batch, outputs, loss, should_step):
         """Step the per-update learning-rate schedule(s); add the batch's time to the training clock."""
         self._tick_train_clock()
-        if should_step and getattr(self.hparams, "lr_annealing", None) is not None:
-            self.hparams.lr_annealing(self.optimizer)
-        ssl_annealing = getattr(self.hparams, "ssl_lr_annealing", None)
+        if should_step and self.options.lr_annealing is not None:
+            self.options.lr_annealing(self.optimizer)
+        ssl_annealing = self.options.ssl_lr_annealing
         if should_step and ssl_annealing is not None and hasattr(self, "ssl_optimizer"):
             ssl_annealing(self.ssl_optimizer)
 
@@ -296,7 +301,7 @@ class EarlyExitCTCBrain(sb.Brain):
         only at the end of an epoch) keeps the time up to date in intra-epoch checkpoints, so
         a run killed mid-epoch and resumed still reports its whole training time."""
         now = time.time()
-        clock = getattr(self.hparams, "train_clock", None)
+        clock = self.options.train_clock
         if clock is not None:
             clock.seconds += now - self._stage_started
         self._stage_started = now
@@ -391,10 +396,9 @@ class EarlyExitCTCBrain(sb.Brain):
     def on_evaluate_start(self, max_key=None, min_key=None):
         """Load the best checkpoint, or the average of the best ``avg_checkpoints``."""
         super().on_evaluate_start(max_key=max_key, min_key=min_key)
-        n = int(getattr(self.hparams, "avg_checkpoints", 1) or 1)
+        n = self.options.avg_checkpoints
         if n > 1 and self.checkpointer is not None:
-            model = getattr(self.hparams, "model", None)
-            used = load_average_of_best(self.checkpointer, model, n, min_key=min_key, max_key=max_key)
+            used = load_average_of_best(self.checkpointer, self.options.model, n, min_key=min_key, max_key=max_key)
             logger.info(
                 "Evaluating the average of %d checkpoint(s) (avg_checkpoints=%d): %s",
                 len(used),

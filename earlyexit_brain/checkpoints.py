@@ -23,9 +23,9 @@ from typing import List, Optional
 import numpy as np
 import torch
 from speechbrain.utils.checkpoints import (
-    average_checkpoints,
     Checkpoint,
     Checkpointer,
+    average_checkpoints,
     mark_as_loader,
     mark_as_saver,
     register_checkpoint_hooks,

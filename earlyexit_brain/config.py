@@ -18,14 +18,17 @@ import yaml
 from hyperpyyaml import resolve_references
 from ruamel.yaml.error import YAMLError
 
+from earlyexit_brain.brain_options import BrainOptions
 from earlyexit_brain.dataio import DataOptions
 from earlyexit_brain.decoding.attention import AEDSearchOptions
 from earlyexit_brain.decoding.ctc import CTCDecodingOptions
 from earlyexit_brain.evaluation import PolicyEvaluationOptions
 from earlyexit_brain.losses import MultiExitLoss
-from earlyexit_brain.models.conformer import resolve_exit_layers
+from earlyexit_brain.models.exits import resolve_exit_layers
 from earlyexit_brain.models.ssl import SUPPORTED_MODEL_TYPES, check_source
-from earlyexit_brain.options import ConfigError, is_int as _is_int, is_num as _is_num
+from earlyexit_brain.options import ConfigError
+from earlyexit_brain.options import is_int as _is_int
+from earlyexit_brain.options import is_num as _is_num
 
 __all__ = ["ConfigError", "check_hparams", "check_hparams_file", "check_device", "read_raw_hparams"]
 
@@ -81,8 +84,6 @@ def read_raw_hparams(path: str, overrides: Any = None) -> Dict[str, Any]:
         raise ConfigError(f"{path}: not valid YAML: {err}") from None
 
 
-_DECODERS = ("ctc_greedy", "ctc_beam", "aed_beam")
-
 Rule = Tuple[Callable[[Any], bool], str]  # (predicate, accepted values in words)
 
 _FOLDER: Rule = (lambda v: isinstance(v, str) and v.strip() != "", "a folder path")
@@ -126,7 +127,6 @@ _RULES: Dict[str, Rule] = {
     "token_type": (lambda v: v in ("char", "bpe", "unigram"), "'char', 'bpe' or 'unigram'"),
     "max_batch_length_eval": (lambda v: _is_num(v) and v > 0, "a number of seconds > 0"),
     "manifest_folder": _FOLDER,
-    "avg_checkpoints": (lambda v: _is_int(v) and v >= 1, "an integer >= 1"),
     "grad_accumulation_factor": (lambda v: _is_int(v) and v >= 1, "an integer >= 1"),
     "data_folder_must_exist": (lambda v: isinstance(v, bool), "true or false"),
     "on_error": _CORPUS_RULES["on_error"],
@@ -134,9 +134,6 @@ _RULES: Dict[str, Rule] = {
     "partition": _CORPUS_RULES["partition"],
     "abs_pos_encoding": (lambda v: isinstance(v, bool), "true or false"),
     "attention_type": (lambda v: v in ("RelPosMHAXL", "regularMHA"), "'RelPosMHAXL' or 'regularMHA'"),
-    "wav_augment": (lambda v: v is None, "null or an object (!new:speechbrain.augment.augmenter.Augmenter)"),
-    "fea_augment": (lambda v: v is None, "null or an object (!new:speechbrain.augment.augmenter.Augmenter)"),
-    "augmentation": (lambda v: v is None, "null or an object (e.g. !new:...SpectrogramDrop)"),
     "train_splits": _SPLIT_LIST,
     "dev_splits": _SPLIT_LIST,
     "test_splits": _SPLIT_LIST,
@@ -144,11 +141,6 @@ _RULES: Dict[str, Rule] = {
     # exit-policy evaluation (recipes/evaluate.py, end of recipes/train.py)
     "policy_evaluation": (lambda v: isinstance(v, bool), "true or false"),
     # decoding (EarlyExitCTCBrain / EarlyExitSeq2SeqBrain)
-    "valid_decoder": (lambda v: v in _DECODERS, "one of " + ", ".join(repr(d) for d in _DECODERS)),
-    "test_decoders": (
-        lambda v: isinstance(v, list) and len(v) > 0 and all(d in _DECODERS for d in v),
-        "a non-empty list among " + ", ".join(repr(d) for d in _DECODERS),
-    ),
     "ngram_order": (
         lambda v: v is None or (_is_int(v) and (v == 0 or v >= 2)),
         "null or 0 (no n-gram LM), or an integer >= 2",
@@ -162,7 +154,14 @@ _RULES: Dict[str, Rule] = {
 }
 # the keys of the typed options (data, the loss, CTC decoding, the attention search, the policy evaluation):
 # each rule is defined beside its default, in the option class
-for _options in (DataOptions, MultiExitLoss, CTCDecodingOptions, AEDSearchOptions, PolicyEvaluationOptions):
+for _options in (
+    DataOptions,
+    MultiExitLoss,
+    CTCDecodingOptions,
+    AEDSearchOptions,
+    PolicyEvaluationOptions,
+    BrainOptions,
+):
     _RULES.update(_options.rules())
 
 

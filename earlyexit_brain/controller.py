@@ -34,7 +34,8 @@ from typing import Dict, List, Optional, Sequence
 import numpy as np
 import torch
 
-from .controller_numpy import controller_features, controller_probability as numpy_probability
+from .controller_numpy import controller_features
+from .controller_numpy import controller_probability as numpy_probability
 from .policy_bundle import CONTROLLER_STATISTICS, ControllerWeights
 
 logger = logging.getLogger(__name__)

@@ -22,7 +22,7 @@ from speechbrain.dataio.dataset import DynamicItemDataset
 from speechbrain.dataio.sampler import DynamicBatchSampler
 
 from .audio_check import check_manifest_audio, make_reader, row_segment
-from .options import ConfigError, is_int, is_num, option, Options
+from .options import ConfigError, Options, is_int, is_num, option
 
 logger = logging.getLogger(__name__)
 

@@ -14,10 +14,10 @@ from speechbrain.tokenizers.SentencePiece import SentencePiece
 
 from .checkpoints import CheckpointMismatchError
 from .config import ConfigError, check_device, check_hparams_file, read_raw_hparams
-from .evaluation import POLICY_DEFAULTS, run_policy_evaluation
-from .files import OWNER_MARKER, NotOurFolderError, atomic_write_text, claim_folder, owned
 from .decoding.attention import AED_LM_DEFAULTS
 from .decoding.ngram import lm_summary, prepare_recipe_lm
+from .evaluation import POLICY_DEFAULTS, run_policy_evaluation
+from .files import OWNER_MARKER, NotOurFolderError, atomic_write_text, claim_folder, owned
 from .report import build_report, write_report
 from .utils import uses_decoders
 

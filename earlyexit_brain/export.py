@@ -19,7 +19,6 @@ from .files import atomic_folder, atomic_write_text
 from .latency import LatencyTable
 from .records import JsonRecord
 
-
 # ---------------------------------------------------------------- export
 INFERENCE_YAML = """\
 # ############################################################################

@@ -33,13 +33,13 @@ from speechbrain.utils.fetching import FetchConfig, LocalStrategy, fetch
 
 from .audio_check import wav_truncation
 from .decoding.ctc import CTCDecoder, CTCDecodingOptions, make_ctc_beam_searcher
-from .policies import check_exit, ExitPolicy, make_policy, POLICY_NAMES
-from .policy_bundle import PolicyBundle
-from .latency import LatencyTable
-from .safe_load import check_alias_expansion, check_hparams_text, weights_only_loading
-from .records import FileRecord, JsonRecord  # noqa: F401  (older inference folders name them here)
-from .utils import looks_like_repo_id, tokenizer_pieces, tokens_to_text
 from .dynamic import decode_dynamic, run_model
+from .latency import LatencyTable
+from .policies import POLICY_NAMES, ExitPolicy, check_exit, make_policy
+from .policy_bundle import PolicyBundle
+from .records import FileRecord, JsonRecord  # noqa: F401  (older inference folders name them here)
+from .safe_load import check_alias_expansion, check_hparams_text, weights_only_loading
+from .utils import looks_like_repo_id, tokenizer_pieces, tokens_to_text
 
 logger = logging.getLogger(__name__)
 

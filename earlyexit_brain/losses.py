@@ -14,7 +14,7 @@ import torch
 from speechbrain.nnet.losses import ctc_loss as sb_ctc_loss
 from speechbrain.nnet.losses import nll_loss as sb_nll_loss
 
-from .options import is_int, is_num, option, Options
+from .options import Options, is_int, is_num, option
 from .utils import frame_mask
 
 

@@ -46,8 +46,9 @@ from .models.conformer import EarlyExitConformerEncoder
 from .models.splitformer import SplitformerEncoder
 from .onnx_graphs import FrontGraph, HeadGraph, SegmentGraph
 from .runtime.audio import read_audio
-from .runtime.model import EarlyExitONNX, FORMAT, FORMAT_VERSION, MANIFEST, sha256_file
-from .runtime.policies import fit_latency, RUNTIME_POLICIES
+from .runtime.folder import FORMAT, FORMAT_VERSION, MANIFEST, sha256_file
+from .runtime.model import EarlyExitONNX
+from .runtime.policies import RUNTIME_POLICIES, fit_latency
 from .utils import padding_mask
 
 logger = logging.getLogger(__name__)
@@ -195,7 +196,7 @@ def quantize_graphs(fp32: Dict, folder: str) -> Dict:
     Conv weights of the segments and heads, the MatMul weights of the front end, whose
     convolutions stay fp32: as ConvInteger they took 3x the fp32 front end); their manifest
     entries."""
-    from onnxruntime.quantization import quantize_dynamic, QuantType
+    from onnxruntime.quantization import QuantType, quantize_dynamic
 
     os.makedirs(folder, exist_ok=True)
 

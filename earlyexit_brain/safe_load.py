@@ -1,4 +1,5 @@
-"""Loading a model folder without running someone else's code.
+"""Loading a model folder without running someone else's code (one concept: the checks a model's files
+pass before anything in them is built or unpickled).
 
 A ``hyperparams.yaml`` is code: HyperPyYAML imports and calls whatever its
 ``!new:``, ``!name:``, ``!apply:`` and ``!module:`` tags name, and a ``!ref``

@@ -29,10 +29,10 @@ import time
 
 from tqdm import tqdm
 
-from .decoding.ctc import CTC_DECODERS
-from .policies import POLICY_NAMES
 from .config import check_device
+from .decoding.ctc import CTC_DECODERS
 from .inference import EarlyExitASR
+from .policies import POLICY_NAMES
 from .runtime import EarlyExitONNX, is_onnx_folder
 
 

@@ -23,7 +23,7 @@ import logging
 import sys
 
 from earlyexit_brain.files import NotOurFolderError
-from earlyexit_brain.onnx_export import export_onnx_folder, OPSET, TOLERANCE
+from earlyexit_brain.onnx_export import OPSET, TOLERANCE, export_onnx_folder
 
 
 def parse_args(argv):

@@ -19,7 +19,7 @@ from speechbrain.decoders.seq2seq import S2STransformerBeamSearcher
 from torch import nn
 
 from ..models.decoders import ExitDecoders
-from ..options import is_int, is_num, option, Options
+from ..options import Options, is_int, is_num, option
 from .ngram import WordNgramScorer, scorer_builder
 
 

@@ -12,7 +12,7 @@ from typing import List, Optional
 import torch
 from speechbrain.decoders import ctc_greedy_decode
 
-from ..options import is_int, is_num, null_or_file, option, Options
+from ..options import Options, is_int, is_num, null_or_file, option
 from ..utils import tokenizer_pieces, tokens_to_text
 from .ngram import check_lm_file, is_kenlm_binary
 

@@ -1,7 +1,8 @@
 """WER-vs-compute evaluation of exit policies, and threshold calibration on dev.
 
-``exit_outputs`` records every exit of every utterance; ``calibration`` simulates the policies on
-those records, calibrates their thresholds on dev and sweeps them; ``run`` is what a recipe runs
+``exit_outputs`` records every exit of every utterance; ``simulation`` simulates the policies on
+those records; ``references`` judges them against the fixed-exit line and the oracles;
+``calibration`` calibrates their thresholds on dev and sweeps them; ``run`` is what a recipe runs
 after training (options, model, records, calibration, the exported inference folder).
 
 Every utterance is run once at batch 1 (as a device transcribing one request
@@ -17,37 +18,31 @@ further passes. (``tests/unit/test_exits.py`` checks that the simulated choice
 equals a real dynamic run.)
 """
 
-from .calibration import (
-    area_below_line,
-    budget_sweep,
-    calibrate,
-    candidate_thresholds,
-    confidence_exits,
-    curve_thresholds,
-    depth_and_wer,
-    evaluate_policies,
-    first_stop,
-    fixed_exit_line,
-    line_wer,
-    nearest_depth,
-    policy_references,
-    summarize,
-    sweep_thresholds,
-    threshold_points,
-    WerIncreaseBootstrap,
-)
-from .exit_outputs import build_scorers, collect_exit_outputs, ExitOutputs
+from .calibration import WerIncreaseBootstrap, calibrate, evaluate_policies
+from .exit_outputs import ExitOutputs, build_scorers, collect_exit_outputs
+from .references import area_below_line, curve_thresholds, fixed_exit_line, line_wer, policy_references
 from .run import (
-    build_model,
     CALIBRATED_POLICIES,
+    POLICY_DEFAULTS,
+    SWEEPABLE_POLICIES,
+    PolicyEvaluationOptions,
+    build_model,
     features_config,
     nbest_options,
-    POLICY_DEFAULTS,
-    PolicyEvaluationOptions,
     report_decoding,
     run_policy_evaluation,
     stored_decoding,
-    SWEEPABLE_POLICIES,
+)
+from .simulation import (
+    budget_sweep,
+    candidate_thresholds,
+    confidence_exits,
+    depth_and_wer,
+    first_stop,
+    nearest_depth,
+    summarize,
+    sweep_thresholds,
+    threshold_points,
 )
 
 __all__ = [

@@ -7,18 +7,18 @@ from typing import Dict, List, Optional
 
 import torch
 
+from ..controller import auc, controller_probability, fit_controller, parameter_count, stop_labels
 from ..decoding.attention import AEDSearchOptions
 from ..decoding.ctc import CTC_DECODERS, CTCDecoder, CTCDecodingOptions
 from ..export import export_inference_folder
 from ..latency import measure_latency_table
 from ..models.pipeline import EarlyExitAEDModel, EarlyExitCTCModel
-from ..controller import controller_probability, fit_controller, parameter_count, auc, stop_labels
-from ..options import ConfigError, is_int, is_num, option, Options
+from ..options import ConfigError, Options, is_int, is_num, option
 from ..policies import LearnedPolicy
 from ..policy_bundle import PolicyBundle
 from ..utils import tokenizer_pieces, uses_decoders
 from .calibration import evaluate_policies
-from .exit_outputs import build_scorers, collect_exit_outputs, ExitOutputs
+from .exit_outputs import ExitOutputs, build_scorers, collect_exit_outputs
 
 logger = logging.getLogger(__name__)
 

@@ -16,8 +16,6 @@ the command line; see docs/publishing.md.
 
 from .card import build_model_card, encoder_kind, eval_results  # noqa: F401
 from .experiment import (  # noqa: F401
-    check_repo_id,
-    corpus_info,
     CORPORA,
     DATA_PATH_KEYS,
     EXAMPLE_FILE,
@@ -27,6 +25,8 @@ from .experiment import (  # noqa: F401
     OPTIONAL_FILES,
     PLOT_FILE,
     PublishError,
+    check_repo_id,
+    corpus_info,
     read_experiment,
     resolve_training_paths,
     training_directory,

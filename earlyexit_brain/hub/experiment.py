@@ -9,10 +9,9 @@ from typing import Any, Dict, List, Optional, Tuple
 
 import soundfile
 
-from ..config import ConfigError, read_raw_hparams
 from ..audio_check import read_utterance, row_segment
+from ..config import ConfigError, read_raw_hparams
 from ..utils import looks_like_repo_id
-
 
 #: The loadables an inference hyperparams.yaml names (besides itself).
 MODEL_FILES = (

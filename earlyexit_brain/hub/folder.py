@@ -14,14 +14,14 @@ from ..onnx_export import export_onnx_folder
 from ..runtime import EarlyExitONNX, is_onnx_folder
 from .card import build_model_card, encoder_kind
 from .experiment import (
-    check_repo_id,
-    corpus_info,
     EXAMPLE_FILE,
     MODEL_FILES,
     ONNX_FOLDER,
     OPTIONAL_FILES,
     PLOT_FILE,
     PublishError,
+    check_repo_id,
+    corpus_info,
     read_experiment,
     write_example_audio,
 )

@@ -1,5 +1,5 @@
-"""Early-exit Conformer encoder built from SpeechBrain's own layers (one concept: the encoder, its front end,
-exit norms and exit heads).
+"""Early-exit Conformer encoder built from SpeechBrain's own layers (its exits and heads are
+:mod:`.exits`, its channels-last front end :mod:`.frontend`).
 
 The encoder is SpeechBrain's convolutional front end followed by a stack of
 :class:`speechbrain.lobes.models.transformer.Conformer.ConformerEncoderLayer`.
@@ -11,83 +11,23 @@ caller that stops consuming the generator never computes the layers above.
 """
 
 import math
-from dataclasses import dataclass
-from typing import Iterator, List, Optional, Sequence, Tuple, Union
+from typing import Optional, Sequence, Union
 
 import torch
-from speechbrain.lobes.models.convolution import ConvolutionFrontEnd
 from speechbrain.lobes.models.transformer.Conformer import ConformerEncoderLayer
 from speechbrain.lobes.models.transformer.TransformerASR import make_transformer_src_mask
-from speechbrain.nnet.CNN import Conv2d, get_padding_elem
 from speechbrain.nnet.activations import Swish
 from speechbrain.nnet.attention import RelPosEncXL
+from speechbrain.nnet.CNN import Conv2d, get_padding_elem
 from speechbrain.nnet.normalization import LayerNorm
 from torch import nn
-from torch.nn import functional as F
 
 from ..utils import padding_mask, valid_frames
 
-
-def resolve_exit_layers(exit_layers: Union[Sequence[int], int, str], num_layers: int) -> List[int]:
-    """Turn an exit specification into a sorted list of 1-based layer numbers.
-
-    Arguments
-    ---------
-    exit_layers : list of int, int or str
-        Either an explicit list such as ``[2, 4, 6]``, an int ``k`` meaning
-        "every k layers", or the string ``"every_k"`` (e.g. ``"every_2"``).
-    num_layers : int
-        Depth of the encoder.
-
-    Returns
-    -------
-    list of int
-        The 1-based layers after which an exit sits, ascending.
-
-    Raises
-    ------
-    ValueError
-        Naming the ``exit_layers`` key when the list is empty, unsorted,
-        duplicated or outside ``1..num_layers``.
-
-    Example
-    -------
-    >>> resolve_exit_layers("every_2", 6)
-    [2, 4, 6]
-    >>> resolve_exit_layers([3, 6], 6)
-    [3, 6]
-    """
-    if isinstance(exit_layers, str):
-        if not exit_layers.startswith("every_") or not exit_layers[6:].isdigit():
-            raise ValueError(
-                f"exit_layers: expected a list of layer numbers, an int k or 'every_k', got {exit_layers!r}"
-            )
-        exit_layers = int(exit_layers[6:])
-    if isinstance(exit_layers, bool):
-        raise ValueError(f"exit_layers: expected a list of ints, got {exit_layers!r}")
-    if isinstance(exit_layers, int):
-        step = exit_layers
-        if step < 1 or step > num_layers:
-            raise ValueError(f"exit_layers: 'every {step}' must be between 1 and num_layers={num_layers}")
-        layers = list(range(step, num_layers + 1, step))
-        if layers[-1] != num_layers:
-            layers.append(num_layers)
-        return layers
-    layers = list(exit_layers)
-    if not layers:
-        raise ValueError("exit_layers: the list of exits is empty")
-    for layer in layers:
-        if isinstance(layer, bool) or not isinstance(layer, int):
-            raise ValueError(f"exit_layers: {layer!r} is not an integer layer number ({layers})")
-        if layer < 1 or layer > num_layers:
-            raise ValueError(
-                f"exit_layers: layer {layer} is out of range; accepted values are 1..num_layers={num_layers} ({layers})"
-            )
-    if len(set(layers)) != len(layers):
-        raise ValueError(f"exit_layers: duplicated layers in {layers}")
-    if layers != sorted(layers):
-        raise ValueError(f"exit_layers: layers must be in ascending order, got {layers}")
-    return layers
+# the exits and the channels-last front end have their own modules; the names stay importable from here
+# for the hyperparams.yaml of experiments made before (e.g. !apply:earlyexit_brain.models.conformer.count_exits)
+from .exits import CTCExitHeads, EncoderState, IncrementalExits, count_exits, resolve_exit_layers  # noqa: F401
+from .frontend import ChannelsLastFrontEnd  # noqa: F401
 
 
 def sinusoidal_positions(length: int, dim: int, device=None, dtype=torch.float32) -> torch.Tensor:
@@ -111,157 +51,6 @@ def relative_positions(length: int, dim: int, inv_freq: torch.Tensor) -> torch.T
     positions = torch.arange(length, dtype=torch.float32, device=inv_freq.device)[:, None] * inv_freq
     pe = torch.stack([torch.sin(positions), torch.cos(positions)], dim=-1).reshape(length, dim)
     return torch.cat([torch.flip(pe, (0,)), pe[1:]], dim=0)[None]
-
-
-class ChannelsLastFrontEnd(ConvolutionFrontEnd):
-    """SpeechBrain's ``ConvolutionFrontEnd``, computed without its layout changes.
-
-    The same modules, parameters (state-dict keys included) and outputs as
-    SpeechBrain's front end; only the forward differs. SpeechBrain's ``Conv2d``
-    turns the ``(B, T, F, C)`` activations into ``(B, C, F, T)`` for every
-    convolution and back, so the LayerNorm, the activation and their backward
-    passes work on strided copies. Here the activations stay ``(B, T, F, C)``
-    in memory, which is PyTorch's ``channels_last`` layout of a convolution
-    over ``(T, F)``, and each kernel is transposed to match: the products are
-    the same, summed in another order (outputs equal to about 1e-6). On 2 CPU
-    threads a training step's front end (forward and backward) takes about
-    half of SpeechBrain's time (docs/performance.md).
-
-    Blocks that this forward does not cover (a residual branch, another
-    convolution class, a padding other than ``"same"``, a one-channel output
-    that SpeechBrain would squeeze) run SpeechBrain's own forward.
-
-    Example
-    -------
-    >>> fe = ChannelsLastFrontEnd(input_shape=[None, None, 80], num_blocks=2,
-    ...                           num_layers_per_block=1, out_channels=[8, 8],
-    ...                           kernel_sizes=[3, 3], strides=[2, 2], residuals=[False, False]).eval()
-    >>> feats = torch.randn(2, 100, 80)
-    >>> fe(feats).shape
-    torch.Size([2, 25, 20, 8])
-    >>> bool(torch.allclose(fe(feats), ConvolutionFrontEnd.forward(fe, feats), atol=1e-5))
-    True
-    """
-
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
-        self.channels_last = all(
-            block.reduce_conv is None
-            and all(
-                not isinstance(layer, Conv2d)
-                or (
-                    layer.padding == "same"
-                    and layer.max_norm is None
-                    and not layer.skip_transpose
-                    and not layer.swap
-                    and layer.conv.out_channels > 1
-                    and isinstance(layer.conv, nn.Conv2d)
-                    and layer.conv.padding == (0, 0)
-                )
-                for layer in block.convs.children()
-            )
-            for block in self.children()
-        )
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Features ``(B, T, F)`` -> ``(B, T', F', C)``, as SpeechBrain's front end."""
-        if not getattr(self, "channels_last", False):  # also while SpeechBrain builds the blocks
-            return super().forward(x)
-        x = x.unsqueeze(-1)
-        for block in self.children():
-            for layer in block.convs.children():
-                x = _conv2d_channels_last(layer, x) if isinstance(layer, Conv2d) else layer(x)
-        return x
-
-
-def _conv2d_channels_last(layer: Conv2d, x: torch.Tensor) -> torch.Tensor:
-    """SpeechBrain ``Conv2d`` ("same" padding) on ``(B, T, F, C)``, returning ``(B, T', F', C')``.
-
-    SpeechBrain pads and convolves ``(B, C, F, T)``: here the same padding
-    (reflect by default, computed by SpeechBrain's ``get_padding_elem``) and the
-    kernel, stride and dilation are applied with the two spatial axes swapped.
-    """
-    conv = layer.conv
-    kernel, stride, dilation = layer.kernel_size, layer.stride, layer.dilation
-    pad_time = get_padding_elem(layer.in_channels, stride[-1], kernel[-1], dilation[-1])
-    pad_freq = get_padding_elem(layer.in_channels, stride[-2], kernel[-2], dilation[-2])
-    h = x.permute(0, 3, 1, 2)  # (B, C, T, F), channels_last in memory
-    h = F.pad(h, pad_freq + pad_time, mode=layer.padding_mode)
-    h = h.contiguous(memory_format=torch.channels_last)
-    weight = conv.weight.transpose(2, 3).contiguous(memory_format=torch.channels_last)
-    h = F.conv2d(h, weight, conv.bias, stride=stride[::-1], dilation=dilation[::-1], groups=conv.groups)
-    return h.permute(0, 2, 3, 1)
-
-
-@dataclass
-class EncoderState:
-    """Where an incremental encoder run stands (see ``start``/``advance``/``select``).
-
-    ``x`` is ``(B, T', d_model)`` after ``layer`` layers; ``frames`` ``(B,)``
-    holds each utterance's valid frames.
-    """
-
-    x: torch.Tensor
-    frames: torch.Tensor
-    layer: int
-    key_padding_mask: Optional[torch.Tensor]
-    src_mask: Optional[torch.Tensor]
-    pos_embs: Optional[torch.Tensor]
-
-
-class IncrementalExits:
-    """``iter_exits`` and ``forward`` for an encoder with an incremental interface.
-
-    The encoder provides ``num_exits``, ``start(inputs, lengths) -> state`` and
-    ``advance(state, exit_index) -> hidden``; layers above the last exit asked
-    for are never run.
-    """
-
-    @property
-    def exit_compute_layers(self) -> List[int]:
-        """Layers computed to reach each exit, as dynamic inference and the policy evaluation
-        count them: ``exit_layers`` here; an encoder with layers beside the stack (the
-        Splitformer's branches) counts those too."""
-        return list(self.exit_layers)
-
-    def iter_exits(
-        self, inputs: torch.Tensor, lengths: Optional[torch.Tensor] = None, max_exit: Optional[int] = None
-    ) -> Iterator[Tuple[int, torch.Tensor]]:
-        """Run layer by layer, yielding ``(exit_index, hidden)`` as each exit is reached.
-
-        ``exit_index`` is 0-based; ``hidden`` is ``(B, T', d_model)`` after the
-        exit's LayerNorm. The generator stops after ``max_exit`` (0-based,
-        default: the last exit); layers above the last consumed exit are never
-        run, because nothing is computed until the caller asks for the next exit.
-        """
-        last = self.num_exits - 1 if max_exit is None else max_exit
-        if not 0 <= last < self.num_exits:
-            raise ValueError(f"exit index {max_exit} out of range 0..{self.num_exits - 1}")
-        state = self.start(inputs, lengths)
-        for exit_idx in range(last + 1):
-            yield exit_idx, self.advance(state, exit_idx)
-
-    def forward(
-        self, inputs: torch.Tensor, lengths: Optional[torch.Tensor] = None, max_exit: Optional[int] = None
-    ) -> List[torch.Tensor]:
-        """Hidden states at every exit up to ``max_exit`` (default: all).
-
-        Arguments
-        ---------
-        inputs : torch.Tensor
-            ``(B, T, F)`` normalised features (Conformer) or ``(B, S)`` waveforms (SSL).
-        lengths : torch.Tensor
-            ``(B,)`` relative lengths in ``[0, 1]`` (SpeechBrain convention);
-            they are unchanged by subsampling.
-        max_exit : int, optional
-            0-based index of the last exit to compute.
-
-        Returns
-        -------
-        list of torch.Tensor
-            One ``(B, T', d_model)`` tensor per exit.
-        """
-        return [h for _, h in self.iter_exits(inputs, lengths, max_exit)]
 
 
 class EarlyExitConformerEncoder(IncrementalExits, nn.Module):
@@ -514,43 +303,3 @@ class EarlyExitConformerEncoder(IncrementalExits, nn.Module):
         shared += sum(p.numel() for p in layers.parameters())
         shared += sum(p.numel() for p in self.exit_norms[exit_index].parameters())
         return shared
-
-
-class CTCExitHeads(nn.Module):
-    """One CTC output layer per exit: ``Linear(d_model -> vocab)`` + log-softmax.
-
-    Example
-    -------
-    >>> heads = CTCExitHeads(d_model=8, vocab_size=5, num_exits=2)
-    >>> out = heads([torch.randn(2, 3, 8), torch.randn(2, 3, 8)])
-    >>> [o.shape for o in out]
-    [torch.Size([2, 3, 5]), torch.Size([2, 3, 5])]
-    """
-
-    def __init__(self, d_model: int, vocab_size: int, num_exits: int):
-        super().__init__()
-        self.config = dict(d_model=d_model, vocab_size=vocab_size, num_exits=num_exits)
-        self.heads = nn.ModuleList([nn.Linear(d_model, vocab_size) for _ in range(num_exits)])
-
-    def forward_exit(self, exit_index: int, hidden: torch.Tensor) -> torch.Tensor:
-        """Log-probabilities ``(B, T, V)`` of one exit."""
-        return torch.log_softmax(self.heads[exit_index](hidden), dim=-1)
-
-    def forward(self, hiddens: Sequence[torch.Tensor]) -> List[torch.Tensor]:
-        """Log-probabilities for each exit's hidden state."""
-        return [self.forward_exit(i, h) for i, h in enumerate(hiddens)]
-
-    def params_of_exit(self, exit_index: int) -> int:
-        """Parameters of one exit's head."""
-        return sum(p.numel() for p in self.heads[exit_index].parameters())
-
-
-def count_exits(exit_layers: Union[Sequence[int], int, str], num_layers: int) -> int:
-    """Number of exits for an exit specification (for YAML wiring).
-
-    Example
-    -------
-    >>> count_exits("every_2", 12)
-    6
-    """
-    return len(resolve_exit_layers(exit_layers, num_layers))

@@ -12,13 +12,13 @@ joint CTC/attention beam search for one exit.
 from typing import List, Optional, Sequence, Tuple
 
 import torch
+from speechbrain.dataio.dataio import length_to_mask
 from speechbrain.lobes.models.transformer.Transformer import (
     NormalizedEmbedding,
     PositionalEncoding,
     TransformerDecoder,
     get_lookahead_mask,
 )
-from speechbrain.dataio.dataio import length_to_mask
 from speechbrain.nnet.linear import Linear
 from torch import nn
 

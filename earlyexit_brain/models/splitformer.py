@@ -25,7 +25,8 @@ from torch import nn
 from torch.nn import functional as F
 
 from ..utils import padding_mask
-from .conformer import EarlyExitConformerEncoder, EncoderState, relative_positions
+from .conformer import EarlyExitConformerEncoder, relative_positions
+from .exits import EncoderState
 
 
 def resolve_branch_exits(branch_exits: Optional[Sequence[int]], num_exits: int) -> List[int]:

@@ -41,7 +41,7 @@ import torch
 from torch import nn
 
 from ..utils import padding_mask, valid_frames
-from .conformer import CTCExitHeads, IncrementalExits, resolve_exit_layers
+from .exits import CTCExitHeads, IncrementalExits, resolve_exit_layers
 
 SUPPORTED_MODEL_TYPES = ("wav2vec2", "wavlm", "hubert")
 _HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*$")

@@ -8,4 +8,5 @@ importing or using it imports none of torch, torchaudio, SpeechBrain or transfor
     asr.transcribe_file("speech.wav", policy="entropy")
 """
 
-from .model import EarlyExitONNX, is_onnx_folder, Transcription  # noqa: F401
+from .folder import is_onnx_folder  # noqa: F401
+from .model import EarlyExitONNX, Transcription  # noqa: F401

@@ -1,7 +1,6 @@
 """The smoke recipe trained once per session, shared by the integration tests."""
 
 import pytest
-
 from smoke import run_recipe  # tests/integration/smoke.py
 
 

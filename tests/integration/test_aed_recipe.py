@@ -7,8 +7,8 @@ import subprocess
 import sys
 
 import pytest
-
 from smoke import SMOKE_AED, run_recipe  # tests/integration/smoke.py
+
 from tests.oracles import check_policy_transcription
 
 DECODERS = {"aed_beam", "ctc_greedy", "ctc_beam"}

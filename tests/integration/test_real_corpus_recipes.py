@@ -12,8 +12,8 @@ import pytest
 from hyperpyyaml import load_hyperpyyaml
 
 from benchmarks.ddp import run_smoke_recipe
-from tests.real_corpora import LIBRI_UTTS, TED_SEGMENTS, make_librispeech, make_tedlium
 from earlyexit_brain.files import OWNER_MARKER
+from tests.real_corpora import LIBRI_UTTS, TED_SEGMENTS, make_librispeech, make_tedlium
 
 SMALL = [
     "--num_layers=2",

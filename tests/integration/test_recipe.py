@@ -7,8 +7,8 @@ import subprocess
 import sys
 
 import pytest
-
 from smoke import exit_results, run_recipe  # tests/integration/smoke.py
+
 from tests.oracles import check_policy_transcription
 
 
@@ -148,8 +148,8 @@ def test_ngram_lm_estimated_used_and_exported(smoke_run):
     """smoke.yaml: ngram_order 2 and test_decoders [ctc_beam, ctc_greedy]: the recipe
     estimates the bigram from train.csv, decodes the report (and the policies) with it,
     and ships it with the exported model, whose default decoding uses it."""
-    from earlyexit_brain.inference import EarlyExitASR
     from earlyexit_brain.decoding.ngram import arpa_text, manifest_sentences
+    from earlyexit_brain.inference import EarlyExitASR
 
     out, data, _ = smoke_run
     lm = out / "save" / "ngram_2.arpa"

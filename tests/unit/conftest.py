@@ -6,17 +6,17 @@ import pytest
 import sentencepiece as spm
 import soundfile as sf
 import torch
+from signals import SR, tone  # tests/unit/signals.py
 from speechbrain.lobes.features import Fbank
 from speechbrain.processing.features import InputNormalization
-
-from earlyexit_brain.latency import fit_latency_table
-from earlyexit_brain.inference import EarlyExitASR
-from earlyexit_brain.export import export_inference_folder
-from earlyexit_brain.models.conformer import CTCExitHeads, EarlyExitConformerEncoder
-from earlyexit_brain.models.pipeline import EarlyExitCTCModel
-
-from signals import SR, tone  # tests/unit/signals.py
 from tokenizer_helpers import char_tokenizer  # tests/unit/tokenizer_helpers.py
+
+from earlyexit_brain.export import export_inference_folder
+from earlyexit_brain.inference import EarlyExitASR
+from earlyexit_brain.latency import fit_latency_table
+from earlyexit_brain.models.conformer import EarlyExitConformerEncoder
+from earlyexit_brain.models.exits import CTCExitHeads
+from earlyexit_brain.models.pipeline import EarlyExitCTCModel
 
 
 @pytest.fixture(scope="module")

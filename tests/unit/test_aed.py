@@ -10,27 +10,26 @@ import sentencepiece as spm
 import soundfile as sf
 import speechbrain as sb
 import torch
+from signals import SR, tone  # tests/unit/signals.py
 from speechbrain.dataio.batch import PaddedBatch
 from speechbrain.lobes.features import Fbank
 from speechbrain.nnet.losses import ctc_loss, nll_loss
 from speechbrain.processing.features import InputNormalization
+from tokenizer_helpers import char_tokenizer  # tests/unit/tokenizer_helpers.py
 
 from earlyexit_brain.brain import EarlyExitSeq2SeqBrain
 from earlyexit_brain.config import ConfigError, check_hparams
-from earlyexit_brain.policies import FixedExit
+from earlyexit_brain.decoding.attention import decode_exit, make_aed_searcher
 from earlyexit_brain.decoding.ctc import make_ctc_beam_searcher
-from earlyexit_brain.inference import EarlyExitASR
-from earlyexit_brain.export import export_inference_folder
-from earlyexit_brain.models.conformer import CTCExitHeads, EarlyExitConformerEncoder
-from earlyexit_brain.models.decoders import add_bos_eos, ExitDecoders
-from earlyexit_brain.decoding.attention import make_aed_searcher
-from earlyexit_brain.models.pipeline import EarlyExitAEDModel
-from earlyexit_brain.utils import tokens_to_text
-
-from signals import SR, tone  # tests/unit/signals.py
-from earlyexit_brain.decoding.attention import decode_exit
 from earlyexit_brain.dynamic import decode_dynamic, run_model
-from tokenizer_helpers import char_tokenizer  # tests/unit/tokenizer_helpers.py
+from earlyexit_brain.export import export_inference_folder
+from earlyexit_brain.inference import EarlyExitASR
+from earlyexit_brain.models.conformer import EarlyExitConformerEncoder
+from earlyexit_brain.models.decoders import ExitDecoders, add_bos_eos
+from earlyexit_brain.models.exits import CTCExitHeads
+from earlyexit_brain.models.pipeline import EarlyExitAEDModel
+from earlyexit_brain.policies import FixedExit
+from earlyexit_brain.utils import tokens_to_text
 from tests.factories import make_brain
 
 BOS, EOS = 1, 2
@@ -527,7 +526,7 @@ def test_a_missing_ngram_file_is_named_by_both_searches(sp, tmp_path):
 def test_word_ngram_scores_add_up_to_the_weighted_sentence_log_probability(sp, arpa, tmp_path):
     import kenlm
 
-    from earlyexit_brain.decoding.ngram import arpa_vocabulary, WordNgramScorer
+    from earlyexit_brain.decoding.ngram import WordNgramScorer, arpa_vocabulary
     from earlyexit_brain.utils import tokenizer_pieces
 
     assert sorted(arpa_vocabulary(arpa)) == sorted({w for s in LM_TEXT for w in s.split()})

@@ -11,20 +11,21 @@ import numpy as np
 import pytest
 import soundfile as sf
 import torch
+from recipe_modules import recipe
+from signals import SR, tone
 from speechbrain.lobes.features import Fbank
 from speechbrain.processing.features import InputNormalization
 
 from earlyexit_brain.audio_check import BadAudioError, check_rows, make_reader, wav_truncation
 from earlyexit_brain.dataio import dataio_prepare
-from earlyexit_brain.policies import GreedyPosteriorPolicy
-from earlyexit_brain.models.conformer import CTCExitHeads, EarlyExitConformerEncoder
+from earlyexit_brain.dynamic import run_model
+from earlyexit_brain.models.conformer import EarlyExitConformerEncoder
+from earlyexit_brain.models.exits import CTCExitHeads
 from earlyexit_brain.models.pipeline import EarlyExitCTCModel
 from earlyexit_brain.models.ssl import EarlyExitSSLEncoder, WaveformFeatures, WaveformNormalization
+from earlyexit_brain.policies import GreedyPosteriorPolicy
 from earlyexit_brain.report import build_report, write_report
 from earlyexit_brain.transcribe import main as transcribe_main
-from recipe_modules import recipe
-from signals import SR, tone
-from earlyexit_brain.dynamic import run_model
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 MIN_SAMPLES = 320  # the fixture model: 10 ms hop, two stride-2 convolutions with reflect padding

@@ -3,9 +3,11 @@
 import os
 import subprocess
 import sys
+from types import SimpleNamespace
 
 import pytest
 
+from earlyexit_brain.brain_options import BrainOptions
 from earlyexit_brain.config import ConfigError, check_hparams, check_hparams_file, read_raw_hparams
 
 HPARAMS = [
@@ -64,6 +66,9 @@ def load_default(repo_root, overrides=None):
         ({"token_type": "words"}, "token_type"),
         ({"dynamic_batching": "maybe"}, "dynamic_batching"),
         ({"kernel_size": 14}, "kernel_size"),
+        ({"valid_decoder": "greedy"}, "valid_decoder"),
+        ({"test_decoders": []}, "test_decoders"),
+        ({"lr_annealing": 0.5}, "lr_annealing"),
     ],
 )
 def test_bad_values_name_the_key(repo_root, overrides, key):
@@ -187,3 +192,16 @@ def test_corpus_options_are_checked(repo_root, tmp_path):
     raw["corpus_options"].update(splits=["train"], num_workers=0)
     with pytest.raises(ConfigError, match="'corpus_options.num_workers'"):
         check_hparams(raw)
+
+
+def test_brain_options_check_the_objects_the_hooks_call():
+    """The Brain reads its keys once, through BrainOptions: a plain value where an object is
+    called is refused naming the key; null takes the default."""
+    with pytest.raises(ConfigError, match="'lr_annealing'"):
+        BrainOptions.from_hparams(SimpleNamespace(lr_annealing=0.5))
+    with pytest.raises(ConfigError, match="'train_clock'"):
+        BrainOptions.from_hparams(SimpleNamespace(train_clock=3))
+    options = BrainOptions.from_hparams(SimpleNamespace(avg_checkpoints=None, fea_augment=len))
+    assert options.avg_checkpoints == 1
+    assert options.augmenters == [len]
+    assert options.valid_decoder is None and options.test_decoders is None  # the Brain's default decoder

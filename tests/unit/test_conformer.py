@@ -2,16 +2,11 @@
 
 import pytest
 import torch
-
 from speechbrain.lobes.models.convolution import ConvolutionFrontEnd
 
-from earlyexit_brain.models.conformer import (
-    ChannelsLastFrontEnd,
-    CTCExitHeads,
-    EarlyExitConformerEncoder,
-    count_exits,
-    resolve_exit_layers,
-)
+from earlyexit_brain.models.conformer import EarlyExitConformerEncoder
+from earlyexit_brain.models.exits import CTCExitHeads, count_exits, resolve_exit_layers
+from earlyexit_brain.models.frontend import ChannelsLastFrontEnd
 
 
 def small_encoder(exit_layers=(1, 2, 4), num_layers=4, **kw):

@@ -5,6 +5,8 @@ import math
 
 import pytest
 import torch
+from signals import SR  # tests/unit/signals.py
+from test_exits import tiny_model  # tests/unit/test_exits.py
 
 from earlyexit_brain.controller import (
     auc,
@@ -22,12 +24,9 @@ from earlyexit_brain.policies import LearnedPolicy, make_policy
 from earlyexit_brain.policy_bundle import (
     CONTROLLER_STATISTICS,
     ControllerWeights,
-    controller_probabilities,
     PolicyBundle,
+    controller_probabilities,
 )
-from test_exits import tiny_model  # tests/unit/test_exits.py
-
-from signals import SR  # tests/unit/signals.py
 
 S = len(CONTROLLER_STATISTICS)
 

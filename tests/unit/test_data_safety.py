@@ -11,6 +11,8 @@ import subprocess
 import sys
 
 import pytest
+from recipe_modules import recipe
+from test_hub import make_experiment
 
 from benchmarks import soak
 from benchmarks.__main__ import main as benchmarks_main
@@ -18,11 +20,9 @@ from earlyexit_brain import hub
 from earlyexit_brain.data.librispeech import prepare_librispeech
 from earlyexit_brain.data.synthetic import prepare_synthetic
 from earlyexit_brain.data.tedlium import prepare_tedlium
-from earlyexit_brain.files import OWNER_MARKER, NotOurFolderError, atomic_folder, claim_folder, folder_kind
 from earlyexit_brain.export import export_inference_folder
-from recipe_modules import recipe
+from earlyexit_brain.files import OWNER_MARKER, NotOurFolderError, atomic_folder, claim_folder, folder_kind
 from tests.real_corpora import make_librispeech, make_tedlium
-from test_hub import make_experiment
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 

@@ -5,6 +5,7 @@ import math
 import pytest
 import torch
 
+from earlyexit_brain.dynamic import run_dynamic
 from earlyexit_brain.evaluation import (
     ExitOutputs,
     WerIncreaseBootstrap,
@@ -13,6 +14,9 @@ from earlyexit_brain.evaluation import (
     evaluate_policies,
     summarize,
 )
+from earlyexit_brain.latency import fit_latency_table
+from earlyexit_brain.models.conformer import EarlyExitConformerEncoder
+from earlyexit_brain.models.exits import CTCExitHeads
 from earlyexit_brain.policies import (
     BudgetPolicy,
     EntropyPolicy,
@@ -23,9 +27,6 @@ from earlyexit_brain.policies import (
     make_policy,
     oracle_exits,
 )
-from earlyexit_brain.latency import fit_latency_table
-from earlyexit_brain.dynamic import run_dynamic
-from earlyexit_brain.models.conformer import CTCExitHeads, EarlyExitConformerEncoder
 
 
 def log_probs_of(probs):

@@ -4,10 +4,10 @@ moved or copied, or saved by an older version."""
 import logging
 import os
 
-from earlyexit_brain.checkpoints import AtomicCheckpointer
 import pytest
 from hyperpyyaml import load_hyperpyyaml
 
+from earlyexit_brain.checkpoints import AtomicCheckpointer
 from earlyexit_brain.evaluation import POLICY_DEFAULTS
 from earlyexit_brain.experiment import (
     changed_hyperparameters,

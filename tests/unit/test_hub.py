@@ -15,6 +15,8 @@ import numpy as np
 import pytest
 import soundfile as sf
 from huggingface_hub import ModelCard
+from recipe_modules import recipe
+from signals import SR, tone
 
 from earlyexit_brain import hub
 from earlyexit_brain.files import OWNER_MARKER
@@ -22,8 +24,6 @@ from earlyexit_brain.inference import EarlyExitASR
 from earlyexit_brain.report import build_report, write_report
 from earlyexit_brain.safe_load import UnsafeHparamsError, unsafe_tags
 from earlyexit_brain.transcribe import main as transcribe_main
-from recipe_modules import recipe
-from signals import SR, tone
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 SECRET = "hf_TESTsecretTOKEN0123456789"

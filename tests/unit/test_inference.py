@@ -7,17 +7,17 @@ import pytest
 import sentencepiece as spm
 import soundfile as sf
 import torch
+from signals import SR, tone  # tests/unit/signals.py
 from speechbrain.decoders import ctc_greedy_decode
 from speechbrain.lobes.features import Fbank
 from speechbrain.processing.features import InputNormalization
 
 from earlyexit_brain.evaluation import collect_exit_outputs, confidence_exits
-from earlyexit_brain.policies import GreedyPosteriorPolicy
 from earlyexit_brain.inference import EarlyExitASR
-from earlyexit_brain.models.conformer import CTCExitHeads, EarlyExitConformerEncoder
+from earlyexit_brain.models.conformer import EarlyExitConformerEncoder
+from earlyexit_brain.models.exits import CTCExitHeads
 from earlyexit_brain.models.pipeline import EarlyExitCTCModel
-
-from signals import SR, tone  # tests/unit/signals.py
+from earlyexit_brain.policies import GreedyPosteriorPolicy
 from tests.oracles import check_policy_transcription
 
 

@@ -26,6 +26,7 @@ LAYERS = [
     ["earlyexit_brain.latency", "earlyexit_brain.controller", "earlyexit_brain.policies", "earlyexit_brain.dynamic"],
     [
         "earlyexit_brain.brain",
+        "earlyexit_brain.brain_options",
         "earlyexit_brain.inference",
         "earlyexit_brain.export",
         "earlyexit_brain.report",

@@ -7,10 +7,11 @@ import pytest
 import torch
 from speechbrain.nnet.losses import ctc_loss
 
+from earlyexit_brain.dataio import DataOptions, ctc_required_frames, dataio_prepare, encoder_frames
 from earlyexit_brain.losses import MultiExitLoss
-from earlyexit_brain.dataio import ctc_required_frames, DataOptions, dataio_prepare, encoder_frames
+from earlyexit_brain.models.conformer import EarlyExitConformerEncoder
+from earlyexit_brain.models.exits import CTCExitHeads
 from earlyexit_brain.options import ConfigError
-from earlyexit_brain.models.conformer import CTCExitHeads, EarlyExitConformerEncoder
 
 
 def per_exit_ctc(seed=0):

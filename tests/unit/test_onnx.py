@@ -14,36 +14,36 @@ import pytest
 import soundfile as sf
 import torch
 import torchaudio
+from signals import SR, tone  # tests/unit/signals.py
+from test_controller import random_weights  # tests/unit/test_controller.py
 
 from earlyexit_brain import transcribe
 from earlyexit_brain.controller import controller_probability as torch_probability
 from earlyexit_brain.controller import exit_features
 from earlyexit_brain.files import NotOurFolderError
+from earlyexit_brain.inference import EarlyExitASR
 from earlyexit_brain.onnx_export import (
+    ExportMismatchError,
     _export,
     check_agreement,
-    ExportMismatchError,
     export_onnx_folder,
     pad_batch,
     runtime_default_policy,
     torch_exit_log_probs,
 )
-from earlyexit_brain.inference import EarlyExitASR
 from earlyexit_brain.onnx_graphs import HeadGraph
 from earlyexit_brain.policies import EntropyPolicy, GreedyPosteriorPolicy
 from earlyexit_brain.runtime import EarlyExitONNX
 from earlyexit_brain.runtime.audio import resample
-from earlyexit_brain.runtime.model import sha256_file
+from earlyexit_brain.runtime.folder import sha256_file
 from earlyexit_brain.runtime.policies import (
+    RuntimeLatencyTable,
+    RuntimePolicy,
     controller_features,
     controller_probability,
     entropy_score,
     greedy_posterior_score,
-    RuntimeLatencyTable,
-    RuntimePolicy,
 )
-from signals import SR, tone  # tests/unit/signals.py
-from test_controller import random_weights  # tests/unit/test_controller.py
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 D = 32  # the smoke model's d_model
@@ -563,8 +563,9 @@ def test_transcribe_command_takes_an_onnx_folder(onnx_folder, audio, capsys):
 
 # ---------------------------------------------------------------- publishing
 def test_the_hub_folder_carries_the_onnx_export_validated(tmp_path, folder, model, onnx_folder):
-    from earlyexit_brain import hub
     from test_hub import make_experiment  # tests/unit/test_hub.py
+
+    from earlyexit_brain import hub
 
     experiment = make_experiment(tmp_path, folder, model)
     shutil.copytree(onnx_folder, experiment / "onnx")

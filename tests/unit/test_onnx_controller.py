@@ -8,17 +8,17 @@ exported smoke model with a controller is tested in test_onnx.py, which exports 
 import numpy as np
 import pytest
 import torch
+from test_controller import random_weights  # tests/unit/test_controller.py
 
 from earlyexit_brain.controller import controller_probability as torch_probability
 from earlyexit_brain.controller import exit_features
-from earlyexit_brain.policy_bundle import controller_probabilities, CONTROLLER_STATISTICS
+from earlyexit_brain.policy_bundle import CONTROLLER_STATISTICS, controller_probabilities
 from earlyexit_brain.runtime.policies import (
+    RUNTIME_POLICIES,
     controller_features,
     controller_probability,
     make_runtime_policy,
-    RUNTIME_POLICIES,
 )
-from test_controller import random_weights  # tests/unit/test_controller.py
 
 S = len(CONTROLLER_STATISTICS)
 

@@ -6,7 +6,8 @@ import re
 import subprocess
 import sys
 
-from earlyexit_brain.models.conformer import CTCExitHeads, EarlyExitConformerEncoder
+from earlyexit_brain.models.conformer import EarlyExitConformerEncoder
+from earlyexit_brain.models.exits import CTCExitHeads
 from earlyexit_brain.report import build_report, report_markdown, write_report
 
 

@@ -11,11 +11,11 @@ import pytest
 import soundfile as sf
 import torch
 
+from earlyexit_brain.audio_check import read_utterance, row_segment
 from earlyexit_brain.data import librispeech, tedlium
 from earlyexit_brain.data.common import CorpusError
 from earlyexit_brain.data.librispeech import prepare_librispeech
 from earlyexit_brain.data.tedlium import normalize_words, prepare_tedlium
-from earlyexit_brain.audio_check import read_utterance, row_segment
 from earlyexit_brain.dataio import dataio_prepare
 from earlyexit_brain.files import OWNER_MARKER
 from tests.real_corpora import LIBRI_UTTS, SR, TED_SEGMENTS, make_librispeech, make_tedlium

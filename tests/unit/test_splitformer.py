@@ -10,25 +10,25 @@ import sentencepiece as spm
 import soundfile as sf
 import torch
 from hyperpyyaml import load_hyperpyyaml
+from signals import SR, tone  # tests/unit/signals.py
 from speechbrain.lobes.features import Fbank
 from speechbrain.processing.features import InputNormalization
+from tokenizer_helpers import char_tokenizer  # tests/unit/tokenizer_helpers.py
 from torch import nn
 
+from earlyexit_brain import hub
 from earlyexit_brain.config import check_hparams_file
 from earlyexit_brain.dynamic import run_dynamic
 from earlyexit_brain.evaluation import ExitOutputs, summarize
-from earlyexit_brain import hub
 from earlyexit_brain.export import export_inference_folder
 from earlyexit_brain.inference import EarlyExitASR
 from earlyexit_brain.latency import fit_latency_table
-from earlyexit_brain.models.conformer import CTCExitHeads, EarlyExitConformerEncoder
+from earlyexit_brain.models.conformer import EarlyExitConformerEncoder
+from earlyexit_brain.models.exits import CTCExitHeads
 from earlyexit_brain.models.pipeline import EarlyExitCTCModel
 from earlyexit_brain.models.splitformer import DownsampledBranch, SplitformerEncoder
 from earlyexit_brain.policies import FixedExit
 from earlyexit_brain.report import build_report, plot_wer_vs_compute, report_markdown
-
-from signals import SR, tone  # tests/unit/signals.py
-from tokenizer_helpers import char_tokenizer  # tests/unit/tokenizer_helpers.py
 
 D = 16
 

@@ -6,7 +6,7 @@ import torch
 transformers = pytest.importorskip("transformers")
 
 from earlyexit_brain.dynamic import run_dynamic  # noqa: E402
-from earlyexit_brain.models.conformer import CTCExitHeads  # noqa: E402
+from earlyexit_brain.models.exits import CTCExitHeads  # noqa: E402
 from earlyexit_brain.models.ssl import (  # noqa: E402
     EarlyExitSSLEncoder,
     WaveformNormalization,

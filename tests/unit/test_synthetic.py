@@ -8,7 +8,7 @@ import time
 import pytest
 import soundfile as sf
 
-from earlyexit_brain.data import synthetic
+from earlyexit_brain.data import synthetic_plan
 from earlyexit_brain.data.synthetic import MANIFEST_COLUMNS, SPLITS, prepare_synthetic
 from earlyexit_brain.data.text import (
     extract_sentences,
@@ -66,11 +66,11 @@ def test_manifests_and_splits(tiny_corpus):
 
 
 def test_unseen_voices_use_variants_never_used_in_training():
-    opts = dict(synthetic.DEFAULTS, **dict(TINY_CORPUS, n_train=2000, closed_vocabulary=True))
+    opts = dict(synthetic_plan.DEFAULTS, **dict(TINY_CORPUS, n_train=2000, closed_vocabulary=True))
     sentences = restrict_vocabulary(
         extract_sentences(find_fortune_file(), opts["min_words"], opts["max_words"]), opts["max_vocab"]
     )
-    plan = synthetic.plan_corpus(opts, sentences)
+    plan = synthetic_plan.plan_corpus(opts, sentences)
     variant = lambda u: u["voice"].split("+")[1]  # noqa: E731
     train_variants = {variant(u) for u in plan["train"] + plan["dev"] + plan["test"]}
     unseen_variants = {variant(u) for u in plan["test_unseen_voice"]}
@@ -147,14 +147,14 @@ def test_data_folder_that_is_a_file(tmp_path):
 
 
 def test_controller_split_adds_held_out_sentences_and_changes_nothing_else():
-    opts = dict(synthetic.DEFAULTS, **dict(TINY_CORPUS, n_train=2000))
+    opts = dict(synthetic_plan.DEFAULTS, **dict(TINY_CORPUS, n_train=2000))
     every = extract_sentences(find_fortune_file(), opts["min_words"], opts["max_words"])
     sentences = restrict_vocabulary(every, opts["max_vocab"])
-    plain = synthetic.plan_corpus(opts, sentences)
-    with_controller = synthetic.plan_corpus(
+    plain = synthetic_plan.plan_corpus(opts, sentences)
+    with_controller = synthetic_plan.plan_corpus(
         dict(opts, n_controller_sentences=50),
         sentences,
-        synthetic.controller_candidates(every, opts["max_vocab"]),
+        synthetic_plan.controller_candidates(every, opts["max_vocab"]),
     )
     assert "controller" not in plain
     assert {k: v for k, v in with_controller.items() if k != "controller"} == plain
@@ -172,6 +172,6 @@ def test_controller_split_adds_held_out_sentences_and_changes_nothing_else():
     seen = {u["spk_id"] for u in plain["train"]}
     assert {u["spk_id"] for u in controller} <= seen
     with pytest.raises(ValueError, match="n_controller_sentences"):
-        synthetic.plan_corpus(dict(opts, n_controller_sentences=10**6), sentences, ["ONE SENTENCE"])
+        synthetic_plan.plan_corpus(dict(opts, n_controller_sentences=10**6), sentences, ["ONE SENTENCE"])
     with pytest.raises(ValueError, match="n_controller_sentences"):
         prepare_synthetic("unused", **dict(TINY_CORPUS, n_controller_sentences=-1))
