@@ -55,8 +55,10 @@ logger = logging.getLogger(__name__)
 
 OPSET = 18  # LayerNormalization is an operator; onnxruntime >= 1.14 runs it
 TOLERANCE = 1e-3  # largest |log p| difference between onnxruntime fp32 and PyTorch at any exit
-INT8_OPS = ("MatMul", "Conv")  # in the segments and heads
-INT8_FRONT_OPS = ("MatMul",)  # the front end's Conv (the STFT's DFT basis among them) stays fp32
+#: int8 weights of the matrix products only (the segments' pointwise convolutions are exported as
+#: matrix products, onnx_graphs.PointwiseConv): onnxruntime's ConvInteger is slower than its fp32 Conv,
+#: so the depthwise convolutions and the front end's (the STFT's DFT basis among them) stay fp32
+INT8_OPS = ("MatMul",)
 
 
 class ExportMismatchError(ValueError):
@@ -192,23 +194,21 @@ def export_graphs(model, folder: str, opset: int = OPSET, sample_rate: int = 160
 
 
 def quantize_graphs(fp32: Dict, folder: str) -> Dict:
-    """int8 copies of the fp32 graphs (onnxruntime.quantization.quantize_dynamic: the MatMul and
-    Conv weights of the segments and heads, the MatMul weights of the front end, whose
-    convolutions stay fp32: as ConvInteger they took 3x the fp32 front end); their manifest
-    entries."""
+    """int8 copies of the fp32 graphs (onnxruntime.quantization.quantize_dynamic: the MatMul
+    weights, :data:`INT8_OPS`; every convolution stays fp32); their manifest entries."""
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
     os.makedirs(folder, exist_ok=True)
 
-    def one(item: Dict, ops=INT8_OPS) -> Dict:
+    def one(item: Dict) -> Dict:
         path = os.path.join(folder, os.path.basename(item["file"]))
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            quantize_dynamic(item["file"], path, op_types_to_quantize=list(ops), weight_type=QuantType.QInt8)
+            quantize_dynamic(item["file"], path, op_types_to_quantize=list(INT8_OPS), weight_type=QuantType.QInt8)
         return {**item, "file": path, **_io(path)}
 
     return {
-        "front": one(fp32["front"], INT8_FRONT_OPS),
+        "front": one(fp32["front"]),
         "segments": [one(s) for s in fp32["segments"]],
         "heads": [one(h) for h in fp32["heads"]],
     }

@@ -4,6 +4,8 @@ segment between two exits (:class:`SegmentGraph`, a Splitformer branch included)
 (:class:`HeadGraph`). Each computes what the PyTorch model computes for that part, in operators
 onnxruntime runs well (docs/deployment.md)."""
 
+import copy
+
 import torch
 from speechbrain.lobes.models.transformer.TransformerASR import make_transformer_src_mask
 from torch import nn
@@ -88,6 +90,43 @@ class FrontGraph(nn.Module):
         return x, frames, relative_positions(x.shape[1], x.shape[2], encoding.inv_freq).to(encoding.emb_dtype)
 
 
+class PointwiseConv(nn.Module):
+    """A kernel-1 ``nn.Conv1d`` ``(B, C, T) -> (B, C', T)`` (the Conformer convolution module's
+    bottleneck) as a matrix product over the channels, with the same weights: exported as a
+    ``MatMul``, which onnxruntime's int8 quantisation turns into its integer matrix product, where a
+    ``Conv`` becomes ``ConvInteger``, slower than the fp32 ``Conv`` (docs/deployment.md)."""
+
+    def __init__(self, conv: nn.Conv1d):
+        super().__init__()
+        self.weight = nn.Parameter(conv.weight.detach()[:, :, 0].clone(), requires_grad=False)
+        self.bias = None if conv.bias is None else nn.Parameter(conv.bias.detach().clone(), requires_grad=False)
+
+    def forward(self, x):
+        return nn.functional.linear(x.transpose(1, 2), self.weight, self.bias).transpose(1, 2)
+
+
+def _is_pointwise(module) -> bool:
+    return (
+        isinstance(module, nn.Conv1d)
+        and module.kernel_size == (1,)
+        and module.stride == (1,)
+        and module.dilation == (1,)
+        and module.groups == 1
+        and module.padding in ((0,), "valid")
+    )
+
+
+def with_pointwise_matmuls(module: nn.Module) -> nn.Module:
+    """A copy of ``module`` whose kernel-1 ``Conv1d`` layers are :class:`PointwiseConv` (the
+    PyTorch model itself is left as it is)."""
+    module = copy.deepcopy(module)
+    for _, child in list(module.named_modules()):
+        for attr, sub in list(child.named_children()):
+            if _is_pointwise(sub):
+                setattr(child, attr, PointwiseConv(sub))
+    return module
+
+
 class SegmentGraph(nn.Module):
     """Encoder layers ``[start, stop)``: ``x`` ``(B, T, D)``, valid ``frames`` ``(B,)`` (the padding
     mask is made inside) and ``pos_embs`` -> ``x`` (before the exit's norm), as ``advance``; for
@@ -95,9 +134,9 @@ class SegmentGraph(nn.Module):
 
     def __init__(self, encoder: EarlyExitConformerEncoder, start: int, stop: int, branch=None):
         super().__init__()
-        self.layers = encoder.layers[start:stop]
+        self.layers = with_pointwise_matmuls(encoder.layers[start:stop])
         self.causal = encoder.causal
-        self.branch = branch
+        self.branch = None if branch is None else with_pointwise_matmuls(branch)
 
     def forward(self, x, frames, pos_embs=None):
         block_input = x

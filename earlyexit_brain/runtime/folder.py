@@ -75,11 +75,12 @@ def check_files(folder: str, manifest: Dict, names: Sequence[str]):
             )
 
 
-def session_options(threads: Optional[int]) -> ort.SessionOptions:
+def session_options(threads: Optional[int], spinning: bool = False) -> ort.SessionOptions:
     """onnxruntime options: ``threads`` intra-op threads (None: onnxruntime's default, one per
     physical core), graphs run one operator at a time, warnings only, and threads that sleep
-    when a graph ends: each graph has its own session and thread pool, and pools spinning
-    between runs would take the cores from the next graph (and from anything else running)."""
+    when a graph ends (``spinning`` False): each graph has its own session and thread pool, and
+    pools spinning between runs (onnxruntime's default) take the cores from the next graph and
+    from anything else running (benchmarks.onnx_profile times both)."""
     options = ort.SessionOptions()
     if threads is not None:
         if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
@@ -88,7 +89,7 @@ def session_options(threads: Optional[int]) -> ort.SessionOptions:
     options.inter_op_num_threads = 1
     options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     options.log_severity_level = 3
-    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    options.add_session_config_entry("session.intra_op.allow_spinning", "1" if spinning else "0")
     return options
 
 

@@ -17,6 +17,7 @@ import torchaudio
 from signals import SR, tone  # tests/unit/signals.py
 from test_controller import random_weights  # tests/unit/test_controller.py
 
+from benchmarks.onnx_profile import optimised_nodes, ort_profile
 from earlyexit_brain import transcribe
 from earlyexit_brain.controller import controller_probability as torch_probability
 from earlyexit_brain.controller import exit_features
@@ -615,3 +616,19 @@ def test_the_exported_front_end_computes_speechbrains_features(model):
     for length, dim in ((1, 32), (9, 32), (40, 144)):
         encoding = RelPosEncXL(dim)
         assert torch.equal(relative_positions(length, dim, encoding.inv_freq), encoding.make_pe(length))
+
+
+def test_the_profile_sums_every_graph_run_by_operator(onnx_folder, tmp_path):
+    """benchmarks.onnx_profile: onnxruntime's profiler over the full model, the warm-up left out;
+    the operator totals are the graph totals, and every graph up to the last exit ran."""
+    wav = (0.05 * np.random.default_rng(0).standard_normal((1, 16000))).astype(np.float32)
+    for precision in ("fp32", "int8"):
+        prof = ort_profile(onnx_folder, precision, 1, wav, np.ones(1, np.float32), 2, str(tmp_path))
+        graphs = prof["by_graph_ms"]
+        runtime = EarlyExitONNX.from_folder(onnx_folder, precision=precision)
+        expected = {"front", f"head {runtime.num_exits}"} | {f"segment {k + 1}" for k in range(runtime.num_exits)}
+        assert set(graphs) == expected and all(ms > 0 for ms in graphs.values())
+        assert abs(sum(graphs.values()) - prof["total_ms"]) < 1e-6 * max(1.0, prof["total_ms"])
+        assert ("MatMul" if precision == "fp32" else "MatMulInteger") in " ".join(prof["by_op_ms"])
+    nodes = optimised_nodes(onnx_folder, "fp32", str(tmp_path))
+    assert sum(nodes["after"].values()) <= sum(nodes["before"].values())
