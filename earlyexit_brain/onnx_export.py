@@ -44,7 +44,8 @@ from .files import atomic_folder, atomic_write_text
 from .inference import EarlyExitASR
 from .models.conformer import EarlyExitConformerEncoder
 from .models.splitformer import SplitformerEncoder
-from .onnx_graphs import FrontGraph, HeadGraph, SegmentGraph
+from .models.ssl import EarlyExitSSLEncoder
+from .onnx_graphs import FrontGraph, HeadGraph, SegmentGraph, SSLFrontGraph, SSLSegmentGraph
 from .runtime.audio import read_audio
 from .runtime.folder import FORMAT, FORMAT_VERSION, MANIFEST, sha256_file
 from .runtime.model import EarlyExitONNX
@@ -84,7 +85,7 @@ def resolve_source(source: str) -> str:
     return folder
 
 
-EXPORTED_ENCODERS = (EarlyExitConformerEncoder, SplitformerEncoder)
+EXPORTED_ENCODERS = (EarlyExitConformerEncoder, SplitformerEncoder, EarlyExitSSLEncoder)
 
 
 def check_exportable(model):
@@ -92,7 +93,7 @@ def check_exportable(model):
     if type(model.encoder) not in EXPORTED_ENCODERS:  # a subclass may compute its exits otherwise
         raise ValueError(
             f"encoder: {type(model.encoder).__name__} is not exported to ONNX (only "
-            f"{' and '.join(e.__name__ for e in EXPORTED_ENCODERS)} are; see docs/deployment.md)"
+            f"{', '.join(e.__name__ for e in EXPORTED_ENCODERS)} are; see docs/deployment.md)"
         )
 
 
@@ -159,16 +160,16 @@ def export_graphs(model, folder: str, opset: int = OPSET, sample_rate: int = 160
     frames_dim, positions = torch.export.Dim("frames"), torch.export.Dim("positions")
     wavs, lens = pad_batch(probe_signals(sample_rate, seconds=(1.0, 0.7)))
     wavs, lens = torch.from_numpy(wavs), torch.from_numpy(lens)
-    relative = encoder.positional_encoding is not None
+    ssl = isinstance(encoder, EarlyExitSSLEncoder)
+    relative = not ssl and encoder.positional_encoding is not None
     names = ["x", "frames"] + (["pos_embs"] if relative else [])
     entry: Dict = {"segments": [], "heads": []}
     path = os.path.join(folder, "front.onnx")
-    _export(
-        FrontGraph(model), (wavs, lens), path, ["wavs", "wav_lens"], names, ({0: batch, 1: samples}, {0: batch}), opset
-    )
+    front = SSLFrontGraph(model) if ssl else FrontGraph(model)
+    _export(front, (wavs, lens), path, ["wavs", "wav_lens"], names, ({0: batch, 1: samples}, {0: batch}), opset)
     entry["front"] = {"file": path, **_io(path)}
     with torch.no_grad():
-        state = FrontGraph(model)(wavs, lens)
+        state = front(wavs, lens)
     x = state[0].detach()
     seg_dims = ({0: batch, 1: frames_dim}, {0: batch}) + (({1: positions},) if relative else ())
     start = 0
@@ -176,7 +177,7 @@ def export_graphs(model, folder: str, opset: int = OPSET, sample_rate: int = 160
         path = os.path.join(folder, f"segment_{k + 1}.onnx")
         branch = encoder.branch_of(k) if isinstance(encoder, SplitformerEncoder) else None
         _export(
-            SegmentGraph(encoder, start, stop, branch),
+            SSLSegmentGraph(encoder, start, stop) if ssl else SegmentGraph(encoder, start, stop, branch),
             (x,) + tuple(s.detach() for s in state[1:]),
             path,
             names,

@@ -1,7 +1,8 @@
 """The PyTorch modules that :mod:`earlyexit_brain.onnx_export` exports, one ONNX graph each: the front
 end (:class:`FrontGraph`, with the Fbank's STFT as a convolution, :class:`ConvSTFT`), an encoder
 segment between two exits (:class:`SegmentGraph`, a Splitformer branch included) and an exit head
-(:class:`HeadGraph`). Each computes what the PyTorch model computes for that part, in operators
+(:class:`HeadGraph`); for wav2vec2 / WavLM / HuBERT encoders :class:`SSLFrontGraph` and
+:class:`SSLSegmentGraph`. Each computes what the PyTorch model computes for that part, in operators
 onnxruntime runs well (docs/deployment.md)."""
 
 import copy
@@ -11,6 +12,7 @@ from speechbrain.lobes.models.transformer.TransformerASR import make_transformer
 from torch import nn
 
 from .models.conformer import EarlyExitConformerEncoder, relative_positions
+from .models.ssl import EarlyExitSSLEncoder
 from .utils import padding_mask, valid_frames
 
 
@@ -149,6 +151,34 @@ class SegmentGraph(nn.Module):
         return x
 
 
+class SSLFrontGraph(nn.Module):
+    """wav2vec2 / WavLM / HuBERT: waveforms ``(B, S)`` and relative lengths ``(B,)`` -> the first
+    layer's input ``x`` ``(B, T', D)`` and valid ``frames`` ``(B,)``: the waveform normalisation,
+    the convolutional feature extractor, the projection and the positional convolution
+    (``EarlyExitSSLEncoder.start``)."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, wavs, wav_lens):
+        state = self.model.encoder.start(self.model.features(wavs, wav_lens), wav_lens)
+        return state.x, state.frames
+
+
+class SSLSegmentGraph(nn.Module):
+    """Transformer layers ``[start, stop)`` of an SSL encoder: ``x`` ``(B, T, D)`` and valid
+    ``frames`` ``(B,)`` -> ``x`` (before the exit's norm), the masks (and WavLM's position bias)
+    made inside (``EarlyExitSSLEncoder.run_layers``)."""
+
+    def __init__(self, encoder: EarlyExitSSLEncoder, start: int, stop: int):
+        super().__init__()
+        self.encoder, self.start, self.stop = encoder, start, stop
+
+    def forward(self, x, frames):
+        return self.encoder.run_layers(x, frames, self.start, self.stop)
+
+
 class HeadGraph(nn.Module):
     """Exit ``k``: its LayerNorm, linear layer and log-softmax, ``x`` -> ``log_probs`` ``(B, T, V)``
     and ``hidden`` ``(B, T, D)``, the normalised states (what ``advance`` returns: the learned
@@ -156,7 +186,7 @@ class HeadGraph(nn.Module):
 
     def __init__(self, model, exit_index: int):
         super().__init__()
-        self.norm = model.encoder.exit_norms[exit_index]
+        self.norm = model.encoder.exit_norm(exit_index)
         self.linear = model.heads.heads[exit_index]
 
     def forward(self, x):

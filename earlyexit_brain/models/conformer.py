@@ -294,6 +294,10 @@ class EarlyExitConformerEncoder(IncrementalExits, nn.Module):
         t_max = int(frames.max()) if trim else state.x.shape[1]
         return self._state(state.x[index, :t_max], frames, state.layer)
 
+    def exit_norm(self, exit_index: int) -> nn.Module:
+        """The norm ``advance`` applies to the states at exit ``exit_index`` (0-based)."""
+        return self.exit_norms[exit_index]
+
     def params_to_exit(self, exit_index: int) -> int:
         """Encoder parameters used when stopping at ``exit_index`` (0-based)."""
         shared = sum(p.numel() for m in (self.frontend, self.input_projection) for p in m.parameters())

@@ -338,6 +338,34 @@ class EarlyExitSSLEncoder(IncrementalExits, nn.Module):
                 x = self.model.encoder.layer_norm(x)
         return x
 
+    def exit_norm(self, exit_index: int) -> nn.Module:
+        """The norm ``advance`` applies at an exit: the encoder's final LayerNorm in the
+        stable-layer-norm layout, none in the post-norm one (each layer ends with its own)."""
+        return self.model.encoder.layer_norm if self.stable_layer_norm else nn.Identity()
+
+    def first_position_bias(self, x: torch.Tensor) -> Optional[torch.Tensor]:
+        """WavLM: the relative position bias ``(B * heads, T, T)`` that its first layer computes for
+        ``x`` ``(B, T, D)`` and hands to every layer above (None for the other models, and for
+        WavLM's first layer, which computes it itself): what a run that starts above the first
+        layer (an ONNX segment) needs."""
+        if self.model_type != "wavlm":
+            return None
+        attention = self.layers[0].attention
+        b, t = x.shape[0], x.shape[1]
+        bias = attention.compute_bias(t, t)
+        return bias.unsqueeze(0).repeat(b, 1, 1, 1).view(b * attention.num_heads, t, t)
+
+    def run_layers(self, x: torch.Tensor, frames: torch.Tensor, start: int, stop: int) -> torch.Tensor:
+        """Layers ``[start, stop)`` (0-based) on ``x`` ``(B, T, D)`` with ``frames`` ``(B,)`` valid
+        frames, without a state: the masks (and WavLM's position bias) made from ``x`` and
+        ``frames``, as :meth:`start` and :meth:`advance` make them (an ONNX segment's graph)."""
+        valid = ~padding_mask(frames, x.shape[1])
+        bias = self.first_position_bias(x) if start > 0 else None
+        state = SSLEncoderState(x, frames, start, valid, self._masks(x, valid), bias, False)
+        for i in range(start, stop):
+            x = self._run_layer(i, state, x)
+        return x
+
     def select(self, state: SSLEncoderState, index: torch.Tensor, trim: bool = True) -> SSLEncoderState:
         """Keep the utterances ``index`` (the others left the batch); with ``trim`` cut the
         time axis to the longest kept utterance (masked attention makes this exact)."""
