@@ -32,11 +32,10 @@ import onnx
 import onnxruntime as ort
 import torch
 
-from earlyexit_brain.files import atomic_write_text
 from earlyexit_brain.runtime import EarlyExitONNX
 from earlyexit_brain.runtime.folder import open_session, session_options
 
-from .onnx_runtime import char_tokenizer, export_config
+from .onnx_runtime import char_tokenizer, export_config, report
 from .timing import CONFIGS, time_in_rotation
 
 CPU = torch.device("cpu")
@@ -190,11 +189,7 @@ def main(argv=None):
         result["optimised_nodes"] = {p: optimised_nodes(onnx_folder, p, workdir) for p in ("fp32", "int8")}
         for path in glob.glob(os.path.join(workdir, "ort_*.json")):
             os.remove(path)
-    text = markdown(result)
-    print(text)
-    if args.out:
-        atomic_write_text(args.out, json.dumps(result, indent=2) + "\n")
-        atomic_write_text(os.path.splitext(args.out)[0] + ".md", text)
+    report(result, markdown(result), args.out)
 
 
 if __name__ == "__main__":

@@ -283,6 +283,14 @@ def markdown(result):
     return "\n".join(lines) + "\n"
 
 
+def report(result, text, out=None):
+    """Print the tables ``text``; with ``out``, write ``result`` there as JSON and ``text`` beside it (.md)."""
+    print(text)
+    if out:
+        atomic_write_text(out, json.dumps(result, indent=2) + "\n")
+        atomic_write_text(os.path.splitext(out)[0] + ".md", text)
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description="ONNX runtime against PyTorch eager (latency, sizes, memory).")
     parser.add_argument("--quick", action="store_true", help="the default model, 2 s, 1 repeat (a smoke run)")
@@ -324,11 +332,7 @@ def main(argv=None):
             }
     if args.experiment:
         result["accuracy"] = bench_accuracy(args.experiment, args.test_csv, args.onnx, args.limit)
-    text = markdown(result)
-    print(text)
-    if args.out:
-        atomic_write_text(args.out, json.dumps(result, indent=2) + "\n")
-        atomic_write_text(os.path.splitext(args.out)[0] + ".md", text)
+    report(result, markdown(result), args.out)
 
 
 if __name__ == "__main__":
