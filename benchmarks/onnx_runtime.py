@@ -65,11 +65,35 @@ def char_tokenizer(folder):
     return prefix + ".model"
 
 
+#: SSL encoders at their base size (12 layers, d 768, exits every 2 layers), random weights from the
+#: transformers configuration: nothing downloads. Not in the default ``--configs``.
+SSL_CONFIGS = {"wav2vec2 base (12 layers, d 768)": "wav2vec2"}
+
+
+def ssl_inference_model(name):
+    """Random-weight EarlyExitCTCModel of an :data:`SSL_CONFIGS` encoder (32 outputs), in eval mode."""
+    from transformers import AutoConfig
+
+    from earlyexit_brain.models.exits import CTCExitHeads
+    from earlyexit_brain.models.pipeline import EarlyExitCTCModel
+    from earlyexit_brain.models.ssl import EarlyExitSSLEncoder, WaveformFeatures, WaveformNormalization
+
+    cfg = AutoConfig.for_model(SSL_CONFIGS[name]).to_dict()
+    cfg["model_type"] = SSL_CONFIGS[name]
+    torch.manual_seed(0)
+    encoder = EarlyExitSSLEncoder(hf_config=cfg, exit_layers=[2, 4, 6, 8, 10, 12])
+    heads = CTCExitHeads(int(cfg["hidden_size"]), 32, 6)
+    return EarlyExitCTCModel(WaveformFeatures(), WaveformNormalization(), encoder, heads).eval()
+
+
 def export_config(name, workdir, tokenizer):
     """The random-weight model of ``name``, its inference folder and its ONNX folder (fp32 and int8)."""
-    model = build_inference_model(name, CPU)
+    if name in SSL_CONFIGS:
+        model, features = ssl_inference_model(name), {"sample_rate": 16000}
+    else:
+        model = build_inference_model(name, CPU)
+        features = {"sample_rate": 16000, "n_fft": 400, "n_mels": 80, "hop_length": 10, "win_length": 25}
     slug = name.split(" (")[0].replace(" ", "_")
-    features = {"sample_rate": 16000, "n_fft": 400, "n_mels": 80, "hop_length": 10, "win_length": 25}
     inference = export_inference_folder(os.path.join(workdir, slug, "inference"), model, features, tokenizer)
     onnx = export_onnx_folder(
         inference, os.path.join(workdir, slug, "onnx"), int8=True, latency_durations=(2.0, 5.0), latency_repeats=1
@@ -298,7 +322,13 @@ def main(argv=None):
     parser.add_argument("--seconds", type=float, nargs="+", default=[2.0, 10.0, 30.0])
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--warmup", type=int, default=1)
-    parser.add_argument("--configs", nargs="+", default=list(CONFIGS), help="model configurations")
+    parser.add_argument(
+        "--configs",
+        nargs="+",
+        default=list(CONFIGS),
+        choices=list(CONFIGS) + list(SSL_CONFIGS),
+        help="model configurations (default: the two Conformers)",
+    )
     parser.add_argument("--experiment", default=None, help="a trained experiment for the accuracy check")
     parser.add_argument("--test-csv", default=None, help="its test manifest")
     parser.add_argument("--onnx", default=None, help="the experiment's onnx folder (default <experiment>/onnx)")
