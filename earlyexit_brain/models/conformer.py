@@ -267,7 +267,7 @@ class EarlyExitConformerEncoder(IncrementalExits, nn.Module):
         if target < state.layer:
             raise ValueError(f"exit {exit_index} (layer {target}) is below the state's layer {state.layer}")
         self.run_layers(state, target)
-        return self.exit_norms[exit_index](state.x)
+        return self.exit_norm(exit_index)(state.x)
 
     def run_layers(self, state: EncoderState, target: int) -> None:
         """Run the layers above the state's layer up to layer ``target`` (1-based), updating

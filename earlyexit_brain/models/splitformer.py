@@ -281,7 +281,7 @@ class SplitformerEncoder(EarlyExitConformerEncoder):
             self.run_layers(state, self.exit_layers[k])  # the trunk's layers of the block
             if k in self._branch_of:
                 state.x = state.x + self.branches[self._branch_of[k]](block_input, state.frames)
-        return self.exit_norms[exit_index](state.x)
+        return self.exit_norm(exit_index)(state.x)
 
     def branch_of(self, exit_index: int) -> Optional[DownsampledBranch]:
         """The branch beside the block before exit ``exit_index`` (0-based), or None."""

@@ -44,6 +44,7 @@ from ..utils import padding_mask, valid_frames
 from .exits import CTCExitHeads, IncrementalExits, resolve_exit_layers
 
 SUPPORTED_MODEL_TYPES = ("wav2vec2", "wavlm", "hubert")
+_NO_NORM = nn.Identity()  # the post-norm layout's exits: each layer ends with its own LayerNorm
 _HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*$")
 
 
@@ -334,14 +335,12 @@ class EarlyExitSSLEncoder(IncrementalExits, nn.Module):
             for i in range(state.layer, target):
                 x = self._run_layer(i, state, x)
             state.x, state.layer = x, target
-            if self.stable_layer_norm:
-                x = self.model.encoder.layer_norm(x)
-        return x
+            return self.exit_norm(exit_index)(x)
 
     def exit_norm(self, exit_index: int) -> nn.Module:
         """The norm ``advance`` applies at an exit: the encoder's final LayerNorm in the
         stable-layer-norm layout, none in the post-norm one (each layer ends with its own)."""
-        return self.model.encoder.layer_norm if self.stable_layer_norm else nn.Identity()
+        return self.model.encoder.layer_norm if self.stable_layer_norm else _NO_NORM
 
     def first_position_bias(self, x: torch.Tensor) -> Optional[torch.Tensor]:
         """WavLM: the relative position bias ``(B * heads, T, T)`` that its first layer computes for
