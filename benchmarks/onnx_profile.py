@@ -33,22 +33,12 @@ import onnxruntime as ort
 import torch
 
 from earlyexit_brain.runtime import EarlyExitONNX
-from earlyexit_brain.runtime.folder import open_session, session_options
+from earlyexit_brain.runtime.folder import session_options
 
 from .onnx_runtime import char_tokenizer, export_config, report
 from .timing import CONFIGS, time_in_rotation
 
 CPU = torch.device("cpu")
-
-
-def reopen(rt, options):
-    """``rt`` with every graph's session opened again with ``options`` (same files, same order)."""
-    graphs = rt.manifest["precisions"][rt.precision]
-    opset = rt.manifest.get("opset")
-    rt.front = open_session(os.path.join(rt.folder, graphs["front"]["file"]), options, opset)
-    rt.segments = [open_session(os.path.join(rt.folder, g["file"]), options, opset) for g in graphs["segments"]]
-    rt.heads = [open_session(os.path.join(rt.folder, g["file"]), options, opset) for g in graphs["heads"]]
-    return rt
 
 
 def sessions(rt):
@@ -61,11 +51,10 @@ def sessions(rt):
 
 def ort_profile(onnx_folder, precision, threads, wav, lens, repeats, workdir):
     """Milliseconds per run of the full model by operator type and by graph (onnxruntime's profiler)."""
-    rt = EarlyExitONNX.from_folder(onnx_folder, threads=threads, precision=precision)
     options = session_options(threads)
     options.enable_profiling = True
     options.profile_file_prefix = os.path.join(workdir, f"ort_{precision}")
-    reopen(rt, options)
+    rt = EarlyExitONNX.from_folder(onnx_folder, threads=threads, precision=precision, options=options)
     last = rt.num_exits - 1
     for _ in range(1 + repeats):  # one warm-up run, left out below
         rt.log_probs_at_exit(wav, lens, last)
@@ -118,8 +107,8 @@ def spinning(model, onnx_folder, threads, wav, lens, repeats):
     variants = {"torch": lambda: model.exit_log_probs(tw, tl, last)}
     for precision in ("fp32", "int8"):
         for spin in (False, True):
-            rt = EarlyExitONNX.from_folder(onnx_folder, threads=threads, precision=precision)
-            reopen(rt, session_options(threads, spinning=spin))
+            options = session_options(threads, spinning=spin)
+            rt = EarlyExitONNX.from_folder(onnx_folder, threads=threads, precision=precision, options=options)
             name = f"{precision} {'spinning' if spin else 'sleeping'} threads"
             variants[name] = lambda rt=rt: rt.log_probs_at_exit(wav, lens, last)
     with torch.no_grad():

@@ -68,11 +68,11 @@ class EarlyExitONNX:
     Decoding is greedy CTC. Use :meth:`from_folder`.
     """
 
-    def __init__(self, folder: str, manifest: Dict, precision: str, threads: Optional[int]):
+    def __init__(self, folder: str, manifest: Dict, precision: str, threads: Optional[int], options=None):
         self.folder, self.manifest, self.precision, self.threads = folder, manifest, precision, threads
         graphs = manifest["precisions"][precision]
         opset = manifest.get("opset")
-        options = session_options(threads)
+        options = session_options(threads) if options is None else options
         self.front = open_session(os.path.join(folder, graphs["front"]["file"]), options, opset)
         self.segments = [open_session(os.path.join(folder, g["file"]), options, opset) for g in graphs["segments"]]
         self.heads = [open_session(os.path.join(folder, g["file"]), options, opset) for g in graphs["heads"]]
@@ -107,11 +107,15 @@ class EarlyExitONNX:
         self.runs = {"front": 0, "segments": [0] * len(self.segments), "heads": [0] * len(self.heads)}
 
     @classmethod
-    def from_folder(cls, path: str, threads: Optional[int] = None, precision: str = "fp32") -> "EarlyExitONNX":
+    def from_folder(
+        cls, path: str, threads: Optional[int] = None, precision: str = "fp32", options=None
+    ) -> "EarlyExitONNX":
         """Load an ONNX export (``onnx/`` folder): ``precision`` ``fp32`` or ``int8`` (when the
         export has it); ``threads`` onnxruntime's intra-op threads (None: its default, one per
-        physical core). Every file's sha256 is checked against ``manifest.json`` first; a
-        ValueError names the file at fault."""
+        physical core); ``options`` an ``onnxruntime.SessionOptions`` for every graph instead of
+        :func:`~earlyexit_brain.runtime.folder.session_options` of ``threads`` (e.g. with
+        onnxruntime's profiler on). Every file's sha256 is checked against ``manifest.json``
+        first; a ValueError names the file at fault."""
         folder = os.path.abspath(str(path))
         if not os.path.isdir(folder):
             raise ValueError(f"{path}: no such ONNX folder")
@@ -129,7 +133,7 @@ class EarlyExitONNX:
             [graphs["latency_table"]] if graphs.get("latency_table") else []
         )
         check_files(folder, manifest, names)
-        return cls(folder, manifest, precision, threads)
+        return cls(folder, manifest, precision, threads, options)
 
     # ------------------------------------------------------------------ properties
     def _hidden_size(self) -> Optional[int]:
