@@ -39,6 +39,7 @@ from earlyexit_brain.onnx_export import export_onnx_folder, torch_exit_log_probs
 from earlyexit_brain.runtime import EarlyExitONNX
 from earlyexit_brain.runtime.audio import read_audio
 
+from .ssl_exit_timing import ssl_model
 from .timing import CONFIGS, build_inference_model, stats, time_in_rotation
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -70,26 +71,11 @@ def char_tokenizer(folder):
 SSL_CONFIGS = {"wav2vec2 base (12 layers, d 768)": "wav2vec2"}
 
 
-def ssl_inference_model(name):
-    """Random-weight EarlyExitCTCModel of an :data:`SSL_CONFIGS` encoder (32 outputs), in eval mode."""
-    from transformers import AutoConfig
-
-    from earlyexit_brain.models.exits import CTCExitHeads
-    from earlyexit_brain.models.pipeline import EarlyExitCTCModel
-    from earlyexit_brain.models.ssl import EarlyExitSSLEncoder, WaveformFeatures, WaveformNormalization
-
-    cfg = AutoConfig.for_model(SSL_CONFIGS[name]).to_dict()
-    cfg["model_type"] = SSL_CONFIGS[name]
-    torch.manual_seed(0)
-    encoder = EarlyExitSSLEncoder(hf_config=cfg, exit_layers=[2, 4, 6, 8, 10, 12])
-    heads = CTCExitHeads(int(cfg["hidden_size"]), 32, 6)
-    return EarlyExitCTCModel(WaveformFeatures(), WaveformNormalization(), encoder, heads).eval()
-
-
 def export_config(name, workdir, tokenizer):
     """The random-weight model of ``name``, its inference folder and its ONNX folder (fp32 and int8)."""
     if name in SSL_CONFIGS:
-        model, features = ssl_inference_model(name), {"sample_rate": 16000}
+        torch.manual_seed(0)
+        model, features = ssl_model(SSL_CONFIGS[name], vocab=32).eval(), {"sample_rate": 16000}
     else:
         model = build_inference_model(name, CPU)
         features = {"sample_rate": 16000, "n_fft": 400, "n_mels": 80, "hop_length": 10, "win_length": 25}

@@ -22,11 +22,12 @@ from earlyexit_brain.models.pipeline import EarlyExitCTCModel
 from earlyexit_brain.models.ssl import EarlyExitSSLEncoder, WaveformFeatures, WaveformNormalization
 
 
-def ssl_model(model_type):
+def ssl_model(model_type, vocab=256):
+    """A random-weight base-size SSL model (12 layers, 768 hidden) with exits every 2 layers."""
     cfg = AutoConfig.for_model(model_type).to_dict()  # the base layout: 12 layers, 768 hidden
     cfg["model_type"] = model_type
     enc = EarlyExitSSLEncoder(hf_config=cfg, exit_layers=[2, 4, 6, 8, 10, 12])
-    return EarlyExitCTCModel(WaveformFeatures(), WaveformNormalization(), enc, CTCExitHeads(768, 256, 6))
+    return EarlyExitCTCModel(WaveformFeatures(), WaveformNormalization(), enc, CTCExitHeads(768, vocab, 6))
 
 
 def conformer_model():
