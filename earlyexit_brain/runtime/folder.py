@@ -75,12 +75,28 @@ def check_files(folder: str, manifest: Dict, names: Sequence[str]):
             )
 
 
-def session_options(threads: Optional[int], spinning: bool = False) -> ort.SessionOptions:
+_SHARED_ARENA = []  # registered once per process
+
+
+def shared_arena():
+    """Register, once per process, the onnxruntime environment's CPU arena that the runtime's
+    sessions share (``session.use_env_allocators``). Each graph has its own session, and a
+    session's own arena keeps the largest blocks its graph ever asked for: with one arena per
+    graph the model held the sum of every graph's peak, with a shared one it holds the largest
+    (docs/deployment.md, Memory)."""
+    if not _SHARED_ARENA:
+        info = ort.OrtMemoryInfo("Cpu", ort.OrtAllocatorType.ORT_ARENA_ALLOCATOR, 0, ort.OrtMemType.DEFAULT)
+        ort.create_and_register_allocator(info, ort.OrtArenaCfg({}))
+        _SHARED_ARENA.append(info)
+
+
+def session_options(threads: Optional[int], spinning: bool = False, shared_memory: bool = True) -> ort.SessionOptions:
     """onnxruntime options: ``threads`` intra-op threads (None: onnxruntime's default, one per
     physical core), graphs run one operator at a time, warnings only, and threads that sleep
     when a graph ends (``spinning`` False): each graph has its own session and thread pool, and
     pools spinning between runs (onnxruntime's default) take the cores from the next graph and
-    from anything else running (benchmarks.onnx_profile times both)."""
+    from anything else running (benchmarks.onnx_profile times both). With ``shared_memory``
+    every session allocates from one arena (:func:`shared_arena`) instead of its own."""
     options = ort.SessionOptions()
     if threads is not None:
         if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
@@ -90,6 +106,9 @@ def session_options(threads: Optional[int], spinning: bool = False) -> ort.Sessi
     options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     options.log_severity_level = 3
     options.add_session_config_entry("session.intra_op.allow_spinning", "1" if spinning else "0")
+    if shared_memory:
+        shared_arena()
+        options.add_session_config_entry("session.use_env_allocators", "1")
     return options
 
 

@@ -36,7 +36,7 @@ from earlyexit_brain.onnx_graphs import HeadGraph
 from earlyexit_brain.policies import EntropyPolicy, GreedyPosteriorPolicy
 from earlyexit_brain.runtime import EarlyExitONNX
 from earlyexit_brain.runtime.audio import resample
-from earlyexit_brain.runtime.folder import sha256_file
+from earlyexit_brain.runtime.folder import session_options, sha256_file
 from earlyexit_brain.runtime.policies import (
     RuntimeLatencyTable,
     RuntimePolicy,
@@ -168,6 +168,28 @@ def test_numpy_scores_equal_the_pytorch_policies():
             GreedyPosteriorPolicy(0.5, form).score(log_probs, lengths).numpy(),
             rtol=1e-5,
         )
+
+
+def test_the_shared_arena_gives_the_numbers_of_per_session_arenas(onnx_folder, runtime, audio):
+    """Every session allocates from the process's one arena by default; a padded batch run twice
+    (blocks reused across graphs and runs) gives what sessions with their own arenas give."""
+
+    def env_allocators(session):
+        try:
+            return session.get_session_options().get_session_config_entry("session.use_env_allocators")
+        except Exception:  # onnxruntime raises when the entry was never set
+            return None
+
+    own = EarlyExitONNX.from_folder(onnx_folder, options=session_options(1, shared_memory=False))
+    assert all(env_allocators(s) == "1" for s in [runtime.front, *runtime.segments, *runtime.heads])
+    assert env_allocators(own.front) is None
+    signals = [runtime.load_checked(audio[name]) for name in ("b", "a")]
+    longest = max(map(len, signals))
+    wavs = np.stack([np.pad(s, (0, longest - len(s))) for s in signals])
+    lens = np.array([len(s) / longest for s in signals], np.float32)
+    for _ in range(2):
+        for shared, separate in zip(runtime.exit_log_probs(wavs, lens), own.exit_log_probs(wavs, lens)):
+            np.testing.assert_array_equal(shared, separate)
 
 
 def test_int8_runs_and_is_smaller(onnx_folder, audio):
