@@ -134,22 +134,33 @@ class EarlyExitASR(Pretrained):
         super().__init__(*args, **kwargs)
         self.model = self.mods.encoder
         self.tokenizer = self.hparams.tokenizer
-        record = getattr(self.hparams, "exit_policies", None)
+        record = self.stored("exit_policies")
         source = getattr(record, "path", None) or "exit_policies"
         self.policies = PolicyBundle.from_json(record.data if record is not None else None, source=source)
         if self.policies.controller is not None:
             self.policies.controller.check_model(self.model.num_exits, self.model.heads.heads[0].in_features, source)
-        record = getattr(self.hparams, "latency_table", None)
+        record = self.stored("latency_table")
         self.latency_table = LatencyTable(**record.data) if record is not None and record.data else None
         self._searcher = None
         self._ctc_decoders: Dict[str, CTCDecoder] = {}
-        if getattr(self.model, "fuses_lm", False):  # the attention search fuses the word n-gram
-            record = getattr(self.hparams, "ngram_lm", None)
+        if self.model.has_decoders and self.model.fuses_lm:  # the attention search fuses the word n-gram
+            record = self.stored("ngram_lm")
             if record is None:
                 raise ValueError(
                     "lm_weight: this model's attention search fuses a word n-gram, but its folder has no ngram_lm.ckpt"
                 )
             self.model.use_lm(record.path, tokenizer_pieces(self.tokenizer))
+
+    #: The folder's optional records (hyperparams.yaml keys of files that a folder may lack: an
+    #: older export, a model trained without an n-gram, a folder written without a latency table).
+    OPTIONAL_RECORDS = ("exit_policies", "latency_table", "ngram_lm")
+
+    def stored(self, name: str):
+        """The folder's record ``name`` of :attr:`OPTIONAL_RECORDS` (its ``path`` and ``data``),
+        or None when the folder has none."""
+        if name not in self.OPTIONAL_RECORDS:
+            raise KeyError(f"{name!r} is not an optional record of an inference folder: {self.OPTIONAL_RECORDS}")
+        return getattr(self.hparams, name, None)
 
     def ctc_decoder(self, name: Optional[str] = None) -> CTCDecoder:
         """The CTC decoder ``name`` (default: the one stored with the model, else greedy)."""
@@ -158,7 +169,7 @@ class EarlyExitASR(Pretrained):
         if name not in self._ctc_decoders:  # CTCDecoder refuses a name that is not a CTC decoder
             options = CTCDecodingOptions()
             if name == "ctc_beam":
-                record = getattr(self.hparams, "ngram_lm", None)
+                record = self.stored("ngram_lm")
                 options = CTCDecodingOptions(
                     **{key: stored[key] for key in ("beam_size", "alpha", "beta") if key in stored},
                     lm_path=record.path if record is not None else None,
@@ -309,7 +320,7 @@ class EarlyExitASR(Pretrained):
             return "the audio is empty (no samples)"
         if not bool(torch.isfinite(signal).all()):
             return "the audio contains NaN or infinite samples"
-        needed = int(getattr(self.model, "min_samples", 1))
+        needed = self.model.min_samples
         if signal.numel() < needed:
             return (
                 f"the audio is too short: {signal.numel()} samples, the model needs at least "

@@ -153,6 +153,13 @@ def test_no_stored_threshold_is_an_error(folder, tmp_path):
         asr.make_policy("entropy")
 
 
+def test_optional_records_are_read_by_name(asr):
+    assert asr.stored("latency_table").data == asr.latency_table.to_json()
+    assert asr.stored("ngram_lm") is None  # the fixture's folder has no n-gram
+    with pytest.raises(KeyError, match="'tokenizer' is not an optional record"):
+        asr.stored("tokenizer")
+
+
 def test_stock_speechbrain_encoder_asr_loads_the_folder(folder, asr, audio):
     from speechbrain.inference.ASR import EncoderASR
 
