@@ -4,7 +4,6 @@ configuration's size, and the smoke recipe under torchrun (2 processes, gloo).""
 
 import json
 import os
-import socket
 import subprocess
 import sys
 
@@ -213,15 +212,9 @@ def test_paper_aed_configuration(repo_root, tmp_path):
     assert "decoders" in hp["modules"] and hp["avg_checkpoints"] == 10
 
 
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def test_smoke_recipe_under_torchrun_two_processes(tmp_path):
+def test_smoke_recipe_under_torchrun_two_processes(tmp_path, free_port):
     """The benchmark's DDP launcher (benchmarks.ddp): torchrun --nproc_per_node=2, gloo, on the CPU."""
-    report = run_smoke_recipe(2, str(tmp_path / "out"), str(tmp_path / "data"), 1, timeout=600, master_port=free_port())
+    report = run_smoke_recipe(2, str(tmp_path / "out"), str(tmp_path / "data"), 1, timeout=600, master_port=free_port)
     assert report["processes"] == 2
     assert report["train"]["epochs"] == 1 and report["train_utterances"] > 0
     assert [e["layer"] for e in report["exits"]] == [1, 2]
