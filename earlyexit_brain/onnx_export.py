@@ -24,7 +24,12 @@ Exit ``k`` of the runtime runs the front end, segments 1..k and head k: exactly 
 :meth:`EarlyExitConformerEncoder.advance <earlyexit_brain.models.conformer.EarlyExitConformerEncoder.advance>`
 runs. Before the manifest is written, a few utterances go through onnxruntime and PyTorch
 and the export is refused (:class:`ExportMismatchError`, naming the exit and the difference)
-if any exit's log-probabilities differ by more than ``tolerance``.
+if any exit's log-probabilities differ by more than ``tolerance``. Graphs of one structure
+(evenly spaced Conformer segments, heads) are exported once and copied with each further
+module's weights, every copy checked against its module.
+
+One concept, the folder's writer (the reason this module is over 400 lines): graphs, their
+copies, int8, the agreement check, the latency table and the manifest.
 """
 
 import json
@@ -36,6 +41,8 @@ import warnings
 from typing import Dict, List, Optional, Sequence
 
 import numpy as np
+import onnx
+import onnx.numpy_helper
 import onnxruntime as ort
 import torch
 from torch import nn
@@ -145,6 +152,67 @@ def _export(module: nn.Module, args, path: str, inputs: List[str], outputs: List
         )
 
 
+def _weight_sources(graph: onnx.GraphProto, state: Dict[str, np.ndarray]) -> Optional[Dict[str, tuple]]:
+    """For each initializer of ``graph`` (exported from a module whose ``state_dict`` is
+    ``state``): the state entry it was made of and how (``"same"``, or ``"T"``: transposed, then
+    reshaped to the initializer's shape), or None for a constant that is no state entry's. The
+    exporter keeps parameter names for some initializers and folds others (a weight transposed
+    for MatMul, a bias reshaped) into anonymous ones, which are matched by value here. None when
+    an initializer matches several entries that would give different results."""
+    sources: Dict[str, tuple] = {}
+    for init in graph.initializer:
+        value = onnx.numpy_helper.to_array(init)
+        if init.name in state and state[init.name].shape == value.shape:
+            sources[init.name] = (init.name, "same")
+            continue
+        found = set()
+        for name, tensor in state.items():
+            if tensor.size != value.size or tensor.dtype != value.dtype or tensor.size < 2:
+                continue
+            if np.array_equal(tensor.reshape(value.shape), value):
+                found.add((name, "same"))
+            elif tensor.ndim == 2 and np.array_equal(tensor.T.reshape(value.shape), value):
+                found.add((name, "T"))
+        if len(found) > 1:
+            return None  # ambiguous (e.g. two LayerNorms still at their initial ones)
+        sources[init.name] = found.pop() if found else None
+    return sources
+
+
+def _export_like(done: tuple, module: nn.Module, args, path: str) -> bool:
+    """Write ``module``'s graph to ``path`` as a copy of the graph already exported from a module
+    of the same structure (``done``: its path and module) with ``module``'s weights put in, and
+    check it against ``module`` in PyTorch on ``args``; False (``path`` removed) when the two
+    modules' weights do not line up or the copy's output differs, and the caller exports."""
+    done_path, done_module = done
+    state_of = lambda m: {k: v.detach().cpu().numpy() for k, v in m.state_dict().items()}  # noqa: E731
+    old, new = state_of(done_module), state_of(module)
+    if old.keys() != new.keys() or any(old[k].shape != new[k].shape for k in old):
+        return False
+    graph = onnx.load(done_path)
+    sources = _weight_sources(graph.graph, old)
+    if sources is None:
+        return False
+    for init in graph.graph.initializer:
+        source = sources[init.name]
+        if source is not None:
+            name, how = source
+            value = (new[name].T if how == "T" else new[name]).reshape(tuple(init.dims))
+            init.CopyFrom(onnx.numpy_helper.from_array(np.ascontiguousarray(value), init.name))
+    onnx.save(graph, path)
+    with torch.no_grad():
+        expected = module.eval()(*args)
+    expected = [t.numpy() for t in (expected if isinstance(expected, tuple) else (expected,))]
+    sess = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
+    got = sess.run(None, {i.name: a.numpy() for i, a in zip(sess.get_inputs(), args)})
+    if len(got) == len(expected) and all(
+        g.shape == e.shape and np.allclose(g, e, rtol=1e-4, atol=1e-4) for g, e in zip(got, expected)
+    ):
+        return True
+    os.remove(path)
+    return False
+
+
 def _io(path: str) -> Dict:
     """Input and output names, shapes (named dynamic axes) and types as onnxruntime sees them."""
     sess = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
@@ -172,23 +240,31 @@ def export_graphs(model, folder: str, opset: int = OPSET, sample_rate: int = 160
         state = front(wavs, lens)
     x = state[0].detach()
     seg_dims = ({0: batch, 1: frames_dim}, {0: batch}) + (({1: positions},) if relative else ())
+    seg_args = (x,) + tuple(s.detach() for s in state[1:])
+    exported: Dict[str, tuple] = {}  # graphs of one structure: exported once, then their weights swapped
+
+    def export_or_reuse(module, args, path, inputs, outputs, dims):
+        # the modules' layout (their weights' names and shapes are checked as well); an SSL
+        # segment holds the whole encoder, so every SSL segment is exported
+        key = None if isinstance(module, SSLSegmentGraph) else repr(module)
+        if key in exported and _export_like(exported[key], module, args, path):
+            logger.info("%s: %s with this graph's weights", os.path.basename(path), os.path.basename(exported[key][0]))
+            return
+        _export(module, args, path, inputs, outputs, dims, opset)
+        logger.info("%s: exported", os.path.basename(path))
+        if key is not None:
+            exported.setdefault(key, (path, module))
+
     start = 0
     for k, stop in enumerate(encoder.exit_layers):
         path = os.path.join(folder, f"segment_{k + 1}.onnx")
         branch = encoder.branch_of(k) if isinstance(encoder, SplitformerEncoder) else None
-        _export(
-            SSLSegmentGraph(encoder, start, stop) if ssl else SegmentGraph(encoder, start, stop, branch),
-            (x,) + tuple(s.detach() for s in state[1:]),
-            path,
-            names,
-            ["x_out"],
-            seg_dims,
-            opset,
-        )
+        segment = SSLSegmentGraph(encoder, start, stop) if ssl else SegmentGraph(encoder, start, stop, branch)
+        export_or_reuse(segment, seg_args, path, names, ["x_out"], seg_dims)
         extra = {"branch_layers": len(branch.layers), "branch_factor": branch.factor} if branch is not None else {}
         entry["segments"].append({"file": path, "layers": [start + 1, stop], **extra, **_io(path)})
         path = os.path.join(folder, f"head_{k + 1}.onnx")
-        _export(HeadGraph(model, k), (x,), path, ["x"], ["log_probs", "hidden"], ({0: batch, 1: frames_dim},), opset)
+        export_or_reuse(HeadGraph(model, k), (x,), path, ["x"], ["log_probs", "hidden"], ({0: batch, 1: frames_dim},))
         entry["heads"].append({"file": path, "exit_layer": stop, **_io(path)})
         start = stop
     return entry

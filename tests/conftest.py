@@ -127,6 +127,7 @@ SLOW = {
         "test_distillation_waits_for_its_first_epoch",
         "test_brain_adds_the_weighted_distillation_only_when_asked",
     ],
+    "test_onnx.py": ["test_a_graph_of_the_same_structure_takes_the_other_modules_weights"],
     "test_project.py": ["test_plot_keeps_matplotlib_debug_records_out_of_the_log"],
     "test_soak.py": ["test_soak_reports_memory_every_tenth"],
     "test_splitformer.py": [

@@ -10,6 +10,7 @@ import sys
 
 import numpy as np
 import onnx
+import onnxruntime as ort
 import pytest
 import soundfile as sf
 import torch
@@ -24,8 +25,10 @@ from earlyexit_brain.controller import exit_features
 from earlyexit_brain.files import NotOurFolderError
 from earlyexit_brain.inference import EarlyExitASR
 from earlyexit_brain.onnx_export import (
+    OPSET,
     ExportMismatchError,
     _export,
+    _export_like,
     check_agreement,
     export_onnx_folder,
     pad_batch,
@@ -190,6 +193,28 @@ def test_the_shared_arena_gives_the_numbers_of_per_session_arenas(onnx_folder, r
     for _ in range(2):
         for shared, separate in zip(runtime.exit_log_probs(wavs, lens), own.exit_log_probs(wavs, lens)):
             np.testing.assert_array_equal(shared, separate)
+
+
+def test_a_graph_of_the_same_structure_takes_the_other_modules_weights(tmp_path):
+    """The export writes one graph per structure and copies it with each further module's weights
+    (the exporter's folded, transposed weights matched by value); a module whose weights do not
+    line up, or whose copy computes something else, is refused and its file removed."""
+    torch.manual_seed(0)
+    layers = lambda width, act: torch.nn.Sequential(torch.nn.Linear(4, width), act, torch.nn.Linear(width, 3))  # noqa: E731
+    a, b = layers(6, torch.nn.Tanh()), layers(6, torch.nn.Tanh())
+    x = torch.randn(2, 5, 4)
+    dims = ({0: torch.export.Dim("batch"), 1: torch.export.Dim("frames")},)
+    path_a = str(tmp_path / "a.onnx")
+    _export(a, (x,), path_a, ["x"], ["y"], dims, OPSET)
+    assert _export_like((path_a, a), b, (x,), str(tmp_path / "b.onnx"))
+    other = torch.randn(3, 7, 4)  # the copy keeps the dynamic axes
+    got = ort.InferenceSession(str(tmp_path / "b.onnx")).run(None, {"x": other.numpy()})[0]
+    with torch.no_grad():
+        np.testing.assert_allclose(got, b(other).numpy(), rtol=1e-5, atol=1e-5)
+        assert np.abs(got - a(other).numpy()).max() > 1e-2
+    for refused in (layers(7, torch.nn.Tanh()), layers(6, torch.nn.ReLU())):  # other shapes; another function
+        path = str(tmp_path / "refused.onnx")
+        assert not _export_like((path_a, a), refused, (x,), path) and not os.path.exists(path)
 
 
 def test_int8_runs_and_is_smaller(onnx_folder, audio):
