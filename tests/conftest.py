@@ -161,6 +161,17 @@ SLOW_FIXTURES = {"onnx_folder"}  # tests/unit/test_onnx.py: the ONNX export of t
 SMOKE_RUN_FILES = {"test_aed_recipe.py", "test_ddp.py", "test_publish.py", "test_recipe.py", "test_resume.py"}
 
 
+#: Most workers ``-n auto`` starts: each imports torch and some run recipes (1-2 GB each).
+MAX_AUTO_WORKERS = 4
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_xdist_auto_num_workers(config):
+    """``-n auto``: one worker per core this process may use, at most ``MAX_AUTO_WORKERS``."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, min(MAX_AUTO_WORKERS, cores))
+
+
 @pytest.hookimpl(optionalhook=True)
 def pytest_xdist_make_scheduler(config, log):
     """pytest-xdist's scheduler for ``-n`` (the README's test command): one work unit per test
