@@ -32,6 +32,7 @@ One concept, the folder's writer (the reason this module is over 400 lines): gra
 copies, int8, the agreement check, the latency table and the manifest.
 """
 
+import functools
 import json
 import logging
 import os
@@ -179,20 +180,39 @@ def _weight_sources(graph: onnx.GraphProto, state: Dict[str, np.ndarray]) -> Opt
     return sources
 
 
-def _export_like(done: tuple, module: nn.Module, args, path: str) -> bool:
+def _state(module: nn.Module) -> Dict[str, np.ndarray]:
+    return {k: v.detach().cpu().numpy() for k, v in module.state_dict().items()}
+
+
+class _ExportedGraph:
+    """A graph the exporter wrote (``path``) and the module it came from: the template of the
+    copies :func:`_export_like` makes, its initializers' sources (:func:`_weight_sources`) found
+    once for all of them."""
+
+    def __init__(self, path: str, module: nn.Module):
+        self.path, self.module = path, module
+
+    @functools.cached_property
+    def state(self) -> Dict[str, np.ndarray]:
+        return _state(self.module)
+
+    @functools.cached_property
+    def sources(self) -> Optional[Dict[str, tuple]]:
+        return _weight_sources(onnx.load(self.path).graph, self.state)
+
+
+def _export_like(done: _ExportedGraph, module: nn.Module, args, path: str) -> bool:
     """Write ``module``'s graph to ``path`` as a copy of the graph already exported from a module
-    of the same structure (``done``: its path and module) with ``module``'s weights put in, and
-    check it against ``module`` in PyTorch on ``args``; False (``path`` removed) when the two
-    modules' weights do not line up or the copy's output differs, and the caller exports."""
-    done_path, done_module = done
-    state_of = lambda m: {k: v.detach().cpu().numpy() for k, v in m.state_dict().items()}  # noqa: E731
-    old, new = state_of(done_module), state_of(module)
+    of the same structure (``done``) with ``module``'s weights put in, and check it against
+    ``module`` in PyTorch on ``args``; False (``path`` removed) when the two modules' weights do
+    not line up or the copy's output differs, and the caller exports."""
+    old, new = done.state, _state(module)
     if old.keys() != new.keys() or any(old[k].shape != new[k].shape for k in old):
         return False
-    graph = onnx.load(done_path)
-    sources = _weight_sources(graph.graph, old)
+    sources = done.sources
     if sources is None:
         return False
+    graph = onnx.load(done.path)
     for init in graph.graph.initializer:
         source = sources[init.name]
         if source is not None:
@@ -241,19 +261,21 @@ def export_graphs(model, folder: str, opset: int = OPSET, sample_rate: int = 160
     x = state[0].detach()
     seg_dims = ({0: batch, 1: frames_dim}, {0: batch}) + (({1: positions},) if relative else ())
     seg_args = (x,) + tuple(s.detach() for s in state[1:])
-    exported: Dict[str, tuple] = {}  # graphs of one structure: exported once, then their weights swapped
+    exported: Dict[str, _ExportedGraph] = {}  # graphs of one structure: exported once, then copied
 
     def export_or_reuse(module, args, path, inputs, outputs, dims):
         # the modules' layout (their weights' names and shapes are checked as well); an SSL
         # segment holds the whole encoder, so every SSL segment is exported
         key = None if isinstance(module, SSLSegmentGraph) else repr(module)
         if key in exported and _export_like(exported[key], module, args, path):
-            logger.info("%s: %s with this graph's weights", os.path.basename(path), os.path.basename(exported[key][0]))
+            logger.info(
+                "%s: %s with this graph's weights", os.path.basename(path), os.path.basename(exported[key].path)
+            )
             return
         _export(module, args, path, inputs, outputs, dims, opset)
         logger.info("%s: exported", os.path.basename(path))
         if key is not None:
-            exported.setdefault(key, (path, module))
+            exported.setdefault(key, _ExportedGraph(path, module))
 
     start = 0
     for k, stop in enumerate(encoder.exit_layers):

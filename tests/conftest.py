@@ -167,9 +167,11 @@ MAX_AUTO_WORKERS = 4
 
 @pytest.hookimpl(optionalhook=True)
 def pytest_xdist_auto_num_workers(config):
-    """``-n auto``: one worker per core this process may use, at most ``MAX_AUTO_WORKERS``."""
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    return max(1, min(MAX_AUTO_WORKERS, cores))
+    """``-n auto``: pytest-xdist's own count (the cores, or ``PYTEST_XDIST_AUTO_NUM_WORKERS``), at
+    most ``MAX_AUTO_WORKERS``."""
+    from xdist.plugin import pytest_xdist_auto_num_workers as xdist_count
+
+    return min(MAX_AUTO_WORKERS, xdist_count(config))
 
 
 @pytest.hookimpl(optionalhook=True)

@@ -1,6 +1,7 @@
 """An ``onnx/`` folder on disk (docs/deployment.md): its ``manifest.json``, the sha256 check of its
 files, and the onnxruntime sessions of its graphs."""
 
+import functools
 import hashlib
 import json
 import os
@@ -75,19 +76,15 @@ def check_files(folder: str, manifest: Dict, names: Sequence[str]):
             )
 
 
-_SHARED_ARENA = []  # registered once per process
-
-
+@functools.cache
 def shared_arena():
     """Register, once per process, the onnxruntime environment's CPU arena that the runtime's
     sessions share (``session.use_env_allocators``). Each graph has its own session, and a
     session's own arena keeps the largest blocks its graph ever asked for: with one arena per
     graph the model held the sum of every graph's peak, with a shared one it holds the largest
     (docs/deployment.md, Memory)."""
-    if not _SHARED_ARENA:
-        info = ort.OrtMemoryInfo("Cpu", ort.OrtAllocatorType.ORT_ARENA_ALLOCATOR, 0, ort.OrtMemType.DEFAULT)
-        ort.create_and_register_allocator(info, ort.OrtArenaCfg({}))
-        _SHARED_ARENA.append(info)
+    info = ort.OrtMemoryInfo("Cpu", ort.OrtAllocatorType.ORT_ARENA_ALLOCATOR, 0, ort.OrtMemType.DEFAULT)
+    ort.create_and_register_allocator(info, ort.OrtArenaCfg({}))
 
 
 def session_options(threads: Optional[int], spinning: bool = False, shared_memory: bool = True) -> ort.SessionOptions:
