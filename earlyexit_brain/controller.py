@@ -43,7 +43,41 @@ logger = logging.getLogger(__name__)
 
 def _host(x: torch.Tensor) -> np.ndarray:
     x = x.detach()
-    return (x.float() if x.is_floating_point() else x).cpu().numpy()
+    if x.is_floating_point() and x.dtype != torch.float32:
+        x = x.float()
+    return (x if x.device.type == "cpu" else x.cpu()).numpy()  # shares a CPU tensor's memory
+
+
+def host_frames(log_probs: torch.Tensor, lengths: Optional[torch.Tensor]) -> np.ndarray:
+    """:func:`earlyexit_brain.utils.valid_frames` in numpy (``round(length * T)``, halves to even
+    as ``torch.round``; :func:`~earlyexit_brain.controller_numpy.controller_features` clamps to
+    ``[1, T]``): a decision at batch 1 costs a fraction of the PyTorch operations' time."""
+    b, t = log_probs.shape[:2]
+    if lengths is None or all(v == 1.0 for v in lengths.tolist()):  # unpadded: no array arithmetic
+        return np.full(b, t, np.int64)
+    return np.rint(_host(lengths) * np.float32(t)).astype(np.int64)
+
+
+def exit_probability(
+    weights: ControllerWeights,
+    exit_index: int,
+    hidden: torch.Tensor,
+    log_probs: torch.Tensor,
+    lengths: Optional[torch.Tensor],
+    previous: Optional[torch.Tensor] = None,
+    arrays: Optional[List[Dict[str, np.ndarray]]] = None,
+) -> torch.Tensor:
+    """The learned policy's score at ``exit_index``: :func:`exit_features` then
+    :func:`controller_probability` (``(B,)`` float32 on the CPU), from SpeechBrain relative
+    ``lengths``, computed on the tensors' numpy views without a round trip through PyTorch."""
+    feats = controller_features(
+        _host(hidden),
+        _host(log_probs),
+        host_frames(log_probs, lengths),
+        None if previous is None else _host(previous),
+        weights.blank_index,
+    )
+    return torch.from_numpy(numpy_probability(weights, exit_index, feats, arrays))
 
 
 def exit_features(

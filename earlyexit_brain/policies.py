@@ -32,11 +32,11 @@ from typing import Dict, List, Optional, Sequence
 
 import torch
 
-from .controller import controller_probability, exit_features
+from .controller import exit_probability
 from .controller_numpy import estimator_arrays
 from .latency import LatencyTable
 from .policy_bundle import ControllerWeights
-from .utils import frame_mask, valid_frames
+from .utils import frame_mask
 
 POLICY_NAMES = ("fixed", "entropy", "posterior", "posterior_greedy", "budget", "learned", "oracle")
 
@@ -232,9 +232,7 @@ class LearnedPolicy(ConfidencePolicy):
             raise ValueError(
                 f"the learned controller decides at exits 1..{len(self.weights.exits)}, not {exit_index + 1}"
             )
-        frames = valid_frames(log_probs, lengths)
-        feats = exit_features(hidden, log_probs, frames, previous, self.weights.blank_index)
-        return controller_probability(self.weights, exit_index, feats, self._arrays)
+        return exit_probability(self.weights, exit_index, hidden, log_probs, lengths, previous, self._arrays)
 
     def __call__(self, exit_index, log_probs, lengths, durations=None, hidden=None, previous=None):
         return self.stops(self.score(log_probs, lengths, exit_index, hidden, previous))

@@ -11,7 +11,7 @@ import torch
 from test_controller import random_weights  # tests/unit/test_controller.py
 
 from earlyexit_brain.controller import controller_probability as torch_probability
-from earlyexit_brain.controller import exit_features
+from earlyexit_brain.controller import exit_features, exit_probability, host_frames
 from earlyexit_brain.policy_bundle import CONTROLLER_STATISTICS, controller_probabilities
 from earlyexit_brain.runtime.policies import (
     RUNTIME_POLICIES,
@@ -19,6 +19,7 @@ from earlyexit_brain.runtime.policies import (
     controller_probability,
     make_runtime_policy,
 )
+from earlyexit_brain.utils import valid_frames
 
 S = len(CONTROLLER_STATISTICS)
 
@@ -62,6 +63,43 @@ def test_numpy_features_and_probabilities_equal_pytorch(hidden_units):
     assert seen == {0.0, 1.0}  # both outcomes of the hypothesis comparison were exercised
     agreement = controller_features(hidden.numpy(), lp.numpy(), frames.numpy(), prev_lp.numpy())[:, S - 3]
     assert agreement[0] == 1.0 and 0.0 < agreement[1] < 1.0  # the same best tokens; a partial agreement
+
+
+def test_a_padded_batch_gives_each_utterance_its_features_alone():
+    # The batch computation (frame weights, masks) against each utterance trimmed to its valid
+    # frames and computed alone, unpadded (the decision's batch-1 path).
+    gen = torch.Generator().manual_seed(3)
+    b, t, v, d = 5, 17, 5, 6
+    lp = random_exit(gen, b, t, v, 1.0)
+    hidden = torch.randn(b, t, d, generator=gen)
+    prev_lp = random_exit(gen, b, t + 2, v, 1.0)
+    prev_lp[1, :t] = lp[1]  # utterance 1 agrees with the previous exit everywhere
+    lp[3] = -20.0
+    lp[3, :, 0] = 0.0  # utterance 3: blank everywhere, so nothing is voiced unless the previous exit is
+    prev_lp[3] = lp[3, :1].expand(t + 2, v)
+    frames = np.array([17, 9, 1, 12, 4])
+    for previous in (None, prev_lp.numpy(), prev_lp.argmax(-1).numpy()):
+        batch = controller_features(hidden.numpy(), lp.numpy(), frames, previous, 0)
+        for i, n in enumerate(frames.tolist()):
+            prev_i = None if previous is None else previous[i : i + 1, :n]
+            alone = controller_features(hidden[i : i + 1, :n].numpy(), lp[i : i + 1, :n].numpy(), [n], prev_i, 0)
+            np.testing.assert_allclose(batch[i], alone[0], rtol=1e-5, atol=1e-6, err_msg=f"utterance {i}")
+        if previous is not None:
+            agreement = batch[:, CONTROLLER_STATISTICS.index("frame_agreement")]
+            assert agreement[1] == 1.0 and agreement[3] == 1.0  # all agreeing; nothing voiced in either
+
+
+def test_the_policy_score_reads_lengths_as_speechbrain_does():
+    lp = torch.zeros(6, 13, 4)
+    lengths = torch.tensor([1.0, 0.5, 0.37, 0.8, 0.04, 0.5 / 13 * 3])  # halves round to even, as torch
+    np.testing.assert_array_equal(np.clip(host_frames(lp, lengths), 1, 13), valid_frames(lp, lengths).numpy())
+    assert host_frames(lp, None).tolist() == [13] * 6 and host_frames(lp, torch.ones(6)).tolist() == [13] * 6
+    gen = torch.Generator().manual_seed(4)
+    lp, hidden = random_exit(gen, 3, 13, 4, 1.0), torch.randn(3, 13, 2, generator=gen)
+    weights = random_weights(num_exits=2, hidden_size=2, scale=0.5)
+    lengths = torch.tensor([1.0, 0.6, 0.3])
+    ref = torch_probability(weights, 0, exit_features(hidden, lp, valid_frames(lp, lengths), None, 0))
+    torch.testing.assert_close(exit_probability(weights, 0, hidden, lp, lengths), ref)
 
 
 def test_the_estimator_saturates_without_overflow():
