@@ -648,6 +648,21 @@ def test_benchmark_sections_run_on_the_smoke_model(model, onnx_folder, audio):
     assert "| 3 | 6 |" in text and "0.500" in text
 
 
+def test_the_decision_benchmark_times_every_deciding_exit(model, onnx_folder):
+    from benchmarks.controller_decision import bench_decisions, markdown
+
+    r = bench_decisions("smoke", model, onnx_folder, threads=1, seconds=0.5, repeats=1, warmup=0)
+    assert [e["exit"] for e in r["exits"]] == [1, 2]  # the last exit decides nothing
+    for e in r["exits"]:
+        for engine in ("torch", "fp32"):
+            row = e[engine]
+            assert row["decision_ms"] > 0 and row["to_exit_ms"] >= row["segment_ms"]
+            assert row["share_to_exit"] == pytest.approx(row["decision_ms"] / row["to_exit_ms"])
+    first = r["exits"][0]["torch"]
+    assert first["segment_ms"] == first["to_exit_ms"]  # the first segment includes the front end
+    assert "| 2 | 4 |" in markdown([r])
+
+
 def test_the_exported_front_end_computes_speechbrains_features(model):
     from speechbrain.nnet.attention import RelPosEncXL
     from speechbrain.processing.features import spectral_magnitude
