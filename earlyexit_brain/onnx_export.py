@@ -201,17 +201,18 @@ class _ExportedGraph:
         return _weight_sources(onnx.load(self.path).graph, self.state)
 
 
-def _export_like(done: _ExportedGraph, module: nn.Module, args, path: str) -> bool:
+def _export_like(done: _ExportedGraph, module: nn.Module, args, path: str) -> Optional[Dict]:
     """Write ``module``'s graph to ``path`` as a copy of the graph already exported from a module
     of the same structure (``done``) with ``module``'s weights put in, and check it against
-    ``module`` in PyTorch on ``args``; False (``path`` removed) when the two modules' weights do
-    not line up or the copy's output differs, and the caller exports."""
+    ``module`` in PyTorch on ``args``: the copy's inputs and outputs (:func:`_io`), or None
+    (``path`` removed) when the two modules' weights do not line up or the copy's output differs,
+    and the caller exports."""
     old, new = done.state, _state(module)
     if old.keys() != new.keys() or any(old[k].shape != new[k].shape for k in old):
-        return False
+        return None
     sources = done.sources
     if sources is None:
-        return False
+        return None
     graph = onnx.load(done.path)
     for init in graph.graph.initializer:
         source = sources[init.name]
@@ -228,14 +229,15 @@ def _export_like(done: _ExportedGraph, module: nn.Module, args, path: str) -> bo
     if len(got) == len(expected) and all(
         g.shape == e.shape and np.allclose(g, e, rtol=1e-4, atol=1e-4) for g, e in zip(got, expected)
     ):
-        return True
+        return _io(sess)
     os.remove(path)
-    return False
+    return None
 
 
-def _io(path: str) -> Dict:
-    """Input and output names, shapes (named dynamic axes) and types as onnxruntime sees them."""
-    sess = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
+def _io(graph) -> Dict:
+    """Input and output names, shapes (named dynamic axes) and types as onnxruntime sees them, of
+    the graph file ``graph`` or of an open session."""
+    sess = ort.InferenceSession(graph, providers=["CPUExecutionProvider"]) if isinstance(graph, str) else graph
     describe = lambda args: [{"name": a.name, "shape": list(a.shape), "dtype": a.type} for a in args]  # noqa: E731
     return {"inputs": describe(sess.get_inputs()), "outputs": describe(sess.get_outputs())}
 
@@ -267,27 +269,31 @@ def export_graphs(model, folder: str, opset: int = OPSET, sample_rate: int = 160
         # the modules' layout (their weights' names and shapes are checked as well); an SSL
         # segment holds the whole encoder, so every SSL segment is exported
         key = None if isinstance(module, SSLSegmentGraph) else repr(module)
-        if key in exported and _export_like(exported[key], module, args, path):
+        io = _export_like(exported[key], module, args, path) if key in exported else None
+        if io is not None:
             logger.info(
                 "%s: %s with this graph's weights", os.path.basename(path), os.path.basename(exported[key].path)
             )
-            return
+            return io
         _export(module, args, path, inputs, outputs, dims, opset)
         logger.info("%s: exported", os.path.basename(path))
         if key is not None:
             exported.setdefault(key, _ExportedGraph(path, module))
+        return _io(path)
 
     start = 0
     for k, stop in enumerate(encoder.exit_layers):
         path = os.path.join(folder, f"segment_{k + 1}.onnx")
         branch = encoder.branch_of(k) if isinstance(encoder, SplitformerEncoder) else None
         segment = SSLSegmentGraph(encoder, start, stop) if ssl else SegmentGraph(encoder, start, stop, branch)
-        export_or_reuse(segment, seg_args, path, names, ["x_out"], seg_dims)
+        io = export_or_reuse(segment, seg_args, path, names, ["x_out"], seg_dims)
         extra = {"branch_layers": len(branch.layers), "branch_factor": branch.factor} if branch is not None else {}
-        entry["segments"].append({"file": path, "layers": [start + 1, stop], **extra, **_io(path)})
+        entry["segments"].append({"file": path, "layers": [start + 1, stop], **extra, **io})
         path = os.path.join(folder, f"head_{k + 1}.onnx")
-        export_or_reuse(HeadGraph(model, k), (x,), path, ["x"], ["log_probs", "hidden"], ({0: batch, 1: frames_dim},))
-        entry["heads"].append({"file": path, "exit_layer": stop, **_io(path)})
+        io = export_or_reuse(
+            HeadGraph(model, k), (x,), path, ["x"], ["log_probs", "hidden"], ({0: batch, 1: frames_dim},)
+        )
+        entry["heads"].append({"file": path, "exit_layer": stop, **io})
         start = stop
     return entry
 

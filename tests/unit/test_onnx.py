@@ -30,6 +30,7 @@ from earlyexit_brain.onnx_export import (
     _export,
     _export_like,
     _ExportedGraph,
+    _io,
     check_agreement,
     export_onnx_folder,
     pad_batch,
@@ -208,7 +209,8 @@ def test_a_graph_of_the_same_structure_takes_the_other_modules_weights(tmp_path)
     path_a = str(tmp_path / "a.onnx")
     _export(a, (x,), path_a, ["x"], ["y"], dims, OPSET)
     template = _ExportedGraph(path_a, a)
-    assert _export_like(template, b, (x,), str(tmp_path / "b.onnx"))
+    io = _export_like(template, b, (x,), str(tmp_path / "b.onnx"))
+    assert io == _io(str(tmp_path / "b.onnx")) and io["inputs"][0]["name"] == "x"  # the manifest's entry
     other = torch.randn(3, 7, 4)  # the copy keeps the dynamic axes
     got = ort.InferenceSession(str(tmp_path / "b.onnx")).run(None, {"x": other.numpy()})[0]
     with torch.no_grad():
@@ -216,7 +218,7 @@ def test_a_graph_of_the_same_structure_takes_the_other_modules_weights(tmp_path)
         assert np.abs(got - a(other).numpy()).max() > 1e-2
     for refused in (layers(7, torch.nn.Tanh()), layers(6, torch.nn.ReLU())):  # other shapes; another function
         path = str(tmp_path / "refused.onnx")
-        assert not _export_like(template, refused, (x,), path) and not os.path.exists(path)
+        assert _export_like(template, refused, (x,), path) is None and not os.path.exists(path)
 
 
 def test_int8_runs_and_is_smaller(onnx_folder, audio):
