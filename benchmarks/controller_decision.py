@@ -22,8 +22,9 @@ threads, every exit where the controller decides (all but the last), timed in ro
   previous one; the first segment includes the front end, as in the recipes' measurement) and of
   the whole time to its exit.
 
-The controller's weights are random (a decision's cost does not depend on their values: one
-logistic regression per exit on the ``9 + D`` features).
+The controller's weights are random (a decision's cost does not depend on their values): one
+logistic regression per exit on the 9 statistics, as the recipes train it, or with ``--states``
+on the statistics and the exit's mean encoder state (``controller_reads_states: True``).
 """
 
 import argparse
@@ -47,10 +48,10 @@ from .timing import CONFIGS, time_in_rotation
 CPU = torch.device("cpu")
 
 
-def random_controller(num_exits: int, hidden_size: int, seed: int = 0) -> ControllerWeights:
+def random_controller(num_exits: int, hidden_size: int, reads_states: bool = False, seed: int = 0):
     """Logistic-regression weights of the right shape for a model (values random)."""
     rng = np.random.default_rng(seed)
-    f = len(CONTROLLER_STATISTICS) + hidden_size
+    f = len(CONTROLLER_STATISTICS) + (hidden_size if reads_states else 0)
     exits = [
         {
             "mean": rng.standard_normal(f).tolist(),
@@ -60,7 +61,14 @@ def random_controller(num_exits: int, hidden_size: int, seed: int = 0) -> Contro
         }
         for _ in range(num_exits - 1)
     ]
-    return ControllerWeights(num_exits=num_exits, hidden_size=hidden_size, hidden_units=0, blank_index=0, exits=exits)
+    return ControllerWeights(
+        num_exits=num_exits,
+        hidden_size=hidden_size,
+        hidden_units=0,
+        blank_index=0,
+        exits=exits,
+        reads_states=reads_states,
+    )
 
 
 def time_after(run, decide, repeats, warmup):
@@ -76,11 +84,11 @@ def time_after(run, decide, repeats, warmup):
 
 
 @torch.no_grad()
-def bench_decisions(name, model, onnx, threads, seconds, repeats, warmup):
+def bench_decisions(name, model, onnx, threads, seconds, repeats, warmup, reads_states=False):
     """Median ms to each exit and of each decision, PyTorch and the runtime, timed in rotation."""
     torch.set_num_threads(threads)
     runtime = EarlyExitONNX.from_folder(onnx, threads=threads, precision="fp32")
-    weights = random_controller(model.num_exits, model.heads.heads[0].in_features)
+    weights = random_controller(model.num_exits, model.heads.heads[0].in_features, reads_states)
     torch_policy = LearnedPolicy(0.5, weights)
     runtime_policy = make_runtime_policy("learned", 0.5, num_exits=model.num_exits, controller=weights)
     wav = (0.05 * np.random.default_rng(0).standard_normal((1, int(seconds * 16000)))).astype(np.float32)
@@ -124,6 +132,7 @@ def bench_decisions(name, model, onnx, threads, seconds, repeats, warmup):
         "threads": threads,
         "audio_seconds": seconds,
         "frames": int(frames[0]),
+        "reads_states": reads_states,
         "batch": 1,
         "repeats": repeats,
         "exits": rows,
@@ -156,7 +165,8 @@ def markdown(results):
             for e in r["exits"]
         ]
         out += table(
-            f"{r['config']}, {r['audio_seconds']:g} s ({r['frames']} frames), {r['threads']} threads, batch 1",
+            f"{r['config']}, {r['audio_seconds']:g} s ({r['frames']} frames), {r['threads']} threads, batch 1"
+            + (", controller reading the states" if r["reads_states"] else ""),
             [
                 "exit",
                 "layer",
@@ -186,6 +196,7 @@ def main(argv=None):
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=list(CONFIGS))
+    parser.add_argument("--states", action="store_true", help="a controller that also reads the mean encoder state")
     parser.add_argument("--out", default=None, help="write the result as JSON (and .md beside it)")
     args = parser.parse_args(argv)
     if args.quick:
@@ -197,7 +208,7 @@ def main(argv=None):
             model, _, onnx = export_config(name, workdir, tokenizer)
             for threads in args.threads:
                 for seconds in args.seconds:
-                    r = bench_decisions(name, model, onnx, threads, seconds, args.repeats, args.warmup)
+                    r = bench_decisions(name, model, onnx, threads, seconds, args.repeats, args.warmup, args.states)
                     results.append(r)
                     print(markdown([r]), flush=True)
     report({"decisions": results, "torch": torch.__version__}, markdown(results), args.out)

@@ -1,15 +1,17 @@
-"""The learned exit controller: at each exit, the estimated chance that stopping costs no word error.
+"""The learned exit controller: at each exit, the estimated chance that stopping there is safe.
 
 Published early-exit recognisers stop when a confidence score (entropy, a posterior) passes a
 threshold. The learned controller instead *learns* when stopping is safe: at exit ``k`` (every
 exit but the last) a small estimator reads only what has already been computed there and
-predicts ``P(errors at exit k <= errors at the last exit)``, the probability that stopping
-costs no word error against going on to the end. It is trained after the recogniser, with the
+predicts the probability that stopping there is safe: by its training target, that exit ``k``'s
+hypothesis equals the last exit's (``agreement``, the recipes' default) or that it has no more
+word errors than the last exit's (``errors``). It is trained after the recogniser, with the
 recogniser frozen, on held-out utterances (the synthetic corpus's ``controller`` split: see
 docs/exit_policies.md), and the ``learned`` policy stops at the first exit where that
 probability reaches a threshold calibrated on dev like the other policies'.
 
-What it reads at exit ``k`` (:func:`exit_features`, ``F = 9 + D`` values per utterance):
+What it reads at exit ``k`` (:func:`exit_features`, 9 values per utterance, ``9 + D`` with the
+encoder states):
 
 * statistics of the exit's CTC posteriors over the valid frames: mean entropy (divided by
   ``log V``), mean and geometric mean of the best token's posterior, its minimum, the share of
@@ -18,7 +20,9 @@ What it reads at exit ``k`` (:func:`exit_features`, ``F = 9 + D`` values per utt
   frames with the same best token among the frames where either is not blank, and whether the
   two greedy hypotheses are the same token sequence;
 * ``log`` of the number of frames (the utterance length);
-* the exit's encoder states averaged over the valid frames (``D`` values).
+* with ``reads_states``, the exit's encoder states averaged over the valid frames (``D``
+  values; off by default: fitted on held-out utterances unlike the test sets', they rank worse,
+  docs/exit_policies.md).
 
 The estimator (:class:`~earlyexit_brain.policy_bundle.ControllerWeights`) is one logistic
 regression per exit on the standardised features, or with ``hidden_units`` > 0 one ``tanh``
@@ -76,8 +80,16 @@ def exit_probability(
         host_frames(log_probs, lengths),
         None if previous is None else _host(previous),
         weights.blank_index,
+        states=weights.reads_states,
     )
     return torch.from_numpy(numpy_probability(weights, exit_index, feats, arrays))
+
+
+def agreement_labels(hyps: Sequence[Sequence[str]]) -> torch.Tensor:
+    """Training targets ``(U, K - 1)`` of the ``agreement`` target: 1 where an utterance's exit
+    ``k`` gives the same hypothesis text as its last exit (``hyps[u][k]``, as the evaluation
+    records them). Needs no reference text."""
+    return torch.tensor([[float(h[k] == h[-1]) for k in range(len(h) - 1)] for h in hyps], dtype=torch.float32)
 
 
 def exit_features(
@@ -145,24 +157,35 @@ def auc(scores: torch.Tensor, labels: torch.Tensor) -> Optional[float]:
     return float(greater + 0.5 * ties)
 
 
+def controller_labels(target: str, errors: torch.Tensor, hyps: Sequence[Sequence[str]]) -> torch.Tensor:
+    """The controller's training targets ``(U, K - 1)`` for ``target``: ``errors``
+    (:func:`stop_labels`) or ``agreement`` (:func:`agreement_labels`)."""
+    if target == "errors":
+        return stop_labels(errors)
+    if target == "agreement":
+        return agreement_labels(hyps)
+    raise ValueError(f"controller_target: accepted values are 'agreement' and 'errors', got {target!r}")
+
+
 def fit_controller(
     features: Sequence[torch.Tensor],
-    errors: torch.Tensor,
+    labels: torch.Tensor,
     blank_index: int,
     hidden_units: int = 0,
     weight_decay: float = 1e-2,
     steps: int = 300,
     seed: int = 0,
-    validation: Optional[Dict] = None,
+    reads_states: bool = True,
+    target: str = "errors",
 ) -> ControllerWeights:
     """Fit one estimator per exit but the last on held-out utterances.
 
     Arguments
     ---------
     features : list of torch.Tensor
-        Per exit, ``(U, F)`` features of :func:`exit_features` (the last exit's are not used).
-    errors : torch.Tensor
-        ``(U, K)`` word errors of each utterance's hypothesis at each exit.
+        Per exit, ``(U, 9 + D)`` features of :func:`exit_features` (the last exit's are not used).
+    labels : torch.Tensor
+        ``(U, K - 1)`` 0/1 targets: where stopping at each exit is safe (:func:`controller_labels`).
     blank_index : int
         Stored with the weights (the features need it).
     hidden_units : int
@@ -171,15 +194,17 @@ def fit_controller(
         L2 penalty on the weights (not the biases), on standardised features.
     steps : int
         Full-batch L-BFGS iterations per exit.
-    validation : dict, optional
-        ``{"features": [...], "errors": ...}`` of other utterances (dev) whose AUC is recorded.
+    reads_states : bool
+        Whether the estimators read the mean encoder states (else the 9 statistics alone).
+    target : str
+        The name of what ``labels`` hold, recorded with the weights (``agreement`` or ``errors``).
     """
-    num_exits = errors.shape[1]
-    labels = stop_labels(errors)
+    num_exits = labels.shape[1] + 1
+    columns = features[0].shape[1] if reads_states else len(CONTROLLER_STATISTICS)
     gen = torch.Generator().manual_seed(seed)
     exits, report = [], []
     for k in range(num_exits - 1):
-        x = features[k].double()
+        x = features[k][:, :columns].double()
         y = labels[:, k].double()
         mean = x.mean(0)
         scale = x.std(0, unbiased=False)
@@ -190,25 +215,26 @@ def fit_controller(
             {
                 "exit": k + 1,
                 "utterances": int(len(y)),
-                "stop_is_free": round(float(y.mean()), 4),
+                "target_rate": round(float(y.mean()), 4),
                 "train_auc": _rounded(auc(train_p, y)),
             }
         )
-    weights = ControllerWeights(
+    training = {
+        "target": target,
+        "reads_states": bool(reads_states),
+        "hidden_units": int(hidden_units),
+        "weight_decay": float(weight_decay),
+        "exits": report,
+    }
+    return ControllerWeights(
         num_exits=num_exits,
         hidden_size=features[0].shape[1] - len(CONTROLLER_STATISTICS),
         hidden_units=int(hidden_units),
         blank_index=int(blank_index),
         exits=exits,
-        training={"hidden_units": int(hidden_units), "weight_decay": float(weight_decay), "exits": report},
+        training=training,
+        reads_states=bool(reads_states),
     )
-    if validation is not None:
-        vlabels = stop_labels(validation["errors"])
-        for k, row in enumerate(report):
-            p = controller_probability(weights, k, validation["features"][k])
-            row["dev_auc"] = _rounded(auc(p, vlabels[:, k]))
-            row["dev_stop_is_free"] = round(float(vlabels[:, k].mean()), 4)
-    return weights
 
 
 def _fit_exit(z: torch.Tensor, y: torch.Tensor, hidden_units: int, weight_decay: float, steps: int, gen):

@@ -2,15 +2,16 @@
 PyTorch (:mod:`earlyexit_brain.controller`) and the ONNX runtime (:mod:`earlyexit_brain.runtime`)
 both compute with.
 
-At exit ``k`` the controller reads ``9 + D`` numbers per utterance (:func:`controller_features`):
+At exit ``k`` the controller reads 9 numbers per utterance, ``9 + D`` for a controller that also
+reads the states (:func:`controller_features`):
 statistics of the exit's CTC posteriors over the valid frames (:data:`CONTROLLER_STATISTICS`:
 mean entropy divided by ``log V``, mean and geometric mean of the best token's posterior, its
 minimum, the share of blank frames, greedy tokens per frame), its agreement with the previous
 exit (the share of frames with the same best token among those where either is not blank; whether
-the two greedy hypotheses are the same token sequence), ``log`` of the number of frames, and the
-exit's encoder states averaged over the valid frames. numpy rather than PyTorch: at batch 1 the
-features are some forty operations on small arrays, where numpy's per-operation overhead is a
-fraction of PyTorch's.
+the two greedy hypotheses are the same token sequence), ``log`` of the number of frames, and
+(``ControllerWeights.reads_states``) the exit's encoder states averaged over the valid frames.
+numpy rather than PyTorch: at batch 1 the features are some thirty operations on small arrays,
+where numpy's per-operation overhead is a fraction of PyTorch's.
 """
 
 import math
@@ -40,8 +41,10 @@ def controller_features(
     frames: np.ndarray,
     previous: Optional[np.ndarray] = None,
     blank_index: int = 0,
+    states: bool = True,
 ) -> np.ndarray:
-    """The controller's features ``(B, 9 + D)`` (float32) at one exit.
+    """The controller's features ``(B, 9 + D)`` (float32) at one exit; ``(B, 9)`` without
+    ``states`` (the statistics alone, for a controller that does not read the states).
 
     ``hidden`` are the exit's encoder states ``(B, T, D)``, ``log_probs`` its CTC
     log-probabilities ``(B, T, V)``, ``frames`` the valid frames ``(B,)`` (at least 1),
@@ -70,7 +73,7 @@ def controller_features(
     keep = _hypothesis_keep(best, blank_index)
     per_frame[:, 5] = keep
     per_frame[:, 3] = per_frame[:, 1] if valid is None else np.where(valid, per_frame[:, 1], np.float32(1))
-    out = np.empty((b, len(CONTROLLER_STATISTICS) + hidden.shape[2]), np.float32)
+    out = np.empty((b, len(CONTROLLER_STATISTICS) + (hidden.shape[2] if states else 0)), np.float32)
     out[:, :6] = np.matmul(per_frame, weights[:, :, None])[:, :, 0]
     out[:, 0] *= np.float32(-1.0 / math.log(v))
     out[:, 3] = per_frame[:, 3].min(1)  # the lowest best-token posterior, not its mean
@@ -93,7 +96,8 @@ def controller_features(
             prev_keep &= valid
         out[:, 7] = [np.array_equal(best[i][keep[i]], prev[i][prev_keep[i]]) for i in range(b)]
     out[:, 8] = np.log(n)
-    out[:, 9:] = np.matmul(weights[:, None, :], np.asarray(hidden, np.float32))[:, 0]
+    if states:
+        out[:, 9:] = np.matmul(weights[:, None, :], np.asarray(hidden, np.float32))[:, 0]
     return out
 
 
@@ -127,11 +131,12 @@ def controller_probability(
     features: np.ndarray,
     arrays: Optional[List[Dict[str, np.ndarray]]] = None,
 ) -> np.ndarray:
-    """``P(no extra word error if stopping here)`` ``(B,)`` (float32, float64 inside) at
-    ``exit_index`` (0-based, not the last); ``arrays``: :func:`estimator_arrays` of ``weights``
-    when the caller keeps them."""
+    """The controller's probability that stopping is safe ``(B,)`` (float32, float64 inside) at
+    ``exit_index`` (0-based, not the last), from :func:`controller_features` (with or without
+    the states: a controller that does not read them uses the statistics, the first columns);
+    ``arrays``: :func:`estimator_arrays` of ``weights`` when the caller keeps them."""
     est = (arrays or estimator_arrays(weights))[exit_index]
-    h = np.asarray(features, np.float64)
+    h = np.asarray(features, np.float64)[:, : weights.num_features]
     if weights.hidden_units:
         h = np.tanh(h @ est["w1"] + est["b1"])
     logit = h @ est["weight"] + est["bias"]

@@ -13,8 +13,9 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence
 #: The policies a bundle can hold a calibrated threshold for.
 THRESHOLD_POLICIES = ("entropy", "posterior", "posterior_greedy", "budget", "learned")
 
-#: The learned exit controller's per-utterance statistics of one exit, in this order, followed by
-#: the exit's hidden states averaged over the valid frames (``hidden_size`` values). Their
+#: The learned exit controller's per-utterance statistics of one exit, in this order, followed
+#: (for a controller that reads them, ``reads_states``) by the exit's hidden states averaged over
+#: the valid frames (``hidden_size`` values). Their
 #: definitions: :func:`earlyexit_brain.controller.exit_features` (PyTorch) and
 #: ``earlyexit_brain.runtime.policies`` (numpy), which a test holds equal.
 CONTROLLER_STATISTICS = (
@@ -43,17 +44,20 @@ class ControllerWeights:
     """The learned exit controller's parameters (:mod:`earlyexit_brain.controller`), stored as JSON.
 
     For each exit but the last, a logistic model over the exit's standardised features
-    (:data:`CONTROLLER_STATISTICS`, then the mean hidden state), with an optional hidden layer:
-    ``p = sigmoid(w . h + b)``, ``h = tanh(W1 z + b1)`` (or ``h = z`` when ``hidden_units`` is 0),
-    ``z = (x - mean) / scale``. ``p`` is the estimated probability that stopping at the exit
-    costs no word error against the last exit.
+    (:data:`CONTROLLER_STATISTICS`, then, with ``reads_states``, the mean hidden state), with an
+    optional hidden layer: ``p = sigmoid(w . h + b)``, ``h = tanh(W1 z + b1)`` (or ``h = z`` when
+    ``hidden_units`` is 0), ``z = (x - mean) / scale``. ``p`` is the estimated probability that
+    stopping at the exit is safe: by the target it was trained on (``training["target"]``), that
+    the exit's hypothesis equals the last exit's (``agreement``) or that it has no more word
+    errors than the last exit's (``errors``).
 
     Arguments
     ---------
     num_exits : int
         Exits of the model it was trained for (it decides at the first ``num_exits - 1``).
     hidden_size : int
-        Size of the encoder states it reads.
+        Size of the model's encoder states (checked against the model also when it does not
+        read them).
     hidden_units : int
         Units of the hidden layer (0: logistic regression on the features).
     blank_index : int
@@ -65,6 +69,9 @@ class ControllerWeights:
         The statistics' names (must be :data:`CONTROLLER_STATISTICS`).
     training : dict
         How it was trained (utterances, labels, per-exit held-out AUC...), for the reports.
+    reads_states : bool
+        Whether its features include the exit's mean hidden state (controllers stored before
+        this field read them).
     """
 
     num_exits: int
@@ -74,10 +81,11 @@ class ControllerWeights:
     exits: List[Dict[str, Any]]
     statistics: List[str] = dataclasses.field(default_factory=lambda: list(CONTROLLER_STATISTICS))
     training: Dict[str, Any] = dataclasses.field(default_factory=dict)
+    reads_states: bool = True
 
     @property
     def num_features(self) -> int:
-        return len(CONTROLLER_STATISTICS) + self.hidden_size
+        return len(CONTROLLER_STATISTICS) + (self.hidden_size if self.reads_states else 0)
 
     def __post_init__(self):
         for key in ("num_exits", "hidden_size", "hidden_units", "blank_index"):
@@ -86,6 +94,8 @@ class ControllerWeights:
                 raise ValueError(
                     f"controller: {key} must be an integer >= {2 if key == 'num_exits' else 0}, got {value!r}"
                 )
+        if not isinstance(self.reads_states, bool):
+            raise ValueError(f"controller: reads_states must be true or false, got {self.reads_states!r}")
         if list(self.statistics) != list(CONTROLLER_STATISTICS):
             raise ValueError(
                 f"controller: statistics {list(self.statistics)} are not this version's {list(CONTROLLER_STATISTICS)}"

@@ -247,32 +247,41 @@ def reference_markdown(references: Dict) -> List[str]:
     return lines
 
 
+#: What each target of the learned exit controller predicts (report.md).
+TARGETS = {
+    "agreement": "the exit's hypothesis equals the last exit's",
+    "errors": "no more word errors at the exit than at the last",
+}
+
+
 def controller_markdown(controller: Dict) -> List[str]:
     """The learned exit controller (``run_policy_evaluation``'s ``controller``): its size, how well
     it ranks utterances at each exit, and what its decisions cost against the encoder."""
     training = controller["training"]
     shares = controller.get("decision_time_share", {})
     width = "a logistic regression" if not training.get("hidden_units") else f"{training['hidden_units']} tanh units"
+    inputs = "the 9 statistics and the mean encoder state" if training.get("reads_states", True) else "the 9 statistics"
     lines = [
         "## Learned exit controller",
         "",
         f"{controller['parameters']:,} parameters ({controller['bytes_float32'] / 1024:.1f} KiB as float32), "
-        f"{width} per exit, L2 penalty {training.get('weight_decay', 0):g}; trained on "
+        f"{width} per exit on {inputs}, L2 penalty {training.get('weight_decay', 0):g}, target "
+        f"'{training.get('target', 'errors')}' ({TARGETS.get(training.get('target', 'errors'), '')}); trained on "
         f"{training['exits'][0]['utterances']} held-out utterances (WER per exit: "
         + ", ".join(f"{w:.2f}" for w in training.get("held_out_wer", []))
         + "). Stop is free: the share of utterances with no more word errors at the exit than at the "
         "last; AUC: how well the controller ranks them (0.5: chance). Decision time: the controller's "
         "time at the exit over the encoder's time from the previous exit to this one.",
         "",
-        "| exit | held-out stop is free | train AUC | dev stop is free | dev AUC |"
+        "| exit | held-out stop is free | held-out AUC | dev stop is free | dev AUC |"
         + "".join(f" {s} decision time |" for s in shares),
         "|" + "---|" * (5 + len(shares)),
     ]
     for k, row in enumerate(training["exits"]):
         cells = [
             str(row["exit"]),
-            f"{row['stop_is_free']:.3f}",
-            _number(row.get("train_auc")),
+            _number(row.get("held_out_stop_is_free")),
+            _number(row.get("held_out_auc")),
             _number(row.get("dev_stop_is_free")),
             _number(row.get("dev_auc")),
         ] + [f"{100.0 * v[k]:.2f}%" for v in shares.values()]

@@ -7,7 +7,14 @@ from typing import Dict, List, Optional
 
 import torch
 
-from ..controller import auc, controller_probability, fit_controller, parameter_count, stop_labels
+from ..controller import (
+    auc,
+    controller_labels,
+    controller_probability,
+    fit_controller,
+    parameter_count,
+    stop_labels,
+)
 from ..decoding.attention import AEDSearchOptions
 from ..decoding.ctc import CTC_DECODERS, CTCDecoder, CTCDecodingOptions
 from ..export import export_inference_folder
@@ -66,6 +73,11 @@ class PolicyEvaluationOptions(Options):
         Its hidden layer (``controller_hidden_units``; 0: logistic regression).
     controller_weight_decay : float
         Its L2 penalty (``controller_weight_decay``).
+    controller_target : str
+        What it learns to predict (``controller_target``): ``agreement``, that the exit's
+        hypothesis equals the last exit's, or ``errors``, that it has no more word errors.
+    controller_reads_states : bool
+        Whether it also reads the exit's mean encoder states (``controller_reads_states``).
     """
 
     policy_sweep: List[str] = option(
@@ -113,7 +125,13 @@ class PolicyEvaluationOptions(Options):
         "controller_hidden_units", 0, lambda v: is_int(v) and 0 <= v <= 256, "an integer in 0..256"
     )
     controller_weight_decay: float = option(
-        "controller_weight_decay", 0.01, lambda v: is_num(v) and v >= 0, "a number >= 0"
+        "controller_weight_decay", 1.0, lambda v: is_num(v) and v >= 0, "a number >= 0"
+    )
+    controller_target: str = option(
+        "controller_target", "agreement", lambda v: v in ("agreement", "errors"), "'agreement' or 'errors'"
+    )
+    controller_reads_states: bool = option(
+        "controller_reads_states", False, lambda v: isinstance(v, bool), "true or false"
     )
 
 
@@ -243,7 +261,7 @@ def run_policy_evaluation(
         keep_features=controller is not None,
     )
     if controller is not None:
-        record_dev_auc(controller, dev)
+        record_stop_auc(controller, dev, "dev")
     sets = {
         name: collect_exit_outputs(model, ds, tokenizer, scorers, blank, sample_rate, f"{name} exits", decoder=decoder)
         for name, ds in test_datasets.items()
@@ -310,25 +328,29 @@ def train_exit_controller(model, dataset, tokenizer, blank: int, sample_rate: in
     )
     weights = fit_controller(
         held.features,
-        held.errors,
+        controller_labels(opts.controller_target, held.errors, held.hyps),
         blank,
         hidden_units=int(opts.controller_hidden_units),
         weight_decay=float(opts.controller_weight_decay),
+        reads_states=bool(opts.controller_reads_states),
+        target=opts.controller_target,
     )
     weights.training["held_out_wer"] = [
         round(100.0 * float(e.sum() / held.ref_words.sum().clamp(min=1)), 2) for e in held.errors.T
     ]
+    record_stop_auc(weights, held, "held_out")
     return weights
 
 
-def record_dev_auc(weights, dev: ExitOutputs) -> None:
-    """Add each exit's dev AUC (how well the controller ranks dev utterances by whether stopping
-    is free) to the controller's training record."""
-    labels = stop_labels(dev.errors)
+def record_stop_auc(weights, out: ExitOutputs, name: str) -> None:
+    """Add, per exit, the share of ``out``'s utterances whose stop is free (no more word errors
+    than at the last exit) and the AUC of the controller's ranking of them to its training record
+    as ``{name}_stop_is_free`` and ``{name}_auc``: whatever its target, this is what a stop costs."""
+    labels = stop_labels(out.errors)
     for k, row in enumerate(weights.training["exits"]):
-        p = controller_probability(weights, k, dev.features[k])
-        row["dev_auc"] = None if (a := auc(p, labels[:, k])) is None else round(a, 4)
-        row["dev_stop_is_free"] = round(float(labels[:, k].mean()), 4)
+        p = controller_probability(weights, k, out.features[k])
+        row[f"{name}_auc"] = None if (a := auc(p, labels[:, k])) is None else round(a, 4)
+        row[f"{name}_stop_is_free"] = round(float(labels[:, k].mean()), 4)
 
 
 def controller_summary(weights, dev: ExitOutputs, sets: Dict[str, ExitOutputs]) -> Dict:

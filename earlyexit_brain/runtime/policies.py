@@ -161,7 +161,9 @@ class RuntimePolicy:
             raise ValueError(
                 f"the learned controller decides at exits 1..{len(self.controller.exits)}, not {exit_index + 1}"
             )
-        feats = controller_features(hidden, log_probs, frames, previous, self.controller.blank_index)
+        feats = controller_features(
+            hidden, log_probs, frames, previous, self.controller.blank_index, states=self.controller.reads_states
+        )
         return controller_probability(self.controller, exit_index, feats, self._arrays)
 
     def __call__(

@@ -9,7 +9,9 @@ from signals import SR  # tests/unit/signals.py
 from test_exits import tiny_model  # tests/unit/test_exits.py
 
 from earlyexit_brain.controller import (
+    agreement_labels,
     auc,
+    controller_labels,
     controller_probability,
     exit_features,
     fit_controller,
@@ -127,8 +129,8 @@ def test_fit_learns_which_utterances_stop_for_free(hidden_units):
     errors = torch.zeros(n, 3)
     errors[:, 0] = (feats[0][:, 0] <= 0).float() * 2
     errors[:, 1] = (feats[1][:, 1] <= 0).float()
-    weights = fit_controller(feats, errors, blank_index=0, hidden_units=hidden_units, weight_decay=1e-3)
     labels = stop_labels(errors)
+    weights = fit_controller(feats, labels, blank_index=0, hidden_units=hidden_units, weight_decay=1e-3)
     assert labels[:, 0].tolist() == (feats[0][:, 0] > 0).float().tolist()
     for k in range(2):
         assert auc(controller_probability(weights, k, feats[k]), labels[:, k]) > 0.95
@@ -136,6 +138,44 @@ def test_fit_learns_which_utterances_stop_for_free(hidden_units):
     fresh = [torch.randn(200, f, generator=gen) for _ in range(3)]
     fresh_labels = (fresh[0][:, 0] > 0).float()
     assert auc(controller_probability(weights, 0, fresh[0]), fresh_labels) > 0.9
+    assert weights.reads_states and weights.num_features == f
+
+
+def test_a_controller_of_the_statistics_alone_ignores_the_states():
+    # exit 1 is safe exactly when statistic 0 > 0; the states (the last 3 columns) say nothing
+    gen = torch.Generator().manual_seed(7)
+    feats = [torch.randn(300, S + 3, generator=gen) for _ in range(2)]
+    labels = (feats[0][:, :1] > 0).float()
+    weights = fit_controller(feats, labels, blank_index=0, weight_decay=1e-3, reads_states=False, target="agreement")
+    assert not weights.reads_states and weights.hidden_size == 3 and weights.num_features == S
+    assert weights.training["target"] == "agreement" and weights.training["reads_states"] is False
+    assert parameter_count(weights) == 3 * S + 1
+    p = controller_probability(weights, 0, feats[0])
+    assert auc(p, labels[:, 0]) > 0.95
+    other_states = feats[0].clone()
+    other_states[:, S:] = 100.0
+    torch.testing.assert_close(controller_probability(weights, 0, other_states), p)  # never read
+    torch.testing.assert_close(controller_probability(weights, 0, feats[0][:, :S]), p)  # nor needed
+    weights.check_model(2, 3, "exit_policies.ckpt")  # still checked against the model's state size
+    with pytest.raises(ValueError, match="trained for 2 exits and 3-dimensional"):
+        weights.check_model(2, 4, "exit_policies.ckpt")
+    again = ControllerWeights.from_json(json.loads(json.dumps(weights.to_json())))
+    assert again == weights
+    stored = weights.to_json()
+    del stored["reads_states"]  # a controller stored before the field: it read the states
+    with pytest.raises(ValueError, match=r"exit 1: 'mean' must be a list of 12 finite numbers"):
+        ControllerWeights.from_json(stored)
+
+
+def test_training_targets():
+    errors = torch.tensor([[3.0, 1.0, 1.0], [0.0, 2.0, 1.0], [2.0, 2.0, 2.0]])
+    hyps = [["a b", "a c", "a c"], ["a", "a b", "a x"], ["b", "b", "b"]]
+    assert controller_labels("errors", errors, hyps).tolist() == [[0.0, 1.0], [1.0, 0.0], [1.0, 1.0]]
+    # agreement: the same text as the last exit (utterance 2's exit 1 has fewer errors, yet differs)
+    assert controller_labels("agreement", errors, hyps).tolist() == [[0.0, 1.0], [0.0, 0.0], [1.0, 1.0]]
+    assert agreement_labels(hyps).tolist() == controller_labels("agreement", errors, hyps).tolist()
+    with pytest.raises(ValueError, match="controller_target: accepted values are 'agreement' and 'errors'"):
+        controller_labels("wer", errors, hyps)
 
 
 def test_auc_counts_ties_half():
@@ -250,14 +290,15 @@ def test_asr_without_controller_refuses_the_learned_policy(asr, audio):
 def test_report_shows_the_controller_size_ranking_and_decision_cost():
     from types import SimpleNamespace
 
-    from earlyexit_brain.evaluation.run import controller_summary
+    from earlyexit_brain.evaluation.run import controller_summary, record_stop_auc
     from earlyexit_brain.report import controller_markdown
 
     gen = torch.Generator().manual_seed(4)
     feats = [torch.randn(60, S + 2, generator=gen) for _ in range(3)]
     errors = torch.stack([(feats[0][:, 0] <= 0).float(), torch.zeros(60), torch.zeros(60)], 1)
-    weights = fit_controller(feats, errors, blank_index=0)
+    weights = fit_controller(feats, stop_labels(errors), blank_index=0)
     weights.training["held_out_wer"] = [30.0, 20.0, 10.0]
+    record_stop_auc(weights, SimpleNamespace(errors=errors, features=feats), "held_out")
     # the encoder takes 10 ms to exit 1 and 10 ms more to exit 2; the controller 0.1 and 0.3 ms
     timing = SimpleNamespace(
         ids=list(range(60)),
@@ -270,6 +311,7 @@ def test_report_shows_the_controller_size_ranking_and_decision_cost():
     md = "\n".join(controller_markdown(summary))
     assert "## Learned exit controller" in md and f"{summary['parameters']:,} parameters" in md
     assert "trained on 60 held-out utterances (WER per exit: 30.00, 20.00, 10.00)" in md
-    free = weights.training["exits"][0]["stop_is_free"]
-    assert f"| 1 | {free:.3f} | {weights.training['exits'][0]['train_auc']:.3f} | - | - | 1.00% | 1.00% |" in md
+    row = weights.training["exits"][0]
+    assert f"| 1 | {row['held_out_stop_is_free']:.3f} | {row['held_out_auc']:.3f} | - | - | 1.00% | 1.00% |" in md
+    assert "per exit on the 9 statistics and the mean encoder state" in md and "target 'errors'" in md
     assert "| 2 | 1.000 | - | - | - | 3.00% | 3.00% |" in md  # every stop free: no AUC

@@ -84,6 +84,8 @@ def test_a_padded_batch_gives_each_utterance_its_features_alone():
             prev_i = None if previous is None else previous[i : i + 1, :n]
             alone = controller_features(hidden[i : i + 1, :n].numpy(), lp[i : i + 1, :n].numpy(), [n], prev_i, 0)
             np.testing.assert_allclose(batch[i], alone[0], rtol=1e-5, atol=1e-6, err_msg=f"utterance {i}")
+        statistics = controller_features(None, lp.numpy(), frames, previous, 0, states=False)
+        np.testing.assert_array_equal(statistics, batch[:, :S])  # the states' columns left out
         if previous is not None:
             agreement = batch[:, CONTROLLER_STATISTICS.index("frame_agreement")]
             assert agreement[1] == 1.0 and agreement[3] == 1.0  # all agreeing; nothing voiced in either
