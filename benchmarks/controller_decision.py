@@ -41,7 +41,7 @@ from earlyexit_brain.policy_bundle import CONTROLLER_STATISTICS, ControllerWeigh
 from earlyexit_brain.runtime import EarlyExitONNX
 from earlyexit_brain.runtime.policies import make_runtime_policy
 
-from .onnx_runtime import char_tokenizer, export_config, report
+from .onnx_runtime import add_latency_arguments, char_tokenizer, export_config, report
 from .tables import table
 from .timing import CONFIGS, time_in_rotation
 
@@ -191,10 +191,7 @@ def markdown(results):
 def main(argv=None):
     parser = argparse.ArgumentParser(description="The learned controller's decision time against the encoder's.")
     parser.add_argument("--quick", action="store_true", help="the default model, 2 s, 1 thread, 3 repeats")
-    parser.add_argument("--threads", type=int, nargs="+", default=[2, 1])
-    parser.add_argument("--seconds", type=float, nargs="+", default=[2.0, 10.0, 30.0])
-    parser.add_argument("--repeats", type=int, default=7)
-    parser.add_argument("--warmup", type=int, default=1)
+    add_latency_arguments(parser, repeats=7)
     parser.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=list(CONFIGS))
     parser.add_argument("--states", action="store_true", help="a controller that also reads the mean encoder state")
     parser.add_argument("--out", default=None, help="write the result as JSON (and .md beside it)")

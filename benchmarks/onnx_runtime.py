@@ -301,13 +301,18 @@ def report(result, text, out=None):
         atomic_write_text(os.path.splitext(out)[0] + ".md", text)
 
 
+def add_latency_arguments(parser, repeats: int):
+    """The batch-1 timing options this module and :mod:`benchmarks.controller_decision` share."""
+    parser.add_argument("--threads", type=int, nargs="+", default=[2, 1])
+    parser.add_argument("--seconds", type=float, nargs="+", default=[2.0, 10.0, 30.0])
+    parser.add_argument("--repeats", type=int, default=repeats)
+    parser.add_argument("--warmup", type=int, default=1)
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description="ONNX runtime against PyTorch eager (latency, sizes, memory).")
     parser.add_argument("--quick", action="store_true", help="the default model, 2 s, 1 repeat (a smoke run)")
-    parser.add_argument("--threads", type=int, nargs="+", default=[2, 1])
-    parser.add_argument("--seconds", type=float, nargs="+", default=[2.0, 10.0, 30.0])
-    parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--warmup", type=int, default=1)
+    add_latency_arguments(parser, repeats=5)
     parser.add_argument(
         "--configs",
         nargs="+",
