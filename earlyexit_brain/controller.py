@@ -221,7 +221,6 @@ def fit_controller(
         )
     training = {
         "target": target,
-        "reads_states": bool(reads_states),
         "hidden_units": int(hidden_units),
         "weight_decay": float(weight_decay),
         "exits": report,

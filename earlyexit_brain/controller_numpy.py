@@ -89,10 +89,9 @@ def controller_features(
         count = voiced.sum(1)
         out[:, 6] = (voiced & (best == prev)).sum(1) / np.maximum(count, 1)
         out[count == 0, 6] = 1  # nothing voiced in either: they agree
-        if valid is not None:
-            keep &= valid
         prev_keep = _hypothesis_keep(prev, blank_index)
-        if valid is not None:
+        if valid is not None:  # the hypotheses of the valid frames
+            keep &= valid
             prev_keep &= valid
         out[:, 7] = [np.array_equal(best[i][keep[i]], prev[i][prev_keep[i]]) for i in range(b)]
     out[:, 8] = np.log(n)

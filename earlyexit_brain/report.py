@@ -260,7 +260,9 @@ def controller_markdown(controller: Dict) -> List[str]:
     training = controller["training"]
     shares = controller.get("decision_time_share", {})
     width = "a logistic regression" if not training.get("hidden_units") else f"{training['hidden_units']} tanh units"
-    inputs = "the 9 statistics and the mean encoder state" if training.get("reads_states", True) else "the 9 statistics"
+    inputs = (
+        "the 9 statistics and the mean encoder state" if controller.get("reads_states", True) else "the 9 statistics"
+    )
     lines = [
         "## Learned exit controller",
         "",

@@ -366,6 +366,7 @@ def controller_summary(weights, dev: ExitOutputs, sets: Dict[str, ExitOutputs]) 
     return {
         "parameters": parameter_count(weights),
         "bytes_float32": 4 * parameter_count(weights),
+        "reads_states": weights.reads_states,
         "training": weights.training,
         "decision_time_share": cost,
     }
