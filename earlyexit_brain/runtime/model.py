@@ -258,8 +258,10 @@ class EarlyExitONNX:
         :func:`earlyexit_brain.dynamic.run_dynamic`: stopped utterances leave the batch (its time
         axis cut to the longest still running); fixed and budget policies plan the exits first, so
         only the heads of the exits someone stops at run, and no segment above the deepest. A
-        policy that ``needs_context`` (``learned``) also gets each exit's normalised encoder states
-        and the previous exit's log-probabilities of the utterances still running."""
+        policy that ``needs_context`` (``learned``) also gets the previous exit's log-probabilities
+        of the utterances still running and, when it ``needs_states`` (a controller that reads
+        them), each exit's normalised encoder states (else ``hidden=None``: the heads are not asked
+        for them)."""
         batch = wavs.shape[0]
         durations = wav_lens.astype(np.float64) * wavs.shape[1] / self.sample_rate
         x, frames, pos = self._run_front(wavs, wav_lens)
@@ -269,6 +271,7 @@ class EarlyExitONNX:
         exits = np.zeros(batch, dtype=np.int64)
         done = 0  # segments run
         context = plan is None and getattr(policy, "needs_context", False)
+        states = context and getattr(policy, "needs_states", True)  # the heads' states fetched only if read
         previous = None  # the previous exit's log-probabilities of the utterances still running
         for k in range(self.num_exits):
             if plan is not None:
@@ -280,7 +283,7 @@ class EarlyExitONNX:
                 done += 1
             last = k == self.num_exits - 1
             if context and not last:
-                log_probs, hidden = self._run_head_states(k, x)
+                log_probs, hidden = self._run_head_states(k, x) if states else (self._run_head(k, x), None)
                 stop = np.asarray(policy(k, log_probs, frames, hidden=hidden, previous=previous), bool)
                 previous = log_probs
             else:

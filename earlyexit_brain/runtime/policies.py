@@ -14,8 +14,9 @@ running and their valid frames ``(B,)``, and says which stop there (``(B,)`` boo
   ``threshold`` ms (the first exit when none fits);
 * ``learned``: the learned exit controller's probability that stopping costs no word error
   (:func:`controller_features`, :func:`controller_probability`, the weights of the policy
-  bundle), stop when ``>= threshold``; it also reads the exit's encoder states and the previous
-  exit's log-probabilities (:attr:`RuntimePolicy.needs_context`).
+  bundle), stop when ``>= threshold``; it also reads the previous exit's log-probabilities
+  (:attr:`RuntimePolicy.needs_context`) and, if its controller reads them, the exit's encoder
+  states (:attr:`RuntimePolicy.needs_states`).
 
 The N-best ``posterior`` policy needs a CTC beam search, which the runtime does not have.
 """
@@ -114,8 +115,8 @@ class RuntimePolicy:
     """``policy(exit_index, log_probs, frames) -> (B,) bool``; ``planned_exits`` for the policies
     that choose every exit before any layer runs (None otherwise). A policy with
     :attr:`needs_context` (``learned``) is also called with ``hidden=`` the exit's encoder states
-    ``(B, T, D)`` and ``previous=`` the previous exit's log-probabilities of the same utterances
-    (None at the first exit)."""
+    ``(B, T, D)`` (None unless it :attr:`needs_states`) and ``previous=`` the previous exit's
+    log-probabilities of the same utterances (None at the first exit)."""
 
     def __init__(
         self,
@@ -136,6 +137,11 @@ class RuntimePolicy:
         """Whether the policy also reads the exit's encoder states and the previous exit."""
         return self.name == "learned"
 
+    @property
+    def needs_states(self) -> bool:
+        """Whether the policy reads the exit's encoder states (a learned controller that reads them)."""
+        return self.needs_context and self.controller.reads_states
+
     def planned_exits(self, durations: np.ndarray, num_exits: int) -> Optional[np.ndarray]:
         if self.name == "fixed":
             return np.full(len(durations), min(self.exit_index, num_exits - 1), dtype=np.int64)
@@ -155,8 +161,8 @@ class RuntimePolicy:
         previous: Optional[np.ndarray] = None,
     ) -> np.ndarray:
         """The learned controller's probabilities ``(B,)`` at ``exit_index`` (0-based, not the last)."""
-        if hidden is None:
-            raise ValueError("the learned policy needs the exit's encoder states (hidden=)")
+        if hidden is None and self.controller.reads_states:
+            raise ValueError("this learned controller reads the exit's encoder states (hidden=)")
         if not 0 <= exit_index < len(self.controller.exits):
             raise ValueError(
                 f"the learned controller decides at exits 1..{len(self.controller.exits)}, not {exit_index + 1}"

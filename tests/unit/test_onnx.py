@@ -2,6 +2,7 @@
 earlyexit_brain.runtime): the smoke model of conftest.py exported once for the module."""
 
 import copy
+import dataclasses
 import json
 import os
 import shutil
@@ -16,7 +17,7 @@ import soundfile as sf
 import torch
 import torchaudio
 from signals import SR, tone  # tests/unit/signals.py
-from test_controller import random_weights  # tests/unit/test_controller.py
+from test_controller import S, random_weights  # tests/unit/test_controller.py
 
 from benchmarks.onnx_profile import optimised_nodes, ort_profile
 from earlyexit_brain import transcribe
@@ -439,6 +440,48 @@ def test_learned_utterances_leave_the_batch_and_no_segment_runs_beyond(learned_r
     assert p0 is None and h0 == lp0[:2] + (D,)
     assert lp1[0] == 3 and lp1[1] < lp0[1]  # the longest left: the batch's time axis was cut
     assert h1 == lp1[:2] + (D,) and p1 == lp1  # the previous exit's, re-indexed and cut to the current length
+
+
+def test_a_statistics_only_controller_runs_without_the_states(learned_onnx, controller_folder, utterances, tmp_path):
+    """A controller that does not read the states (the recipes' default): the runtime asks the heads
+    for ``log_probs`` alone and decides as PyTorch does."""
+    stats = dataclasses.replace(
+        CONTROLLER,
+        reads_states=False,
+        exits=[
+            {**e, "mean": e["mean"][:S], "scale": e["scale"][:S], "w1": [r[:S] for r in e["w1"]]}
+            for e in CONTROLLER.exits
+        ],
+    )
+    dest = copy_with_policies(learned_onnx, tmp_path, lambda data: data.update(controller=stats.to_json()))
+    bundle = tmp_path / "inference"
+    shutil.copytree(controller_folder, bundle)
+    data = json.load(open(bundle / "exit_policies.ckpt"))
+    json.dump({**data, "controller": stats.to_json()}, open(bundle / "exit_policies.ckpt", "w"))
+    runtime, asr = EarlyExitONNX.from_folder(dest, threads=1), EarlyExitASR.from_hparams(source=str(bundle))
+    asked = []
+    for head in runtime.heads:
+        head.run = lambda names, feed, run=head.run: asked.append(tuple(names)) or run(names, feed)
+    model = asr.model
+    probs = []
+    with torch.no_grad():
+        for path in utterances:
+            wav = torch.from_numpy(runtime.load_checked(path))[None]
+            state = model.encoder.start(model.features(wav, torch.ones(1)), torch.ones(1))
+            hidden = model.encoder.advance(state, 0)
+            probs.append(
+                float(
+                    asr.make_policy("learned", threshold=0.5).score(
+                        model.heads.forward_exit(0, hidden), torch.ones(1), 0, hidden
+                    )[0]
+                )
+            )
+    threshold = float(np.median(probs))  # about half the utterances stop at exit 1
+    ours = runtime.transcribe_files(utterances, policy="learned", threshold=threshold)
+    theirs = asr.transcribe_files(utterances, policy="learned", threshold=threshold)
+    assert [(r.text, r.exit) for r in ours] == [(r.text, r.exit) for r in theirs]
+    assert len({r.exit for r in ours}) >= 2
+    assert asked and set(asked) == {("log_probs",)}
 
 
 def copy_with_policies(onnx_folder, tmp_path, change):
