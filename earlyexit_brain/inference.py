@@ -23,7 +23,6 @@ loads the same folder and transcribes at the default exit.
 
 import logging
 import os
-from dataclasses import dataclass
 from typing import Dict, List, Optional, Sequence, Union
 
 import torch
@@ -39,28 +38,10 @@ from .policies import POLICY_NAMES, ExitPolicy, check_exit, make_policy
 from .policy_bundle import PolicyBundle
 from .records import FileRecord, JsonRecord  # noqa: F401  (older inference folders name them here)
 from .safe_load import check_alias_expansion, check_hparams_text, weights_only_loading
+from .transcription import SILENCE_PEAK, Transcription, transcribe_files_in_batches
 from .utils import looks_like_repo_id, tokenizer_pieces, tokens_to_text
 
 logger = logging.getLogger(__name__)
-
-SILENCE_PEAK = 1e-5  # peak amplitude below which a file counts as silent (-100 dBFS)
-
-
-@dataclass
-class Transcription:
-    """One utterance's result: ``text``, ``exit`` (1-based), ``layers`` computed.
-
-    For :meth:`EarlyExitASR.transcribe_files`, a file that could not be read
-    has ``text`` None and ``error`` naming the file and the reason; for
-    :meth:`EarlyExitASR.transcribe_batch`, a row that cannot be transcribed has
-    ``text`` None and ``error`` naming the row and the reason.
-    """
-
-    text: Optional[str]
-    exit: Optional[int] = None
-    layers: Optional[int] = None
-    path: Optional[str] = None
-    error: Optional[str] = None
 
 
 class EarlyExitASR(Pretrained):
@@ -377,18 +358,9 @@ class EarlyExitASR(Pretrained):
     ) -> List[Transcription]:
         """Transcribe many files in batches; a bad file is reported (``error``) and the rest transcribed."""
         chosen = self.make_policy(policy, threshold, exit)
-        results: List[Optional[Transcription]] = [None] * len(paths)
-        good = []
-        for i, path in enumerate(paths):
-            try:
-                good.append((i, self.load_checked(path)))
-            except ValueError as err:
-                logger.warning("skipping %s", err)
-                results[i] = Transcription(text=None, path=path, error=str(err))
-        for start in range(0, len(good), batch_size):
-            chunk = good[start : start + batch_size]
-            wavs, lens = batch_pad_right([sig for _, sig in chunk])
-            for (i, _), res in zip(chunk, self.transcribe_batch(wavs, lens, policy=chosen, decoder=decoder)):
-                res.path = paths[i]
-                results[i] = res
-        return results
+
+        def transcribe(signals):
+            wavs, lens = batch_pad_right(signals)
+            return self.transcribe_batch(wavs, lens, policy=chosen, decoder=decoder)
+
+        return transcribe_files_in_batches(paths, self.load_checked, transcribe, batch_size)

@@ -15,8 +15,6 @@ from typing import Optional, Tuple
 import numpy as np
 import soundfile as sf
 
-SILENCE_PEAK = 1e-5  # peak amplitude below which a file counts as silent (-100 dBFS), as EarlyExitASR
-
 
 @lru_cache(maxsize=16)
 def _sinc_kernel(orig: int, new: int, lowpass_filter_width: int = 6, rolloff: float = 0.99) -> Tuple[np.ndarray, int]:

@@ -14,7 +14,6 @@ whose sha256 of every file is checked before anything is loaded.
 import json
 import logging
 import os
-from dataclasses import dataclass
 from typing import Dict, List, Optional, Sequence
 
 import numpy as np
@@ -22,24 +21,12 @@ import sentencepiece as spm
 
 from ..controller_numpy import greedy_tokens
 from ..policy_bundle import PolicyBundle
-from .audio import SILENCE_PEAK, read_audio, signal_problem
+from ..transcription import SILENCE_PEAK, Transcription, transcribe_files_in_batches
+from .audio import read_audio, signal_problem
 from .folder import MANIFEST, PRECISIONS, check_files, open_session, read_manifest, session_options
 from .policies import RUNTIME_POLICIES, RuntimeLatencyTable, RuntimePolicy, make_runtime_policy
 
 logger = logging.getLogger(__name__)
-
-
-@dataclass
-class Transcription:
-    """One utterance's result, as :class:`earlyexit_brain.inference.Transcription`: ``text``,
-    ``exit`` (1-based), ``layers`` computed; a file or row that could not be transcribed has
-    ``text`` None and ``error`` naming it and the reason."""
-
-    text: Optional[str]
-    exit: Optional[int] = None
-    layers: Optional[int] = None
-    path: Optional[str] = None
-    error: Optional[str] = None
 
 
 def greedy_ids(log_probs: np.ndarray, blank_index: int) -> List[int]:
@@ -375,22 +362,13 @@ class EarlyExitONNX:
     ) -> List[Transcription]:
         """Transcribe many files in batches; a bad file is reported (``error``) and the rest transcribed."""
         chosen = self.make_policy(policy, threshold, exit)
-        results: List[Optional[Transcription]] = [None] * len(paths)
-        good = []
-        for i, path in enumerate(paths):
-            try:
-                good.append((i, self.load_checked(path)))
-            except ValueError as err:
-                logger.warning("skipping %s", err)
-                results[i] = Transcription(text=None, path=path, error=str(err))
-        for start in range(0, len(good), batch_size):
-            chunk = good[start : start + batch_size]
-            longest = max(len(sig) for _, sig in chunk)
-            wavs = np.zeros((len(chunk), longest), np.float32)
-            for row, (_, sig) in enumerate(chunk):
+
+        def transcribe(signals):
+            longest = max(len(sig) for sig in signals)
+            wavs = np.zeros((len(signals), longest), np.float32)
+            for row, sig in enumerate(signals):
                 wavs[row, : len(sig)] = sig
-            lens = np.array([len(sig) / longest for _, sig in chunk], np.float32)
-            for (i, _), res in zip(chunk, self.transcribe_batch(wavs, lens, policy=chosen)):
-                res.path = paths[i]
-                results[i] = res
-        return results
+            lens = np.array([len(sig) / longest for sig in signals], np.float32)
+            return self.transcribe_batch(wavs, lens, policy=chosen)
+
+        return transcribe_files_in_batches(paths, self.load_checked, transcribe, batch_size)
