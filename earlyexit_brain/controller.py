@@ -75,7 +75,7 @@ def exit_probability(
     :func:`controller_probability` (``(B,)`` float32 on the CPU), from SpeechBrain relative
     ``lengths``, computed on the tensors' numpy views without a round trip through PyTorch."""
     feats = controller_features(
-        _host(hidden),
+        _host(hidden) if weights.reads_states else None,
         _host(log_probs),
         host_frames(log_probs, lengths),
         None if previous is None else _host(previous),

@@ -52,13 +52,20 @@ def controller_features(
     frames are padding) or its best tokens ``(B, T')``; None at the first exit (which agrees
     with itself). Padded frames never count.
 
+    ``hidden`` may be None without ``states``.
+
     The decision runs at every exit at batch 1, where each numpy call's overhead, not its
-    arithmetic, is the cost: the per-frame values that are averaged are written into one array
-    and averaged by one matrix product with the frame weights (``1 / frames`` on the valid
-    frames, 0 on padding), and so are the encoder states.
+    arithmetic, is the cost: one unpadded utterance takes a path of its own with half the calls
+    (:func:`_one_utterance`); in a batch, the per-frame values that are averaged are written into
+    one array and averaged by one matrix product with the frame weights (``1 / frames`` on the
+    valid frames, 0 on padding), and so are the encoder states.
     """
     b, t, v = log_probs.shape
     lp = np.asarray(log_probs, np.float32)
+    if b == 1 and int(np.asarray(frames).reshape(-1)[0]) >= t:  # one unpadded utterance: a dynamic run's decision
+        return _one_utterance(
+            lp[0], None if previous is None else np.asarray(previous)[0], blank_index, hidden[0] if states else None
+        )
     frames = np.minimum(np.maximum(np.asarray(frames, np.int64), 1), t)  # np.clip: 5x the call time
     n = frames.astype(np.float32)
     valid = np.arange(t)[None, :] < frames[:, None] if int(frames.min()) < t else None
@@ -98,6 +105,42 @@ def controller_features(
     if states:
         out[:, 9:] = np.matmul(weights[:, None, :], np.asarray(hidden, np.float32))[:, 0]
     return out
+
+
+def _one_utterance(lp: np.ndarray, previous: Optional[np.ndarray], blank_index: int, hidden: Optional[np.ndarray]):
+    """:func:`controller_features` of one unpadded utterance (``lp`` ``(T, V)``, ``previous``
+    ``(T', V)`` or ``(T',)``, ``hidden`` ``(T, D)`` or None): the same values with half the numpy
+    calls (scalars in Python, no frame weights), as a decision at batch 1 needs."""
+    t, v = lp.shape
+    best = lp.argmax(1)
+    log_best = lp[np.arange(t), best]
+    best_p = np.exp(log_best)
+    voiced = best != blank_index
+    keep = voiced.copy()
+    keep[1:] &= best[1:] != best[:-1]
+    row = [
+        float(np.vdot(np.exp(lp), lp)) / (-t * math.log(v)),
+        float(best_p.sum()) / t,
+        float(log_best.sum()) / t,
+        float(best_p.min()),
+        1.0 - np.count_nonzero(voiced) / t,
+        np.count_nonzero(keep) / t,
+    ]
+    if previous is None:
+        row += [1.0, 1.0]  # the first exit agrees with itself
+    else:
+        prev = (previous.argmax(1) if previous.ndim == 2 else previous)[:t]
+        prev_voiced = prev != blank_index
+        either = voiced | prev_voiced
+        count = np.count_nonzero(either)
+        row.append(np.count_nonzero(either & (best == prev)) / count if count else 1.0)
+        prev_keep = prev_voiced.copy()
+        prev_keep[1:] &= prev[1:] != prev[:-1]
+        row.append(float(np.array_equal(best[keep], prev[prev_keep])))
+    row.append(math.log(t))
+    if hidden is None:
+        return np.array([row], np.float32)
+    return np.concatenate([np.array(row, np.float32), np.asarray(hidden, np.float32).mean(0)])[None]
 
 
 def estimator_arrays(weights: ControllerWeights) -> List[Dict[str, np.ndarray]]:

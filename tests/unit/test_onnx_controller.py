@@ -67,7 +67,7 @@ def test_numpy_features_and_probabilities_equal_pytorch(hidden_units):
 
 def test_a_padded_batch_gives_each_utterance_its_features_alone():
     # The batch computation (frame weights, masks) against each utterance trimmed to its valid
-    # frames and computed alone, unpadded (the decision's batch-1 path).
+    # frames and computed alone, unpadded (the decision's batch-1 path, its own code).
     gen = torch.Generator().manual_seed(3)
     b, t, v, d = 5, 17, 5, 6
     lp = random_exit(gen, b, t, v, 1.0)
@@ -84,6 +84,8 @@ def test_a_padded_batch_gives_each_utterance_its_features_alone():
             prev_i = None if previous is None else previous[i : i + 1, :n]
             alone = controller_features(hidden[i : i + 1, :n].numpy(), lp[i : i + 1, :n].numpy(), [n], prev_i, 0)
             np.testing.assert_allclose(batch[i], alone[0], rtol=1e-5, atol=1e-6, err_msg=f"utterance {i}")
+            alone_statistics = controller_features(None, lp[i : i + 1, :n].numpy(), [n], prev_i, 0, states=False)
+            np.testing.assert_array_equal(alone_statistics, alone[:, :S])
         statistics = controller_features(None, lp.numpy(), frames, previous, 0, states=False)
         np.testing.assert_array_equal(statistics, batch[:, :S])  # the states' columns left out
         if previous is not None:
