@@ -178,6 +178,9 @@ def controller_probability(
     the states: a controller that does not read them uses the statistics, the first columns);
     ``arrays``: :func:`estimator_arrays` of ``weights`` when the caller keeps them."""
     est = (arrays or estimator_arrays(weights))[exit_index]
+    if not weights.hidden_units and len(features) == 1:  # one decision: the logistic in Python scalars
+        logit = float(np.dot(est["weight"], features[0, : len(est["weight"])])) + est["bias"]
+        return np.array([0.5 + 0.5 * math.tanh(0.5 * logit)], np.float32)
     h = np.asarray(features, np.float64)[:, : weights.num_features]
     if weights.hidden_units:
         h = np.tanh(h @ est["w1"] + est["b1"])

@@ -60,6 +60,10 @@ def test_numpy_features_and_probabilities_equal_pytorch(hidden_units):
             assert p.dtype == np.float32 and p.shape == (b,)
             np.testing.assert_allclose(p, torch_probability(weights, k, ref).numpy(), atol=1e-5)
             np.testing.assert_allclose(p, controller_probabilities(weights, k, ours.tolist()), atol=1e-6)
+            for i in range(b):  # one decision at a time (the logistic's own batch-1 path)
+                one = controller_probability(weights, k, ours[i : i + 1])
+                assert one.dtype == np.float32 and one.shape == (1,)
+                np.testing.assert_allclose(one, p[i : i + 1], atol=1e-7)
     assert seen == {0.0, 1.0}  # both outcomes of the hypothesis comparison were exercised
     agreement = controller_features(hidden.numpy(), lp.numpy(), frames.numpy(), prev_lp.numpy())[:, S - 3]
     assert agreement[0] == 1.0 and 0.0 < agreement[1] < 1.0  # the same best tokens; a partial agreement
