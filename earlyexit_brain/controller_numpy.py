@@ -116,8 +116,7 @@ def _one_utterance(lp: np.ndarray, previous: Optional[np.ndarray], blank_index: 
     log_best = lp[np.arange(t), best]
     best_p = np.exp(log_best)
     voiced = best != blank_index
-    keep = voiced.copy()
-    keep[1:] &= best[1:] != best[:-1]
+    keep = _hypothesis_keep(best[None], blank_index)[0]
     row = [
         float(np.vdot(np.exp(lp), lp)) / (-t * math.log(v)),
         float(best_p.sum()) / t,
@@ -134,8 +133,7 @@ def _one_utterance(lp: np.ndarray, previous: Optional[np.ndarray], blank_index: 
         either = voiced | prev_voiced
         count = np.count_nonzero(either)
         row.append(np.count_nonzero(either & (best == prev)) / count if count else 1.0)
-        prev_keep = prev_voiced.copy()
-        prev_keep[1:] &= prev[1:] != prev[:-1]
+        prev_keep = _hypothesis_keep(prev[None], blank_index)[0]
         row.append(float(np.array_equal(best[keep], prev[prev_keep])))
     row.append(math.log(t))
     if hidden is None:
