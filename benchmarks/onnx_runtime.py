@@ -6,7 +6,8 @@ Run from the repository root::
         [--experiment results/synthetic/conformer_ctc_ee/1234 --test-csv .../test.csv]
 
 * latency: batch 1, 2 / 10 / 30 s of audio, 2 and 1 threads, the default and the paper-size
-  Conformer (random weights, :func:`benchmarks.timing.build_inference_model`), exported with
+  Conformer (random weights, :func:`benchmarks.timing.build_inference_model`; with ``--configs``
+  also the Splitformer on either trunk or a base-size wav2vec2), exported with
   :func:`earlyexit_brain.onnx_export.export_onnx_folder`: PyTorch eager
   (``EarlyExitCTCModel.exit_log_probs``), onnxruntime fp32 and int8
   (``EarlyExitONNX.log_probs_at_exit``) to every exit and the front end alone, timed in rotation;
@@ -39,6 +40,7 @@ from earlyexit_brain.onnx_export import export_onnx_folder, torch_exit_log_probs
 from earlyexit_brain.runtime import EarlyExitONNX
 from earlyexit_brain.runtime.audio import read_audio
 
+from .splitformer import build_pair
 from .ssl_exit_timing import ssl_model
 from .timing import CONFIGS, build_inference_model, stats, time_in_rotation
 
@@ -70,6 +72,10 @@ def char_tokenizer(folder):
 #: transformers configuration: nothing downloads. Not in the default ``--configs``.
 SSL_CONFIGS = {"wav2vec2 base (12 layers, d 768)": "wav2vec2"}
 
+#: The Splitformer on the trunk of a :data:`benchmarks.timing.CONFIGS` configuration (its
+#: defaults, as :func:`benchmarks.splitformer.build_pair` builds it). Not in the default ``--configs``.
+SPLITFORMER_CONFIGS = {f"splitformer, {name}": name for name in CONFIGS}
+
 
 def export_config(name, workdir, tokenizer):
     """The random-weight model of ``name``, its inference folder and its ONNX folder (fp32 and int8)."""
@@ -77,9 +83,12 @@ def export_config(name, workdir, tokenizer):
         torch.manual_seed(0)
         model, features = ssl_model(SSL_CONFIGS[name], vocab=32).eval(), {"sample_rate": 16000}
     else:
-        model = build_inference_model(name, CPU)
+        if name in SPLITFORMER_CONFIGS:
+            model = build_pair(SPLITFORMER_CONFIGS[name], CPU)["splitformer"]
+        else:
+            model = build_inference_model(name, CPU)
         features = {"sample_rate": 16000, "n_fft": 400, "n_mels": 80, "hop_length": 10, "win_length": 25}
-    slug = name.split(" (")[0].replace(" ", "_")
+    slug = name.split(" (")[0].replace(",", "").replace(" ", "_")
     inference = export_inference_folder(os.path.join(workdir, slug, "inference"), model, features, tokenizer)
     onnx = export_onnx_folder(
         inference, os.path.join(workdir, slug, "onnx"), int8=True, latency_durations=(2.0, 5.0), latency_repeats=1
@@ -317,7 +326,7 @@ def main(argv=None):
         "--configs",
         nargs="+",
         default=list(CONFIGS),
-        choices=list(CONFIGS) + list(SSL_CONFIGS),
+        choices=list(CONFIGS) + list(SSL_CONFIGS) + list(SPLITFORMER_CONFIGS),
         help="model configurations (default: the two Conformers)",
     )
     parser.add_argument("--experiment", default=None, help="a trained experiment for the accuracy check")
