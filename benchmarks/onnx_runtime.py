@@ -79,15 +79,14 @@ SPLITFORMER_CONFIGS = {f"splitformer, {name}": name for name in CONFIGS}
 
 def export_config(name, workdir, tokenizer):
     """The random-weight model of ``name``, its inference folder and its ONNX folder (fp32 and int8)."""
+    features = {"sample_rate": 16000, "n_fft": 400, "n_mels": 80, "hop_length": 10, "win_length": 25}
     if name in SSL_CONFIGS:
         torch.manual_seed(0)
         model, features = ssl_model(SSL_CONFIGS[name], vocab=32).eval(), {"sample_rate": 16000}
+    elif name in SPLITFORMER_CONFIGS:
+        model = build_pair(SPLITFORMER_CONFIGS[name], CPU)["splitformer"]
     else:
-        if name in SPLITFORMER_CONFIGS:
-            model = build_pair(SPLITFORMER_CONFIGS[name], CPU)["splitformer"]
-        else:
-            model = build_inference_model(name, CPU)
-        features = {"sample_rate": 16000, "n_fft": 400, "n_mels": 80, "hop_length": 10, "win_length": 25}
+        model = build_inference_model(name, CPU)
     slug = name.split(" (")[0].replace(",", "").replace(" ", "_")
     inference = export_inference_folder(os.path.join(workdir, slug, "inference"), model, features, tokenizer)
     onnx = export_onnx_folder(
