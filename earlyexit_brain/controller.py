@@ -46,6 +46,13 @@ logger = logging.getLogger(__name__)
 
 
 def _host(x: torch.Tensor) -> np.ndarray:
+    """``x``'s values as a numpy array (a CPU tensor's memory shared). A CPU tensor that needs no
+    gradient takes one binding call: a decision comes right after the encoder, when every
+    PyTorch call it makes runs with cold caches (tens of microseconds each)."""
+    try:
+        return x.numpy()  # numpy's float16 and ints as they are; controller_features casts
+    except (RuntimeError, TypeError):  # requires grad, not on the CPU, or a dtype numpy lacks
+        pass
     x = x.detach()
     if x.is_floating_point() and x.dtype != torch.float32:
         x = x.float()

@@ -110,6 +110,21 @@ def test_the_policy_score_reads_lengths_as_speechbrain_does():
     torch.testing.assert_close(exit_probability(weights, 0, hidden, lp, lengths), ref)
 
 
+def test_one_decision_reads_tensors_that_numpy_cannot_share():
+    # A dynamic run's decision (batch 1, unpadded) takes tensor.numpy() in one call where it can;
+    # a tensor that needs grad, or is bfloat16 (numpy has no such dtype), goes the long way.
+    gen = torch.Generator().manual_seed(5)
+    lp, prev = random_exit(gen, 1, 11, 5, 1.0), random_exit(gen, 1, 11, 5, 1.0)
+    hidden = torch.randn(1, 11, 3, generator=gen)
+    weights = random_weights(num_exits=3, hidden_size=3, scale=0.5)
+    ref = exit_probability(weights, 1, hidden, lp, torch.ones(1), prev)
+    for cast in (lambda x: x.clone().requires_grad_(), lambda x: x.half(), lambda x: x.bfloat16()):
+        got = exit_probability(weights, 1, cast(hidden), cast(lp), torch.ones(1), cast(prev))
+        torch.testing.assert_close(got, ref, atol=2e-2, rtol=0)
+    exact = exit_probability(weights, 1, hidden.clone().requires_grad_(), lp.clone().requires_grad_(), None, prev)
+    torch.testing.assert_close(exact, ref)
+
+
 def test_the_estimator_saturates_without_overflow():
     weights = random_weights(num_exits=2, hidden_size=1, scale=1e4)
     x = np.full((2, S + 1), 1e3, np.float32)
